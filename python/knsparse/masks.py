@@ -1,0 +1,209 @@
+"""k:n and unstructured masks.
+
+Layout convention: a Linear weight ``[out, in]`` is grouped along ``in``. A Conv2d weight
+``[Cout, Cin, R, S]`` is grouped by default in (R, S, C) order — ``n`` consecutive *input
+channels* at each kernel position, the TensorRT rule — or with ``conv_order="crs"`` along
+``weight.flatten(1)``. Both are expressed through the *reduction view*: a 2-D ``[rows, K]``
+matrix whose columns run along the GEMM reduction axis in the chosen order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Literal
+
+import torch
+
+from .pattern import Pattern
+
+ConvOrder = Literal["rsc", "crs"]
+
+
+def _label(name: str | None) -> str:
+    return f"layer {name!r}" if name else "tensor"
+
+
+def to_reduction_view(t: torch.Tensor, conv_order: ConvOrder = "rsc") -> torch.Tensor:
+    """``[out, in]`` stays; ``[Cout, Cin, R, S]`` becomes ``[Cout, R*S*Cin]`` (rsc) or
+    ``[Cout, Cin*R*S]`` (crs)."""
+    if t.dim() == 2:
+        return t
+    if t.dim() == 4:
+        if conv_order == "rsc":
+            return t.permute(0, 2, 3, 1).reshape(t.shape[0], -1)
+        if conv_order == "crs":
+            return t.reshape(t.shape[0], -1)
+        raise ValueError(f"conv_order must be 'rsc' or 'crs', got {conv_order!r}")
+    raise ValueError(f"expected a 2-D Linear or 4-D Conv2d weight, got shape {tuple(t.shape)}")
+
+
+def from_reduction_view(
+    t2d: torch.Tensor, shape: torch.Size | tuple[int, ...], conv_order: ConvOrder = "rsc"
+) -> torch.Tensor:
+    """Inverse of :func:`to_reduction_view` for a weight of ``shape``."""
+    if len(shape) == 2:
+        return t2d.reshape(shape)
+    cout, cin, r, s = shape
+    if conv_order == "rsc":
+        return t2d.reshape(cout, r, s, cin).permute(0, 3, 1, 2).contiguous()
+    return t2d.reshape(shape)
+
+
+def check_groupable(
+    shape: torch.Size | tuple[int, ...],
+    pattern: Pattern,
+    conv_order: ConvOrder = "rsc",
+    name: str | None = None,
+) -> None:
+    """Raise ``ValueError`` naming the shape if ``pattern`` cannot tile the reduction axis."""
+    if pattern.is_unstructured:
+        return
+    if len(shape) == 4 and conv_order == "rsc":
+        cin = shape[1]
+        if cin % pattern.n:
+            raise ValueError(
+                f"{_label(name)}: conv weight of shape {tuple(shape)} has {cin} input channels, "
+                f"not a multiple of n={pattern.n}, so pattern {pattern} cannot group input "
+                "channels at each kernel position (R,S,C order)"
+            )
+        return
+    if len(shape) not in (2, 4):
+        raise ValueError(
+            f"{_label(name)}: expected a 2-D Linear or 4-D Conv2d weight, got shape {tuple(shape)}"
+        )
+    red = 1
+    for d in shape[1:]:
+        red *= d
+    if red % pattern.n:
+        raise ValueError(
+            f"{_label(name)}: weight of shape {tuple(shape)} has reduction size {red}, "
+            f"not a multiple of n={pattern.n} for pattern {pattern}"
+        )
+
+
+def _grouped(t: torch.Tensor, pattern: Pattern, conv_order: ConvOrder, name: str | None) -> torch.Tensor:
+    check_groupable(t.shape, pattern, conv_order, name)
+    view = to_reduction_view(t, conv_order)
+    return view.reshape(view.shape[0], -1, pattern.n)
+
+
+def nm_mask(
+    scores: torch.Tensor,
+    pattern: str | Pattern,
+    conv_order: ConvOrder = "rsc",
+    name: str | None = None,
+) -> torch.Tensor:
+    """Keep the ``k`` highest scores in every group of ``n`` along the reduction axis.
+
+    Args:
+        scores: ``[out, in]`` or ``[Cout, Cin, R, S]``; higher means more important.
+        pattern: a k:n pattern (``"2:4"``, ``"8:16"``, ...).
+        conv_order: grouping of conv weights, ``"rsc"`` (TensorRT) or ``"crs"``.
+        name: layer name for error messages.
+
+    Returns:
+        A bool mask of ``scores.shape``. Ties are broken towards the lowest index.
+    """
+    pattern = Pattern.parse(pattern)
+    if pattern.is_unstructured:
+        raise ValueError("nm_mask needs a k:n pattern, got 'unstructured'")
+    if torch.isnan(scores).any():
+        raise ValueError(f"{_label(name)}: scores contain NaN; cannot rank them")
+    groups = _grouped(scores, pattern, conv_order, name)
+    # A stable descending sort keeps equal scores in index order: lowest index wins ties.
+    order = torch.sort(groups, dim=-1, descending=True, stable=True).indices
+    mask = torch.zeros(groups.shape, dtype=torch.bool, device=scores.device)
+    mask.scatter_(-1, order[..., : pattern.k], True)
+    return from_reduction_view(mask.reshape(groups.shape[0], -1), scores.shape, conv_order)
+
+
+def group_nonzeros(t: torch.Tensor, pattern: str | Pattern, conv_order: ConvOrder = "rsc") -> torch.Tensor:
+    """Number of nonzero (or True) entries in every group: ``[rows, K / n]`` int64."""
+    pattern = Pattern.parse(pattern)
+    return (_grouped(t, pattern, conv_order, None) != 0).sum(-1)
+
+
+def is_nm(t: torch.Tensor, pattern: str | Pattern, conv_order: ConvOrder = "rsc") -> bool:
+    """True if every group of ``n`` holds at most ``k`` nonzeros (a bool mask: at most ``k`` True).
+
+    A shape the pattern cannot tile is not k:n and gives False.
+    """
+    pattern = Pattern.parse(pattern)
+    if pattern.is_unstructured:
+        return True
+    try:
+        counts = group_nonzeros(t, pattern, conv_order)
+    except ValueError:
+        return False
+    return bool((counts <= pattern.k).all())
+
+
+def _check_sparsity(sparsity: float) -> None:
+    if not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+
+
+def _keep_top(flat: torch.Tensor, n_keep: int) -> torch.Tensor:
+    """Bool mask keeping exactly ``n_keep`` largest entries of a 1-D tensor (lowest index on ties)."""
+    mask = torch.zeros_like(flat, dtype=torch.bool)
+    if n_keep > 0:
+        order = torch.sort(flat, descending=True, stable=True).indices
+        mask[order[:n_keep]] = True
+    return mask
+
+
+def _ensure_min_keep_row(mask: torch.Tensor, scores: torch.Tensor, min_keep_row: int) -> torch.Tensor:
+    if min_keep_row <= 0:
+        return mask
+    rows = scores.reshape(scores.shape[0], -1)
+    m = mask.reshape(rows.shape).clone()
+    k = min(min_keep_row, rows.shape[1])
+    top = torch.sort(rows, dim=1, descending=True, stable=True).indices[:, :k]
+    m.scatter_(1, top, True)
+    return m.reshape(mask.shape)
+
+
+def unstructured_mask(scores: torch.Tensor, sparsity: float, min_keep_row: int = 1) -> torch.Tensor:
+    """Per-layer unstructured mask: drop the ``sparsity`` fraction with the lowest scores.
+
+    Exactly ``round(sparsity * numel)`` entries are dropped, then each output row is topped
+    up to ``min_keep_row`` kept entries (its best ones), which can only lower the sparsity.
+    """
+    _check_sparsity(sparsity)
+    if torch.isnan(scores).any():
+        raise ValueError("scores contain NaN; cannot rank them")
+    n_keep = scores.numel() - round(sparsity * scores.numel())
+    mask = _keep_top(scores.reshape(-1), n_keep).reshape(scores.shape)
+    return _ensure_min_keep_row(mask, scores, min_keep_row)
+
+
+def global_unstructured_masks(
+    scores: Mapping[str, torch.Tensor], sparsity: float, min_keep_row: int = 1
+) -> dict[str, torch.Tensor]:
+    """One threshold across all layers: drop the globally lowest ``sparsity`` fraction.
+
+    Scores must be comparable across layers (e.g. magnitudes). Rows are topped up to
+    ``min_keep_row`` kept entries so no output channel is cut off entirely.
+    """
+    _check_sparsity(sparsity)
+    names = list(scores)
+    if not names:
+        return {}
+    flat = torch.cat([scores[n].detach().reshape(-1).float().cpu() for n in names])
+    if torch.isnan(flat).any():
+        bad = next(n for n in names if torch.isnan(scores[n]).any())
+        raise ValueError(f"layer {bad!r}: scores contain NaN; cannot rank them")
+    keep = _keep_top(flat, flat.numel() - round(sparsity * flat.numel()))
+    out: dict[str, torch.Tensor] = {}
+    offset = 0
+    for n in names:
+        s = scores[n]
+        m = keep[offset : offset + s.numel()].reshape(s.shape).to(s.device)
+        offset += s.numel()
+        out[n] = _ensure_min_keep_row(m, s, min_keep_row)
+    return out
+
+
+def sparsity_of(mask: torch.Tensor) -> float:
+    """Fraction of False (pruned) entries."""
+    return 1.0 - mask.float().mean().item()
