@@ -81,7 +81,7 @@ def load(source: str, defines: tuple[tuple[str, int], ...] = ()) -> ctypes.CDLL 
             proc = subprocess.run([cc, *flags, str(src), "-o", str(out)], capture_output=True, text=True)
             if proc.returncode != 0:
                 warnings.warn(
-                    f"knsparse: compiling {source} failed, using the PyTorch reference instead:\n{proc.stderr}",
+                    f"knsparse: compiling {source} failed, using the PyTorch reference:\n{proc.stderr}",
                     RuntimeWarning,
                     stacklevel=3,
                 )

@@ -239,7 +239,7 @@ def nmf_triton(
     eps: float = EPS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton launcher, same contract as :func:`nmf_ref`. CPU tensors run under Triton's interpreter."""
-    b, mp, np_, rank = check_nmf_inputs(x, v0, h0, sizes)
+    b, _, np_, rank = check_nmf_inputs(x, v0, h0, sizes)
     if x.stride(2) != 1:
         x = x.contiguous()
     v, h = masked_factors(v0, h0, sizes)
