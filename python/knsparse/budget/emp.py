@@ -50,7 +50,9 @@ def _shares(a: torch.Tensor, dim: int | None = None) -> torch.Tensor:
 def _effective(omega: torch.Tensor, beta: float, dim: int | None = None) -> torch.Tensor:
     s2 = (omega**2).sum() if dim is None else (omega**2).sum(dim=dim)
     n = omega.numel() if dim is None else omega.shape[dim]
-    return torch.floor(beta / s2).clamp(1, n).long()
+    # The relative slack absorbs the rounding of Σω² (uniform ω must give exactly N); it only
+    # strengthens step 2 of the bound: β/S₂ < k + 1 still holds.
+    return torch.floor(beta / s2 * (1 + 1e-9)).clamp(1, n).long()
 
 
 def _check(scores: torch.Tensor, beta: float, name: str | None = None) -> None:
