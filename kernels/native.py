@@ -23,7 +23,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
-_FLAGS = ("-O3", "-march=native", "-std=c11", "-shared", "-fPIC")
+_FLAGS = ("-O3", "-march=native", "-std=c11", "-ffp-contract=fast", "-shared", "-fPIC")
 
 
 def enabled() -> bool:
@@ -53,15 +53,17 @@ def _machine_tag() -> str:
     return f"{cc}|{version}|{platform.machine()}|{cpu_flags}"
 
 
-@functools.cache
 def load(source: str, defines: tuple[tuple[str, int], ...] = ()) -> ctypes.CDLL | None:
     """Compile ``source`` (a file name next to this module) with ``-D`` ``defines`` and load it.
 
-    Returns None, after one warning, when native kernels are disabled or the compiler fails; the
-    caller then falls back to its PyTorch reference.
+    Returns None when native kernels are disabled, or (after one warning) when the compiler
+    fails; the caller then falls back to its PyTorch reference.
     """
-    if not enabled():
-        return None
+    return _build_and_load(source, defines) if enabled() else None
+
+
+@functools.cache
+def _build_and_load(source: str, defines: tuple[tuple[str, int], ...]) -> ctypes.CDLL | None:
     src = Path(__file__).with_name(source)
     cc = os.environ.get("CC", "cc")
     flags = [*_FLAGS, *(f"-D{k}={v}" for k, v in defines)]
@@ -72,7 +74,7 @@ def load(source: str, defines: tuple[tuple[str, int], ...] = ()) -> ctypes.CDLL 
             warnings.warn(
                 f"knsparse: no C compiler {cc!r} found; {source} runs on the slower PyTorch reference",
                 RuntimeWarning,
-                stacklevel=3,
+                stacklevel=4,
             )
             return None
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -83,7 +85,7 @@ def load(source: str, defines: tuple[tuple[str, int], ...] = ()) -> ctypes.CDLL 
                 warnings.warn(
                     f"knsparse: compiling {source} failed, using the PyTorch reference:\n{proc.stderr}",
                     RuntimeWarning,
-                    stacklevel=3,
+                    stacklevel=4,
                 )
                 return None
             os.replace(out, target)  # atomic: concurrent builders never see a half-written file

@@ -33,63 +33,58 @@ static inline vec vload(const float *p) { vec v; memcpy(&v, p, sizeof v); return
 static inline void vstore(float *p, vec v) { memcpy(p, &v, sizeof v); }
 static inline float vsum(vec v) { float s = 0.f; for (int i = 0; i < VW; i++) s += v[i]; return s; }
 
-/* A row of X as seen by the vector loops: full vectors up to n16, then a zero-padded tail copy. */
-typedef struct { const float *row; float tail[VW]; } xrow;
-
-static inline void xrow_set(xrow *r, const float *row, int n) {
-    int n16 = n & ~(VW - 1);
-    r->row = row;
-    memset(r->tail, 0, sizeof r->tail);
-    if (n > n16) memcpy(r->tail, row + n16, sizeof(float) * (size_t)(n - n16));
-}
-
-static inline vec xrow_load(const xrow *r, int j, int n16) { return j < n16 ? vload(r->row + j) : vload(r->tail); }
-
-/* p[r][k] = sum_j x[r][j] h[k][j] for RB rows. */
-static void rows_times_ht(const xrow *x, const float *h, int n, int ldh, int nrows, float p[RB][RANK]) {
-    int n16 = n & ~(VW - 1), ncols = (n + VW - 1) & ~(VW - 1);
-    vec acc[RB][RANK];
-    for (int r = 0; r < RB; r++)
-        for (int k = 0; k < RANK; k++) acc[r][k] = (vec){0};
-    for (int j = 0; j < ncols; j += VW) {
-        vec xv[RB];
-        for (int r = 0; r < RB; r++) xv[r] = xrow_load(&x[r < nrows ? r : 0], j, n16);
-        for (int k = 0; k < RANK; k++) {
-            vec hk = vload(h + (size_t)k * ldh + j);
-            for (int r = 0; r < RB; r++) acc[r][k] += xv[r] * hk;
-        }
-    }
-    for (int r = 0; r < RB; r++)
-        for (int k = 0; k < RANK; k++) p[r][k] = vsum(acc[r][k]);
-}
-
-/* q[k][j] += sum_r v[r][k] x[r][j] for RB2 rows (rows past nrows have v = 0). */
-static void accumulate_vt_x(const xrow *x, const float v[RB2][RANK], int n, int ldh, int nrows, float *q) {
-    int n16 = n & ~(VW - 1), ncols = (n + VW - 1) & ~(VW - 1);
-    for (int j = 0; j < ncols; j += VW) {
-        vec xv[RB2];
-        for (int r = 0; r < RB2; r++) xv[r] = xrow_load(&x[r < nrows ? r : 0], j, n16);
-        for (int k = 0; k < RANK; k++) {
-            float *qk = q + (size_t)k * ldh + j;
-            vec a = vload(qk);
-            for (int r = 0; r < RB2; r++) a += v[r][k] * xv[r];
-            vstore(qk, a);
-        }
+/* acc[r][k] += x[r][j:j+VW] * h[k][j:j+VW] for the RB rows at xp. */
+static inline void p_step(vec acc[RB][RANK], const float *const xp[RB], const float *h, int ldh, int j) {
+    vec xv[RB];
+    for (int r = 0; r < RB; r++) xv[r] = vload(xp[r] + j);
+    for (int k = 0; k < RANK; k++) {
+        vec hk = vload(h + (size_t)k * ldh + j);
+        for (int r = 0; r < RB; r++) acc[r][k] += xv[r] * hk;
     }
 }
 
-/* Phase 1: update every row of V, accumulate Q = V^T X and VV = V^T V with the new V. */
+/* q[k][j:j+VW] += sum_r v[r][k] x[r][j:j+VW] over the RB2 rows at xp; the RANK partial sums stay in
+ * registers while the rows stream through. */
+static inline void q_step(float *q, int ldh, const float *const xp[RB2], const float v[RB2][RANK], int j) {
+    vec a[RANK];
+    for (int k = 0; k < RANK; k++) a[k] = vload(q + (size_t)k * ldh + j);
+    for (int r = 0; r < RB2; r++) {
+        vec xv = vload(xp[r] + j);
+        for (int k = 0; k < RANK; k++) a[k] += v[r][k] * xv;
+    }
+    for (int k = 0; k < RANK; k++) vstore(q + (size_t)k * ldh + j, a[k]);
+}
+
+/* Phase 1: update every row of V, accumulate Q = V^T X and VV = V^T V with the new V.
+ * Rows go in blocks of RB2; columns in vectors of VW, the last partial vector read from a
+ * zero-padded copy of the block's row tails. */
 static void update_v(const float *X, float *V, const float *H, const float *G, float *Q, float VV[RANK][RANK],
                      int m, int n, int ldx, int ldh, float eps) {
+    const int n16 = n & ~(VW - 1);
     memset(Q, 0, sizeof(float) * RANK * (size_t)ldh);
     double vv[RANK][RANK] = {{0}};
-    xrow x[RB2];
+    float tails[RB2][VW];
     for (int i = 0; i < m; i += RB2) {
-        int nrows = m - i < RB2 ? m - i : RB2;
-        for (int r = 0; r < nrows; r++) xrow_set(&x[r], X + (size_t)(i + r) * ldx, n);
+        const int nrows = m - i < RB2 ? m - i : RB2;
+        const float *row[RB2], *tail[RB2];
+        for (int r = 0; r < RB2; r++) {
+            const int src = r < nrows ? r : 0; /* rows past the end repeat row 0 with v = 0 */
+            row[r] = X + (size_t)(i + src) * ldx;
+            memset(tails[r], 0, sizeof tails[r]);
+            memcpy(tails[r], row[r] + n16, sizeof(float) * (size_t)(n - n16));
+            tail[r] = tails[r];
+        }
         float p[RB2][RANK], v[RB2][RANK];
-        rows_times_ht(x, H, n, ldh, nrows, p);
-        if (nrows > RB) rows_times_ht(x + RB, H, n, ldh, nrows - RB, p + RB);
+        for (int half = 0; half < RB2; half += RB) {
+            vec acc[RB][RANK];
+            for (int r = 0; r < RB; r++)
+                for (int k = 0; k < RANK; k++) acc[r][k] = (vec){0};
+            int j = 0;
+            for (; j < n16; j += VW) p_step(acc, row + half, H, ldh, j);
+            if (j < n) p_step(acc, tail + half, H + n16, ldh, 0);
+            for (int r = 0; r < RB; r++)
+                for (int k = 0; k < RANK; k++) p[half + r][k] = vsum(acc[r][k]);
+        }
         for (int r = 0; r < RB2; r++) {
             if (r >= nrows) {
                 for (int k = 0; k < RANK; k++) v[r][k] = 0.f;
@@ -105,7 +100,9 @@ static void update_v(const float *X, float *V, const float *H, const float *G, f
             for (int k = 0; k < RANK; k++)
                 for (int l = 0; l < RANK; l++) vv[k][l] += (double)v[r][k] * v[r][l];
         }
-        accumulate_vt_x(x, v, n, ldh, nrows, Q);
+        int j = 0;
+        for (; j < n16; j += VW) q_step(Q, ldh, row, v, j);
+        if (j < n) q_step(Q + n16, ldh, tail, v, 0);
     }
     for (int k = 0; k < RANK; k++)
         for (int l = 0; l < RANK; l++) VV[k][l] = (float)vv[k][l];

@@ -15,7 +15,7 @@ _VEC = 16  # floats per vector in nmf_cpu.c; rows of H must be padded to a multi
 
 def _library(rank: int) -> ctypes.CDLL | None:
     lib = native.load("nmf_cpu.c", (("RANK", rank),))
-    if lib is not None and lib.knsparse_nmf_mu.argtypes is None:
+    if lib is not None and not lib.knsparse_nmf_mu.argtypes:
         lib.knsparse_nmf_mu.argtypes = _ARGTYPES
         lib.knsparse_nmf_mu.restype = ctypes.c_int
     return lib

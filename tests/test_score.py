@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-from knsparse.kernels.nmf import nmf_ref
-from knsparse.masks import nm_mask, to_reduction_view
+from knsparse.kernels.nmf import nmf_init, nmf_ref
+from knsparse.masks import from_reduction_view, nm_mask, to_reduction_view
 from knsparse.score import magnitude, prunable_weights, yopo, yopo_nm_masks
 from knsparse.score.buckets import WORKING_COPIES, Problem, plan_chunks
 from knsparse.score.yopo import _layer_seed, _median_scale
@@ -36,16 +36,19 @@ def test_scores_have_weight_shapes_and_are_finite():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-def test_scores_equal_residual_of_reference_fit():
-    """End to end against the kernels' reference: |X/median - V H| of a reference fit, in weight shape."""
-    w = torch.randn(12, 6, 3, 3, generator=torch.Generator().manual_seed(1))
-    scores = yopo({"conv": w}, rank=4, iters=ITERS, seed=5)["conv"]
-    x = (to_reduction_view(w).abs() / w.abs().median())[None]
-    from knsparse.kernels.nmf import nmf_init
-
-    v0, h0 = nmf_init(x, 4, torch.Generator().manual_seed(_layer_seed(5, "conv")))
-    v, h = nmf_ref(x, v0, h0, torch.tensor([[12, 54]], dtype=torch.int32), ITERS)
-    expected = (x[0] - v[0] @ h[0]).abs().reshape(12, 3, 3, 6).permute(0, 3, 1, 2)
+@pytest.mark.parametrize("shape", [(12, 6, 3, 3), (40, 12)])
+def test_scores_equal_residual_of_reference_fit(shape):
+    """End to end against the kernels' reference: |X/median - V H| of a reference fit, in weight
+    shape; a tall matrix (40 x 12) is fitted as its transpose."""
+    w = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
+    scores = yopo({"w": w}, rank=4, iters=ITERS, seed=5)["w"]
+    x = to_reduction_view(w).abs() / w.abs().median()
+    tall = x.shape[0] > x.shape[1]
+    xo = (x.T if tall else x)[None].contiguous()
+    v0, h0 = nmf_init(xo, 4, torch.Generator().manual_seed(_layer_seed(5, "w")))
+    v, h = nmf_ref(xo, v0, h0, torch.tensor([xo.shape[1:]], dtype=torch.int32), ITERS)
+    residual = (xo[0] - v[0] @ h[0]).abs()
+    expected = from_reduction_view(residual.T if tall else residual, w.shape)
     torch.testing.assert_close(scores, expected, rtol=1e-4, atol=1e-5)
 
 
