@@ -23,19 +23,15 @@ a whole ResNet-18 (Triton kernels vs the reference on the GPU vs the sklearn loo
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
-import subprocess
-import sys
 import time
 import warnings
 from pathlib import Path
 
 import numpy as np
-import sklearn
 import torch
-import triton
+from _meta import write_result
 from sklearn.decomposition import NMF
 from sklearn.exceptions import ConvergenceWarning
 from threadpoolctl import threadpool_info
@@ -49,7 +45,6 @@ from knsparse.score import prunable_weights, yopo
 from knsparse.score.buckets import plan_chunks
 from knsparse.score.yopo import DEFAULT_MAX_CHUNK_BYTES, LayerFits, _layer_seed, _median_scale
 
-RESULTS = Path(__file__).parent / "results"
 EPS = 1e-8
 
 
@@ -68,37 +63,22 @@ def resnet18_layers() -> nn.Module:
     return nn.ModuleDict({k.replace(".", "_"): v for k, v in layers.items()})
 
 
-def environment() -> dict:
-    cpu = platform.processor() or platform.machine()
+def host() -> dict:
+    """What the shared provenance block leaves out but CPU timings depend on."""
+    cpu = platform.machine()
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists():
         for line in cpuinfo.read_text().splitlines():
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout
-        dirty = bool(subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True).stdout)
-    except (OSError, subprocess.CalledProcessError):
-        commit, dirty = "unknown", False
     return {
-        "cpu": cpu,
+        "cpu_model": cpu,
         "cpu_count": os.cpu_count(),
-        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-        "torch_threads": torch.get_num_threads(),
+        "load_average_1_5_15min": list(os.getloadavg()),
         "blas": [
             {k: d.get(k) for k in ("internal_api", "version", "num_threads")} for d in threadpool_info()
         ],
-        "versions": {
-            "python": sys.version.split()[0],
-            "torch": torch.__version__,
-            "triton": triton.__version__,
-            "numpy": np.__version__,
-            "sklearn": sklearn.__version__,
-        },
-        "git_commit": commit.strip() + ("-dirty" if dirty else ""),
     }
 
 
@@ -114,17 +94,26 @@ def rel_err(residual: torch.Tensor | np.ndarray, x: torch.Tensor | np.ndarray) -
     return float(np.linalg.norm(np.asarray(residual)) / np.linalg.norm(np.asarray(x)))
 
 
+class Timer:
+    """Wall time and process CPU time (all threads) of a block."""
+
+    def __enter__(self) -> Timer:
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.wall, self.cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
+
+
 def run_knsparse(
     model: nn.Module, mats: dict[str, torch.Tensor], rank: int, iters: int
-) -> tuple[float, list]:
-    start = time.perf_counter()
-    scores = yopo(model, rank=rank, iters=iters)
-    seconds = time.perf_counter() - start
-    errs = [rel_err(to_reduction_view(scores[name]), x) for name, x in mats.items()]
-    return seconds, errs
+) -> tuple[Timer, list]:
+    with Timer() as t:
+        scores = yopo(model, rank=rank, iters=iters)
+    return t, [rel_err(to_reduction_view(scores[name]), x) for name, x in mats.items()]
 
 
-def run_knsparse_reference(model, mats, rank, iters) -> tuple[float, list]:
+def run_knsparse_reference(model, mats, rank, iters) -> tuple[Timer, list]:
     os.environ["KNSPARSE_NATIVE"] = "0"
     try:
         return run_knsparse(model, mats, rank, iters)
@@ -132,30 +121,28 @@ def run_knsparse_reference(model, mats, rank, iters) -> tuple[float, list]:
         os.environ["KNSPARSE_NATIVE"] = "1"
 
 
-def run_sklearn(model, mats, rank, iters) -> tuple[float, list]:
+def run_sklearn(model, mats, rank, iters) -> tuple[Timer, list]:
     arrays = {name: x.numpy() for name, x in mats.items()}
     residuals = {}
-    start = time.perf_counter()
-    for name, x in arrays.items():
-        est = NMF(rank, solver="mu", init="random", max_iter=iters, tol=0, random_state=0)
-        w = est.fit_transform(x)
-        residuals[name] = np.abs(x - w @ est.components_)
-    seconds = time.perf_counter() - start
-    return seconds, [rel_err(residuals[name], arrays[name]) for name in arrays]
+    with Timer() as t:
+        for name, x in arrays.items():
+            est = NMF(rank, solver="mu", init="random", max_iter=iters, tol=0, random_state=0)
+            w = est.fit_transform(x)
+            residuals[name] = np.abs(x - w @ est.components_)
+    return t, [rel_err(residuals[name], arrays[name]) for name in arrays]
 
 
-def run_torch_loop(model, mats, rank, iters) -> tuple[float, list]:
+def run_torch_loop(model, mats, rank, iters) -> tuple[Timer, list]:
     residuals = {}
-    start = time.perf_counter()
-    for name, x in mats.items():
-        v, h = nmf_init(x[None], rank, torch.Generator().manual_seed(_layer_seed(0, name)))
-        v, h = v[0], h[0]
-        for _ in range(iters):
-            v.mul_((x @ h.T).div_((v @ (h @ h.T)).add_(EPS)))
-            h.mul_((v.T @ x).div_(((v.T @ v) @ h).add_(EPS)))
-        residuals[name] = (x - v @ h).abs_()
-    seconds = time.perf_counter() - start
-    return seconds, [rel_err(residuals[name], mats[name]) for name in mats]
+    with Timer() as t:
+        for name, x in mats.items():
+            v, h = nmf_init(x[None], rank, torch.Generator().manual_seed(_layer_seed(0, name)))
+            v, h = v[0], h[0]
+            for _ in range(iters):
+                v.mul_((x @ h.T).div_((v @ (h @ h.T)).add_(EPS)))
+                h.mul_((v.T @ x).div_(((v.T @ v) @ h).add_(EPS)))
+            residuals[name] = (x - v @ h).abs_()
+    return t, [rel_err(residuals[name], mats[name]) for name in mats]
 
 
 METHODS = {
@@ -166,12 +153,10 @@ METHODS = {
 }
 
 
-def summary(times: list[float]) -> dict:
+def summary(times: list[float], unit: str = "s") -> dict:
     q = np.percentile(times, [0, 25, 50, 75, 100])
-    return {
-        "median_s": float(q[2]),
-        "quantiles_s": dict(zip(("min", "p25", "p50", "p75", "max"), q.tolist())),
-    }
+    names = ("min", "p25", "p50", "p75", "max")
+    return {f"median_{unit}": float(q[2]), f"quantiles_{unit}": dict(zip(names, q.tolist(), strict=True))}
 
 
 def bench_cpu(models: list[str], rank: int, iters: int, reps: int) -> dict:
@@ -181,31 +166,37 @@ def bench_cpu(models: list[str], rank: int, iters: int, reps: int) -> dict:
         torch.manual_seed(0)
         model = builders[model_name]()
         mats = matrices(model)
-        times: dict[str, list[float]] = {m: [] for m in METHODS}
+        wall: dict[str, list[float]] = {m: [] for m in METHODS}
+        cpu: dict[str, list[float]] = {m: [] for m in METHODS}
         errors: dict[str, list[float]] = {}
-        steps = [(rep, m) for rep in range(reps) for m in METHODS]
+        steps = [(rep, m) for rep in range(reps) for m in METHODS]  # interleaved repetitions
         for _, method in tqdm(steps, desc=model_name, unit="run"):
-            seconds, errs = METHODS[method](model, mats, rank, iters)
-            times[method].append(seconds)
+            timer, errs = METHODS[method](model, mats, rank, iters)
+            wall[method].append(timer.wall)
+            cpu[method].append(timer.cpu)
             errors[method] = errs
-        entry = {
+        methods = {
+            m: {
+                **summary(wall[m]),
+                "wall_s": wall[m],
+                **summary(cpu[m], "cpu_s"),
+                "mean_rel_recon_error": float(np.mean(errors[m])),
+            }
+            for m in METHODS
+        }
+        ours, sk = methods["knsparse"], methods["sklearn"]
+        out[model_name] = {
             "layers": len(mats),
             "weights": sum(x.numel() for x in mats.values()),
-            "methods": {
-                m: {**summary(t), "times_s": t, "mean_rel_recon_error": float(np.mean(errors[m]))}
-                for m, t in times.items()
-            },
+            "methods": methods,
+            "speedup_vs_sklearn": sk["median_s"] / ours["median_s"],
+            "speedup_vs_torch_loop": methods["torch_loop"]["median_s"] / ours["median_s"],
+            "speedup_vs_reference": methods["knsparse_reference"]["median_s"] / ours["median_s"],
+            "torch_loop_speedup_vs_sklearn": sk["median_s"] / methods["torch_loop"]["median_s"],
+            "cpu_time_ratio_sklearn_over_knsparse": sk["median_cpu_s"] / ours["median_cpu_s"],
+            "recon_error_rel_diff_vs_sklearn": (ours["mean_rel_recon_error"] - sk["mean_rel_recon_error"])
+            / sk["mean_rel_recon_error"],
         }
-        base = entry["methods"]["knsparse"]
-        sk = entry["methods"]["sklearn"]
-        entry["speedup_vs_sklearn"] = sk["median_s"] / base["median_s"]
-        entry["speedup_vs_torch_loop"] = entry["methods"]["torch_loop"]["median_s"] / base["median_s"]
-        entry["speedup_vs_reference"] = entry["methods"]["knsparse_reference"]["median_s"] / base["median_s"]
-        entry["torch_loop_speedup_vs_sklearn"] = sk["median_s"] / entry["methods"]["torch_loop"]["median_s"]
-        entry["recon_error_rel_diff_vs_sklearn"] = (
-            base["mean_rel_recon_error"] - sk["mean_rel_recon_error"]
-        ) / sk["mean_rel_recon_error"]
-        out[model_name] = entry
     return out
 
 
@@ -278,7 +269,7 @@ def plot(result: dict, path: Path) -> None:
         ax.set_title(f"{model}: rank {result['rank']}, {result['iters']} iterations")
         ax.set_ylabel("wall time, median [s]")
         ax.tick_params(axis="x", labelrotation=15)
-    fig.suptitle(f"YOPO saliency, whole model, {result['environment']['cpu']}", fontsize=9)
+    fig.suptitle(f"YOPO saliency, whole model, {result['host_before']['cpu_model']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -297,7 +288,7 @@ def main() -> None:
         default=["resnet50", "vit_base_patch16_224"],
         choices=["resnet50", "vit_base_patch16_224"],
     )
-    parser.add_argument("--out", type=Path, default=RESULTS / "yopo.json")
+    parser.add_argument("--name", default="yopo", help="writes bench/results/<name>.json and .png")
     args = parser.parse_args()
     iters = args.iters or (50 if args.quick else 200)
     reps = args.reps or (1 if args.quick else 3)
@@ -313,24 +304,27 @@ def main() -> None:
         "rank": args.rank,
         "iters": iters,
         "reps": reps,
-        "environment": environment(),
+        "host_before": host(),
         "cpu": bench_cpu(args.models, args.rank, iters, reps),
     }
     if torch.cuda.is_available():
         result["gpu"] = bench_gpu(args.rank, iters, reps)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    plot(result, args.out.with_suffix(".png"))
+    result["host_after"] = host()
+    path = write_result(args.name, result)
+    plot(result, path.with_suffix(".png"))
     for model, entry in result["cpu"].items():
         m = entry["methods"]
         print(
             f"{model}: knsparse {m['knsparse']['median_s']:.2f}s, sklearn {m['sklearn']['median_s']:.2f}s "
             f"({entry['speedup_vs_sklearn']:.2f}x), torch loop {m['torch_loop']['median_s']:.2f}s "
-            f"({entry['speedup_vs_torch_loop']:.2f}x), reference {m['knsparse_reference']['median_s']:.2f}s; "
-            f"recon error {m['knsparse']['mean_rel_recon_error']:.4f} vs sklearn "
-            f"{m['sklearn']['mean_rel_recon_error']:.4f} ({100 * entry['recon_error_rel_diff_vs_sklearn']:+.2f}%)"
+            f"({entry['speedup_vs_torch_loop']:.2f}x), reference {m['knsparse_reference']['median_s']:.2f}s"
         )
-    print(f"wrote {args.out}")
+        print(
+            f"  recon error {m['knsparse']['mean_rel_recon_error']:.4f} vs sklearn "
+            f"{m['sklearn']['mean_rel_recon_error']:.4f} "
+            f"({100 * entry['recon_error_rel_diff_vs_sklearn']:+.2f}%)"
+        )
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@
 
 #define VW 16                                       /* floats per vector */
 #define RB (RANK > 24 ? 1 : (24 / RANK < 6 ? 24 / RANK : 6)) /* rows per P block: RB * RANK accumulators */
-#define RB2 (2 * RB)                                /* rows per Q block */
+#define RB2 (4 * RB)                                /* rows per Q block: Q loads/stores shared by more rows */
 
 typedef float vec __attribute__((vector_size(VW * sizeof(float))));
 

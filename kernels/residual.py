@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
 from knsparse.masks import nm_mask
 from knsparse.pattern import Pattern
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from knsparse.budget import emp_global_masks, emp_keep, emp_mask, emp_mass_bound, emp_row_masks
 
 

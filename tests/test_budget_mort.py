@@ -4,6 +4,7 @@ import warnings
 
 import pytest
 import torch
+
 from knsparse.budget import mort
 from knsparse.budget.mort import _standardise
 

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from knsparse.kernels.nmf import nmf_mu, nmf_ref
 from knsparse.kernels.residual import residual_nm_mask, residual_nm_ref
 from knsparse.models import resnet_tiny_digits

@@ -5,9 +5,10 @@ import itertools
 import numpy as np
 import pytest
 import torch
+from sklearn.decomposition import NMF
+
 from knsparse.kernels import nmf_cpu as native
 from knsparse.kernels.nmf import EPS, nmf_cpu, nmf_init, nmf_mu, nmf_ref
-from sklearn.decomposition import NMF
 
 needs_compiler = pytest.mark.skipif(not native.native_available(3), reason="no C compiler for nmf_cpu.c")
 

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from knsparse.kernels.residual import residual_nm_mask, residual_nm_ref, residual_ref, residual_scores
 from knsparse.masks import nm_mask
 

@@ -2,12 +2,13 @@
 
 import pytest
 import torch
+from torch import nn
+
 from knsparse.kernels.nmf import nmf_init, nmf_ref
 from knsparse.masks import from_reduction_view, nm_mask, to_reduction_view
 from knsparse.score import magnitude, prunable_weights, yopo, yopo_nm_masks
 from knsparse.score.buckets import WORKING_COPIES, Problem, plan_chunks
 from knsparse.score.yopo import _layer_seed, _median_scale
-from torch import nn
 
 ITERS = 30
 

@@ -6,6 +6,7 @@ before triton is imported), or compiled on CUDA tensors when a GPU is present.
 
 import pytest
 import torch
+
 from knsparse.kernels.nmf import nmf_ref, nmf_triton
 from knsparse.kernels.residual import residual_nm_ref, residual_nm_triton, residual_ref, residual_triton
 
