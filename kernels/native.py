@@ -65,6 +65,13 @@ def load(source: str, defines: tuple[tuple[str, int], ...] = ()) -> ctypes.CDLL 
 @functools.cache
 def _build_and_load(source: str, defines: tuple[tuple[str, int], ...]) -> ctypes.CDLL | None:
     src = Path(__file__).with_name(source)
+    if not src.exists():
+        warnings.warn(
+            f"knsparse: {src} is not installed (package data missing); using the PyTorch reference",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+        return None
     cc = os.environ.get("CC", "cc")
     flags = [*_FLAGS, *(f"-D{k}={v}" for k, v in defines)]
     key = hashlib.sha256("\0".join([src.read_text(), *flags, _machine_tag()]).encode()).hexdigest()[:24]
@@ -77,16 +84,22 @@ def _build_and_load(source: str, defines: tuple[tuple[str, int], ...]) -> ctypes
                 stacklevel=4,
             )
             return None
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-            out = Path(tmp) / target.name
-            proc = subprocess.run([cc, *flags, str(src), "-o", str(out)], capture_output=True, text=True)
-            if proc.returncode != 0:
-                warnings.warn(
-                    f"knsparse: compiling {source} failed, using the PyTorch reference:\n{proc.stderr}",
-                    RuntimeWarning,
-                    stacklevel=4,
-                )
-                return None
-            os.replace(out, target)  # atomic: concurrent builders never see a half-written file
+        try:
+            _compile(cc, flags, src, target)
+        except (OSError, subprocess.CalledProcessError) as err:
+            detail = err.stderr if isinstance(err, subprocess.CalledProcessError) else err
+            warnings.warn(
+                f"knsparse: building {source} failed, using the PyTorch reference:\n{detail}",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            return None
     return ctypes.CDLL(str(target))
+
+
+def _compile(cc: str, flags: list[str], src: Path, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        out = Path(tmp) / target.name
+        subprocess.run([cc, *flags, str(src), "-o", str(out)], capture_output=True, text=True, check=True)
+        os.replace(out, target)  # atomic: concurrent builders never see a half-written file
