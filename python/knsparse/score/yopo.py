@@ -48,11 +48,11 @@ def _median_abs(w: torch.Tensor) -> float:
     top = bits >> 16
     counts = torch.bincount(top, minlength=1 << 15)
     cum = counts.cumsum(0)
-    bucket = int(torch.searchsorted(cum, torch.tensor(k), right=True))
+    bucket = int(torch.searchsorted(cum, torch.tensor(k, device=cum.device), right=True))
     k -= int(cum[bucket] - counts[bucket])
     low = torch.where(top == bucket, bits & 0xFFFF, 1 << 16)
     low_cum = torch.bincount(low, minlength=(1 << 16) + 1)[: 1 << 16].cumsum(0)
-    low_bits = int(torch.searchsorted(low_cum, torch.tensor(k), right=True))
+    low_bits = int(torch.searchsorted(low_cum, torch.tensor(k, device=cum.device), right=True))
     return float(torch.tensor([(bucket << 16) | low_bits], dtype=torch.int32).view(torch.float32))
 
 
