@@ -43,12 +43,13 @@ static inline void p_step(vec acc[RB][RANK], const float *const xp[RB], const fl
     }
 }
 
-/* q[k][j:j+VW] += sum_r v[r][k] x[r][j:j+VW] over the RB2 rows at xp; the RANK partial sums stay in
- * registers while the rows stream through. */
-static inline void q_step(float *q, int ldh, const float *const xp[RB2], const float v[RB2][RANK], int j) {
+/* q[k][j:j+VW] += sum_r v[r][k] x[r][j:j+VW] over the nr rows at xp; the RANK partial sums stay in
+ * registers while the rows stream through. Inlined with nr == RB2 the row loop unrolls fully. */
+static inline void q_step(float *q, int ldh, const float *const xp[RB2], const float v[RB2][RANK], int j,
+                          int nr) {
     vec a[RANK];
     for (int k = 0; k < RANK; k++) a[k] = vload(q + (size_t)k * ldh + j);
-    for (int r = 0; r < RB2; r++) {
+    for (int r = 0; r < nr; r++) {
         vec xv = vload(xp[r] + j);
         for (int k = 0; k < RANK; k++) a[k] += v[r][k] * xv;
     }
@@ -75,7 +76,7 @@ static void update_v(const float *X, float *V, const float *H, const float *G, f
             tail[r] = tails[r];
         }
         float p[RB2][RANK], v[RB2][RANK];
-        for (int half = 0; half < RB2; half += RB) {
+        for (int half = 0; half < nrows; half += RB) {
             vec acc[RB][RANK];
             for (int r = 0; r < RB; r++)
                 for (int k = 0; k < RANK; k++) acc[r][k] = (vec){0};
@@ -100,9 +101,13 @@ static void update_v(const float *X, float *V, const float *H, const float *G, f
             for (int k = 0; k < RANK; k++)
                 for (int l = 0; l < RANK; l++) vv[k][l] += (double)v[r][k] * v[r][l];
         }
-        int j = 0;
-        for (; j < n16; j += VW) q_step(Q, ldh, row, v, j);
-        if (j < n) q_step(Q + n16, ldh, tail, v, 0);
+        if (nrows == RB2) {
+            for (int j = 0; j < n16; j += VW) q_step(Q, ldh, row, v, j, RB2);
+            if (n16 < n) q_step(Q + n16, ldh, tail, v, 0, RB2);
+        } else {
+            for (int j = 0; j < n16; j += VW) q_step(Q, ldh, row, v, j, nrows);
+            if (n16 < n) q_step(Q + n16, ldh, tail, v, 0, nrows);
+        }
     }
     for (int k = 0; k < RANK; k++)
         for (int l = 0; l < RANK; l++) VV[k][l] = (float)vv[k][l];
