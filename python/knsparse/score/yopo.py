@@ -211,7 +211,12 @@ class LayerFits:
         progress: bool,
     ) -> dict[str, torch.Tensor]:
         """Run every chunk and put each layer's results back into its weight's shape."""
-        out = {name: torch.empty(w.shape, dtype=dtype, device=w.device) for name, w in self.weights.items()}
+        # Per-channel layers arrive in slices and are written into place; whole layers arrive at once.
+        out = {
+            p.name: torch.empty(self.weights[p.name].shape, dtype=dtype, device=p.device)
+            for p, cw in zip(self.problems, self.channelwise, strict=True)
+            if cw
+        }
         chunks = plan_chunks(self.problems, max_chunk_bytes)
         for chunk in tqdm(chunks, desc="yopo", unit="bucket", disable=not progress):
             for i, start, stop, part in self.run(chunk, iters, emit):
@@ -220,8 +225,8 @@ class LayerFits:
                 if self.channelwise[i]:
                     out[name][start:stop] = part.reshape(out[name][start:stop].shape)
                 else:
-                    out[name] = from_reduction_view(part[0], out[name].shape, self.conv_order)
-        return out
+                    out[name] = from_reduction_view(part[0], self.weights[name].shape, self.conv_order)
+        return {name: out[name] for name in self.weights}
 
 
 def yopo(
