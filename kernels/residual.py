@@ -3,8 +3,9 @@
 Inputs follow :mod:`.nmf`: ``X [B, mp, np]``, ``V [B, mp, r]``, ``H [B, r, np]`` float32 and int32
 ``sizes [B, 2]``. Scores are zero outside ``sizes``. The Triton kernel computes ``V H`` one
 ``[BM, BN]`` tile at a time and never materialises the product; with a k:n pattern it also
-keeps the ``k`` highest scores of every ``n`` consecutive columns in the same pass and writes the
-bool mask (ties go to the lowest column index, as in :func:`knsparse.masks.nm_mask`).
+keeps the ``k`` highest scores of every ``n`` consecutive columns (or rows, ``along_rows=True``,
+for matrices stored transposed) in the same pass and writes the bool mask (ties go to the lowest
+index, as in :func:`knsparse.masks.nm_mask`).
 
 Public entry points (``torch.library`` custom ops: Triton on CUDA, the reference on CPU):
 :func:`residual_scores` and :func:`residual_nm_mask`; references :func:`residual_ref` and
@@ -49,14 +50,15 @@ def _check(
     return b, mp, np_, rank
 
 
-def _check_groups(sizes: torch.Tensor, pattern: Pattern) -> None:
+def _check_groups(sizes: torch.Tensor, pattern: Pattern, along_rows: bool) -> None:
     if pattern.is_unstructured:
         raise ValueError("a k:n pattern is needed for the fused mask, got 'unstructured'")
-    bad = (sizes[:, 1] % pattern.n != 0).nonzero()
+    axis, what = (0, "rows") if along_rows else (1, "columns")
+    bad = (sizes[:, axis] % pattern.n != 0).nonzero()
     if len(bad):
         i = int(bad[0, 0])
         raise ValueError(
-            f"matrix {i} of the bucket has {int(sizes[i, 1])} columns, not a multiple of n={pattern.n} "
+            f"matrix {i} of the bucket has {int(sizes[i, axis])} {what}, not a multiple of n={pattern.n} "
             f"for pattern {pattern}"
         )
 
@@ -71,8 +73,10 @@ def residual_ref(x: torch.Tensor, v: torch.Tensor, h: torch.Tensor, sizes: torch
     return s.masked_fill_(~(rows & cols), 0.0)
 
 
-def _nm_keep(scores: torch.Tensor, sizes: torch.Tensor, pattern: Pattern) -> torch.Tensor:
+def _nm_keep(scores: torch.Tensor, sizes: torch.Tensor, pattern: Pattern, along_rows: bool) -> torch.Tensor:
     """k:n mask of a bucket of scores via :func:`knsparse.masks.nm_mask`, False outside ``sizes``."""
+    if along_rows:
+        return _nm_keep(scores.mT, sizes.flip(1), pattern, False).mT
     b, mp, np_ = scores.shape
     pad = -np_ % pattern.n
     flat = torch.nn.functional.pad(scores, (0, pad)).reshape(b * mp, np_ + pad)
@@ -82,14 +86,34 @@ def _nm_keep(scores: torch.Tensor, sizes: torch.Tensor, pattern: Pattern) -> tor
 
 
 def residual_nm_ref(
-    x: torch.Tensor, v: torch.Tensor, h: torch.Tensor, sizes: torch.Tensor, pattern: str | Pattern
+    x: torch.Tensor,
+    v: torch.Tensor,
+    h: torch.Tensor,
+    sizes: torch.Tensor,
+    pattern: str | Pattern,
+    along_rows: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference: scores as :func:`residual_ref` and the bool k:n mask keeping the ``k`` highest of
-    every ``n`` consecutive columns of each matrix."""
+    every ``n`` consecutive columns (rows if ``along_rows``) of each matrix."""
     pattern = Pattern.parse(pattern)
-    _check_groups(sizes, pattern)
+    _check_groups(sizes, pattern, along_rows)
     s = residual_ref(x, v, h, sizes)
-    return s, _nm_keep(s, sizes, pattern)
+    return s, _nm_keep(s, sizes, pattern, along_rows)
+
+
+@triton.jit
+def _group_keep(s, R: tl.constexpr, C: tl.constexpr, GROUP_K: tl.constexpr, GROUP_N: tl.constexpr):
+    """Bool ``[R, C]``: the GROUP_K best of every GROUP_N consecutive columns of ``s``. A score's rank
+    in its group counts the members that beat it (higher, or equal and earlier): the tie rule of a
+    stable descending sort."""
+    g = tl.reshape(s, (R, C // GROUP_N, GROUP_N))
+    idx = tl.arange(0, GROUP_N)
+    earlier = idx[None, :] < idx[:, None]
+    beats = (g[:, :, None, :] > g[:, :, :, None]) | (
+        (g[:, :, None, :] == g[:, :, :, None]) & earlier[None, None, :, :]
+    )
+    rank = tl.sum(beats.to(tl.int32), axis=3)
+    return tl.reshape(rank < GROUP_K, (R, C))
 
 
 @triton.jit
@@ -113,6 +137,7 @@ def _residual_kernel(
     GROUP_K: tl.constexpr,
     GROUP_N: tl.constexpr,
     WITH_MASK: tl.constexpr,
+    ALONG_ROWS: tl.constexpr,
 ):
     """One ``[BM, BN]`` tile of one matrix. ``H``, ``S`` and ``keep`` rows have stride ``np_``."""
     pid_b = tl.program_id(0)
@@ -145,21 +170,20 @@ def _residual_kernel(
     tl.store(s_ptr + out, s, mask=inside)
 
     if WITH_MASK:
-        # Rank of each score inside its group of GROUP_N: how many group members beat it (higher,
-        # or equal and earlier). Keep the GROUP_K best, the tie rule of a stable descending sort.
-        g = tl.reshape(s, (BM, BN // GROUP_N, GROUP_N))
-        idx = tl.arange(0, GROUP_N)
-        earlier = idx[None, :] < idx[:, None]
-        beats = (g[:, :, None, :] > g[:, :, :, None]) | (
-            (g[:, :, None, :] == g[:, :, :, None]) & earlier[None, None, :, :]
-        )
-        rank = tl.sum(beats.to(tl.int32), axis=3)
-        keep = tl.reshape(rank < GROUP_K, (BM, BN))
+        if ALONG_ROWS:
+            keep = tl.trans(_group_keep(tl.trans(s), BN, BM, GROUP_K, GROUP_N))
+        else:
+            keep = _group_keep(s, BM, BN, GROUP_K, GROUP_N)
         tl.store(keep_ptr + out, keep.to(tl.int8), mask=inside)
 
 
 def _launch(
-    x: torch.Tensor, v: torch.Tensor, h: torch.Tensor, sizes: torch.Tensor, pattern: Pattern | None
+    x: torch.Tensor,
+    v: torch.Tensor,
+    h: torch.Tensor,
+    sizes: torch.Tensor,
+    pattern: Pattern | None,
+    along_rows: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     b, mp, np_, rank = _check(x, v, h, sizes)
     x = x if x.stride(2) == 1 else x.contiguous()
@@ -167,8 +191,8 @@ def _launch(
     s = torch.zeros(b, mp, np_, dtype=torch.float32, device=x.device)
     keep = torch.zeros(b, mp, np_, dtype=torch.int8, device=x.device) if pattern is not None else s
     group_n = pattern.n if pattern is not None else 1
-    block_n = max(group_n, min(64, next_pow2(np_)))
-    block_m = max(1, min(32, 512 // group_n)) if pattern is not None else 32
+    block_n = max(16, min(64, next_pow2(np_)))
+    block_m = 32  # both tile sides are multiples of any fused group size (<= 16)
     grid = (b, triton.cdiv(mp, block_m), triton.cdiv(np_, block_n))
     if b:
         for_device(_residual_kernel, x)[grid](
@@ -191,6 +215,7 @@ def _launch(
             GROUP_K=pattern.k if pattern is not None else 1,
             GROUP_N=group_n,
             WITH_MASK=pattern is not None,
+            ALONG_ROWS=along_rows,
         )
     return s, (keep.bool() if pattern is not None else None)
 
@@ -205,16 +230,21 @@ def residual_triton(x: torch.Tensor, v: torch.Tensor, h: torch.Tensor, sizes: to
 
 
 def residual_nm_triton(
-    x: torch.Tensor, v: torch.Tensor, h: torch.Tensor, sizes: torch.Tensor, pattern: str | Pattern
+    x: torch.Tensor,
+    v: torch.Tensor,
+    h: torch.Tensor,
+    sizes: torch.Tensor,
+    pattern: str | Pattern,
+    along_rows: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton launcher of :func:`residual_nm_ref`'s contract. Groups of up to 16 (a power of two) are
     selected inside the kernel; other patterns score in the kernel and select with ``nm_mask``."""
     pattern = Pattern.parse(pattern)
-    _check_groups(sizes, pattern)
+    _check_groups(sizes, pattern, along_rows)
     if not _fusable(pattern):
         s = residual_triton(x, v, h, sizes)
-        return s, _nm_keep(s, sizes, pattern)
-    s, keep = _launch(x, v, h, sizes, pattern)
+        return s, _nm_keep(s, sizes, pattern, along_rows)
+    s, keep = _launch(x, v, h, sizes, pattern, along_rows)
     return s, keep
 
 
@@ -235,21 +265,21 @@ def _residual_fake(x: torch.Tensor, v: torch.Tensor, h: torch.Tensor, sizes: tor
 
 @torch.library.custom_op("knsparse::residual_nm", mutates_args=())
 def _residual_nm_op(
-    x: torch.Tensor, v: torch.Tensor, h: torch.Tensor, sizes: torch.Tensor, k: int, n: int
+    x: torch.Tensor, v: torch.Tensor, h: torch.Tensor, sizes: torch.Tensor, k: int, n: int, along_rows: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return residual_nm_ref(x, v, h, sizes, Pattern(k, n))
+    return residual_nm_ref(x, v, h, sizes, Pattern(k, n), along_rows)
 
 
 @_residual_nm_op.register_kernel("cuda")
 def _residual_nm_cuda(
-    x: torch.Tensor, v: torch.Tensor, h: torch.Tensor, sizes: torch.Tensor, k: int, n: int
+    x: torch.Tensor, v: torch.Tensor, h: torch.Tensor, sizes: torch.Tensor, k: int, n: int, along_rows: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return residual_nm_triton(x, v, h, sizes, Pattern(k, n))
+    return residual_nm_triton(x, v, h, sizes, Pattern(k, n), along_rows)
 
 
 @_residual_nm_op.register_fake
 def _residual_nm_fake(
-    x: torch.Tensor, v: torch.Tensor, h: torch.Tensor, sizes: torch.Tensor, k: int, n: int
+    x: torch.Tensor, v: torch.Tensor, h: torch.Tensor, sizes: torch.Tensor, k: int, n: int, along_rows: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.empty_like(x), torch.empty(x.shape, dtype=torch.bool, device=x.device)
 
@@ -261,11 +291,16 @@ def residual_scores(x: torch.Tensor, v: torch.Tensor, h: torch.Tensor, sizes: to
 
 
 def residual_nm_mask(
-    x: torch.Tensor, v: torch.Tensor, h: torch.Tensor, sizes: torch.Tensor, pattern: str | Pattern
+    x: torch.Tensor,
+    v: torch.Tensor,
+    h: torch.Tensor,
+    sizes: torch.Tensor,
+    pattern: str | Pattern,
+    along_rows: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Scores as :func:`residual_scores` and the bool k:n mask of each matrix (groups of ``n``
-    consecutive columns), False outside ``sizes``."""
+    consecutive columns, or rows with ``along_rows``), False outside ``sizes``."""
     pattern = Pattern.parse(pattern)
     _check(x, v, h, sizes)
-    _check_groups(sizes, pattern)
-    return _residual_nm_op(x, v, h, sizes.to(x.device), pattern.k, pattern.n)
+    _check_groups(sizes, pattern, along_rows)
+    return _residual_nm_op(x, v, h, sizes.to(x.device), pattern.k, pattern.n, along_rows)

@@ -35,6 +35,16 @@ def test_nm_selection_equals_nm_mask_per_matrix(pattern):
         assert not keep[b, m:].any() and not keep[b, :, n:].any()
 
 
+def test_nm_selection_along_rows_groups_the_transposed_axis():
+    x, v, h, _ = bucket()
+    sizes = torch.tensor([[12, 32], [8, 20], [4, 16]], dtype=torch.int32)
+    s, keep = residual_nm_mask(x, v, h, sizes, "2:4", along_rows=True)
+    for b, (m, n) in enumerate(sizes.tolist()):
+        assert torch.equal(keep[b, :m, :n], nm_mask(s[b, :m, :n].T, "2:4").T)
+    with pytest.raises(ValueError, match="matrix 0 .* 12 rows, not a multiple of n=8"):
+        residual_nm_mask(x, v, h, sizes, "4:8", along_rows=True)
+
+
 def test_columns_not_divisible_by_n_raise_naming_the_matrix():
     x, v, h, sizes = bucket()
     with pytest.raises(ValueError, match=r"matrix 1 .* 24 columns, not a multiple of n=16"):
@@ -53,4 +63,6 @@ def test_custom_ops_schema_and_fake_kernels():
     x, v, h, sizes = bucket()
     utils = ("test_schema", "test_faketensor")
     torch.library.opcheck(torch.ops.knsparse.residual_scores.default, (x, v, h, sizes), test_utils=utils)
-    torch.library.opcheck(torch.ops.knsparse.residual_nm.default, (x, v, h, sizes, 2, 4), test_utils=utils)
+    torch.library.opcheck(
+        torch.ops.knsparse.residual_nm.default, (x, v, h, sizes, 2, 4, False), test_utils=utils
+    )

@@ -22,6 +22,7 @@ def small_model() -> nn.Module:
         nn.Flatten(),
         nn.Linear(64, 24),
         nn.Linear(24, 8),
+        nn.Linear(8, 32),  # tall: fitted as its transpose
     )
 
 
@@ -29,7 +30,7 @@ def test_scores_have_weight_shapes_and_are_finite():
     model = small_model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     scores = yopo(model, iters=ITERS)
-    assert list(scores) == ["0", "2", "4", "5"]
+    assert list(scores) == ["0", "2", "4", "5", "6"]
     for name, m in model.named_modules():
         if name in scores:
             assert scores[name].shape == m.weight.shape and scores[name].dtype == torch.float32
@@ -108,7 +109,7 @@ def test_unknown_layer_and_bad_weight_shape_raise():
 
 def test_yopo_nm_masks_equal_nm_mask_of_yopo_scores():
     model = small_model()
-    layers = ["0", "2", "4", "5"]  # reduction sizes 72 (RSC: Cin=8), 16, 64, 24
+    layers = ["0", "2", "4", "5", "6"]  # reduction sizes 72 (RSC: Cin=8), 16, 64, 24, 8
     scores = yopo(model, iters=ITERS)
     for pattern in ("2:4", "4:8"):
         masks = yopo_nm_masks(model, pattern, iters=ITERS, layers=layers)

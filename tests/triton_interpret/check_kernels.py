@@ -56,3 +56,15 @@ def test_fused_nm_kernel_matches_reference(pattern):
     s, keep = residual_nm_triton(x, v, h, sizes, pattern)
     torch.testing.assert_close(s, s_ref)
     assert torch.equal(keep, keep_ref)
+
+
+@pytest.mark.parametrize("pattern", ["2:4", "8:16"])
+def test_fused_nm_kernel_along_rows_matches_reference(pattern):
+    x, v, h, sizes = ragged(2, 3, [(48, 20), (32, 37), (16, 5)], 48, 40)
+    v, h = nmf_ref(x, v, h, sizes, iters=2)
+    h[0, :, :3] = 0  # columns whose residual is X itself, with ties planted below
+    x[0, :16, :3] = 0.5
+    s_ref, keep_ref = residual_nm_ref(x, v, h, sizes, pattern, along_rows=True)
+    s, keep = residual_nm_triton(x, v, h, sizes, pattern, along_rows=True)
+    torch.testing.assert_close(s, s_ref)
+    assert torch.equal(keep, keep_ref)

@@ -29,7 +29,8 @@ def bucket_rows(m: int) -> int:
 
 @dataclass(frozen=True)
 class Problem:
-    """``count`` same-shape ``[m, n]`` matrices of layer ``name``, fitted at ``rank``."""
+    """``count`` same-shape ``[m, n]`` matrices of layer ``name``, fitted at ``rank``; ``transposed``
+    when they are the transposes of the layer's matrices (buckets never mix the two)."""
 
     name: str
     count: int
@@ -37,6 +38,7 @@ class Problem:
     n: int
     rank: int
     device: torch.device
+    transposed: bool = False
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,7 @@ class Chunk:
     np: int
     rank: int
     device: torch.device
+    transposed: bool = False
     pieces: list[Piece] = field(default_factory=list)
 
     @property
@@ -79,19 +82,19 @@ def plan_chunks(problems: list[Problem], max_chunk_bytes: int) -> list[Chunk]:
         raise ValueError(f"max_chunk_bytes must be positive, got {max_chunk_bytes}")
     buckets: dict[tuple, list[int]] = {}
     for i, p in enumerate(problems):
-        key = (p.rank, str(p.device), bucket_rows(p.m), round_up(p.n, PAD))
+        key = (p.rank, str(p.device), p.transposed, bucket_rows(p.m), round_up(p.n, PAD))
         buckets.setdefault(key, []).append(i)
     chunks: list[Chunk] = []
-    for (rank, _, mp, np_), members in buckets.items():
+    for (rank, _, transposed, mp, np_), members in buckets.items():
         per_matrix = WORKING_COPIES * 4 * mp * np_
         cap = max(1, max_chunk_bytes // per_matrix)
-        chunk = Chunk(mp, np_, rank, problems[members[0]].device)
+        chunk = Chunk(mp, np_, rank, problems[members[0]].device, transposed)
         for i in members:
             start = 0
             while start < problems[i].count:
                 if chunk.batch == cap:
                     chunks.append(chunk)
-                    chunk = Chunk(mp, np_, rank, chunk.device)
+                    chunk = Chunk(mp, np_, rank, chunk.device, transposed)
                 stop = min(problems[i].count, start + cap - chunk.batch)
                 chunk.pieces.append(Piece(i, start, stop))
                 start = stop

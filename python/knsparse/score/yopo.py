@@ -29,6 +29,8 @@ from .buckets import Chunk, Problem, plan_chunks
 from .layers import ModelOrWeights, prunable_weights
 
 DEFAULT_MAX_CHUNK_BYTES = 512 * 2**20
+# What a chunk's fit turns into (scores or a mask), as a padded bucket: (X, V, H, sizes, chunk) -> tensor.
+Emit = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, Chunk], torch.Tensor]
 
 
 def _layer_seed(seed: int, name: str) -> int:
@@ -114,7 +116,6 @@ class LayerFits:
         self.conv_order = conv_order
         self.problems: list[Problem] = []
         self.channelwise: list[bool] = []
-        self.transposed: list[bool] = []
         self.scales: list[float] = []
         for name, w in weights.items():
             cw = _per_channel(w, per_channel)
@@ -127,10 +128,9 @@ class LayerFits:
             # and the per-row work of the kernels is spread over longer rows.
             tall = m > n
             self.problems.append(
-                Problem(name, count, *((n, m) if tall else (m, n)), 1 if cw else rank, w.device)
+                Problem(name, count, *((n, m) if tall else (m, n)), 1 if cw else rank, w.device, tall)
             )
             self.channelwise.append(cw)
-            self.transposed.append(tall)
             self.scales.append(_median_scale(w) if normalize else 1.0)
         self._inits: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -140,7 +140,7 @@ class LayerFits:
             dst,
             self.weights[p.name],
             self.channelwise[i],
-            self.transposed[i],
+            p.transposed,
             self.conv_order,
             start,
             self.scales[i],
@@ -190,12 +190,12 @@ class LayerFits:
         self,
         chunk: Chunk,
         iters: int,
-        emit: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+        emit: Emit,
     ) -> Iterable[tuple[int, int, int, torch.Tensor]]:
         """Fit one chunk; yields ``(problem, start, stop, emit(...)[rows, :m, :n])`` per piece."""
         x, v0, h0, sizes = self.inputs(chunk)
         v, h = nmf_mu(x, v0, h0, sizes, iters)
-        out = emit(x, v, h, sizes)
+        out = emit(x, v, h, sizes, chunk)
         row = 0
         for piece in chunk.pieces:
             p, k = self.problems[piece.problem], piece.stop - piece.start
@@ -206,7 +206,7 @@ class LayerFits:
         self,
         iters: int,
         max_chunk_bytes: int,
-        emit: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+        emit: Emit,
         dtype: torch.dtype,
         progress: bool,
     ) -> dict[str, torch.Tensor]:
@@ -221,7 +221,7 @@ class LayerFits:
         for chunk in tqdm(chunks, desc="yopo", unit="bucket", disable=not progress):
             for i, start, stop, part in self.run(chunk, iters, emit):
                 name = self.problems[i].name
-                part = _oriented(part, self.transposed[i])
+                part = _oriented(part, self.problems[i].transposed)
                 if self.channelwise[i]:
                     out[name][start:stop] = part.reshape(out[name][start:stop].shape)
                 else:
@@ -267,7 +267,13 @@ def yopo(
     """
     weights = prunable_weights(model_or_weights, layers)
     fit = LayerFits(weights, rank, per_channel, normalize, seed, conv_order)
-    return fit.assemble(iters, max_chunk_bytes, residual_scores, torch.float32, progress)
+
+    def emit(
+        x: torch.Tensor, v: torch.Tensor, h: torch.Tensor, sizes: torch.Tensor, chunk: Chunk
+    ) -> torch.Tensor:
+        return residual_scores(x, v, h, sizes)
+
+    return fit.assemble(iters, max_chunk_bytes, emit, torch.float32, progress)
 
 
 def yopo_nm_masks(
@@ -296,7 +302,10 @@ def yopo_nm_masks(
         check_groupable(w.shape, pattern, conv_order, name)
     fit = LayerFits(weights, rank, False, normalize, seed, conv_order)
 
-    def emit(x: torch.Tensor, v: torch.Tensor, h: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
-        return residual_nm_mask(x, v, h, sizes, pattern)[1]
+    def emit(
+        x: torch.Tensor, v: torch.Tensor, h: torch.Tensor, sizes: torch.Tensor, chunk: Chunk
+    ) -> torch.Tensor:
+        # Transposed matrices hold the reduction axis on their rows: group along rows there.
+        return residual_nm_mask(x, v, h, sizes, pattern, along_rows=chunk.transposed)[1]
 
     return fit.assemble(iters, max_chunk_bytes, emit, torch.bool, progress)
