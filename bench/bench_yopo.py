@@ -229,7 +229,7 @@ def bench_gpu(rank: int, iters: int, reps: int) -> dict:
             runs.append(time.perf_counter() - start)
         stage[name] = summary(runs)
     sk_times = [
-        run_sklearn(model, {k: v.cpu() for k, v in mats.items()}, rank, iters)[0] for _ in range(reps)
+        run_sklearn(model, {k: v.cpu() for k, v in mats.items()}, rank, iters)[0].wall for _ in range(reps)
     ]
     yopo_s = summary(end_to_end)
     return {
