@@ -61,12 +61,19 @@ def sparsity(masks: dict[str, torch.Tensor]) -> float:
     return 1.0 - sum(int(m.sum()) for m in masks.values()) / sum(m.numel() for m in masks.values())
 
 
+def kept_below_median(masks: dict[str, torch.Tensor], weights: dict[str, torch.Tensor]) -> float:
+    """Share of the kept weights whose initial ``|w|`` is below their layer's median ``|w|``."""
+    below = sum(int(((weights[k].abs() < weights[k].abs().median()) & m).sum()) for k, m in masks.items())
+    return below / sum(int(m.sum()) for m in masks.values())
+
+
 def masks_for_seed(name: str, seed: int, targets: list[float], iters: int) -> list[dict]:
     """The training jobs of one freshly initialised model: both arms at every target sparsity."""
     build, _ = RECIPES[name]
     torch.manual_seed(seed)
     init = build()
-    layers = [n for n in prunable_weights(init) if n not in DENSE_LAYERS[name]]
+    weights = prunable_weights(init)
+    layers = [n for n in weights if n not in DENSE_LAYERS[name]]
     scores = yopo(init, iters=iters, seed=seed, layers=layers)
     jobs = []
     for target in targets:
@@ -78,6 +85,7 @@ def masks_for_seed(name: str, seed: int, targets: list[float], iters: int) -> li
                     "seed": seed,
                     "target_sparsity": target,
                     "arm": arm,
+                    "kept_below_median_init_abs_w": kept_below_median(masks, weights),
                     "init": init.state_dict(),
                     "masks": masks,
                 }
@@ -105,7 +113,7 @@ def train_job(job: dict, epochs: int) -> dict:
         progress=False,
     )
     return {
-        **{k: job[k] for k in ("model", "seed", "target_sparsity", "arm")},
+        **{k: job[k] for k in ("model", "seed", "target_sparsity", "arm", "kept_below_median_init_abs_w")},
         "realised_sparsity": sparsity(job["masks"]),
         "layer_sparsity": {k: 1.0 - float(m.float().mean()) for k, m in job["masks"].items()},
         "test_accuracy": evaluate(model, data.x_test, data.y_test),
@@ -129,6 +137,9 @@ def summarise(runs: list[dict]) -> list[dict]:
                     "std_accuracy": statistics.stdev(accs[arm]) if len(accs[arm]) > 1 else 0.0,
                     "accuracies": accs[arm],
                     "mean_realised_sparsity": statistics.mean(r["realised_sparsity"] for r in mine),
+                    "mean_kept_below_median_init_abs_w": statistics.mean(
+                        r["kept_below_median_init_abs_w"] for r in mine
+                    ),
                 }
             cell["delta_pp"] = 100 * (cell["yopo"]["mean_accuracy"] - cell["random"]["mean_accuracy"])
             cell["yopo_wins"] = sum(y > r for y, r in zip(accs["yopo"], accs["random"], strict=True))
@@ -144,11 +155,12 @@ def markdown(table: list[dict], config: dict) -> str:
         f"Test accuracy, mean ± std over seeds {config['seeds']}; both arms have the same per-layer sparsity "
         f"(YOPO rank 7, {config['iters']} NMF iterations, MORT global thresholds; first layer and classifier "
         f"dense). Epochs: ViT {config['epochs']['vit_tiny_digits']}, ResNet "
-        f"{config['epochs']['resnet_tiny_digits']}. Produced by `bench/yopo_init_train.py`; raw numbers in "
-        "`yopo_init_train.json`.",
+        f"{config['epochs']['resnet_tiny_digits']}. Last column: share of the weights YOPO keeps whose "
+        "initial |w| is below their layer's median (random masks keep about half). Produced by "
+        "`bench/yopo_init_train.py`; raw numbers in `yopo_init_train.json`.",
         "",
-        "| model | sparsity | YOPO | random | Δ (pp) | YOPO better |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| model | sparsity | YOPO | random | Δ (pp) | YOPO better | YOPO keeps below-median init \\|w\\| |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for c in table:
         y, r = c["yopo"], c["random"]
@@ -156,7 +168,7 @@ def markdown(table: list[dict], config: dict) -> str:
             f"| {c['model']} | {100 * y['mean_realised_sparsity']:.1f}% | "
             f"{100 * y['mean_accuracy']:.1f} ± {100 * y['std_accuracy']:.1f} | "
             f"{100 * r['mean_accuracy']:.1f} ± {100 * r['std_accuracy']:.1f} | {c['delta_pp']:+.1f} | "
-            f"{c['yopo_wins']}/{c['seeds']} seeds |"
+            f"{c['yopo_wins']}/{c['seeds']} seeds | {100 * y['mean_kept_below_median_init_abs_w']:.1f}% |"
         )
     return "\n".join(lines) + "\n"
 
