@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import threading
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -11,6 +14,18 @@ from . import native
 
 _ARGTYPES = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 5 + [ctypes.c_float]
 _VEC = 16  # floats per vector in nmf_cpu.c; rows of H must be padded to a multiple of it
+_local = threading.local()
+
+
+@contextlib.contextmanager
+def serial() -> Iterator[None]:
+    """Within this block, calls from the current thread run the whole batch on that thread; for
+    callers that already run several batches concurrently."""
+    _local.serial = True
+    try:
+        yield
+    finally:
+        _local.serial = False
 
 
 def _library(rank: int) -> ctypes.CDLL | None:
@@ -32,7 +47,8 @@ def fit_native_(
     """Run the C kernel in place on contiguous CPU tensors ``x [B, mp, np]``, ``v [B, mp, r]``,
     ``h [B, r, np]``, int32 ``sizes [B, 2]``. Returns False, touching nothing, when the kernel is
     unavailable. Disjoint slices of the batch run on ``torch.get_num_threads()`` threads (ctypes
-    releases the GIL), so threads never wait on each other inside an iteration.
+    releases the GIL), so threads never wait on each other inside an iteration; inside
+    :func:`serial`, on the calling thread only.
     """
     b, mp, np_ = x.shape
     rank = v.shape[2]
@@ -41,7 +57,7 @@ def fit_native_(
         return False
     ldh = -(-np_ // _VEC) * _VEC
     hp = h if ldh == np_ else torch.nn.functional.pad(h, (0, ldh - np_)).contiguous()
-    threads = max(1, min(b, torch.get_num_threads()))
+    threads = 1 if getattr(_local, "serial", False) else max(1, min(b, torch.get_num_threads()))
     bounds = [b * i // threads for i in range(threads + 1)]
 
     def run(lo: int, hi: int) -> int:

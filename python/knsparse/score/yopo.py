@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from tqdm.auto import tqdm
 
+from knsparse.kernels import nmf_cpu
 from knsparse.kernels.nmf import nmf_init, nmf_mu
 from knsparse.kernels.residual import residual_nm_mask, residual_scores
 from knsparse.masks import ConvOrder, check_groupable, from_reduction_view, to_reduction_view
@@ -65,6 +67,16 @@ def _median_scale(w: torch.Tensor) -> float:
         return median
     mean = float(w.detach().abs().float().mean())
     return mean if mean > 0 else 1.0
+
+
+def _chunk_workers(problems: list[Problem], iters: int) -> int:
+    """Kernel calls to run at once: on CPU with the C kernel, one per thread, each call on one
+    thread (whole buckets balance better than slices of one bucket); elsewhere one."""
+    ranks = {p.rank for p in problems}
+    on_cpu = all(p.device.type == "cpu" for p in problems)
+    if not (on_cpu and iters > 0 and all(nmf_cpu.native_available(r) for r in ranks)):
+        return 1
+    return max(1, torch.get_num_threads())
 
 
 def _per_channel(w: torch.Tensor, per_channel: bool) -> bool:
@@ -217,15 +229,27 @@ class LayerFits:
             for p, cw in zip(self.problems, self.channelwise, strict=True)
             if cw
         }
-        chunks = plan_chunks(self.problems, max_chunk_bytes)
-        for chunk in tqdm(chunks, desc="yopo", unit="bucket", disable=not progress):
-            for i, start, stop, part in self.run(chunk, iters, emit):
-                name = self.problems[i].name
-                part = _oriented(part, self.problems[i].transposed)
-                if self.channelwise[i]:
-                    out[name][start:stop] = part.reshape(out[name][start:stop].shape)
-                else:
-                    out[name] = from_reduction_view(part[0], self.weights[name].shape, self.conv_order)
+        if max_chunk_bytes <= 0:
+            raise ValueError(f"max_chunk_bytes must be positive, got {max_chunk_bytes}")
+        workers = _chunk_workers(self.problems, iters)
+        chunks = plan_chunks(self.problems, max(1, max_chunk_bytes // workers))  # same total budget
+        # Largest first, so concurrent workers finish together.
+        chunks.sort(key=lambda c: -c.batch * c.mp * c.np)
+
+        def fit(chunk: Chunk) -> list[tuple[int, int, int, torch.Tensor]]:
+            with nmf_cpu.serial():
+                return list(self.run(chunk, iters, emit))
+
+        with ThreadPoolExecutor(workers) as pool:
+            results = pool.map(fit, chunks) if workers > 1 else map(fit, chunks)
+            for parts in tqdm(results, total=len(chunks), desc="yopo", unit="bucket", disable=not progress):
+                for i, start, stop, part in parts:
+                    name = self.problems[i].name
+                    part = _oriented(part, self.problems[i].transposed)
+                    if self.channelwise[i]:
+                        out[name][start:stop] = part.reshape(out[name][start:stop].shape)
+                    else:
+                        out[name] = from_reduction_view(part[0], self.weights[name].shape, self.conv_order)
         return {name: out[name] for name in self.weights}
 
 
@@ -255,9 +279,10 @@ def yopo(
         seed: seeds the initial factors; each layer draws from its own seed (``seed`` and its name).
         layers: only these layer names.
         conv_order: reduction-view order of conv weights for the whole-layer fit.
-        max_chunk_bytes: working memory of one kernel call; a bucket larger than this is fitted in
-            several calls, so peak memory is about this much plus the returned scores whatever
-            the model's size (a single matrix larger than the budget still gets one call).
+        max_chunk_bytes: working memory of the kernel calls in flight (on CPU one call per
+            thread, each with an equal share); a bucket larger than its share is fitted in several
+            calls, so peak memory is about this much plus the returned scores whatever the
+            model's size (a single matrix larger than the share still gets one call).
         progress: show a tqdm bar over the kernel calls.
 
     Raises:
