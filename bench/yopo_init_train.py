@@ -1,16 +1,18 @@
 """Train from scratch with masks chosen at initialisation: YOPO vs random, same per-layer sparsity.
 
 For each built-in digits model (``vit_tiny_digits``, ``resnet_tiny_digits``), seed and target
-sparsity, one freshly initialised model is pruned two ways and each copy is trained with its mask
-held fixed (``knsparse.models.train(masks=...)``):
+sparsity, one freshly initialised model is pruned three ways and each copy is trained with its
+mask held fixed (``knsparse.models.train(masks=...)``):
 
 * ``yopo``: ``knsparse.score.yopo`` scores of the initial weights, thresholded to the target by
   ``knsparse.budget.mort(mode="global")`` (which sets each layer's sparsity; every output row keeps
   at least one weight);
 * ``random``: uniformly random weights kept in every layer, exactly as many as the YOPO mask of
-  that layer keeps, with the same one-weight-per-row guarantee.
+  that layer keeps, with the same one-weight-per-row guarantee;
+* ``magnitude``: the largest initial ``|w|`` under the same per-layer counts and guarantee, as a
+  reference point for reading the YOPO result.
 
-The first layer (patch embedding / stem conv) and the classifier stay dense in both arms, as is
+The first layer (patch embedding / stem conv) and the classifier stay dense in every arm, as is
 usual in pruning. Test accuracy is averaged over the seeds; the epochs are cut from the
 checkpoint recipes (ViT 15 of 30, ResNet 5 of 15) and the runs go to two worker processes, so
 the whole check takes minutes on two CPU cores.
@@ -41,20 +43,26 @@ from knsparse.score import prunable_weights, yopo
 DENSE_LAYERS = {"vit_tiny_digits": ("patch_embed.proj", "head"), "resnet_tiny_digits": ("conv1", "fc")}
 
 
-def random_masks_like(masks: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
-    """Per layer, a uniformly random mask with the same number of kept weights and at least one
-    kept weight in every output row (one random pick per row first, the rest anywhere)."""
-    g = torch.Generator().manual_seed(10_000 + seed)
+def masks_like(masks: dict[str, torch.Tensor], keys: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per layer, keep as many weights as ``masks`` does, choosing the highest ``keys`` in [0, 1),
+    with the best key of every output row kept first (the same one-weight-per-row guarantee)."""
     out = {}
     for name, mask in masks.items():
-        rows = mask.reshape(mask.shape[0], -1)
-        keys = torch.rand(rows.shape, generator=g)
-        first = torch.randint(rows.shape[1], (rows.shape[0],), generator=g)
-        keys[torch.arange(rows.shape[0]), first] += 1.0  # ranked above every plain key
+        rows = keys[name].reshape(mask.shape[0], -1).clone()
+        rows[torch.arange(rows.shape[0]), rows.argmax(dim=1)] += 1.0  # above every plain key
         keep = torch.zeros(rows.numel(), dtype=torch.bool)
-        keep[keys.flatten().argsort(descending=True)[: int(rows.sum())]] = True
+        keep[rows.flatten().argsort(descending=True)[: int(mask.sum())]] = True
         out[name] = keep.reshape(mask.shape)
     return out
+
+
+def random_keys(weights: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(10_000 + seed)
+    return {name: torch.rand(w.shape, generator=g) for name, w in weights.items()}
+
+
+def magnitude_keys(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {name: 0.999 * w.abs() / w.abs().max() for name, w in weights.items()}
 
 
 def sparsity(masks: dict[str, torch.Tensor]) -> float:
@@ -68,17 +76,23 @@ def kept_below_median(masks: dict[str, torch.Tensor], weights: dict[str, torch.T
 
 
 def masks_for_seed(name: str, seed: int, targets: list[float], iters: int) -> list[dict]:
-    """The training jobs of one freshly initialised model: both arms at every target sparsity."""
+    """The training jobs of one freshly initialised model: every arm at every target sparsity."""
     build, _ = RECIPES[name]
     torch.manual_seed(seed)
     init = build()
     weights = prunable_weights(init)
     layers = [n for n in weights if n not in DENSE_LAYERS[name]]
     scores = yopo(init, iters=iters, seed=seed, layers=layers)
+    pruned = {n: weights[n] for n in layers}
     jobs = []
     for target in targets:
         yopo_masks = mort(scores, target, mode="global")
-        for arm, masks in (("yopo", yopo_masks), ("random", random_masks_like(yopo_masks, seed))):
+        arms = {
+            "yopo": yopo_masks,
+            "magnitude": masks_like(yopo_masks, magnitude_keys(pruned)),
+            "random": masks_like(yopo_masks, random_keys(pruned, seed)),
+        }
+        for arm, masks in arms.items():
             jobs.append(
                 {
                     "model": name,
@@ -127,7 +141,7 @@ def summarise(runs: list[dict]) -> list[dict]:
         for target in dict.fromkeys(r["target_sparsity"] for r in runs):
             cell = {"model": name, "target_sparsity": target}
             accs = {}
-            for arm in ("yopo", "random"):
+            for arm in ("yopo", "magnitude", "random"):
                 mine = [
                     r for r in runs if (r["model"], r["target_sparsity"], r["arm"]) == (name, target, arm)
                 ]
@@ -152,15 +166,16 @@ def markdown(table: list[dict], config: dict) -> str:
     lines = [
         "# YOPO masks at initialisation vs random masks (train from scratch, bundled digits)",
         "",
-        f"Test accuracy, mean ± std over seeds {config['seeds']}; both arms have the same per-layer sparsity "
+        f"Test accuracy, mean ± std over seeds {config['seeds']}; all arms have the same per-layer sparsity "
         f"(YOPO rank 7, {config['iters']} NMF iterations, MORT global thresholds; first layer and classifier "
         f"dense). Epochs: ViT {config['epochs']['vit_tiny_digits']}, ResNet "
         f"{config['epochs']['resnet_tiny_digits']}. Last column: share of the weights YOPO keeps whose "
         "initial |w| is below their layer's median (random masks keep about half). Produced by "
         "`bench/yopo_init_train.py`; raw numbers in `yopo_init_train.json`.",
         "",
-        "| model | sparsity | YOPO | random | Δ (pp) | YOPO better | YOPO keeps below-median init \\|w\\| |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| model | sparsity | YOPO | random | Δ YOPO − random (pp) | YOPO better | magnitude "
+        "| YOPO keeps below-median init \\|w\\| |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for c in table:
         y, r = c["yopo"], c["random"]
@@ -168,7 +183,9 @@ def markdown(table: list[dict], config: dict) -> str:
             f"| {c['model']} | {100 * y['mean_realised_sparsity']:.1f}% | "
             f"{100 * y['mean_accuracy']:.1f} ± {100 * y['std_accuracy']:.1f} | "
             f"{100 * r['mean_accuracy']:.1f} ± {100 * r['std_accuracy']:.1f} | {c['delta_pp']:+.1f} | "
-            f"{c['yopo_wins']}/{c['seeds']} seeds | {100 * y['mean_kept_below_median_init_abs_w']:.1f}% |"
+            f"{c['yopo_wins']}/{c['seeds']} seeds | "
+            f"{100 * c['magnitude']['mean_accuracy']:.1f} ± {100 * c['magnitude']['std_accuracy']:.1f} | "
+            f"{100 * y['mean_kept_below_median_init_abs_w']:.1f}% |"
         )
     return "\n".join(lines) + "\n"
 
@@ -182,11 +199,12 @@ def plot(table: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 3.5))
     labels = [f"{c['model'].split('_')[0]}\n{100 * c['target_sparsity']:.0f}%" for c in table]
     xs = range(len(table))
-    for offset, arm, color in ((-0.2, "yopo", "tab:green"), (0.2, "random", "tab:gray")):
+    arms = ((-0.27, "yopo", "tab:green"), (0.0, "magnitude", "tab:orange"), (0.27, "random", "tab:gray"))
+    for offset, arm, color in arms:
         ax.bar(
             [x + offset for x in xs],
             [100 * c[arm]["mean_accuracy"] for c in table],
-            width=0.4,
+            width=0.27,
             yerr=[100 * c[arm]["std_accuracy"] for c in table],
             color=color,
             label=arm,
