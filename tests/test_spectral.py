@@ -2,9 +2,8 @@ import math
 
 import pytest
 import torch
-from torch import nn
-
 from knsparse import spectral
+from torch import nn
 
 
 def noise_plus_spikes(rows, cols, sigma2, spike_strengths, seed=0):
