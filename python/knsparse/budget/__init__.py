@@ -1,0 +1,5 @@
+"""Per-layer sparsity budgets."""
+
+from .mp_alloc import mp_layer_sparsities, mp_randomness
+
+__all__ = ["mp_layer_sparsities", "mp_randomness"]
