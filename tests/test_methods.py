@@ -137,7 +137,7 @@ def test_ser_meets_each_mp_budget_and_reduces_to_magnitude_without_data():
 def test_ser_with_data_restores_entries_useful_on_the_data_path():
     x = inputs(256, 64, seed=7)
     lay = layer("fc", 32, 64, x=x)
-    d = ser({"fc": lay}, UNSTRUCTURED, 0.6, reservoir=0.2, strength=0.0)["fc"]
+    d = ser({"fc": lay}, UNSTRUCTURED, 0.6, reservoir=0.2)["fc"]
     mag = unstructured_mask(lay.weight.abs(), 0.6)
     assert d.mask.sum() == mag.sum()
     assert d.extra["restored"] > 0

@@ -161,7 +161,9 @@ def test_certificate_matches_its_definition_on_a_token_mlp():
 def test_cast_with_premask_reports_free_restoration(net, calib):
     result = prune(net, "cast-conv", "2:4", sparsity=0.8, calib=calib, progress=False)
     assert result.overall_sparsity() == pytest.approx(0.5)
-    assert all(r.freely_restored > 0 for r in result.report)
+    for r in result.report:  # the MP budget keeps layers too small for a fit dense: nothing to restore
+        assert (r.freely_restored > 0) == (r.extra["premask_sparsity"] > 0.5)
+    assert sum(r.freely_restored > 0 for r in result.report) >= 2
 
 
 def test_inplace_prunes_the_given_model(net):

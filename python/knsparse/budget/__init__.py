@@ -1,5 +1,5 @@
 """Per-layer sparsity budgets."""
 
-from .mp_alloc import mp_layer_sparsities, mp_randomness
+from .mp_alloc import mp_layer_sparsities
 
-__all__ = ["mp_layer_sparsities", "mp_randomness"]
+__all__ = ["mp_layer_sparsities"]

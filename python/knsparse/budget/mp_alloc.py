@@ -1,19 +1,23 @@
 """MP-guided per-layer sparsity budgets.
 
-A layer whose spectrum is mostly a Marchenko–Pastur bulk holds a large random-like part that
-can be removed cheaply; a layer with many spikes or a heavy tail (a poor MP fit) carries
-learned structure and is protected. The *randomness* of a layer is
+The Marchenko–Pastur fit of a layer gives its bulk standard deviation ``σ_l``: the per-entry
+scale of the random-like part of the weight. Budgets come from one global ranking of the
+*noise-normalised magnitudes* ``|w_ij| / σ_l``: the globally smallest ones are pruned until the
+target count is met, and a layer's budget is the share of its weights that ranking removes.
+Equivalently there is one threshold ``τ`` (in units of each layer's own noise level) and layer
+``l`` loses its entries below ``τ σ_l``.
 
-    r = bulk_energy · (1 - fit_error)
+Why this follows the MP picture. Entries below ``τ σ_l`` are indistinguishable in size from the
+fitted bulk; removing them removes a component whose entries are bounded by ``τ σ_l``, i.e. of
+the order of the layer's MP edge ``σ+``. A layer that is mostly bulk (MP-like, random-like) has
+most of its entries within a few ``σ_l`` and gets a large budget; a layer with heavy tails or
+many spikes carries learned entries far above its ``σ_l`` and is protected. Layers whose
+spectrum is too short to separate a bulk from spikes (``M < min_eigenvalues``, e.g. a
+10-class head or a 4-pixel patch embedding) get no reliable ``σ_l`` and stay dense.
 
-— the share of ``‖W‖_F²`` in bulk eigenvalues, discounted by the Kolmogorov–Smirnov distance
-of the fit (a heavy-tailed bulk is not random-like even where no spike stands out). Budgets are
-
-    s_l = clip(sigmoid(t + strength · (r_l - r̄)), lo, hi)
-
-with ``r̄`` the parameter-weighted mean randomness and the offset ``t`` found by bisection so
-that the parameter-weighted mean sparsity equals the global target (to ~1e-12; the sparsity is
-monotone in ``t``). ``strength = 0`` gives the uniform allocation.
+The parameter-weighted mean of the budgets equals the target up to one weight
+(``round(target · total) / total``), also when the per-layer cap ``max_sparsity`` binds: capped
+layers are fixed and the remaining count is re-ranked among the others.
 """
 
 from __future__ import annotations
@@ -25,67 +29,83 @@ import torch
 
 from ..spectral import MPFit
 
-_BISECTION_STEPS = 200
+_BISECTION_STEPS = 100
 
 
-def mp_randomness(fit: MPFit) -> float:
-    """``bulk_energy · (1 - fit_error)`` in [0, 1]: 1 for a pure MP bulk."""
-    return fit.bulk_energy * (1.0 - fit.fit_error)
+def _count_below(sorted_scores: dict[str, torch.Tensor], tau: float) -> dict[str, int]:
+    return {
+        n: int(torch.searchsorted(s, torch.tensor([tau], dtype=s.dtype))[0]) for n, s in sorted_scores.items()
+    }
+
+
+def _rank_counts(sorted_scores: dict[str, torch.Tensor], n_prune: int) -> dict[str, int]:
+    """How many of each layer's smallest entries the ``n_prune`` globally smallest scores take."""
+    lo, hi = 0.0, max(float(s[-1]) for s in sorted_scores.values()) * 2 + 1.0
+    for _ in range(_BISECTION_STEPS):
+        mid = (lo + hi) / 2
+        if sum(_count_below(sorted_scores, mid).values()) <= n_prune:
+            lo = mid
+        else:
+            hi = mid
+    counts = _count_below(sorted_scores, lo)
+    # entries tied at (or within float resolution of) the threshold: take the next smallest.
+    for _ in range(n_prune - sum(counts.values())):
+        nxt = {n: float(s[counts[n]]) for n, s in sorted_scores.items() if counts[n] < s.numel()}
+        counts[min(nxt, key=nxt.__getitem__)] += 1
+    return counts
 
 
 def mp_layer_sparsities(
     fits: Mapping[str, MPFit],
-    numels: Mapping[str, int],
+    weights: Mapping[str, torch.Tensor],
     sparsity: float,
     *,
-    strength: float = 2.0,
-    bounds: tuple[float, float] = (0.0, 0.95),
+    min_eigenvalues: int = 16,
+    max_sparsity: float = 0.95,
 ) -> dict[str, float]:
-    """Per-layer sparsities whose parameter-weighted mean is ``sparsity``.
+    """Per-layer sparsities whose parameter-weighted mean is ``sparsity`` (see module docstring).
 
     Args:
-        fits: MP fit of every layer.
-        numels: number of weights of every layer (the weights of the mean).
-        sparsity: the global target in ``[lo, hi]``.
-        strength: how strongly randomness moves a layer's budget (logit units per unit of
-            randomness); 0 is uniform.
-        bounds: ``(lo, hi)`` clip of every layer's sparsity.
+        fits: MP fit of every layer (its ``sigma2`` and spectrum length ``m`` are used).
+        weights: every layer's weight (any shape); only ``|w|`` and the element count matter.
+        sparsity: global target in ``[0, 1)``, as a fraction of all weights of ``weights``.
+        min_eigenvalues: layers with fewer eigenvalues (or a zero bulk) stay dense.
+        max_sparsity: cap of any one layer's sparsity.
 
-    Raises ``ValueError`` if the layers differ between ``fits`` and ``numels`` or the target
-    is outside ``bounds``.
+    Raises ``ValueError`` if the layers of ``fits`` and ``weights`` differ, or the target cannot
+    be met under the cap with the fittable layers.
     """
-    lo, hi = bounds
-    if not 0.0 <= lo <= hi < 1.0:
-        raise ValueError(f"bounds must satisfy 0 <= lo <= hi < 1, got {bounds}")
-    if not lo <= sparsity <= hi:
-        raise ValueError(f"target sparsity {sparsity} is outside the per-layer bounds {bounds}")
-    if set(fits) != set(numels):
-        raise ValueError(f"fits and numels name different layers: {sorted(set(fits) ^ set(numels))}")
-    names = list(fits)
-    if not names:
-        return {}
-    weights = torch.tensor([float(numels[n]) for n in names], dtype=torch.float64)
-    rand = torch.tensor([mp_randomness(fits[n]) for n in names], dtype=torch.float64)
-    centred = strength * (rand - (weights * rand).sum() / weights.sum())
-
-    def allocate(t: float) -> torch.Tensor:
-        return torch.sigmoid(t + centred).clamp(lo, hi)
-
-    def mean(t: float) -> float:
-        return float((weights * allocate(t)).sum() / weights.sum())
-
-    # sigmoid(±60) is 1 - 1e-26 / 1e-26: the clipped mean spans [lo, hi] over this bracket.
-    t_lo, t_hi = -60.0 - abs(strength), 60.0 + abs(strength)
-    for _ in range(_BISECTION_STEPS):
-        mid = (t_lo + t_hi) / 2
-        if mean(mid) < sparsity:
-            t_lo = mid
-        else:
-            t_hi = mid
-        if t_hi - t_lo < 1e-13:
+    if set(fits) != set(weights):
+        raise ValueError(f"fits and weights name different layers: {sorted(set(fits) ^ set(weights))}")
+    if not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+    if not 0.0 < max_sparsity < 1.0:
+        raise ValueError(f"max_sparsity must be in (0, 1), got {max_sparsity}")
+    numel = {n: w.numel() for n, w in weights.items()}
+    total = sum(numel.values())
+    n_prune = round(sparsity * total)
+    fittable = [n for n in fits if fits[n].m >= min_eigenvalues and fits[n].sigma2 > 0]
+    caps = {n: math.floor(max_sparsity * numel[n]) for n in fittable}
+    if n_prune > sum(caps.values()):
+        raise ValueError(
+            f"target sparsity {sparsity} needs {n_prune} of {total} weights pruned, but the layers with an "
+            f"MP fit (>= {min_eigenvalues} eigenvalues) can give at most {sum(caps.values())} under "
+            f"max_sparsity={max_sparsity}"
+        )
+    counts = dict.fromkeys(fits, 0)
+    pool = {
+        n: (weights[n].detach().abs().reshape(-1).float() / math.sqrt(fits[n].sigma2)).sort().values.cpu()
+        for n in fittable
+    }
+    remaining = n_prune
+    while remaining and pool:
+        ranked = _rank_counts(pool, remaining)
+        over = [n for n in pool if ranked[n] > caps[n]]
+        if not over:
+            counts.update(ranked)
             break
-    out = allocate((t_lo + t_hi) / 2)
-    realised = float((weights * out).sum() / weights.sum())
-    if not math.isclose(realised, sparsity, abs_tol=1e-6):
-        raise ValueError(f"could not meet the target sparsity {sparsity} (got {realised}) within {bounds}")
-    return {n: float(s) for n, s in zip(names, out, strict=True)}
+        for n in over:
+            counts[n] = caps[n]
+            remaining -= caps[n]
+            del pool[n]
+    return {n: counts[n] / numel[n] if numel[n] else 0.0 for n in fits}

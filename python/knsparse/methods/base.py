@@ -49,14 +49,16 @@ class Decision:
     """Method-specific per-layer numbers for the report."""
 
 
-def numels(layers: Mapping[str, Layer]) -> dict[str, int]:
-    return {n: lay.weight.numel() for n, lay in layers.items()}
-
-
-def mp_budgets(layers: Mapping[str, Layer], sparsity: float, strength: float) -> dict[str, float]:
+def mp_budgets(
+    layers: Mapping[str, Layer], sparsity: float, *, min_eigenvalues: int, max_sparsity: float
+) -> dict[str, float]:
     """MP-guided per-layer sparsities (:func:`knsparse.budget.mp_layer_sparsities`)."""
     return mp_layer_sparsities(
-        {n: lay.fit for n, lay in layers.items()}, numels(layers), sparsity, strength=strength
+        {n: lay.fit for n, lay in layers.items()},
+        {n: lay.weight for n, lay in layers.items()},
+        sparsity,
+        min_eigenvalues=min_eigenvalues,
+        max_sparsity=max_sparsity,
     )
 
 

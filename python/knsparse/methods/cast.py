@@ -78,15 +78,12 @@ def _cast(
     method: str,
     switch: float,
     reservoir: float,
-    strength: float,
 ) -> dict[str, Decision]:
     if pattern.is_unstructured:
         raise ValueError(f"method {method!r} needs a k:n pattern (e.g. '2:4'), got 'unstructured'")
     premasks = None
     if sparsity is not None:
-        premasks = hybrid(
-            layers, UNSTRUCTURED, sparsity, switch=switch, reservoir=reservoir, strength=strength
-        )
+        premasks = hybrid(layers, UNSTRUCTURED, sparsity, switch=switch, reservoir=reservoir)
     out = {}
     for name, lay in layers.items():
         data_path = convs or not lay.is_conv
@@ -113,12 +110,11 @@ def cast(
     *,
     switch: float = 0.5,
     reservoir: float = 0.1,
-    strength: float = 2.0,
 ) -> dict[str, Decision]:
     """CAST k:n on Linear layers, magnitude k:n on convolutions.
 
     With ``sparsity``, an unstructured Hybrid pre-mask at that sparsity (``switch``,
-    ``reservoir``, ``strength`` as in :func:`knsparse.methods.ser.hybrid`) is applied first and
+    ``reservoir`` as in :func:`knsparse.methods.ser.hybrid`) is applied first and
     the k:n step restores pruned entries for free where a group has fewer than ``k`` left.
     """
     return _cast(
@@ -129,7 +125,6 @@ def cast(
         method="cast",
         switch=switch,
         reservoir=reservoir,
-        strength=strength,
     )
 
 
@@ -140,7 +135,6 @@ def cast_conv(
     *,
     switch: float = 0.5,
     reservoir: float = 0.1,
-    strength: float = 2.0,
 ) -> dict[str, Decision]:
     """CAST k:n on Linear and convolution layers (see :func:`cast`)."""
     return _cast(
@@ -151,5 +145,4 @@ def cast_conv(
         method="cast-conv",
         switch=switch,
         reservoir=reservoir,
-        strength=strength,
     )

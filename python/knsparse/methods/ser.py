@@ -1,6 +1,7 @@
 """SER (sparsify–estimate–restore) and the Hybrid magnitude/SER schedule, for unstructured masks.
 
-SER, per layer, at the MP-guided layer budget ``s_l`` (:mod:`knsparse.budget.mp_alloc`):
+SER, per layer, at the MP-guided layer budget ``s_l`` (:mod:`knsparse.budget.mp_alloc`; layers
+too small for an MP fit get ``s_l = 0`` and stay dense):
 
 1. *Sparsify*: over-prune by magnitude into a reservoir — the smallest ``s_l + depth`` fraction.
 2. *Estimate*: the mass magnitude pruning to ``s_l`` would remove, ``m = Σ w²`` over the
@@ -73,19 +74,20 @@ def ser(
     sparsity: float | None,
     *,
     reservoir: float = 0.1,
-    strength: float = 2.0,
+    min_eigenvalues: int = 16,
+    max_sparsity: float = 0.95,
     min_keep_row: int = 1,
 ) -> dict[str, Decision]:
     """SER masks at MP-guided layer budgets whose parameter-weighted mean is ``sparsity``.
 
     ``reservoir`` is the base over-pruning depth (fraction of the layer's weights);
-    ``strength`` is the MP budget strength (:func:`knsparse.budget.mp_layer_sparsities`).
+    ``min_eigenvalues`` and ``max_sparsity`` go to :func:`knsparse.budget.mp_layer_sparsities`.
     """
     _require_unstructured(pattern, "ser")
     assert sparsity is not None
     if reservoir < 0:
         raise ValueError(f"reservoir must be >= 0, got {reservoir}")
-    budgets = mp_budgets(layers, sparsity, strength)
+    budgets = mp_budgets(layers, sparsity, min_eigenvalues=min_eigenvalues, max_sparsity=max_sparsity)
     return {
         n: ser_layer(lay, budgets[n], reservoir=reservoir, min_keep_row=min_keep_row)
         for n, lay in layers.items()
@@ -100,7 +102,8 @@ def hybrid(
     switch: float = 0.5,
     mode: Literal["layer", "global"] = "layer",
     reservoir: float = 0.1,
-    strength: float = 2.0,
+    min_eigenvalues: int = 16,
+    max_sparsity: float = 0.95,
     min_keep_row: int = 1,
 ) -> dict[str, Decision]:
     """Magnitude pruning (``mode``) up to the ``switch`` sparsity, SER above it."""
@@ -110,7 +113,13 @@ def hybrid(
         chosen = magnitude(layers, pattern, sparsity, mode=mode, min_keep_row=min_keep_row)
     else:
         chosen = ser(
-            layers, pattern, sparsity, reservoir=reservoir, strength=strength, min_keep_row=min_keep_row
+            layers,
+            pattern,
+            sparsity,
+            reservoir=reservoir,
+            min_eigenvalues=min_eigenvalues,
+            max_sparsity=max_sparsity,
+            min_keep_row=min_keep_row,
         )
     for d in chosen.values():
         d.rule = f"hybrid/{d.rule}"
