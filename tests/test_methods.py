@@ -165,3 +165,13 @@ def test_rmt_keeps_the_spikes_and_drops_the_bulk():
     assert torch.linalg.matrix_rank(d.weight) == 3
     assert float((d.weight - u @ v).norm()) < float((w - u @ v).norm())
     assert exactly_k_per_group(d.mask, P24)
+
+
+def test_shrinkage_moves_cast_from_the_data_path_to_magnitude():
+    x = inputs(256, 64, seed=9)
+    lay = layer("fc", 32, 64, x=x)
+    pure = cast({"fc": lay}, P24, shrinkage=0.0)["fc"].mask
+    assert torch.equal(pure, greedy_group_select(lay.weight, lay.stats.group_gram(), P24))
+    assert torch.equal(cast({"fc": lay}, P24, shrinkage=1.0)["fc"].mask, nm_mask(lay.weight.abs(), P24))
+    with pytest.raises(ValueError, match="shrinkage"):
+        cast({"fc": lay}, P24, shrinkage=1.5)
