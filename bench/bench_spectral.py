@@ -24,24 +24,22 @@ single thread is the least noisy setting). Run: ``python bench/bench_spectral.py
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import time
 import warnings
-from pathlib import Path
+from importlib.metadata import version
 
 import numpy as np
 import torch
-from benchenv import environment
-from knsparse.layers import prunable_layers, reduction_weight
-from knsparse.models import resnet50, vit_base_patch16_224
-from knsparse.spectral import fit_eigenvalues, fit_weights
+from _meta import write_result
 from threadpoolctl import threadpool_limits
 from torch import nn
 from tqdm.auto import tqdm
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from knsparse.layers import prunable_layers, reduction_weight
+from knsparse.models import resnet50, vit_base_patch16_224
+from knsparse.spectral import fit_eigenvalues, fit_weights
 
 
 def planted_layers(model: nn.Module, max_spikes: int, seed: int) -> tuple[dict, dict, dict]:
@@ -183,7 +181,6 @@ def main() -> None:
     parser.add_argument("--max-spikes", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="BLAS/OpenMP threads for both tools")
-    parser.add_argument("--out", type=Path, default=RESULTS / "spectral.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     threadpool_limits(args.threads)
@@ -204,13 +201,11 @@ def main() -> None:
         )
     payload = {
         "benchmark": "MP fit of every prunable layer: knsparse.spectral vs WeightWatcher analyze",
-        "environment": environment(("numpy", "weightwatcher", "scikit-learn")),
-        "config": vars(args) | {"out": str(args.out)},
+        "competitor": {"weightwatcher": version("weightwatcher"), "scipy": version("scipy")},
+        "config": vars(args),
         "results": results,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(payload, indent=2))
-    print(f"wrote {args.out}")
+    print(f"wrote {write_result('spectral', payload)}")
 
 
 if __name__ == "__main__":

@@ -20,12 +20,14 @@ row. Writes ``bench/results/quality.{json,md,png}``. Run: ``python bench/quality
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
 
-from benchenv import environment
+from _meta import RESULTS, environment, write_result
+from torch import nn
+from tqdm.auto import tqdm
+
 from knsparse.models import (
     ResNet,
     VisionTransformer,
@@ -38,10 +40,6 @@ from knsparse.models import (
 from knsparse.models.trainer import RECIPES
 from knsparse.prune import prune
 from knsparse.spectral import diagnose
-from torch import nn
-from tqdm.auto import tqdm
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 # 12-divisible twins of the built-in digits models, registered so `pretrained` trains and caches
 # them with the same recipes as the originals.
@@ -237,7 +235,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--epochs", type=int, default=1, help="fine-tuning epochs")
     parser.add_argument("--calib-seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--out", type=Path, default=RESULTS / "quality")
     args = parser.parse_args()
     register_twins()
     data = load_digits_split(0)
@@ -264,7 +261,6 @@ def main() -> None:
     env = environment()
     payload = {
         "benchmark": "one-shot and 1-epoch fine-tuned accuracy of mask methods on digits",
-        "environment": env,
         "config": {
             "epochs": args.epochs,
             "calib_seeds": args.calib_seeds,
@@ -275,14 +271,13 @@ def main() -> None:
         "claims": checks,
         "seconds": time.perf_counter() - start,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(payload, indent=2))
+    json_path = write_result("quality", payload)
     base = {n: models[n] for n in ("vit_tiny_digits", "resnet_tiny_digits")}
-    spectra = spectra_markdown(base, args.out.parent / "esd")
-    args.out.with_suffix(".md").write_text(markdown(rows, dense, env, checks, spectra, args))
-    plot(rows, args.out.with_suffix(".png"))
+    spectra = spectra_markdown(base, RESULTS / "esd")
+    (RESULTS / "quality.md").write_text(markdown(rows, dense, env, checks, spectra, args))
+    plot(rows, RESULTS / "quality.png")
     print("\n".join(checks))
-    print(f"wrote {args.out}.json/.md/.png")
+    print(f"wrote {json_path}, {RESULTS / 'quality.md'}, {RESULTS / 'quality.png'}")
 
 
 if __name__ == "__main__":

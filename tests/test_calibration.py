@@ -1,6 +1,8 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from knsparse.calibration import (
     check_reiterable,
     collect_input_stats,
@@ -9,7 +11,6 @@ from knsparse.calibration import (
     stream_layer_inputs,
 )
 from knsparse.masks import from_reduction_view, to_reduction_view
-from torch import nn
 
 
 @pytest.mark.parametrize("conv_order", ["rsc", "crs"])

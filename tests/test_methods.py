@@ -2,6 +2,7 @@ import itertools
 
 import pytest
 import torch
+
 from knsparse.calibration import InputStats
 from knsparse.masks import global_unstructured_masks, group_nonzeros, nm_mask, unstructured_mask
 from knsparse.methods import Layer, cast, cast_conv, greedy_group_select, hybrid, magnitude, rmt, ser

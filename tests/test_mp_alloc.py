@@ -4,6 +4,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from knsparse.budget.mp_alloc import mp_layer_sparsities
 from knsparse.spectral import MPFit, mp_fit
 

@@ -3,9 +3,10 @@ import json
 
 import pytest
 import torch
+from torch import nn
+
 from knsparse.masks import is_nm
 from knsparse.prune import prune
-from torch import nn
 
 
 class ConvNet(nn.Module):

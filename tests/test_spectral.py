@@ -2,8 +2,9 @@ import math
 
 import pytest
 import torch
-from knsparse import spectral
 from torch import nn
+
+from knsparse import spectral
 
 
 def noise_plus_spikes(rows, cols, sigma2, spike_strengths, seed=0):
