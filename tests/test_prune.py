@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from knsparse.masks import is_nm
+from knsparse.models import resnet_tiny_digits, vit_tiny_digits
 from knsparse.prune import prune
 
 
@@ -173,3 +174,18 @@ def test_inplace_prunes_the_given_model(net):
     assert result.model is net
     assert not torch.equal(net.fc1.weight, reference.fc1.weight)
     assert torch.all(net.fc1.weight[~result.masks["fc1"]] == 0)
+
+
+@pytest.mark.parametrize(
+    "build, method, stem",
+    [(vit_tiny_digits, "cast", "patch_embed.proj"), (resnet_tiny_digits, "cast-conv", "conv1")],
+)
+def test_built_in_models_prune_end_to_end(build, method, stem):
+    torch.manual_seed(0)
+    model = build()
+    calib = [torch.randn(8, 1, 8, 8) for _ in range(2)]
+    result = prune(model, method, "2:4", calib=calib, progress=False)
+    assert "1 input channels" in result.skipped[stem]
+    assert len(result.masks) == len(result.report) > 10
+    assert all(is_nm(m, "2:4") for m in result.masks.values())
+    assert result.model(calib[0]).shape == (8, 10)
