@@ -5,7 +5,7 @@ import torch
 
 from knsparse.calibration import InputStats
 from knsparse.masks import global_unstructured_masks, group_nonzeros, nm_mask, unstructured_mask
-from knsparse.methods import Layer, cast, cast_conv, greedy_group_select, hybrid, magnitude, rmt, ser
+from knsparse.methods import Layer, cast, greedy_group_select, hybrid, magnitude, rmt, ser
 from knsparse.pattern import UNSTRUCTURED, Pattern
 from knsparse.spectral import mp_fit
 
@@ -114,7 +114,7 @@ def test_cast_with_premask_counts_freely_restored_entries():
         short = (group_nonzeros(pre, P24) < 2).sum()
         assert d.freely_restored >= int(short)
     assert result["conv"].rule == "magnitude 2:4"
-    assert cast_conv(layers, P24)["conv"].rule == "cast-conv 2:4"
+    assert cast(layers, P24, convs=True)["conv"].rule == "cast-conv 2:4"
 
 
 def test_cast_needs_kn_and_statistics():

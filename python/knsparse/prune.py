@@ -246,7 +246,7 @@ def prune(
         )
         for n, m in layers.items()
     }
-    decisions: Mapping[str, Decision] = spec.fn(views, pat, sparsity, **options) if views else {}
+    decisions: Mapping[str, Decision] = spec(views, pat, sparsity, **options) if views else {}
     new_values = {
         n: (d.weight if d.weight is not None else views[n].weight) * d.mask for n, d in decisions.items()
     }

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from ..pattern import Pattern
 from .base import Decision, Layer
-from .cast import cast, cast_conv, greedy_group_select
+from .cast import cast, greedy_group_select
 from .magnitude import magnitude
 from .rmt import rmt
 from .ser import hybrid, ser
@@ -32,11 +32,20 @@ class MethodSpec:
     """The method needs the ``n × n`` input Gram blocks of every group."""
     premask: bool = False
     """A k:n call may also take ``sparsity`` (an unstructured pre-mask)."""
+    fixed: Mapping[str, object] = field(default_factory=dict)
+    """Options this registry entry pins (``cast-conv`` is ``cast`` with ``convs=True``)."""
 
     @property
     def options(self) -> frozenset[str]:
+        """Keyword options a caller may pass."""
         params = inspect.signature(self.fn).parameters.values()
-        return frozenset(p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY)
+        names = {p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
+        return frozenset(names - set(self.fixed))
+
+    def __call__(
+        self, layers: Mapping[str, Layer], pattern: Pattern, sparsity: float | None, **options: object
+    ) -> Mapping[str, Decision]:
+        return self.fn(layers, pattern, sparsity, **self.fixed, **options)
 
     def accepts(self, pattern: Pattern) -> bool:
         if self.patterns == "both":
@@ -50,7 +59,7 @@ METHODS: dict[str, MethodSpec] = {
     "ser": MethodSpec(ser, "optional", "unstructured"),
     "hybrid": MethodSpec(hybrid, "optional", "unstructured"),
     "cast": MethodSpec(cast, "required", "kn", group_gram=True, premask=True),
-    "cast-conv": MethodSpec(cast_conv, "required", "kn", group_gram=True, premask=True),
+    "cast-conv": MethodSpec(cast, "required", "kn", group_gram=True, premask=True, fixed={"convs": True}),
 }
 
 __all__ = [
@@ -59,7 +68,6 @@ __all__ = [
     "Layer",
     "MethodSpec",
     "cast",
-    "cast_conv",
     "greedy_group_select",
     "hybrid",
     "magnitude",

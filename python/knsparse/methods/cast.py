@@ -84,17 +84,25 @@ def robust_gram(gram: torch.Tensor, shrinkage: float) -> torch.Tensor:
     return (1 - shrinkage) * gram + shrinkage * mean_energy * eye
 
 
-def _cast(
+def cast(
     layers: Mapping[str, Layer],
     pattern: Pattern,
-    sparsity: float | None,
+    sparsity: float | None = None,
     *,
-    convs: bool,
-    method: str,
-    switch: float,
-    reservoir: float,
-    shrinkage: float,
+    convs: bool = False,
+    shrinkage: float = 0.5,
+    switch: float = 0.5,
+    reservoir: float = 0.1,
 ) -> dict[str, Decision]:
+    """CAST k:n masks; convolutions get the data-path selection only with ``convs=True``
+    (the ``cast-conv`` method), else magnitude k:n.
+
+    ``shrinkage`` is ``α`` of the robust metric (module docstring). With ``sparsity``, an
+    unstructured Hybrid pre-mask at that sparsity (``switch``, ``reservoir`` as in
+    :func:`knsparse.methods.ser.hybrid`) is applied first and the k:n step restores pruned
+    entries for free where a group has fewer than ``k`` left.
+    """
+    method = "cast-conv" if convs else "cast"
     if pattern.is_unstructured:
         raise ValueError(f"method {method!r} needs a k:n pattern (e.g. '2:4'), got 'unstructured'")
     if not 0.0 <= shrinkage <= 1.0:
@@ -119,53 +127,3 @@ def _cast(
         extra = {} if premasks is None else {"premask_sparsity": premasks[name].target_sparsity}
         out[name] = Decision(mask, rule, pattern.sparsity, freely_restored=restored, extra=extra)
     return out
-
-
-def cast(
-    layers: Mapping[str, Layer],
-    pattern: Pattern,
-    sparsity: float | None = None,
-    *,
-    shrinkage: float = 0.5,
-    switch: float = 0.5,
-    reservoir: float = 0.1,
-) -> dict[str, Decision]:
-    """CAST k:n on Linear layers, magnitude k:n on convolutions.
-
-    ``shrinkage`` is ``α`` of the robust metric (module docstring). With ``sparsity``, an
-    unstructured Hybrid pre-mask at that sparsity (``switch``, ``reservoir`` as in
-    :func:`knsparse.methods.ser.hybrid`) is applied first and the k:n step restores pruned
-    entries for free where a group has fewer than ``k`` left.
-    """
-    return _cast(
-        layers,
-        pattern,
-        sparsity,
-        convs=False,
-        method="cast",
-        switch=switch,
-        reservoir=reservoir,
-        shrinkage=shrinkage,
-    )
-
-
-def cast_conv(
-    layers: Mapping[str, Layer],
-    pattern: Pattern,
-    sparsity: float | None = None,
-    *,
-    shrinkage: float = 0.5,
-    switch: float = 0.5,
-    reservoir: float = 0.1,
-) -> dict[str, Decision]:
-    """CAST k:n on Linear and convolution layers (see :func:`cast`)."""
-    return _cast(
-        layers,
-        pattern,
-        sparsity,
-        convs=True,
-        method="cast-conv",
-        switch=switch,
-        reservoir=reservoir,
-        shrinkage=shrinkage,
-    )
