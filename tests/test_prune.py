@@ -72,6 +72,7 @@ def same(a, b):
         (dict(method="magnitude", pattern="2:4", repair="asr"), "knsparse.repair"),
         (dict(method="magnitude", pattern="2:4", conv_order="srs"), "conv_order"),
         (dict(method="cast", pattern="2:4", calib="one-shot"), "one-shot"),
+        (dict(method="magnitude", pattern="2:4", lipschitz={"fc9": 2.0}), "unknown layers"),
     ],
 )
 def test_bad_requests_raise_before_touching_the_model(net, calib, kwargs, match):

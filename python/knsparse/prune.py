@@ -213,7 +213,10 @@ def prune(
         raise ValueError(f"conv_order must be 'rsc' or 'crs', got {conv_order!r}")
     if lam1 < 0 or lam2 < 0:
         raise ValueError(f"lam1 and lam2 must be >= 0, got {lam1}, {lam2}")
-    _check_weights(prunable_layers(model))
+    found = prunable_layers(model)
+    _check_weights(found)
+    if isinstance(lipschitz, Mapping) and set(lipschitz) - set(found):
+        raise ValueError(f"lipschitz names unknown layers: {sorted(set(lipschitz) - set(found))}")
 
     target = model if inplace else copy.deepcopy(model)
     layers: dict[str, nn.Module] = {}
