@@ -144,3 +144,13 @@ def test_diagnose_one_row_per_layer_batched_by_shape_with_plots(tmp_path, monkey
         assert r.as_dict()["name"] == r.name
     same_as_alone = spectral.mp_fit(model.a.weight)
     assert rows[1].fit.sigma2 == pytest.approx(same_as_alone.sigma2, rel=1e-5)
+
+
+@pytest.mark.gpu
+def test_cuda_batched_fit_matches_cpu():
+    ws = torch.stack([noise_plus_spikes(256, 640, 0.01, [2.0, 3.0], seed=s) for s in range(4)])
+    cpu = spectral.mp_fit_batch(ws)
+    gpu = spectral.mp_fit_batch(ws.cuda())
+    for a, b in zip(cpu, gpu, strict=True):
+        assert a.num_spikes == b.num_spikes == 2
+        assert a.sigma2 == pytest.approx(b.sigma2, rel=1e-4)
