@@ -319,13 +319,13 @@ def fit_weights(
     Batches are split so that no SVD input holds more than ``max_batch_elements`` weights.
     Returns ``{name: LayerSpectrum}`` in the order of ``weights``.
     """
-    groups: dict[tuple[int, int, torch.device], list[str]] = defaultdict(list)
+    groups: dict[tuple[int, int, torch.device, torch.dtype], list[str]] = defaultdict(list)
     mats = {}
     for name, w in weights.items():
-        mats[name] = _as_matrix(w, name)
-        groups[(mats[name].shape[0], mats[name].shape[1], mats[name].device)].append(name)
+        m = mats[name] = _as_matrix(w, name)
+        groups[(m.shape[0], m.shape[1], m.device, m.dtype)].append(name)
     chunks = []
-    for (rows, cols, _), names in groups.items():
+    for (rows, cols, _, _), names in groups.items():
         per_chunk = max(1, max_batch_elements // (rows * cols))
         chunks += [names[i : i + per_chunk] for i in range(0, len(names), per_chunk)]
     out: dict[str, LayerSpectrum] = {}
