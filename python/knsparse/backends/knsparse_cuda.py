@@ -1,0 +1,313 @@
+"""knsparse's own CUDA backend: 2:4 sparse GEMM on sparse tensor cores (CUTLASS) and im2col.
+
+The native library ``_knsparse_cuda`` (built from ``csrc/``) registers the torch custom ops
+``torch.ops.knsparse_cuda.sparse_gemm`` and ``torch.ops.knsparse_cuda.im2col_rsc``; this module
+loads it, registers their fake (meta) implementations so ``torch.compile`` / ``torch.export``
+can trace them, says why the backend is unavailable when it is, and converts weight metadata
+for the architecture.
+
+Weights travel as ``values`` ``[rows, depth/2]`` and ``meta`` as ``knsparse.pack`` writes them
+(int16 ``[rows, depth/16]``, CUTLASS ``ColumnMajorInterleaved<2>`` reordered, bit-exact with
+``torch.sparse._semi_structured_conversions.sparse_semi_structured_from_dense_cutlass``).
+Ampere / Ada (compute capability 8.x) read that metadata directly. Hopper (9.0) reads the same
+4-bit group codes in CUTLASS's ``Sm90GemmSparseConfig`` tensor-E layout instead;
+:func:`prepare_meta` converts once (a pure permutation of 16-bit units, uint8 result so the two
+layouts can never be mixed up).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.sparse._semi_structured_conversions import sparse_semi_structured_to_dense_cutlass
+
+LIBRARY_ENV = "KNSPARSE_CUDA_LIBRARY"
+ACTIVATIONS = ("none", "relu", "gelu")
+# Must match kSm90MetaBlockK / kSm90MetaBlockRows in csrc/knsparse_cuda.h.
+SM90_META_BLOCK_K = 128
+SM90_META_BLOCK_ROWS = 64
+# Output columns (tokens) are padded to this many elements by the kernels (16-byte rows).
+COLUMN_ALIGN = 8
+
+_BUILD_HINT = (
+    "build it with `cmake -B build -DCMAKE_BUILD_TYPE=Release && cmake --build build -j` "
+    "or `KNSPARSE_BUILD_CUDA=1 pip install -e . --no-build-isolation` on a machine with nvcc and "
+    "the nvidia-cutlass package"
+)
+
+
+def _round_up(v: int, m: int) -> int:
+    return (v + m - 1) // m * m
+
+
+def _library_candidates() -> list[Path]:
+    explicit = os.environ.get(LIBRARY_ENV)
+    if explicit:
+        return [Path(explicit)]
+    package_dir = Path(__file__).resolve().parent.parent
+    return sorted(package_dir.glob("_knsparse_cuda*.so"))
+
+
+@functools.cache
+def _load_error() -> str | None:
+    """Load the native library once; the reason it could not be loaded, or None."""
+    candidates = _library_candidates()
+    if not candidates:
+        where = os.environ.get(LIBRARY_ENV) or str(Path(__file__).resolve().parent.parent)
+        return f"knsparse_cuda library not built (no _knsparse_cuda*.so in {where}); {_BUILD_HINT}"
+    path = candidates[0]
+    if not path.is_file():
+        return f"{LIBRARY_ENV}={path} does not exist"
+    try:
+        torch.ops.load_library(str(path))
+    except (OSError, RuntimeError) as exc:
+        return f"failed to load {path}: {exc}"
+    _register_fakes()
+    return None
+
+
+def unavailable_reason(device: torch.device | str | int | None = None) -> str | None:
+    """Why the backend cannot run on ``device`` (default: the current CUDA device), or None."""
+    if not torch.cuda.is_available():
+        return "no CUDA device (torch.cuda.is_available() is False)"
+    error = _load_error()
+    if error is not None:
+        return error
+    index = torch.device("cuda", torch.cuda.current_device()) if device is None else torch.device(device)
+    if index.type != "cuda":
+        return f"knsparse-cuda runs on CUDA devices, not {index}"
+    major, minor = torch.cuda.get_device_capability(index)
+    if major != 8 and (major, minor) != (9, 0):
+        return (
+            f"compute capability {major}.{minor} has no knsparse_cuda kernels "
+            "(sm_80 kernels serve 8.x, sm_90a kernels serve 9.0)"
+        )
+    return None
+
+
+def available(device: torch.device | str | int | None = None) -> bool:
+    """True if the sparse GEMM and im2col kernels can run on ``device``."""
+    return unavailable_reason(device) is None
+
+
+def _require(device: torch.device) -> None:
+    reason = unavailable_reason(device)
+    if reason is not None:
+        raise RuntimeError(f"knsparse-cuda backend unavailable: {reason}")
+
+
+def _register_fakes() -> None:
+    @torch.library.register_fake("knsparse_cuda::sparse_gemm")
+    def _sparse_gemm_fake(values, meta, x, bias, activation):
+        return sparse_gemm_output_like(values, x)
+
+    @torch.library.register_fake("knsparse_cuda::im2col_rsc")
+    def _im2col_rsc_fake(x, kernel_size, stride, padding, dilation, k_pad):
+        n, _, h, w = x.shape
+        p = (h + 2 * padding[0] - dilation[0] * (kernel_size[0] - 1) - 1) // stride[0] + 1
+        q = (w + 2 * padding[1] - dilation[1] * (kernel_size[1] - 1) - 1) // stride[1] + 1
+        return x.new_empty((n * p * q, k_pad))
+
+
+def sparse_gemm_output_like(values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """An uninitialised tensor shaped and strided like the op's output: ``[rows, cols]`` with
+    row stride ``round_up(cols, 8)`` (the fake implementation of ``knsparse_cuda::sparse_gemm``)."""
+    rows, cols = values.shape[0], x.shape[0]
+    return x.new_empty_strided((rows, cols), (_round_up(cols, COLUMN_ALIGN), 1))
+
+
+# --- metadata layouts -------------------------------------------------------------------------
+
+
+def _sm80_meta_positions(rows: int, meta_cols: int) -> torch.Tensor:
+    """Where CUTLASS's Ampere layout stores 16-bit unit ``(m, u)`` of the row-major metadata
+    (``u`` covers dense columns ``16u .. 16u+15``): ``[rows, meta_cols]`` int64 flat offsets.
+
+    From CUTLASS ``reorder_meta`` (rows regrouped in blocks of 32 for the tensor-core fragment
+    order, 2x2 blocks swizzled Z to N) stored ``ColumnMajorInterleaved<2>``.
+    """
+    m = torch.arange(rows).unsqueeze(1)
+    u = torch.arange(meta_cols).unsqueeze(0)
+    dst_row = m // 32 * 32 + (m % 8) * 4 + (m % 32) // 8
+    dst_col = u.expand(rows, meta_cols)
+    swap = ((dst_row % 2 == 0) & (dst_col % 2 == 1)).long() - ((dst_row % 2 == 1) & (dst_col % 2 == 0)).long()
+    dst_row = dst_row + swap
+    dst_col = dst_col - swap
+    return (dst_col // 2) * (2 * rows) + dst_row * 2 + dst_col % 2
+
+
+def _sm90_meta_positions(rows: int, meta_cols: int) -> torch.Tensor:
+    """Where CUTLASS's Hopper tensor-E layout stores 16-bit unit ``(m, u)``: int64 offsets in a
+    ``[round_up(rows, 64), round_up(depth, 128) / 16]`` int16 buffer.
+
+    ``Sm90GemmSparseConfig`` (16-bit inputs, MinTileShapeK = 128) builds its atom as
+    ``make_ordered_layout(((8,2,4),(16,2,K/32)), ((3,1,5),(0,4,2)))`` over (row, dense column)
+    and tiles atoms along rows first, then along columns. With ``m = m0 + 8 m1 + 16 m2 + 64 mb``
+    and ``u = k1 + 2 k2 + 2 (K/32) kb`` the 16-bit unit lands at
+    ``m1 + 2 k2 + 2n m0 + 16n k1 + 32n m2 + 128n mb + 2n rows_al kb`` with ``n = 128 / 32``.
+    tests/test_knsparse_cuda_meta.py checks this against CUTLASS's own layout object.
+    """
+    n = SM90_META_BLOCK_K // 32
+    rows_al = _round_up(rows, SM90_META_BLOCK_ROWS)
+    m = torch.arange(rows).unsqueeze(1)
+    u = torch.arange(meta_cols).unsqueeze(0)
+    m0, m1, m2, mb = m % 8, (m // 8) % 2, (m // 16) % 4, m // 64
+    k1, k2, kb = u % 2, (u // 2) % n, u // (2 * n)
+    return m1 + 2 * k2 + 2 * n * m0 + 16 * n * k1 + 32 * n * m2 + 128 * n * mb + 2 * n * rows_al * kb
+
+
+def sm90_meta_shape(rows: int, depth: int) -> tuple[int, int]:
+    """Shape of the uint8 Hopper metadata of a ``[rows, depth]`` 2:4 weight."""
+    return _round_up(rows, SM90_META_BLOCK_ROWS), _round_up(depth, SM90_META_BLOCK_K) // 8
+
+
+def _check_pack_meta(meta: torch.Tensor) -> None:
+    if meta.dtype != torch.int16 or meta.dim() != 2:
+        raise TypeError(
+            f"meta must be the int16 [rows, depth/16] tensor of knsparse.pack, got {meta.dtype} "
+            f"{tuple(meta.shape)}"
+        )
+    if meta.shape[0] % 32:
+        raise ValueError(f"meta has {meta.shape[0]} rows; the CUTLASS layout needs a multiple of 32")
+
+
+def sm90_meta_from_sm80(meta: torch.Tensor) -> torch.Tensor:
+    """Convert int16 ``[rows, depth/16]`` Ampere-layout metadata to the uint8 Hopper layout
+    ``[round_up(rows, 64), round_up(depth, 128)/8]``; padding units are 0, as CUTLASS's own
+    compressor leaves them."""
+    _check_pack_meta(meta)
+    rows, meta_cols = meta.shape
+    shape = sm90_meta_shape(rows, meta_cols * 16)
+    src = _sm80_meta_positions(rows, meta_cols).reshape(-1).to(meta.device)
+    dst = _sm90_meta_positions(rows, meta_cols).reshape(-1).to(meta.device)
+    units = torch.zeros(shape[0] * shape[1] // 2, dtype=torch.int16, device=meta.device)
+    units[dst] = meta.reshape(-1)[src]
+    return units.view(torch.uint8).reshape(shape)
+
+
+def sm80_meta_from_sm90(meta: torch.Tensor, rows: int, depth: int) -> torch.Tensor:
+    """Inverse of :func:`sm90_meta_from_sm80` for a ``[rows, depth]`` weight."""
+    if meta.dtype != torch.uint8 or tuple(meta.shape) != sm90_meta_shape(rows, depth):
+        raise ValueError(
+            f"expected uint8 Hopper metadata of shape {sm90_meta_shape(rows, depth)} for a "
+            f"[{rows}, {depth}] weight, got {meta.dtype} {tuple(meta.shape)}"
+        )
+    meta_cols = depth // 16
+    src = _sm90_meta_positions(rows, meta_cols).reshape(-1).to(meta.device)
+    dst = _sm80_meta_positions(rows, meta_cols).reshape(-1).to(meta.device)
+    out = torch.empty(rows * meta_cols, dtype=torch.int16, device=meta.device)
+    out[dst] = meta.contiguous().view(torch.int16).reshape(-1)[src]
+    return out.reshape(rows, meta_cols)
+
+
+def meta_arch(device: torch.device | str | int) -> str:
+    """``"sm90"`` for compute capability 9.0, else ``"sm80"`` (8.x, and CPU for the reference)."""
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) == (9, 0):
+        return "sm90"
+    return "sm80"
+
+
+def prepare_meta(meta: torch.Tensor, arch: str | None = None) -> torch.Tensor:
+    """The metadata :func:`sparse_gemm` wants on ``arch`` (default: the architecture of
+    ``meta.device``): unchanged int16 for ``"sm80"``, uint8 Hopper layout for ``"sm90"``.
+
+    Call once when a layer is built (after moving ``meta`` to its device), not per forward.
+    """
+    arch = meta_arch(meta.device) if arch is None else arch
+    if arch == "sm80":
+        _check_pack_meta(meta)
+        return meta
+    if arch == "sm90":
+        return sm90_meta_from_sm80(meta)
+    raise ValueError(f"arch must be 'sm80' or 'sm90', got {arch!r}")
+
+
+# --- the GEMM and its reference twin ------------------------------------------------------------
+
+
+def _check_gemm_args(values: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None, activation: str) -> None:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if values.dim() != 2:
+        raise ValueError(f"values must be [rows, depth/2], got shape {tuple(values.shape)}")
+    depth = values.shape[1] * 2
+    if x.shape[-1] != depth:
+        raise ValueError(f"x has {x.shape[-1]} features but the 2:4 weight has depth {depth}")
+    if bias is not None and tuple(bias.shape) != (values.shape[0],):
+        raise ValueError(f"bias must have shape ({values.shape[0]},), got {tuple(bias.shape)}")
+
+
+def dense_weight(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
+    """The dense ``[rows, depth]`` weight of ``values`` and ``meta`` (either layout)."""
+    if meta.dtype == torch.uint8:
+        meta = sm80_meta_from_sm90(meta, values.shape[0], values.shape[1] * 2)
+    return sparse_semi_structured_to_dense_cutlass(values, meta)
+
+
+def _activate(y: torch.Tensor, activation: str) -> torch.Tensor:
+    if activation == "relu":
+        return F.relu(y)
+    if activation == "gelu":
+        return F.gelu(y)
+    return y
+
+
+def sparse_gemm_ref(
+    values: torch.Tensor,
+    meta: torch.Tensor,
+    x: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    activation: str = "none",
+) -> torch.Tensor:
+    """Plain-PyTorch twin of :func:`sparse_gemm`: ``act(x @ W.T + bias)`` in fp32, cast to
+    ``x.dtype``. ``x`` is ``[..., depth]``; returns ``[..., rows]``. Runs on any device."""
+    _check_gemm_args(values, x, bias, activation)
+    w = dense_weight(values, meta).float()
+    y = F.linear(x.float(), w, None if bias is None else bias.float())
+    return _activate(y, activation).to(x.dtype)
+
+
+def sparse_gemm(
+    values: torch.Tensor,
+    meta: torch.Tensor,
+    x: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    activation: str = "none",
+) -> torch.Tensor:
+    """``act(x @ W.T + bias)`` on sparse tensor cores, fp32 accumulation, fused epilogue.
+
+    Args:
+        values: ``[rows, depth/2]`` fp16/bf16 kept weights (``knsparse.pack``).
+        meta: :func:`prepare_meta` of the pack metadata for the device's architecture.
+        x: ``[..., depth]`` activations, same dtype and device as ``values``.
+        bias: ``[rows]`` or None.
+        activation: ``"none"``, ``"relu"`` or ``"gelu"`` (erf GELU, like ``nn.GELU()``).
+
+    Returns:
+        ``[..., rows]``. The kernel writes it feature-major (the sparse operand must be the
+        left one), so the result is a transposed view: ``y.t()`` of a 2-D result is a
+        contiguous-row ``[rows, tokens]`` buffer with row stride ``round_up(tokens, 8)``.
+    """
+    _check_gemm_args(values, x, bias, activation)
+    _require(x.device)
+    rows = values.shape[0]
+    out = torch.ops.knsparse_cuda.sparse_gemm(values, meta, x.reshape(-1, x.shape[-1]), bias, activation)
+    return out.t().reshape(*x.shape[:-1], rows)
+
+
+def im2col_rsc_cuda(
+    x: torch.Tensor,
+    kernel_size: tuple[int, int],
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+    k_pad: int,
+) -> torch.Tensor:
+    """The CUDA im2col kernel (see :func:`knsparse.im2col.im2col_rsc` for the semantics)."""
+    _require(x.device)
+    return torch.ops.knsparse_cuda.im2col_rsc(x, list(kernel_size), list(stride), list(padding), list(dilation), k_pad)
