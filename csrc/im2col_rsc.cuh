@@ -1,5 +1,5 @@
 // The per-vector body of the (R, S, C) im2col kernel, shared by the CUDA kernel and the host
-// probe that tests the index arithmetic on CPU (tests/cuda/im2col_probe.cpp).
+// probe that tests the index arithmetic on CPU (tests/native/im2col_probe.cpp).
 #pragma once
 
 #include <cstdint>

@@ -207,6 +207,8 @@ at::Tensor im2col_rsc(const at::Tensor& x, at::IntArrayRef kernel_size, at::IntA
 }  // namespace
 
 TORCH_LIBRARY(knsparse_cuda, m) {
+  // The fake (meta) implementations are registered by this Python module.
+  m.set_python_module("knsparse.backends.knsparse_cuda");
   m.def("sparse_gemm(Tensor values, Tensor meta, Tensor x, Tensor? bias, str activation) -> Tensor");
   m.def(
       "im2col_rsc(Tensor x, int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, int k_pad) "

@@ -233,6 +233,9 @@ def prepare_meta(meta: torch.Tensor, arch: str | None = None) -> torch.Tensor:
 def _check_gemm_args(values: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None, activation: str) -> None:
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if values.dtype not in (torch.float16, torch.bfloat16):
+        # torch's float32 CUTLASS format is 1:2 with another metadata meaning: refuse, never misread.
+        raise TypeError(f"values must be float16 or bfloat16 (2:4 CUTLASS format), got {values.dtype}")
     if values.dim() != 2:
         raise ValueError(f"values must be [rows, depth/2], got shape {tuple(values.shape)}")
     depth = values.shape[1] * 2
