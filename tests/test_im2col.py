@@ -9,8 +9,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from native_probes import build_probe
-
 from knsparse.im2col import (
     conv2d_via_im2col_ref,
     conv_output_size,
@@ -19,6 +17,7 @@ from knsparse.im2col import (
     rows_to_nchw,
 )
 from knsparse.masks import to_reduction_view
+from native_probes import build_probe
 
 # (kernel, stride, padding, dilation)
 GEOMETRIES = [
@@ -147,7 +146,9 @@ PROBE_CASES = [
 ]
 
 
-@pytest.mark.parametrize(("n", "c", "h", "w", "kernel", "stride", "padding", "dilation", "k_pad", "layout", "vec"), PROBE_CASES)
+@pytest.mark.parametrize(
+    ("n", "c", "h", "w", "kernel", "stride", "padding", "dilation", "k_pad", "layout", "vec"), PROBE_CASES
+)
 def test_cuda_im2col_body_matches_reference(
     im2col_probe, n, c, h, w, kernel, stride, padding, dilation, k_pad, layout, vec
 ):
@@ -162,4 +163,3 @@ def test_cuda_im2col_body_matches_reference(
     x = storage.reshape(n, c, h, w) if layout == "nchw" else storage.reshape(n, h, w, c).permute(0, 3, 1, 2)
     want = im2col_rsc_ref(x, kernel, stride, padding, dilation, k_pad)
     assert torch.equal(got, want)
-

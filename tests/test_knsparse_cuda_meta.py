@@ -9,11 +9,10 @@ import subprocess
 import pytest
 import torch
 import torch.nn.functional as F
-from native_probes import build_probe
-from torch.sparse._semi_structured_conversions import sparse_semi_structured_from_dense_cutlass
-
 from knsparse.backends import knsparse_cuda as kc
 from knsparse.masks import nm_mask
+from native_probes import build_probe
+from torch.sparse._semi_structured_conversions import sparse_semi_structured_from_dense_cutlass
 
 SHAPES = [(32, 64), (64, 128), (96, 256), (128, 576), (160, 384)]
 

@@ -37,7 +37,12 @@ def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation
 
 
 def _geometry(
-    x: torch.Tensor, kernel_size: IntPair, stride: IntPair, padding: IntPair, dilation: IntPair, k_pad: int | None
+    x: torch.Tensor,
+    kernel_size: IntPair,
+    stride: IntPair,
+    padding: IntPair,
+    dilation: IntPair,
+    k_pad: int | None,
 ) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int], tuple[int, int], int, int, int]:
     if x.dim() != 4:
         raise ValueError(f"im2col_rsc expects x of shape [N, C, H, W], got {tuple(x.shape)}")
@@ -85,7 +90,9 @@ def im2col_rsc_ref(
         ``[N*P*Q, k_pad]`` contiguous: row ``(n, p, q)``, column ``(r*S + s)*C + c`` holds
         ``x[n, c, p*stride_h - pad_h + r*dil_h, q*stride_w - pad_w + s*dil_w]`` (0 outside).
     """
-    (kh, kw), (sh, sw), (ph, pw), (dh, dw), p, q, k_pad = _geometry(x, kernel_size, stride, padding, dilation, k_pad)
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw), p, q, k_pad = _geometry(
+        x, kernel_size, stride, padding, dilation, k_pad
+    )
     n, c = x.shape[:2]
     padded = F.pad(x, (pw, pw, ph, ph))
     # [N, C, P, Q, span_h, span_w] windows, then every dilation-th tap: [N, C, P, Q, R, S]

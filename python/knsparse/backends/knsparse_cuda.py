@@ -230,7 +230,9 @@ def prepare_meta(meta: torch.Tensor, arch: str | None = None) -> torch.Tensor:
 # --- the GEMM and its reference twin ------------------------------------------------------------
 
 
-def _check_gemm_args(values: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None, activation: str) -> None:
+def _check_gemm_args(
+    values: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None, activation: str
+) -> None:
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     if values.dtype not in (torch.float16, torch.bfloat16):
@@ -313,4 +315,6 @@ def im2col_rsc_cuda(
 ) -> torch.Tensor:
     """The CUDA im2col kernel (see :func:`knsparse.im2col.im2col_rsc` for the semantics)."""
     _require(x.device)
-    return torch.ops.knsparse_cuda.im2col_rsc(x, list(kernel_size), list(stride), list(padding), list(dilation), k_pad)
+    return torch.ops.knsparse_cuda.im2col_rsc(
+        x, list(kernel_size), list(stride), list(padding), list(dilation), k_pad
+    )
