@@ -60,8 +60,8 @@ std::string sparse_gemm_sm80_bf16(const SparseGemmArgs& args, cudaStream_t strea
 // Hopper (compute capability 9.0, sm_90a). Requires depth % 16 == 0, ldx % 8 == 0,
 // ldo % 8 == 0 and 16-byte aligned pointers; rows and cols are free.
 // `workspace` must hold sparse_gemm_sm90_*_workspace(args) bytes; `device` is the CUDA ordinal.
-size_t sparse_gemm_sm90_f16_workspace(const SparseGemmArgs& args);
-size_t sparse_gemm_sm90_bf16_workspace(const SparseGemmArgs& args);
+size_t sparse_gemm_sm90_f16_workspace(const SparseGemmArgs& args, int device);
+size_t sparse_gemm_sm90_bf16_workspace(const SparseGemmArgs& args, int device);
 std::string sparse_gemm_sm90_f16(const SparseGemmArgs& args, void* workspace, int device,
                                  cudaStream_t stream);
 std::string sparse_gemm_sm90_bf16(const SparseGemmArgs& args, void* workspace, int device,

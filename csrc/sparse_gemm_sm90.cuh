@@ -16,6 +16,9 @@
 #include <cutlass/kernel_hardware_info.h>
 // clang-format on
 
+#include <atomic>
+#include <type_traits>
+
 #include "check.h"
 #include "knsparse_cuda.h"
 
@@ -51,6 +54,10 @@ struct SparseGemmKernel {
   using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
   using SparseConfig = typename CollectiveMainloop::SparseConfig;
 
+  // tests/native/sm90_meta_layout_probe.cpp reads the metadata layout from this configuration.
+  static_assert(std::is_same_v<SparseConfig, cutlass::Sm90GemmSparseConfig<sparse_elem<2, Element>, GMMA::Major::K,
+                                                                            sparse_elem<8, uint8_t>, Int<kSm90MetaBlockK>>>,
+                "the kernel's sparse configuration differs from the one the layout probe checks");
   static_assert(SparseConfig::TensorEAtomK::value == kSm90MetaBlockK,
                 "the sm90 metadata layout of knsparse assumes a metadata atom of kSm90MetaBlockK columns");
   static_assert(SparseConfig::TensorEAtomM::value == kSm90MetaBlockRows,
@@ -58,14 +65,17 @@ struct SparseGemmKernel {
 };
 
 inline int sm_count(int device) {
-  static int cached[64] = {};
-  if (device < 0 || device >= 64) {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> cached[kMaxDevices] = {};
+  if (device < 0 || device >= kMaxDevices) {
     return cutlass::KernelHardwareInfo::query_device_multiprocessor_count(device);
   }
-  if (cached[device] == 0) {
-    cached[device] = cutlass::KernelHardwareInfo::query_device_multiprocessor_count(device);
+  int count = cached[device].load(std::memory_order_relaxed);
+  if (count == 0) {
+    count = cutlass::KernelHardwareInfo::query_device_multiprocessor_count(device);
+    cached[device].store(count, std::memory_order_relaxed);
   }
-  return cached[device];
+  return count;
 }
 
 template <class Element, template <class> class ActivationFn>
@@ -98,9 +108,9 @@ typename SparseGemmKernel<Element, ActivationFn>::Gemm::Arguments make_arguments
 }
 
 template <class Element, template <class> class ActivationFn>
-size_t workspace(const SparseGemmArgs& a) {
+size_t workspace_bytes(const SparseGemmArgs& a, int device) {
   using Gemm = typename SparseGemmKernel<Element, ActivationFn>::Gemm;
-  return Gemm::get_workspace_size(make_arguments<Element, ActivationFn>(a, 0));
+  return Gemm::get_workspace_size(make_arguments<Element, ActivationFn>(a, device));
 }
 
 template <class Element, template <class> class ActivationFn>
@@ -123,14 +133,14 @@ inline std::string check_args(const SparseGemmArgs& a) {
 }
 
 template <class Element>
-size_t dispatch_workspace(const SparseGemmArgs& a) {
+size_t dispatch_workspace(const SparseGemmArgs& a, int device) {
   switch (a.activation) {
     case Activation::kNone:
-      return workspace<Element, cutlass::epilogue::thread::Identity>(a);
+      return workspace_bytes<Element, cutlass::epilogue::thread::Identity>(a, device);
     case Activation::kRelu:
-      return workspace<Element, cutlass::epilogue::thread::ReLu>(a);
+      return workspace_bytes<Element, cutlass::epilogue::thread::ReLu>(a, device);
     case Activation::kGelu:
-      return workspace<Element, cutlass::epilogue::thread::GELU>(a);
+      return workspace_bytes<Element, cutlass::epilogue::thread::GELU>(a, device);
   }
   return 0;
 }

@@ -3,8 +3,8 @@
 
 namespace knsparse {
 
-size_t sparse_gemm_sm90_f16_workspace(const SparseGemmArgs& args) {
-  return sm90::dispatch_workspace<cutlass::half_t>(args);
+size_t sparse_gemm_sm90_f16_workspace(const SparseGemmArgs& args, int device) {
+  return sm90::dispatch_workspace<cutlass::half_t>(args, device);
 }
 
 std::string sparse_gemm_sm90_f16(const SparseGemmArgs& args, void* workspace, int device,

@@ -135,8 +135,8 @@ at::Tensor sparse_gemm(const at::Tensor& values, const at::Tensor& meta, const a
     args.cols = cols;
     args.x = x_c.data_ptr();
     args.ldx = x_c.stride(0);
-    const size_t bytes = dtype == at::kHalf ? knsparse::sparse_gemm_sm90_f16_workspace(args)
-                                            : knsparse::sparse_gemm_sm90_bf16_workspace(args);
+    const size_t bytes = dtype == at::kHalf ? knsparse::sparse_gemm_sm90_f16_workspace(args, device)
+                                            : knsparse::sparse_gemm_sm90_bf16_workspace(args, device);
     at::Tensor workspace = at::empty({static_cast<int64_t>(bytes)}, x.options().dtype(at::kByte));
     void* ws = bytes ? workspace.data_ptr() : nullptr;
     err = dtype == at::kHalf ? knsparse::sparse_gemm_sm90_f16(args, ws, device, stream)

@@ -159,6 +159,13 @@ def test_missing_library_is_reported_with_the_build_command(monkeypatch, tmp_pat
         kc._load_error.cache_clear()
 
 
+def test_padded_depth_per_architecture():
+    assert [kc.padded_depth(d, "sm80") for d in (64, 147, 576, 3072)] == [64, 192, 576, 3072]
+    assert [kc.padded_depth(d, "sm90") for d in (64, 147, 576, 3072)] == [64, 160, 576, 3072]
+    with pytest.raises(ValueError, match="arch must be one of"):
+        kc.padded_depth(64, "sm75")
+
+
 def test_fake_output_matches_the_kernel_output_layout():
     values = torch.empty(96, 64, dtype=torch.float16, device="meta")
     x = torch.empty(197, 128, dtype=torch.float16, device="meta")

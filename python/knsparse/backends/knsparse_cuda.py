@@ -32,6 +32,9 @@ SM90_META_BLOCK_K = 128
 SM90_META_BLOCK_ROWS = 64
 # Output columns (tokens) are padded to this many elements by the kernels (16-byte rows).
 COLUMN_ALIGN = 8
+# The reduction length (dense weight columns) each architecture's kernel needs a multiple of:
+# the Ampere threadblock K, the Hopper TMA alignment of the compressed values.
+DEPTH_MULTIPLE = {"sm80": 64, "sm90": 16}
 
 _BUILD_HINT = (
     "build it with `cmake -B build -DCMAKE_BUILD_TYPE=Release && cmake --build build -j` "
@@ -95,6 +98,8 @@ def available(device: torch.device | str | int | None = None) -> bool:
 
 
 def _require(device: torch.device) -> None:
+    if torch.compiler.is_compiling():  # checked when the eager call or the trace's first run happened
+        return
     reason = unavailable_reason(device)
     if reason is not None:
         raise RuntimeError(f"knsparse-cuda backend unavailable: {reason}")
@@ -210,6 +215,14 @@ def meta_arch(device: torch.device | str | int) -> str:
     if device.type == "cuda" and torch.cuda.get_device_capability(device) == (9, 0):
         return "sm90"
     return "sm80"
+
+
+def padded_depth(depth: int, arch: str) -> int:
+    """The reduction length to pack a ``depth``-column weight at for ``arch``: zero columns
+    appended to the weight (valid 2:4 groups) and ``k_pad`` zero columns in im2col."""
+    if arch not in DEPTH_MULTIPLE:
+        raise ValueError(f"arch must be one of {sorted(DEPTH_MULTIPLE)}, got {arch!r}")
+    return _round_up(depth, DEPTH_MULTIPLE[arch])
 
 
 def prepare_meta(meta: torch.Tensor, arch: str | None = None) -> torch.Tensor:
