@@ -23,11 +23,13 @@
 // failing requirement (the torch layer raises it as an error).
 #pragma once
 
-#include <cuda_runtime_api.h>
-
 #include <cstddef>
 #include <cstdint>
 #include <string>
+
+// The CUDA runtime's own declaration of cudaStream_t (driver_types.h), repeated so that host-only
+// code (the CPU probes in tests/native/) can include this header without the CUDA toolkit.
+typedef struct CUstream_st* cudaStream_t;
 
 namespace knsparse {
 

@@ -1,7 +1,7 @@
 """Build the host-only C++ probes in tests/native/ that run CUDA-side code on CPU.
 
-They need a C++17 compiler, the CUDA headers and the CUTLASS headers (nvidia-cutlass); tests
-that use them are skipped with the missing piece named when one is absent.
+They need a C++17 compiler, and the ones that read CUTLASS also the CUDA and CUTLASS headers
+(nvidia-cutlass); tests that use them are skipped with the missing piece named when one is absent.
 """
 
 from __future__ import annotations
@@ -34,15 +34,17 @@ def _cutlass_include() -> Path | None:
 
 
 def build_probe(name: str, out_dir: Path, needs_cutlass: bool) -> Path:
-    """Compile tests/native/<name>.cpp into ``out_dir`` or skip the calling test."""
+    """Compile tests/native/<name>.cpp into ``out_dir`` or skip the calling test. Probes that
+    include CUTLASS also need the CUDA toolkit's headers (CUTLASS includes cuda/std)."""
     cxx = shutil.which(os.environ.get("CXX", "g++"))
     if cxx is None:
         pytest.skip("no C++ compiler (g++) to build the native probe")
-    cuda = _cuda_include()
-    if cuda is None:
-        pytest.skip("no CUDA headers (set CUDA_HOME) to build the native probe")
-    cmd = [cxx, "-std=c++17", "-O1", f"-I{CSRC}", "-isystem", str(cuda), "-isystem", str(cuda / "cccl")]
+    cmd = [cxx, "-std=c++17", "-O1", f"-I{CSRC}"]
     if needs_cutlass:
+        cuda = _cuda_include()
+        if cuda is None:
+            pytest.skip("no CUDA headers (set CUDA_HOME) to build the CUTLASS probe")
+        cmd += ["-isystem", str(cuda), "-isystem", str(cuda / "cccl")]
         cutlass = _cutlass_include()
         if cutlass is None:
             pytest.skip("no CUTLASS headers (pip install --no-deps nvidia-cutlass) to build the probe")
