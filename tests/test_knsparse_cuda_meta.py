@@ -159,6 +159,18 @@ def test_missing_library_is_reported_with_the_build_command(monkeypatch, tmp_pat
         kc._load_error.cache_clear()
 
 
+def test_unloadable_library_is_reported(monkeypatch, tmp_path):
+    broken = tmp_path / "_knsparse_cuda.so"
+    broken.write_bytes(b"not an ELF file")
+    monkeypatch.setenv(kc.LIBRARY_ENV, str(broken))
+    kc._load_error.cache_clear()
+    try:
+        assert kc._load_error().startswith(f"failed to load {broken}: ")
+    finally:
+        monkeypatch.undo()
+        kc._load_error.cache_clear()
+
+
 def test_padded_depth_per_architecture():
     assert [kc.padded_depth(d, "sm80") for d in (64, 147, 576, 3072)] == [64, 192, 576, 3072]
     assert [kc.padded_depth(d, "sm90") for d in (64, 147, 576, 3072)] == [64, 160, 576, 3072]

@@ -331,3 +331,7 @@ def im2col_rsc_cuda(
     return torch.ops.knsparse_cuda.im2col_rsc(
         x, list(kernel_size), list(stride), list(padding), list(dilation), k_pad
     )
+
+
+# Load at import (when built) so the ops exist before any torch.compile trace reaches them.
+_load_error()
