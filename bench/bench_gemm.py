@@ -15,7 +15,8 @@ Conv (ResNet-50 bottleneck convolutions, bias + ReLU, channels-last fp16 input):
 Times are triton.testing.do_bench medians with 20% / 80% quantiles; every backend is checked
 against the dense result before it is timed. TFLOP/s = 2*M*N*K / median (dense-equivalent
 FLOPs for every backend, so TFLOP/s ratios equal speedups). Writes
-bench/results/bench_gemm_<device>.json and a PNG of the speedups over dense.
+bench/results/bench_gemm_<device>.json (with bench/_meta.py's provenance block) and a PNG of
+the speedups over dense.
 
     python bench/bench_gemm.py                 # on a GPU machine
     python bench/bench_gemm.py --dry-run       # list the cases (no GPU needed)
@@ -25,23 +26,24 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
-import json
-import platform
 import re
-import subprocess
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _meta import write_result
+from tqdm import tqdm
+
+from knsparse import backends
+from knsparse.backends import LinearSpec
 from knsparse.backends import knsparse_cuda as kc
 from knsparse.im2col import conv_output_size, im2col_rsc
 from knsparse.masks import nm_mask, to_reduction_view
-from tqdm import tqdm
+from knsparse.pack import pack_24
+from knsparse.pattern import Pattern
 
-ROOT = Path(__file__).resolve().parent.parent
 VIT_TOKENS = 197
 VIT_DIM = 768
 # (name, out features, in features, activation)
@@ -91,31 +93,17 @@ class Row:
     max_abs_err_vs_dense: float | None = None
 
 
-def versions() -> dict[str, str | None]:
+def library_versions() -> dict[str, str | None]:
+    """What bench/_meta.environment() does not record but these kernels depend on."""
+
     def dist(name: str) -> str | None:
         try:
             return importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             return None
 
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torch_cuda": torch.version.cuda,
-        "cudnn": str(torch.backends.cudnn.version()) if torch.backends.cudnn.is_available() else None,
-        "triton": dist("triton"),
-        "nvidia-cutlass": dist("nvidia-cutlass"),
-        "knsparse": dist("knsparse"),
-    }
-
-
-def git_commit() -> dict[str, str | bool | None]:
-    def git(*args: str) -> str | None:
-        run = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=False)
-        return run.stdout.strip() if run.returncode == 0 else None
-
-    status = git("status", "--porcelain", "--untracked-files=no")
-    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(status) if status is not None else None}
+    cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+    return {"cudnn": None if cudnn is None else str(cudnn), "nvidia-cutlass": dist("nvidia-cutlass")}
 
 
 def time_ms(fn: Callable[[], object], warmup: int, rep: int) -> tuple[float, float, float]:
@@ -132,31 +120,23 @@ def masked(rows: int, depth: int, dtype: torch.dtype, seed: int) -> torch.Tensor
 
 
 def knsparse_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    from torch.sparse._semi_structured_conversions import sparse_semi_structured_from_dense_cutlass
-
-    values, meta = sparse_semi_structured_from_dense_cutlass(w)
-    return values, kc.prepare_meta(meta)
-
-
-def torch_semi_structured(w: torch.Tensor, force_cutlass: bool) -> torch.Tensor:
-    from torch.sparse import SparseSemiStructuredTensor, to_sparse_semi_structured
-
-    SparseSemiStructuredTensor._FORCE_CUTLASS = force_cutlass
-    return to_sparse_semi_structured(w)
+    packed = pack_24(w)
+    return packed.values, kc.prepare_meta(packed.meta)
 
 
 def linear_backends(w: torch.Tensor, bias: torch.Tensor, activation: str) -> dict[str, Callable | str]:
     """backend -> fn(x) computing act(x @ w.T + bias), or the reason it is unavailable."""
     act = ACTIVATIONS[activation]
     out: dict[str, Callable | str] = {"dense-cublas": lambda x: act(F.linear(x, w, bias))}
-    for name, force in (("torch-cusparselt", False), ("torch-cutlass", True)):
-        try:
-            ws = torch_semi_structured(w, force)
-            probe = torch.zeros(64, w.shape[1], device=w.device, dtype=w.dtype)
-            F.linear(probe, ws, bias)
-            out[name] = lambda x, ws=ws: act(F.linear(x, ws, bias))
-        except (RuntimeError, ValueError, NotImplementedError) as exc:
-            out[name] = f"unavailable: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+    spec = LinearSpec(w.shape[0], w.shape[1], w.dtype, Pattern(2, 4), w.device)
+    for name in ("torch-cusparselt", "torch-cutlass"):
+        backend = backends.get(name)
+        reason = backend.unavailable_reason() or backend.linear_unsupported_reason(spec)
+        if reason is None:
+            operand = backend.prepare_linear(w)
+            out[name] = lambda x, b=backend, op=operand: act(b.linear(x, op, bias))
+        else:
+            out[name] = f"unavailable: {reason}"
     reason = kc.unavailable_reason(w.device)
     if reason is None:
         values, meta = knsparse_weight(w)
@@ -304,9 +284,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-conv", action="store_true")
     parser.add_argument("--warmup", type=int, default=25, help="do_bench warmup (ms)")
     parser.add_argument("--rep", type=int, default=100, help="do_bench measurement time (ms)")
-    parser.add_argument(
-        "--out", type=Path, default=None, help="JSON path (default bench/results/bench_gemm_<device>.json)"
-    )
     parser.add_argument("--dry-run", action="store_true", help="list the cases and exit (no GPU needed)")
     args = parser.parse_args(argv)
 
@@ -344,24 +321,21 @@ def main(argv: list[str] | None = None) -> int:
         rows += run_case("conv", layer, batch, mnk, conv_backends(weight, bias, kernel, stride), x, args)
 
     slug = re.sub(r"[^a-z0-9]+", "_", device_name.lower()).strip("_")
-    out = args.out or ROOT / "bench" / "results" / f"bench_gemm_{slug}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    report = {
-        "benchmark": "bench_gemm",
-        "device": device_name,
-        "compute_capability": ".".join(map(str, torch.cuda.get_device_capability())),
-        "dtype": args.dtype,
-        "versions": versions(),
-        "git": git_commit(),
-        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "timing": {"method": "triton.testing.do_bench", "warmup_ms": args.warmup, "rep_ms": args.rep},
-        "flops_formula": "2*M*N*K dense-equivalent FLOPs for every backend (M tokens or N*P*Q, N out "
-        "features, K = in features or C*R*S); tflops = flops / median time",
-        "results": [asdict(r) for r in rows],
-    }
-    out.write_text(json.dumps(report, indent=1))
-    plot(rows, out.with_suffix(".png"), f"{device_name}, {args.dtype}")
-    print(f"bench_gemm: wrote {out} and {out.with_suffix('.png')}")
+    path = write_result(
+        f"bench_gemm_{slug}",
+        {
+            "benchmark": "bench_gemm",
+            "compute_capability": ".".join(map(str, torch.cuda.get_device_capability())),
+            "dtype": args.dtype,
+            "library_versions": library_versions(),
+            "timing": {"method": "triton.testing.do_bench", "warmup_ms": args.warmup, "rep_ms": args.rep},
+            "flops_formula": "2*M*N*K dense-equivalent FLOPs for every backend (M tokens or N*P*Q, N out "
+            "features, K = in features or C*R*S); tflops = flops / median time",
+            "results": [asdict(r) for r in rows],
+        },
+    )
+    plot(rows, path.with_suffix(".png"), f"{device_name}, {args.dtype}")
+    print(f"bench_gemm: wrote {path} and {path.with_suffix('.png')}")
     return 0
 
 

@@ -13,6 +13,8 @@ BENCH = Path(__file__).resolve().parent.parent / "bench" / "bench_gemm.py"
 
 
 def load_bench():
+    if str(BENCH.parent) not in sys.path:  # the script imports bench/_meta.py as a sibling
+        sys.path.insert(0, str(BENCH.parent))
     spec = importlib.util.spec_from_file_location("bench_gemm", BENCH)
     module = importlib.util.module_from_spec(spec)
     sys.modules["bench_gemm"] = module  # dataclasses resolve annotations through sys.modules

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from native_probes import build_probe
+
 from knsparse.im2col import (
     conv2d_via_im2col_ref,
     conv_output_size,
@@ -17,7 +19,6 @@ from knsparse.im2col import (
     rows_to_nchw,
 )
 from knsparse.masks import to_reduction_view
-from native_probes import build_probe
 
 # (kernel, stride, padding, dilation)
 GEOMETRIES = [

@@ -19,11 +19,16 @@ from __future__ import annotations
 
 import functools
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.sparse._semi_structured_conversions import sparse_semi_structured_to_dense_cutlass
+
+from ..im2col import conv_output_size, im2col_rsc, rows_to_nchw
+from ..masks import to_reduction_view
+from ..pack import Packed24, _meta_offsets, pack_24, unpack_24
+from .base import Backend, ConvSpec, LinearSpec
 
 LIBRARY_ENV = "KNSPARSE_CUDA_LIBRARY"
 ACTIVATIONS = ("none", "relu", "gelu")
@@ -32,9 +37,6 @@ SM90_META_BLOCK_K = 128
 SM90_META_BLOCK_ROWS = 64
 # Output columns (tokens) are padded to this many elements by the kernels (16-byte rows).
 COLUMN_ALIGN = 8
-# The reduction length (dense weight columns) each architecture's kernel needs a multiple of:
-# the Ampere threadblock K, the Hopper TMA alignment of the compressed values.
-DEPTH_MULTIPLE = {"sm80": 64, "sm90": 16}
 
 _BUILD_HINT = (
     "build it with `cmake -B build -DCMAKE_BUILD_TYPE=Release && cmake --build build -j` "
@@ -128,23 +130,6 @@ def sparse_gemm_output_like(values: torch.Tensor, x: torch.Tensor) -> torch.Tens
 # --- metadata layouts -------------------------------------------------------------------------
 
 
-def _sm80_meta_positions(rows: int, meta_cols: int) -> torch.Tensor:
-    """Where CUTLASS's Ampere layout stores 16-bit unit ``(m, u)`` of the row-major metadata
-    (``u`` covers dense columns ``16u .. 16u+15``): ``[rows, meta_cols]`` int64 flat offsets.
-
-    From CUTLASS ``reorder_meta`` (rows regrouped in blocks of 32 for the tensor-core fragment
-    order, 2x2 blocks swizzled Z to N) stored ``ColumnMajorInterleaved<2>``.
-    """
-    m = torch.arange(rows).unsqueeze(1)
-    u = torch.arange(meta_cols).unsqueeze(0)
-    dst_row = m // 32 * 32 + (m % 8) * 4 + (m % 32) // 8
-    dst_col = u.expand(rows, meta_cols)
-    swap = ((dst_row % 2 == 0) & (dst_col % 2 == 1)).long() - ((dst_row % 2 == 1) & (dst_col % 2 == 0)).long()
-    dst_row = dst_row + swap
-    dst_col = dst_col - swap
-    return (dst_col // 2) * (2 * rows) + dst_row * 2 + dst_col % 2
-
-
 def _sm90_meta_positions(rows: int, meta_cols: int) -> torch.Tensor:
     """Where CUTLASS's Hopper tensor-E layout stores 16-bit unit ``(m, u)``: int64 offsets in a
     ``[round_up(rows, 64), round_up(depth, 128) / 16]`` int16 buffer.
@@ -154,7 +139,7 @@ def _sm90_meta_positions(rows: int, meta_cols: int) -> torch.Tensor:
     and tiles atoms along rows first, then along columns. With ``m = m0 + 8 m1 + 16 m2 + 64 mb``
     and ``u = k1 + 2 k2 + 2 (K/32) kb`` the 16-bit unit lands at
     ``m1 + 2 k2 + 2n m0 + 16n k1 + 32n m2 + 128n mb + 2n rows_al kb`` with ``n = 128 / 32``.
-    tests/test_knsparse_cuda_meta.py checks this against CUTLASS's own layout object.
+    tests/test_knsparse_cuda.py checks this against CUTLASS's own layout object.
     """
     n = SM90_META_BLOCK_K // 32
     rows_al = _round_up(rows, SM90_META_BLOCK_ROWS)
@@ -187,7 +172,7 @@ def sm90_meta_from_sm80(meta: torch.Tensor) -> torch.Tensor:
     _check_pack_meta(meta)
     rows, meta_cols = meta.shape
     shape = sm90_meta_shape(rows, meta_cols * 16)
-    src = _sm80_meta_positions(rows, meta_cols).reshape(-1).to(meta.device)
+    src = _meta_offsets(rows, meta_cols, 16, meta.device)
     dst = _sm90_meta_positions(rows, meta_cols).reshape(-1).to(meta.device)
     units = torch.zeros(shape[0] * shape[1] // 2, dtype=torch.int16, device=meta.device)
     units[dst] = meta.reshape(-1)[src]
@@ -203,7 +188,7 @@ def sm80_meta_from_sm90(meta: torch.Tensor, rows: int, depth: int) -> torch.Tens
         )
     meta_cols = depth // 16
     src = _sm90_meta_positions(rows, meta_cols).reshape(-1).to(meta.device)
-    dst = _sm80_meta_positions(rows, meta_cols).reshape(-1).to(meta.device)
+    dst = _meta_offsets(rows, meta_cols, 16, meta.device)
     out = torch.empty(rows * meta_cols, dtype=torch.int16, device=meta.device)
     out[dst] = meta.contiguous().view(torch.int16).reshape(-1)[src]
     return out.reshape(rows, meta_cols)
@@ -215,14 +200,6 @@ def meta_arch(device: torch.device | str | int) -> str:
     if device.type == "cuda" and torch.cuda.get_device_capability(device) == (9, 0):
         return "sm90"
     return "sm80"
-
-
-def padded_depth(depth: int, arch: str) -> int:
-    """The reduction length to pack a ``depth``-column weight at for ``arch``: zero columns
-    appended to the weight (valid 2:4 groups) and ``k_pad`` zero columns in im2col."""
-    if arch not in DEPTH_MULTIPLE:
-        raise ValueError(f"arch must be one of {sorted(DEPTH_MULTIPLE)}, got {arch!r}")
-    return _round_up(depth, DEPTH_MULTIPLE[arch])
 
 
 def prepare_meta(meta: torch.Tensor, arch: str | None = None) -> torch.Tensor:
@@ -262,9 +239,10 @@ def _check_gemm_args(
 
 def dense_weight(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
     """The dense ``[rows, depth]`` weight of ``values`` and ``meta`` (either layout)."""
+    rows, depth = values.shape[0], values.shape[1] * 2
     if meta.dtype == torch.uint8:
-        meta = sm80_meta_from_sm90(meta, values.shape[0], values.shape[1] * 2)
-    return sparse_semi_structured_to_dense_cutlass(values, meta)
+        meta = sm80_meta_from_sm90(meta, rows, depth)
+    return unpack_24(Packed24(values, meta, (rows, depth)))
 
 
 def _activate(y: torch.Tensor, activation: str) -> torch.Tensor:
@@ -331,6 +309,120 @@ def im2col_rsc_cuda(
     return torch.ops.knsparse_cuda.im2col_rsc(
         x, list(kernel_size), list(stride), list(padding), list(dilation), k_pad
     )
+
+
+# --- the registry backend ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SparseOperand:
+    """A 2:4 weight ready for :func:`sparse_gemm` on one device.
+
+    ``values [rows_pad, depth_pad/2]`` and ``meta`` (:func:`prepare_meta`) of the weight
+    zero-padded by ``knsparse.pack.pack_24`` to the CUTLASS multiples; ``rows`` and ``depth``
+    are the layer's own sizes.
+    """
+
+    values: torch.Tensor
+    meta: torch.Tensor
+    rows: int
+    depth: int
+
+
+def _padding(spec: ConvSpec) -> tuple[int, int] | str:
+    """Explicit symmetric padding of ``spec``, or why there is none."""
+    if not isinstance(spec.padding, str):
+        return tuple(spec.padding)
+    if spec.padding == "valid":
+        return (0, 0)
+    total = [d * (k - 1) for d, k in zip(spec.dilation, spec.kernel_size, strict=True)]
+    if any(t % 2 for t in total):
+        return f"padding='same' with kernel {spec.kernel_size} pads asymmetrically; im2col pads symmetrically"
+    return (total[0] // 2, total[1] // 2)
+
+
+class KnsparseCudaBackend(Backend):
+    """knsparse's CUTLASS sparse GEMM (fp16/bf16 2:4; Ampere/Ada and Hopper), convolutions as
+    (R,S,C) im2col + sparse GEMM, 1x1 stride-1 convolutions straight on channels-last rows."""
+
+    name = "knsparse-cuda"
+
+    def unavailable_reason(self) -> str | None:
+        return unavailable_reason()
+
+    def _unsupported(self, pattern, dtype: torch.dtype, device: torch.device) -> str | None:
+        if not pattern.is_24:
+            return f"pattern {pattern}: sparse tensor cores execute 2:4 only"
+        if dtype not in (torch.float16, torch.bfloat16):
+            return f"dtype {dtype}: knsparse-cuda runs float16/bfloat16"
+        if device.type != "cuda":
+            return f"weight on {device}, not CUDA"
+        return unavailable_reason(device)
+
+    def linear_unsupported_reason(self, spec: LinearSpec) -> str | None:
+        return self._unsupported(spec.pattern, spec.dtype, spec.device)
+
+    def _prepare(self, w2d: torch.Tensor) -> SparseOperand:
+        packed = pack_24(w2d.contiguous(), pad=True)
+        return SparseOperand(packed.values, prepare_meta(packed.meta), *packed.shape)
+
+    def prepare_linear(self, dense_weight: torch.Tensor) -> SparseOperand:
+        return self._prepare(dense_weight)
+
+    def linear(self, x2d: torch.Tensor, operand: object, bias: torch.Tensor | None) -> torch.Tensor:
+        assert isinstance(operand, SparseOperand)
+        return run_operand(operand, x2d, bias)
+
+    def conv_unsupported_reason(self, spec: ConvSpec) -> str | None:
+        if spec.groups != 1:
+            return f"groups={spec.groups}: the im2col GEMM runs groups=1 only"
+        padding = _padding(spec)
+        if isinstance(padding, str):
+            return padding
+        return self._unsupported(spec.pattern, spec.dtype, spec.device)
+
+    def prepare_conv(self, dense_weight: torch.Tensor) -> SparseOperand:
+        try:
+            return self._prepare(to_reduction_view(dense_weight, "rsc"))
+        except ValueError as exc:
+            raise ValueError(
+                f"knsparse-cuda needs conv weights that are 2:4 in (R,S,C) order (conv_order='rsc'): {exc}"
+            ) from exc
+
+    def conv2d(
+        self, x: torch.Tensor, operand: object, bias: torch.Tensor | None, spec: ConvSpec
+    ) -> torch.Tensor:
+        assert isinstance(operand, SparseOperand)
+        padding = _padding(spec)
+        assert not isinstance(padding, str), padding
+        n, c, h, w = x.shape
+        (kh, kw), (sh, sw), (dh, dw) = spec.kernel_size, spec.stride, spec.dilation
+        p = conv_output_size(h, kh, sh, padding[0], dh)
+        q = conv_output_size(w, kw, sw, padding[1], dw)
+        depth_pad = operand.values.shape[1] * 2
+        direct = spec.kernel_size == (1, 1) and spec.stride == (1, 1) and padding == (0, 0) and depth_pad == c
+        if direct:  # a view for channels-last input, one transpose otherwise
+            rows = x.permute(0, 2, 3, 1).reshape(-1, c)
+        else:
+            rows = im2col_rsc(x, spec.kernel_size, spec.stride, padding, spec.dilation, k_pad=depth_pad)
+        return rows_to_nchw(run_operand(operand, rows, bias), n, p, q)
+
+
+def run_operand(
+    operand: SparseOperand, x2d: torch.Tensor, bias: torch.Tensor | None, activation: str = "none"
+) -> torch.Tensor:
+    """:func:`sparse_gemm` of a padded :class:`SparseOperand`: ``x2d [M, depth]`` (or already
+    ``depth_pad`` wide, as im2col writes it) to ``[M, rows]``."""
+    rows_pad, depth_pad = operand.values.shape[0], operand.values.shape[1] * 2
+    if x2d.shape[-1] != depth_pad:
+        x2d = F.pad(x2d, (0, depth_pad - x2d.shape[-1]))
+    if bias is not None and rows_pad != operand.rows:
+        bias = F.pad(bias, (0, rows_pad - operand.rows))
+    y = sparse_gemm(operand.values, operand.meta, x2d, bias, activation)
+    return y if rows_pad == operand.rows else y[:, : operand.rows]
+
+
+KNSPARSE_CUDA = KnsparseCudaBackend()
 
 
 # Load at import (when built) so the ops exist before any torch.compile trace reaches them.

@@ -1,6 +1,7 @@
-"""knsparse-cuda on CPU: metadata layouts (Ampere against torch's oracle, Hopper against
-CUTLASS's own layout object through a host probe), the sparse GEMM reference twin, argument
-errors, availability reporting and the fake implementation's shape."""
+"""knsparse-cuda on CPU: the Hopper metadata layout against CUTLASS's own layout object (host
+probe), the sparse GEMM reference twin, the backend's Linear/Conv lowering (padding, im2col,
+1x1 direct) run through the reference twin, argument errors, availability reporting and the
+fake implementation's strides."""
 
 from __future__ import annotations
 
@@ -9,10 +10,13 @@ import subprocess
 import pytest
 import torch
 import torch.nn.functional as F
+from native_probes import build_probe
+
+from knsparse.backends import ConvSpec, LinearSpec
 from knsparse.backends import knsparse_cuda as kc
 from knsparse.masks import nm_mask
-from native_probes import build_probe
-from torch.sparse._semi_structured_conversions import sparse_semi_structured_from_dense_cutlass
+from knsparse.pack import pack_24
+from knsparse.pattern import Pattern
 
 SHAPES = [(32, 64), (64, 128), (96, 256), (128, 576), (160, 384)]
 
@@ -25,27 +29,9 @@ def random_24(rows: int, depth: int, dtype=torch.float16, seed: int = 0) -> torc
     return (w * nm_mask(torch.rand(rows, depth, generator=g), "2:4")).to(dtype)
 
 
-def decode_units(plain: torch.Tensor) -> torch.Tensor:
-    """Row-major int16 metadata units -> the kept column of every (row, group, slot)."""
-    bits = plain.to(torch.int32) & 0xFFFF
-    codes = torch.stack([(bits >> (2 * i)) & 0b11 for i in range(8)], dim=-1)  # [rows, units, 8]
-    rows, units = plain.shape
-    slots = codes.reshape(rows, units * 4, 2)  # (idx0, idx1) of every group of 4
-    return slots + 4 * torch.arange(units * 4).reshape(1, -1, 1)
-
-
-@pytest.mark.parametrize(("rows", "depth"), SHAPES)
-def test_sm80_positions_read_torch_cutlass_metadata(rows, depth):
-    dense = random_24(rows, depth)
-    _, meta = sparse_semi_structured_from_dense_cutlass(dense)
-    plain = meta.reshape(-1)[kc._sm80_meta_positions(rows, depth // 16).reshape(-1)].reshape(rows, -1)
-    kept = dense.ne(0).nonzero()[:, 1].reshape(rows, depth // 4, 2)
-    assert torch.equal(decode_units(plain), kept)
-
-
-def test_sm80_positions_are_a_permutation():
-    pos = kc._sm80_meta_positions(96, 24).reshape(-1)
-    assert torch.equal(pos.sort().values, torch.arange(96 * 24))
+def packed(rows: int, depth: int, dtype=torch.float16, seed: int = 0):
+    p = pack_24(random_24(rows, depth, dtype, seed))
+    return p.values, p.meta
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +52,7 @@ def test_sm90_positions_match_cutlass_layout(sm90_probe, rows, depth):
 
 @pytest.mark.parametrize(("rows", "depth"), SHAPES)
 def test_sm90_conversion_round_trips_and_pads_with_zeros(rows, depth):
-    _, meta = sparse_semi_structured_from_dense_cutlass(random_24(rows, depth))
+    _, meta = packed(rows, depth)
     hopper = kc.prepare_meta(meta, arch="sm90")
     assert hopper.dtype == torch.uint8
     assert tuple(hopper.shape) == kc.sm90_meta_shape(rows, depth)
@@ -78,7 +64,7 @@ def test_sm90_conversion_round_trips_and_pads_with_zeros(rows, depth):
 
 
 def test_prepare_meta_keeps_the_ampere_layout():
-    _, meta = sparse_semi_structured_from_dense_cutlass(random_24(32, 64))
+    _, meta = packed(32, 64)
     assert kc.prepare_meta(meta) is meta
     assert kc.prepare_meta(meta, arch="sm80") is meta
 
@@ -101,7 +87,8 @@ def test_prepare_meta_rejects_bad_input(meta, arch, error, match):
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_sparse_gemm_ref_is_the_dense_linear(activation, arch, with_bias):
     dense = random_24(64, 128)
-    values, meta = sparse_semi_structured_from_dense_cutlass(dense)
+    p = pack_24(dense)
+    values, meta = p.values, p.meta
     x = torch.randn(3, 5, 128)
     bias = torch.randn(64) if with_bias else None
     got = kc.sparse_gemm_ref(values, kc.prepare_meta(meta, arch=arch), x, bias, activation)
@@ -118,7 +105,7 @@ def test_float32_values_are_refused():
 
 
 def test_sparse_gemm_ref_returns_the_input_dtype():
-    values, meta = sparse_semi_structured_from_dense_cutlass(random_24(32, 64, dtype=torch.bfloat16))
+    values, meta = packed(32, 64, torch.bfloat16)
     x = torch.randn(4, 64, dtype=torch.bfloat16)
     assert kc.sparse_gemm_ref(values, meta, x).dtype == torch.bfloat16
 
@@ -132,7 +119,7 @@ def test_sparse_gemm_ref_returns_the_input_dtype():
     ],
 )
 def test_sparse_gemm_rejects_bad_arguments(x, bias, activation, match):
-    values, meta = sparse_semi_structured_from_dense_cutlass(random_24(32, 64))
+    values, meta = packed(32, 64)
     with pytest.raises(ValueError, match=match):
         kc.sparse_gemm_ref(values, meta, x, bias, activation)
     with pytest.raises(ValueError, match=match):
@@ -144,7 +131,7 @@ def test_unavailable_backend_says_why():
     reason = kc.unavailable_reason()
     assert reason is not None and "CUDA" in reason
     assert not kc.available()
-    values, meta = sparse_semi_structured_from_dense_cutlass(random_24(32, 64))
+    values, meta = packed(32, 64)
     with pytest.raises(RuntimeError, match="knsparse-cuda backend unavailable: no CUDA device"):
         kc.sparse_gemm(values, meta, torch.randn(4, 64, dtype=torch.float16))
 
@@ -171,15 +158,86 @@ def test_unloadable_library_is_reported(monkeypatch, tmp_path):
         kc._load_error.cache_clear()
 
 
-def test_padded_depth_per_architecture():
-    assert [kc.padded_depth(d, "sm80") for d in (64, 147, 576, 3072)] == [64, 192, 576, 3072]
-    assert [kc.padded_depth(d, "sm90") for d in (64, 147, 576, 3072)] == [64, 160, 576, 3072]
-    with pytest.raises(ValueError, match="arch must be one of"):
-        kc.padded_depth(64, "sm75")
-
-
 def test_fake_output_matches_the_kernel_output_layout():
     values = torch.empty(96, 64, dtype=torch.float16, device="meta")
     x = torch.empty(197, 128, dtype=torch.float16, device="meta")
     out = kc.sparse_gemm_output_like(values, x)
     assert out.shape == (96, 197) and out.stride() == (200, 1)
+
+
+# --- the registry backend, with the kernel replaced by its reference twin ------------------------
+
+
+@pytest.fixture
+def backend_on_reference(monkeypatch):
+    """KNSPARSE_CUDA with sparse_gemm -> sparse_gemm_ref: checks the lowering on CPU."""
+    monkeypatch.setattr(kc, "sparse_gemm", kc.sparse_gemm_ref)
+    return kc.KNSPARSE_CUDA
+
+
+@pytest.mark.parametrize(("out_f", "in_f"), [(64, 128), (20, 40), (96, 72)])
+def test_backend_linear_pads_and_slices(backend_on_reference, out_f, in_f):
+    w = random_24(out_f, in_f, seed=out_f)
+    bias = torch.randn(out_f, dtype=torch.float16)
+    x = torch.randn(7, in_f, dtype=torch.float16)
+    operand = backend_on_reference.prepare_linear(w)
+    assert (operand.rows, operand.depth) == (out_f, in_f)
+    got = backend_on_reference.linear(x, operand, bias)
+    want = F.linear(x.float(), w.float(), bias.float())
+    assert got.shape == (7, out_f)
+    torch.testing.assert_close(got.float(), want, rtol=2e-3, atol=2e-3)
+
+
+CONVS = [
+    # (c_in, c_out, kernel, stride, padding, dilation)
+    (8, 12, (3, 3), (1, 1), (1, 1), (1, 1)),
+    (16, 32, (3, 3), (2, 2), (1, 1), (1, 1)),
+    (64, 32, (1, 1), (1, 1), (0, 0), (1, 1)),  # the direct path: no im2col
+    (16, 32, (1, 1), (1, 1), (0, 0), (1, 1)),  # 1x1 whose depth is padded: im2col path
+    (8, 32, (3, 3), (1, 1), "same", (2, 2)),
+    (12, 32, (5, 3), (2, 1), (2, 0), (1, 2)),
+]
+
+
+@pytest.mark.parametrize(("c_in", "c_out", "kernel", "stride", "padding", "dilation"), CONVS)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_backend_conv_matches_conv2d(
+    backend_on_reference, c_in, c_out, kernel, stride, padding, dilation, channels_last
+):
+    g = torch.Generator().manual_seed(c_in + c_out)
+    weight = torch.randn(c_out, c_in, *kernel, generator=g)
+    weight = (weight * nm_mask(weight.abs(), "2:4")).half()
+    bias = torch.randn(c_out, generator=g).half()
+    x = torch.randn(2, c_in, 9, 10, generator=g).half()
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    spec = ConvSpec(c_out, c_in, kernel, stride, padding, dilation, 1, torch.float16, Pattern(2, 4), x.device)
+    operand = backend_on_reference.prepare_conv(weight)
+    assert operand.depth == c_in * kernel[0] * kernel[1]
+    got = backend_on_reference.conv2d(x, operand, bias, spec)
+    want = F.conv2d(x.float(), weight.float(), bias.float(), stride, padding, dilation)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got.float(), want, rtol=2e-3, atol=2e-3)
+
+
+def test_backend_refuses_crs_grouped_conv_weights():
+    weight = torch.randn(32, 8, 3, 3)
+    weight = (weight * nm_mask(weight.abs(), "2:4", conv_order="crs")).half()
+    assert not torch.equal(weight, weight * nm_mask(weight.abs(), "2:4"))  # not 2:4 in RSC order
+    with pytest.raises(ValueError, match="conv_order='rsc'"):
+        kc.KNSPARSE_CUDA.prepare_conv(weight)
+
+
+def test_backend_reports_what_it_cannot_run():
+    cpu = torch.device("cpu")
+    b = kc.KNSPARSE_CUDA
+    assert "2:4 only" in b.linear_unsupported_reason(LinearSpec(64, 64, torch.float16, Pattern(4, 8), cpu))
+    assert "float16/bfloat16" in b.linear_unsupported_reason(
+        LinearSpec(64, 64, torch.float32, Pattern(2, 4), cpu)
+    )
+    assert "not CUDA" in b.linear_unsupported_reason(LinearSpec(64, 64, torch.float16, Pattern(2, 4), cpu))
+    grouped = ConvSpec(64, 64, (3, 3), (1, 1), (1, 1), (1, 1), 2, torch.float16, Pattern(2, 4), cpu)
+    assert "groups=2" in b.conv_unsupported_reason(grouped)
+    same_even = ConvSpec(64, 64, (2, 2), (1, 1), "same", (1, 1), 1, torch.float16, Pattern(2, 4), cpu)
+    assert "asymmetrically" in b.conv_unsupported_reason(same_even)
+    assert b.name == "knsparse-cuda"
