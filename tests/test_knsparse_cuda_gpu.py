@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from knsparse import backends
 from knsparse.backends import ConvSpec, LinearSpec
 from knsparse.backends import knsparse_cuda as kc
+from knsparse.backends.cutlass_meta import meta_arch, round_up
 from knsparse.im2col import conv_output_size, im2col_rsc, im2col_rsc_ref, rows_to_nchw
 from knsparse.masks import nm_mask, to_reduction_view
 from knsparse.pack import pack_24
@@ -149,7 +150,7 @@ def test_output_is_a_feature_major_view(cuda_backend):
     x = torch.randn(3, 67, 128, device="cuda", dtype=torch.float16)
     out = kc.sparse_gemm(values, meta, x)
     assert out.shape == (3, 67, 256)
-    assert out.reshape(-1, 256).t().stride() == (kc._round_up(3 * 67, kc.COLUMN_ALIGN), 1)
+    assert out.reshape(-1, 256).t().stride() == (round_up(3 * 67, kc.COLUMN_ALIGN), 1)
 
 
 def test_strided_and_misaligned_activations(cuda_backend):
@@ -165,7 +166,7 @@ def test_strided_and_misaligned_activations(cuda_backend):
 def test_wrong_metadata_layout_is_refused(cuda_backend):
     meta = pack_24(masked_weight(64, 128, torch.float16, 2)).meta.cuda()
     values = torch.zeros(64, 64, device="cuda", dtype=torch.float16)
-    other = "sm80" if kc.meta_arch("cuda") == "sm90" else "sm90"
+    other = "sm80" if meta_arch("cuda") == "sm90" else "sm90"
     wrong = kc.prepare_meta(meta, arch=other)
     x = torch.randn(8, 128, device="cuda", dtype=torch.float16)
     with pytest.raises(RuntimeError, match="meta must be"):

@@ -1,5 +1,5 @@
 // Host-only probe of CUTLASS's Hopper sparse metadata layout, used by
-// tests/test_knsparse_cuda.py to check knsparse's Python conversion against CUTLASS itself.
+// tests/test_cutlass_meta.py to check knsparse's Python conversion against CUTLASS itself.
 //
 // Usage: sm90_meta_layout_probe ROWS DEPTH
 // Prints one line per (row, 16-column metadata unit): "row unit offset", where offset is the
