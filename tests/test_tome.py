@@ -62,7 +62,6 @@ def test_matching_agrees_with_loop_reference():
     m = tome.bipartite_soft_matching(metric, 4)
     for row, (kept, merged) in enumerate(_matching_ref(metric, 4)):
         assert set(m.keep[row].tolist()) == kept
-        assert m.keep[row].tolist() == sorted(kept)
         assert dict(zip(m.src[row].tolist(), m.dst[row].tolist(), strict=True)) == merged
 
 

@@ -47,7 +47,7 @@ class Matching:
 
     ``src``: ``[B, r]`` indices into set A (even positions) of the tokens merged away.
     ``dst``: ``[B, r]`` indices into set B (odd positions) they are merged into.
-    ``keep``: ``[B, |A| - r]`` indices into A of the tokens kept, in their original order.
+    ``keep``: ``[B, |A| - r]`` indices into A of the tokens kept (most similar first).
     """
 
     src: torch.Tensor
@@ -63,7 +63,7 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int) -> Matching:
         r: merges to make; at most ``T // 2``.
 
     Returns:
-        A :class:`Matching`. Ties are resolved towards lower indices.
+        A :class:`Matching`. Among exactly tied similarities the choice is unspecified.
     """
     t = metric.shape[1]
     if not 0 <= r <= t // 2:
@@ -71,10 +71,10 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int) -> Matching:
     unit = F.normalize(metric.float(), dim=-1)
     a, b = unit[:, 0::2], unit[:, 1::2]
     best_sim, best_dst = (a @ b.transpose(1, 2)).max(dim=-1)
-    order = torch.sort(best_sim, dim=-1, descending=True, stable=True).indices
+    # A full top-k is a plain sort that exports to ONNX (TopK); a stable sort does not.
+    order = best_sim.topk(best_sim.shape[1], dim=-1).indices
     src = order[:, :r]
-    keep = torch.sort(order[:, r:], dim=-1).values
-    return Matching(src=src, dst=best_dst.gather(1, src), keep=keep)
+    return Matching(src=src, dst=best_dst.gather(1, src), keep=order[:, r:])
 
 
 def merge_tokens(
@@ -88,7 +88,7 @@ def merge_tokens(
         matching: from :func:`bipartite_soft_matching` on the same ``T`` tokens.
 
     Returns:
-        ``(x, size)`` with ``T - r`` tokens: the kept A tokens in order, then all B tokens
+        ``(x, size)`` with ``T - r`` tokens: the kept A tokens, then all B tokens
         (each the size-weighted mean of itself and what was merged into it). ``x`` keeps its
         dtype; the arithmetic runs in float32.
     """
