@@ -6,13 +6,14 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from onnx import TensorProto, helper, numpy_helper
+from torch import nn
+
 from knsparse import tome
 from knsparse.export import ParityError, check, check_markdown, export_onnx, read_metadata
 from knsparse.masks import from_reduction_view, nm_mask
 from knsparse.models import vit_tiny_digits
 from knsparse.models.trainer import apply_masks
-from onnx import TensorProto, helper, numpy_helper
-from torch import nn
 
 
 def _masked(model: nn.Module) -> tuple[nn.Module, dict[str, torch.Tensor]]:
@@ -165,3 +166,23 @@ def test_gpu_providers_are_checked_when_installed(tmp_path):
     assert result.max_abs_diff["CUDAExecutionProvider"] <= 1e-4
     if "TensorrtExecutionProvider" in ort.get_available_providers():
         assert result.max_abs_diff["TensorrtExecutionProvider"] <= 1e-2
+
+
+def test_swapped_model_exports_dense_initializers_with_the_zeros(tmp_path):
+    from knsparse import swap_modules
+
+    torch.manual_seed(0)
+    model = vit_tiny_digits().eval()
+    masks = {
+        n: nm_mask(m.weight.abs(), "4:8")
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Linear) and n.startswith("blocks")
+    }
+    swap_modules(model, masks, pattern="4:8")
+    result = export_onnx(model, torch.randn(2, 1, 8, 8), tmp_path / "swapped.onnx", dynamic_batch=False)
+    assert result.max_abs_diff["CPUExecutionProvider"] <= 1e-4 and result.batch_sizes_checked == [2]
+    records = {r.layer: r for r in result.layers}
+    assert records["blocks.2.attn.proj"].pattern == "4:8" and records["head"].pattern == "dense"
+    by_layer = {c.layer: c for c in check(result.path) if c.layer}
+    assert not by_layer["blocks.2.attn.proj"].is_24  # 4:8 is not 2:4 for TensorRT
+    assert "groups of 4" in by_layer["blocks.2.attn.proj"].reason

@@ -6,11 +6,12 @@ import itertools
 
 import pytest
 import torch
+from torch import nn
+
 from knsparse import tome
 from knsparse.macs import macs
 from knsparse.masks import nm_mask
 from knsparse.models import resnet50, resnet_tiny_digits, vit_base_patch16_224, vit_tiny_digits
-from torch import nn
 
 
 def _vit_tiny_hand_count(tokens: list[int], batch: int = 1) -> int:
@@ -101,3 +102,22 @@ def test_bad_arguments():
         macs(model, (8, 8))
     with pytest.raises(ValueError, match="k:n"):
         macs(model, (1, 8, 8), pattern="unstructured")
+
+
+def test_swapped_sparse_modules_count_as_reduced():
+    from knsparse import swap_modules
+
+    torch.manual_seed(0)
+    model = vit_tiny_digits().eval()
+    masks = {
+        n: nm_mask(m.weight.abs(), "2:4")
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Linear) and n.startswith("blocks")
+    }
+    from_masks = macs(model, (1, 8, 8), masks=masks)
+    swap_modules(model, masks)
+    swapped = macs(model, (1, 8, 8))
+    assert swapped.sparse_total == from_masks.sparse_total < swapped.dense_total
+    rows = {r.name: r for r in swapped.layers}
+    assert rows["blocks.0.mlp.fc2"].executor == "sparse 2:4 (reference)"
+    assert rows["head"].executor == "dense"

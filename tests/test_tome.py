@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from knsparse import tome
 from knsparse.models import resnet_tiny_digits, vit_tiny_digits
 
@@ -167,3 +168,27 @@ def test_timm_vit_fused_and_unfused_attention():
             b.attn.fused_attn = False
         unfused = model(x)
     torch.testing.assert_close(fused, unfused, rtol=1e-4, atol=1e-4)
+
+
+def test_works_with_sparse_linear_inside_the_blocks():
+    from knsparse import nm_mask, swap_modules
+    from knsparse.models import apply_masks
+
+    masked = _vit()
+    masks = {
+        n: nm_mask(m.weight.abs(), "2:4")
+        for n, m in masked.named_modules()
+        if n.startswith("blocks.") and isinstance(m, torch.nn.Linear)
+    }
+    apply_masks(masked, masks)
+    swapped = _vit()
+    swap_modules(swapped, masks)
+    x = torch.randn(3, 1, 8, 8)
+    with torch.no_grad():
+        plain = swapped(x)
+        tome.apply(swapped, 0)
+        assert torch.equal(swapped(x), plain)
+        tome.apply(swapped, 4)
+        tome.apply(masked, 4)
+        torch.testing.assert_close(swapped(x), masked(x))
+    assert type(swapped.blocks[0].attn.qkv).__name__ == "SparseLinear"

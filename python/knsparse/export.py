@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from .masks import check_groupable, group_nonzeros, is_nm
+from .modules import SparseConv2d, SparseLinear, sparse_layers
 from .pattern import Pattern
 from .provenance import package_version
 
@@ -88,16 +89,8 @@ class InitializerCheck:
 # ----------------------------------------------------------------------------- export
 
 
-def _sparse_module_classes() -> tuple[type, ...]:
-    try:
-        from . import modules
-    except ImportError:
-        return ()
-    return tuple(getattr(modules, n) for n in ("SparseLinear", "SparseConv2d") if hasattr(modules, n))
-
-
 def _weight_layers(model: nn.Module) -> dict[str, nn.Module]:
-    kinds = (nn.Linear, nn.Conv2d, *_sparse_module_classes())
+    kinds = (nn.Linear, nn.Conv2d, SparseLinear, SparseConv2d)
     return {n: m for n, m in model.named_modules() if isinstance(m, kinds) and n}
 
 
@@ -142,12 +135,9 @@ def _load_initializers(proto) -> dict[str, np.ndarray]:
 def _export_copy(model: nn.Module) -> nn.Module:
     """A deep copy in eval mode where sparse modules are plain Linear/Conv2d with their dense weight."""
     copied = copy.deepcopy(model).eval()
-    sparse_classes = _sparse_module_classes()
-    for name, module in list(copied.named_modules()):
-        if name and isinstance(module, sparse_classes):
-            parent_name, _, child = name.rpartition(".")
-            parent = copied.get_submodule(parent_name) if parent_name else copied
-            setattr(parent, child, module.to_dense_module())
+    for name, module in sparse_layers(copied).items():
+        parent_name, _, child = name.rpartition(".")
+        setattr(copied.get_submodule(parent_name) if parent_name else copied, child, module.to_dense())
     return copied
 
 
@@ -278,7 +268,7 @@ def export_onnx(
             notes.append(f"{name} exporter failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
             if i == len(order) - 1:
                 raise RuntimeError("ONNX export failed: " + "; ".join(notes)) from exc
-    layers = _record_layers(export_model, path, dict(permutations or {}))
+    layers = _record_layers(model, export_model, path, dict(permutations or {}))
     result = ExportResult(str(path), used, written_opset, layers, notes=notes)
     if check:
         import onnx
@@ -299,20 +289,26 @@ def export_onnx(
     return result
 
 
-def _record_layers(model: nn.Module, path: Path, permutations: dict[str, Sequence[int]]) -> list[LayerRecord]:
-    """Find each weight layer's initializer and write the knsparse metadata into ``path``."""
+def _record_layers(
+    model: nn.Module, exported: nn.Module, path: Path, permutations: dict[str, Sequence[int]]
+) -> list[LayerRecord]:
+    """Find each weight layer's initializer and write the knsparse metadata into ``path``.
+
+    ``exported`` is ``model``'s dense export copy (same layer names).
+    """
     import onnx
 
     proto = onnx.load(str(path))
     inits = _load_initializers(proto)
     layers = _weight_layers(model)
+    dense_layers = dict(exported.named_modules())
     unknown = sorted(set(permutations) - set(layers))
     if unknown:
         raise ValueError(f"permutations name layers the model does not have: {unknown[:5]}")
     used: set[str] = set()
     records = []
     for name, module in layers.items():
-        weight = module.weight.detach().float().cpu()
+        weight = dense_layers[name].weight.detach().float().cpu()
         init, transposed = _match_initializer(weight.numpy(), inits, used)
         if init is not None:
             used.add(init)

@@ -29,7 +29,8 @@ import torch
 from torch import nn
 
 from . import tome
-from .masks import is_nm
+from .modules import SparseConv2d, SparseLinear
+from .modules import _skip_reason as swap_skip_reason
 from .pattern import Pattern
 
 # (layer name, module, mask) -> None if a sparse backend would run the layer, else the reason.
@@ -171,22 +172,15 @@ def _is_attention(module: nn.Module) -> bool:
 
 
 def default_eligibility(pattern: str | Pattern = "2:4") -> EligibilityRule:
-    """The swap rule for masks: a ``Linear``/``Conv2d`` whose mask is ``pattern`` (R,S,C order)."""
+    """:func:`knsparse.swap_modules`' rule: a ``Linear``/``Conv2d`` it would swap for this mask."""
     pattern = Pattern.parse(pattern)
 
     def rule(name: str, module: nn.Module, mask: torch.Tensor) -> str | None:
         if not isinstance(module, (nn.Linear, nn.Conv2d)):
             return f"{type(module).__name__} is not a Linear or Conv2d"
-        if not is_nm(mask, pattern):
-            return f"mask is not {pattern} along the reduction axis"
-        return None
+        return swap_skip_reason(name, module, mask.bool(), pattern, "rsc")
 
     return rule
-
-
-def _sparse_executor(module: nn.Module) -> tuple[Pattern, str]:
-    pattern = Pattern.parse(str(module.pattern))
-    return pattern, f"sparse {pattern} ({module.backend_name})"
 
 
 @contextmanager
@@ -294,7 +288,6 @@ def _count(
     pattern: Pattern,
 ) -> list[LayerMacs]:
     """One hooked forward pass of ``x``; a row per weight layer call and per attention call."""
-    sparse_classes = _sparse_module_classes()
     rows: list[LayerMacs] = []
     counted: set[str] = set()
 
@@ -302,9 +295,9 @@ def _count(
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
             dense = _weight_macs(kind, module, args[0], output)
             executor, sparse, note = "dense", dense, ""
-            if isinstance(module, sparse_classes):
-                layer_pattern, executor = _sparse_executor(module)
-                sparse = dense * layer_pattern.k // layer_pattern.n
+            if isinstance(module, (SparseLinear, SparseConv2d)):
+                executor = f"sparse {module.pattern} ({module.active_backend})"
+                sparse = dense * module.pattern.k // module.pattern.n
             elif name in masks:
                 note = rule(name, module, masks[name]) or ""
                 if not note:
