@@ -4,12 +4,24 @@ from __future__ import annotations
 
 import platform
 import subprocess
+import sys
+from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
 import torch
 
-_LIBRARIES = ("knsparse", "torch", "triton", "numpy", "onnx", "onnxruntime", "onnxscript", "timm")
+_LIBRARIES = (
+    "knsparse",
+    "torch",
+    "triton",
+    "numpy",
+    "scikit-learn",
+    "onnx",
+    "onnxruntime",
+    "onnxscript",
+    "timm",
+)
 
 
 def package_version(name: str = "knsparse") -> str:
@@ -54,14 +66,23 @@ def device_name(device: torch.device | str | None = None) -> str:
                 break
     except OSError:
         pass
-    return f"CPU: {cpu}, {torch.get_num_threads()} torch threads"
+    return f"CPU: {cpu}"
 
 
 def environment(device: torch.device | str | None = None) -> dict:
-    """Device, Python/library versions (CUDA and cuSPARSELt where present) and git commit."""
-    versions = {"python": platform.python_version(), **{lib: package_version(lib) for lib in _LIBRARIES}}
+    """Device, thread count, Python/library versions (CUDA and cuSPARSELt where present),
+    git commit, UTC date and command line of this run."""
+    versions = {"python": platform.python_version()}
+    versions.update({lib: v for lib in _LIBRARIES if (v := package_version(lib)) != "not installed"})
     if torch.version.cuda:
         versions["cuda"] = torch.version.cuda
     if torch.cuda.is_available() and hasattr(torch.backends, "cusparselt"):
         versions["cusparselt"] = str(torch.backends.cusparselt.version())
-    return {"device": device_name(device), "versions": versions, "commit": git_commit()}
+    return {
+        "device": device_name(device),
+        "torch_threads": torch.get_num_threads(),
+        "versions": versions,
+        "commit": git_commit(),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "argv": sys.argv,
+    }
