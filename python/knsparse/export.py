@@ -16,7 +16,6 @@ applied channel permutation in the model's ``metadata_props`` (key ``"knsparse"`
 
 from __future__ import annotations
 
-import copy
 import json
 import warnings
 from collections.abc import Mapping, Sequence
@@ -27,8 +26,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from .densify import dense_copy
 from .masks import check_groupable, group_nonzeros, is_nm
-from .modules import SparseConv2d, SparseLinear, sparse_layers
+from .modules import SparseConv2d, SparseLinear
 from .pattern import Pattern
 from .provenance import package_version
 
@@ -130,15 +130,6 @@ def _load_initializers(proto) -> dict[str, np.ndarray]:
     from onnx import numpy_helper
 
     return {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
-
-
-def _export_copy(model: nn.Module) -> nn.Module:
-    """A deep copy in eval mode where sparse modules are plain Linear/Conv2d with their dense weight."""
-    copied = copy.deepcopy(model).eval()
-    for name, module in sparse_layers(copied).items():
-        parent_name, _, child = name.rpartition(".")
-        setattr(copied.get_submodule(parent_name) if parent_name else copied, child, module.to_dense())
-    return copied
 
 
 def _torch_export(
@@ -257,7 +248,7 @@ def export_onnx(
         )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    export_model = _export_copy(model)
+    export_model = dense_copy(model).eval()
     order = ["torchscript", "dynamo"] if exporter == "auto" else [exporter]
     notes: list[str] = []
     for i, name in enumerate(order):
