@@ -131,36 +131,7 @@ class AuditResult:
 
     def plot(self, path: str | Path) -> Path:
         """PNG of the median speed-up (10%–90% bars) against batch size."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        rows = [r for r in self.rows if r.speedup is not None]
-        fig, ax = plt.subplots(figsize=(6, 4))
-        if rows:
-            xs = [r.batch for r in rows]
-            med = [r.speedup.median for r in rows]
-            err = [
-                [r.speedup.median - r.speedup.q10 for r in rows],
-                [r.speedup.q90 - r.speedup.median for r in rows],
-            ]
-            ax.errorbar(xs, med, yerr=err, marker="o", capsize=3, label=f"{self.checkpoint} ({self.pattern})")
-            ax.set_xscale("log", base=2)
-        ax.axhline(1.0, color="grey", linestyle="--", linewidth=1)
-        ax.set_xlabel("batch size")
-        ax.set_ylabel("sparse / dense throughput")
-        title = f"{self.checkpoint}: {self.device}, {self.dtype}"
-        if self.device.startswith("CPU"):
-            title += "\n(reference path, no sparse tensor cores)"
-        ax.set_title(title, fontsize=9)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        return path
+        return plot_speedup([self], path)
 
     def save(self, directory: str | Path, stem: str = "audit") -> dict[str, Path]:
         """Write ``<stem>.md``, ``<stem>.json`` and ``<stem>.png`` into ``directory``."""
@@ -171,6 +142,44 @@ class AuditResult:
         paths["json"].write_text(json.dumps(self.to_dict(), indent=2) + "\n")
         paths["png"] = self.plot(directory / f"{stem}.png")
         return paths
+
+
+def plot_speedup(results: Sequence[AuditResult], path: str | Path) -> Path:
+    """One PNG: median sparse/dense throughput ratio (10%–90% bars) against batch size,
+    a line per audit."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for result in results:
+        rows = [r for r in result.rows if r.speedup is not None]
+        if not rows:
+            continue
+        med = [r.speedup.median for r in rows]
+        err = [
+            [r.speedup.median - r.speedup.q10 for r in rows],
+            [r.speedup.q90 - r.speedup.median for r in rows],
+        ]
+        label = f"{result.checkpoint} ({result.pattern}, {result.dtype})"
+        ax.errorbar([r.batch for r in rows], med, yerr=err, marker="o", capsize=3, label=label)
+    ax.set_xscale("log", base=2)
+    ax.axhline(1.0, color="grey", linestyle="--", linewidth=1)
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("sparse / dense throughput")
+    devices = sorted({r.device for r in results})
+    title = ", ".join(devices)
+    if any(d.startswith("CPU") for d in devices):
+        title += "\n(CPU: reference path, no sparse tensor cores measured)"
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 # ---------------------------------------------------------------------------- building
