@@ -104,20 +104,22 @@ def test_bad_arguments():
         macs(model, (1, 8, 8), pattern="unstructured")
 
 
-def test_swapped_sparse_modules_count_as_reduced():
+@pytest.mark.parametrize("build", [vit_tiny_digits, resnet_tiny_digits])
+def test_swapped_sparse_modules_count_as_reduced(build):
     from knsparse import swap_modules
 
     torch.manual_seed(0)
-    model = vit_tiny_digits().eval()
+    model = build().eval()
     masks = {
         n: nm_mask(m.weight.abs(), "2:4")
         for n, m in model.named_modules()
-        if isinstance(m, nn.Linear) and n.startswith("blocks")
+        if isinstance(m, (nn.Linear, nn.Conv2d)) and n.startswith(("blocks", "layer"))
     }
     from_masks = macs(model, (1, 8, 8), masks=masks)
     swap_modules(model, masks)
     swapped = macs(model, (1, 8, 8))
+    assert swapped.dense_total == from_masks.dense_total
     assert swapped.sparse_total == from_masks.sparse_total < swapped.dense_total
     rows = {r.name: r for r in swapped.layers}
-    assert rows["blocks.0.mlp.fc2"].executor == "sparse 2:4 (reference)"
-    assert rows["head"].executor == "dense"
+    assert all(rows[n].executor == "sparse 2:4 (reference)" for n in masks)
+    assert rows["head" if "head" in rows else "fc"].executor == "dense"

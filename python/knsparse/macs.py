@@ -164,7 +164,8 @@ def _layer_kind(module: nn.Module) -> str | None:
 def _weight_macs(kind: str, module: nn.Module, inputs: torch.Tensor, output: torch.Tensor) -> int:
     if kind == "linear":
         return (inputs.numel() // module.in_features) * module.in_features * module.out_features
-    return output.numel() * (module.in_channels // module.groups) * math.prod(module.kernel_size)
+    groups = getattr(module, "groups", 1)  # SparseConv2d is always ungrouped
+    return output.numel() * (module.in_channels // groups) * math.prod(module.kernel_size)
 
 
 def _is_attention(module: nn.Module) -> bool:
