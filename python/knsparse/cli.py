@@ -283,7 +283,9 @@ def _cmd_audit(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .report import build_report
 
-    report = build_report(args.out, seed=args.seed, pattern=args.pattern, progress=not args.quiet)
+    report = build_report(
+        args.out, seed=args.seed, pattern=args.pattern, batch_sizes=args.batch_sizes, progress=not args.quiet
+    )
     for s in report.sections:
         p = s.prune
         print(
@@ -423,6 +425,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="knsparse-report", help="report folder (default knsparse-report)")
     p.add_argument("--seed", type=int, default=0, help="data split and training seed (default 0)")
     p.add_argument("--pattern", type=_pattern, default="2:4", help="k:n pattern (default 2:4)")
+    p.add_argument(
+        "--batch-sizes",
+        type=_batch_sizes,
+        default=(1, 8, 32, 64, 128),
+        help="audit batch sizes, comma-separated (default 1,8,32,64,128)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_demo)
     return parser

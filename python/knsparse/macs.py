@@ -261,18 +261,20 @@ def macs(
     if pattern.is_unstructured:
         raise ValueError("sparse execution needs a k:n pattern; 'unstructured' has no sparse kernel")
     masks = dict(masks or {})
-    unknown = sorted(set(masks) - {name for name, _ in model.named_modules()})
+    named = dict(model.named_modules())
+    unknown = sorted(set(masks) - set(named))
     if unknown:
         raise ValueError(f"masks name layers the model does not have: {unknown[:5]}")
     rule = eligible or default_eligibility(pattern)
+    why_dense = {name: rule(name, named[name], mask) or "" for name, mask in masks.items()}
     x = _example_input(model, input_shape)
     with _eval_mode(model), torch.no_grad(), _merging(model, tome_r):
-        rows = _count(model, x, masks, rule, pattern)
+        rows = _count(model, x, why_dense, pattern)
         merges = tuple(tome.merges_per_block(model))
         unmerged = sum(r.dense for r in rows)
         if any(merges):
             with _merging_removed(model):
-                unmerged = sum(r.dense for r in _count(model, x, masks, rule, pattern))
+                unmerged = sum(r.dense for r in _count(model, x, why_dense, pattern))
     never_ran = sorted(set(masks) - {r.name for r in rows})
     if never_ran:
         raise ValueError(
@@ -284,11 +286,13 @@ def macs(
 def _count(
     model: nn.Module,
     x: torch.Tensor,
-    masks: Mapping[str, torch.Tensor],
-    rule: EligibilityRule,
+    why_dense: Mapping[str, str],
     pattern: Pattern,
 ) -> list[LayerMacs]:
-    """One hooked forward pass of ``x``; a row per weight layer call and per attention call."""
+    """One hooked forward pass of ``x``; a row per weight layer call and per attention call.
+
+    ``why_dense``: for every masked layer, why it stays dense ("" if a backend would take it).
+    """
     rows: list[LayerMacs] = []
     counted: set[str] = set()
 
@@ -299,8 +303,8 @@ def _count(
             if isinstance(module, (SparseLinear, SparseConv2d)):
                 executor = f"sparse {module.pattern} ({module.active_backend})"
                 sparse = dense * module.pattern.k // module.pattern.n
-            elif name in masks:
-                note = rule(name, module, masks[name]) or ""
+            elif name in why_dense:
+                note = why_dense[name]
                 if not note:
                     executor, sparse = f"sparse {pattern} (mask)", dense * pattern.k // pattern.n
             rows.append(LayerMacs(name, kind, dense, sparse, executor, note))

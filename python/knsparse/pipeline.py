@@ -37,7 +37,8 @@ class PruneOutcome:
     accuracy_swapped: float | None = None
 
     def describe(self) -> str:
-        repair = f", then {self.repair_epochs} epochs of masked fine-tuning" if self.repair_epochs else ""
+        epochs = f"{self.repair_epochs} epoch{'s' if self.repair_epochs != 1 else ''}"
+        repair = f", then {epochs} of masked fine-tuning" if self.repair_epochs else ""
         return f"{self.method} {self.pattern} masks{repair}, swapped to sparse modules"
 
 
