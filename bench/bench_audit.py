@@ -1,8 +1,9 @@
 """Dense vs 2:4 sparse throughput of the same weights, per batch size.
 
 On CUDA: ViT-B/16 and ResNet-50 at 224 px (random weights, magnitude 2:4), fp16, CUDA graphs.
-On CPU: the built-in digits models (trained or cached), float32 reference path — this measures
-the code path only; no sparse tensor cores are involved.
+On CPU: the built-in digits models (trained or cached), float32 reference path, one torch
+thread (their matrices are too small for a second one) — this measures the code path only;
+no sparse tensor cores are involved.
 
 Run: python bench/bench_audit.py   → bench/results/audit_<cuda|cpu>.json (+ .md, .png beside it)
 """
@@ -26,6 +27,7 @@ def _models() -> list[tuple[str, torch.nn.Module, tuple[int, int, int]]]:
             ("vit_base_patch16_224", vit_base_patch16_224().eval(), (3, 224, 224)),
             ("resnet50", resnet50().eval(), (3, 224, 224)),
         ]
+    torch.set_num_threads(1)
     return [(name, pretrained(name), (1, 8, 8)) for name in ("vit_tiny_digits", "resnet_tiny_digits")]
 
 
