@@ -29,8 +29,7 @@ import torch
 from torch import nn
 
 from . import tome
-from .modules import SparseConv2d, SparseLinear
-from .modules import _skip_reason as swap_skip_reason
+from .modules import SparseConv2d, SparseLinear, swap_ineligibility
 from .pattern import Pattern
 
 # (layer name, module, mask) -> None if a sparse backend would run the layer, else the reason.
@@ -179,7 +178,7 @@ def default_eligibility(pattern: str | Pattern = "2:4") -> EligibilityRule:
     def rule(name: str, module: nn.Module, mask: torch.Tensor) -> str | None:
         if not isinstance(module, (nn.Linear, nn.Conv2d)):
             return f"{type(module).__name__} is not a Linear or Conv2d"
-        return swap_skip_reason(name, module, mask.bool(), pattern, "rsc")
+        return swap_ineligibility(name, module, mask.bool(), pattern, "rsc")
 
     return rule
 

@@ -329,7 +329,7 @@ def _matches(name: str, patterns: Iterable[str] | None) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns or ())
 
 
-def _skip_reason(
+def swap_ineligibility(
     name: str, module: nn.Module, mask: torch.Tensor, pattern: Pattern, conv_order: ConvOrder
 ) -> str | None:
     """Why a correctly-shaped request is not swapped (the layer then stays as it is)."""
@@ -347,7 +347,7 @@ def _skip_reason(
     return None
 
 
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
@@ -403,7 +403,7 @@ def swap_modules(
         if _matches(name, exclude):
             report.skipped[name] = "matched by exclude"
             continue
-        reason = _skip_reason(name, module, mask, pattern, conv_order)
+        reason = swap_ineligibility(name, module, mask, pattern, conv_order)
         if reason is None and backend == "auto" and module.weight.device.type == "cuda":
             chosen, why = backends.resolve("auto", _spec_of(module, pattern))
             reason = None if chosen is not None else f"no sparse backend runs it: {why}"
@@ -417,7 +417,7 @@ def swap_modules(
         replacements[name] = new
         report.swapped[name] = new.active_backend
     for name, new in replacements.items():
-        _set_submodule(model, name, new)
+        set_submodule(model, name, new)
     return report
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ..pack import _meta_offsets
+from ..pack import cutlass_meta_offsets
 
 # Must match kSm90MetaBlockK / kSm90MetaBlockRows in csrc/knsparse_cuda.h.
 SM90_META_BLOCK_K = 128
@@ -65,7 +65,7 @@ def sm90_meta_from_sm80(meta: torch.Tensor) -> torch.Tensor:
     _check_pack_meta(meta)
     rows, meta_cols = meta.shape
     shape = sm90_meta_shape(rows, meta_cols * 16)
-    src = _meta_offsets(rows, meta_cols, 16, meta.device)
+    src = cutlass_meta_offsets(rows, meta_cols, 16, meta.device)
     dst = _sm90_meta_positions(rows, meta_cols).reshape(-1).to(meta.device)
     units = torch.zeros(shape[0] * shape[1] // 2, dtype=torch.int16, device=meta.device)
     units[dst] = meta.reshape(-1)[src]
@@ -81,7 +81,7 @@ def sm80_meta_from_sm90(meta: torch.Tensor, rows: int, depth: int) -> torch.Tens
         )
     meta_cols = depth // 16
     src = _sm90_meta_positions(rows, meta_cols).reshape(-1).to(meta.device)
-    dst = _meta_offsets(rows, meta_cols, 16, meta.device)
+    dst = cutlass_meta_offsets(rows, meta_cols, 16, meta.device)
     out = torch.empty(rows * meta_cols, dtype=torch.int16, device=meta.device)
     out[dst] = meta.contiguous().view(torch.int16).reshape(-1)[src]
     return out.reshape(rows, meta_cols)
