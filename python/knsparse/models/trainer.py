@@ -1,0 +1,147 @@
+"""Seeded training and evaluation of the built-in models on the bundled digits.
+
+``pretrained(name)`` trains a model once and caches its weights as safetensors under
+``$KNSPARSE_CACHE`` (default ``~/.cache/knsparse``); later calls load the cached file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from .digits import DigitsSplit, load_digits_split
+from .resnet import resnet_tiny_digits
+from .vit import vit_tiny_digits
+
+
+@dataclass(frozen=True)
+class Recipe:
+    epochs: int
+    lr: float
+    weight_decay: float = 0.05
+    batch_size: int = 64
+
+
+RECIPES: dict[str, tuple[Callable[[], nn.Module], Recipe]] = {
+    "vit_tiny_digits": (vit_tiny_digits, Recipe(epochs=30, lr=2e-3)),
+    "resnet_tiny_digits": (resnet_tiny_digits, Recipe(epochs=15, lr=3e-3, weight_decay=1e-4)),
+}
+
+
+def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
+    """Zero the pruned weights in place: ``masks`` maps module names to bool masks of their weight."""
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for name, mask in masks.items():
+            if name not in modules or not hasattr(modules[name], "weight"):
+                raise ValueError(f"mask given for {name!r}, which is not a module with a weight")
+            weight = modules[name].weight
+            if mask.shape != weight.shape:
+                raise ValueError(
+                    f"layer {name!r}: mask shape {tuple(mask.shape)} != weight shape {tuple(weight.shape)}"
+                )
+            weight.mul_(mask.to(weight.device, weight.dtype))
+
+
+def train(
+    model: nn.Module,
+    data: DigitsSplit,
+    epochs: int,
+    lr: float = 2e-3,
+    weight_decay: float = 0.05,
+    batch_size: int = 64,
+    masks: Mapping[str, torch.Tensor] | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    desc: str = "train",
+) -> nn.Module:
+    """AdamW with a cosine schedule and label smoothing; returns ``model`` (trained in place).
+
+    ``masks`` keeps a sparsity pattern fixed: pruned weights are zeroed before training and
+    after every optimiser step.
+    """
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    steps_per_epoch = -(-len(data.x_train) // batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=lr, total_steps=epochs * steps_per_epoch, pct_start=0.15
+    )
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=0.1)
+    if masks:
+        apply_masks(model, masks)
+    model.train()
+    for _ in tqdm(range(epochs), desc=desc, disable=not progress, leave=False):
+        order = torch.randperm(len(data.x_train), generator=g)
+        for idx in order.split(batch_size):
+            loss = loss_fn(model(data.x_train[idx]), data.y_train[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            if masks:
+                apply_masks(model, masks)
+    model.eval()
+    return model
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512) -> float:
+    """Top-1 accuracy in [0, 1]."""
+    model.eval()
+    correct = 0
+    for xb, yb in zip(x.split(batch_size), y.split(batch_size), strict=True):
+        correct += (model(xb).argmax(-1) == yb).sum().item()
+    return correct / len(y)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("KNSPARSE_CACHE", Path.home() / ".cache" / "knsparse"))
+
+
+def _checkpoint_path(name: str, seed: int) -> Path:
+    build, recipe = RECIPES[name]
+    # The file name carries a hash of the recipe and the parameter shapes, so a changed
+    # model definition or recipe never loads a stale checkpoint.
+    shapes = {k: list(v.shape) for k, v in build().state_dict().items()}
+    key = json.dumps({"recipe": asdict(recipe), "shapes": shapes, "seed": seed}, sort_keys=True)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    return cache_dir() / f"{name}-seed{seed}-{digest}.safetensors"
+
+
+def pretrained(name: str, seed: int = 0, progress: bool = True) -> nn.Module:
+    """A built-in model trained on the digits split of ``seed`` (cached after the first call)."""
+    if name not in RECIPES:
+        raise ValueError(f"unknown built-in model {name!r}; choose from {sorted(RECIPES)}")
+    build, recipe = RECIPES[name]
+    path = _checkpoint_path(name, seed)
+    torch.manual_seed(seed)
+    model = build()
+    if path.exists():
+        model.load_state_dict(load_file(str(path)))
+        return model.eval()
+    train(
+        model,
+        load_digits_split(seed),
+        recipe.epochs,
+        recipe.lr,
+        recipe.weight_decay,
+        recipe.batch_size,
+        seed=seed,
+        progress=progress,
+        desc=f"train {name}",
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
+    tmp.replace(path)
+    return model
