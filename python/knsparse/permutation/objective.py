@@ -103,16 +103,16 @@ def stacked_search_matrix(
 
 
 def kept_score(matrix: torch.Tensor, pattern: Pattern, perm: torch.Tensor | None = None) -> float:
-    """Score kept by k:n masking of ``matrix[:, perm]`` (float64 sum)."""
+    """Score kept by k:n masking of ``matrix[:, perm]`` (per-group sums in float32, total in float64)."""
     m = matrix if perm is None else matrix[:, perm]
     rows, cols = m.shape
-    return topk_sum(m.double().reshape(rows, cols // pattern.n, pattern.n), pattern.k).sum().item()
+    return topk_sum(m.reshape(rows, cols // pattern.n, pattern.n), pattern.k).double().sum().item()
 
 
 def optimal_kept(matrix: torch.Tensor, pattern: Pattern) -> float:
     """Upper bound: per row, the ``k/n`` fraction of largest scores without group constraint."""
     keep = matrix.shape[1] * pattern.k // pattern.n
-    return topk_sum(matrix.double(), keep).sum().item()
+    return topk_sum(matrix, keep).double().sum().item()
 
 
 def efficacy(kept_before: float, kept_after: float, kept_optimal: float) -> float:

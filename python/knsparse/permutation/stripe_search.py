@@ -318,17 +318,22 @@ class StripeSearch:
         self.mark_changed(stripes)
 
     # -- driver --------------------------------------------------------------------------
-    def local_search(self, deadline: float) -> None:
-        """Swap rounds, then window rounds, until neither improves or time runs out."""
-        while time.perf_counter() < deadline and (self.swap_round() or self.window_round()):
+    def local_search(self, deadline: float, windows: bool = True) -> None:
+        """Swap rounds, then (if ``windows``) window rounds, until neither improves or time
+        runs out."""
+        while time.perf_counter() < deadline and (self.swap_round() or (windows and self.window_round())):
             pass
 
-    def run(self, deadline: float, max_iters: int, walk: int, kick_swaps: int) -> torch.Tensor:
-        """Local search; then tabu walks, each started from the best permutation so far by a
-        random kick, for ``max_iters`` tabu steps in all; a last local search; returns ``cols``."""
+    def run(self, deadline: float, max_iters: int, walk: int, kick_swaps: int, first: bool) -> torch.Tensor:
+        """Swap rounds; tabu walks, each started from the best permutation so far by a random
+        kick, for ``max_iters`` tabu steps in all; then swap and window rounds from the best.
+        Window rounds cost ``O(R * pairs * candidates)``, so they polish only at the end.
+        ``first``: do one swap round even past the deadline. Returns ``cols``."""
         if self.g < 2:
             return self.cols
-        self.local_search(deadline)
+        if first:
+            self.swap_round()
+        self.local_search(deadline, windows=False)
         best, best_cols = self.total(), self.cols.clone()
         lo = max(2, self.g * self.n // 16)
         while self.tabu_steps < max_iters and time.perf_counter() < deadline:
@@ -371,7 +376,9 @@ def search(
         conv_order: conv grouping; channel permutation needs ``"rsc"`` for kernels > 1x1.
         names: layer names for error messages.
         seed: seeds the blocks, tabu tenures and kicks.
-        time_budget_s: wall-clock cap in seconds (checked between steps), ``None`` for none.
+        time_budget_s: wall-clock cap in seconds, checked between steps; one swap round on the
+            first block always runs, so ``0`` gives a quick deterministic improvement.
+            ``None``: no cap.
         max_iters: tabu steps per block and pass (0: greedy swap/window rounds only).
         passes: how many times the stripes are dealt into fresh random blocks.
         block_stripes: stripes searched together (``n * block_stripes`` columns).
@@ -404,17 +411,21 @@ def search(
     stripes = matrix.shape[1] // pattern.n
     cols = torch.arange(matrix.shape[1], device=matrix.device).view(stripes, pattern.n)
     n_blocks = math.ceil(stripes / block_stripes)
-    steps = 0
+    steps, searched = 0, False
     with tqdm(total=passes * n_blocks, desc="permutation search", disable=not progress) as bar:
         for _ in range(passes if n_blocks > 1 else 1):
             order = torch.randperm(stripes, generator=gen) if n_blocks > 1 else torch.arange(stripes)
             for block in order.tensor_split(n_blocks):
+                bar.update()
+                first = not searched
+                if time.perf_counter() >= deadline and not first:
+                    continue
+                searched = True
                 block = block.to(matrix.device)
                 block_cols = cols[block].reshape(-1)
                 state = StripeSearch(matrix[:, block_cols], pattern, gen, max_candidates)
-                cols[block] = block_cols[state.run(deadline, max_iters, walk, kick_swaps)]
+                cols[block] = block_cols[state.run(deadline, max_iters, walk, kick_swaps, first)]
                 steps += state.tabu_steps
-                bar.update()
     perm = cols.reshape(-1)
     kept_before, kept = kept_score(matrix, pattern), kept_score(matrix, pattern, perm)
     kept_optimal = optimal_kept(matrix, pattern)
