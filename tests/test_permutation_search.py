@@ -7,6 +7,7 @@ import torch
 from knsparse.masks import nm_mask
 from knsparse.pattern import Pattern
 from knsparse.permutation import search
+from knsparse.permutation.baseline import greedy_swap_search
 from knsparse.permutation.objective import efficacy, kept_score, optimal_kept, search_matrix, topk_sum
 from knsparse.permutation.stripe_search import StripeSearch, greedy_matching, window_candidates
 
@@ -199,3 +200,27 @@ def test_bad_inputs_raise_clear_errors() -> None:
         search(_rand(4, 8, 3, 3), "2:4", conv_order="crs")
     with pytest.raises(ValueError, match="max_iters"):
         search(_rand(4, 8), "2:4", max_iters=-1)
+
+
+@pytest.mark.parametrize("pattern", ["2:4", "2:8"])
+def test_greedy_swap_baseline_ends_at_a_swap_optimum(pattern: str) -> None:
+    p = Pattern.parse(pattern)
+    w = _rand(12, 4 * p.n, seed=12)
+    result = greedy_swap_search(w, pattern)
+    assert sorted(result.perm.tolist()) == list(range(w.shape[1]))
+    assert result.kept == pytest.approx(_kept_by_mask(w[:, result.perm], pattern), rel=1e-6)
+    assert result.kept > result.kept_before
+    state = StripeSearch(w.abs(), p, torch.Generator().manual_seed(0), max_candidates=1000)
+    state.cols = result.perm.clone().view(-1, p.n)
+    assert float(state.swap_gains().max()) <= 1e-4
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_search_runs_batched_on_cuda() -> None:
+    w = _rand(64, 128, seed=13)
+    result = search(w.cuda(), "2:4", max_iters=100)
+    assert result.perm.is_cuda
+    assert sorted(result.perm.tolist()) == list(range(128))
+    assert result.kept == pytest.approx(_kept_by_mask(w[:, result.perm.cpu()], "2:4"), rel=1e-5)
+    assert result.kept > result.kept_before

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .batches import input_batches
+from .batches import input_batches, model_device
 
 Method = Literal["asr", "layerwise", "bn"]
 
@@ -172,7 +172,7 @@ def _repair(
     method: str,
     progress: bool,
 ) -> RepairReport:
-    batches = list(input_batches(calib))
+    batches = list(input_batches(calib, model_device(model)))
     names = pruned_layers(model, dense_model)
     report = RepairReport(method, batches=len(batches))
     if not names:
@@ -243,7 +243,7 @@ def recalibrate_bn(model: nn.Module, calib: object, *, progress: bool = False) -
     """Reset every BatchNorm's running statistics and re-estimate them as a cumulative
     average over the calibration batches (other modules stay in eval mode, no gradients).
     Returns the number of batches; ``ValueError`` if there is none."""
-    batches = list(input_batches(calib))  # before touching the model: an empty set raises
+    batches = list(input_batches(calib, model_device(model)))  # an empty set raises before any change
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     saved = [(m.momentum, m.training) for m in bns]
     was_training = model.training

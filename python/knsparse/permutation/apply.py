@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..batches import input_batches
+from ..batches import input_batches, model_device
 from ..masks import ConvOrder
 from ..pattern import Pattern
 from .coupling_fx import fx_groups
@@ -166,7 +166,7 @@ def permute(
     was_training = model.training
     model.eval()
     try:
-        probe = next(input_batches(calib)) if calib is not None else None
+        probe = next(input_batches(calib, model_device(model))) if calib is not None else None
         reference = _outputs(model, probe) if probe is not None else None
         backup = {k: v.detach().clone() for k, v in model.state_dict().items()} if probe is not None else None
         found = find_groups(model)

@@ -12,7 +12,8 @@ stripes. :class:`StripeSearch` improves the stripes of one block with three kind
 * **stripe-window rounds** — every canonical re-partition of the ``2n`` columns of two
   stripes into two new stripes (all of them while that is at most ``max_candidates``,
   otherwise exchanges of up to ``t >= 2`` columns), scored exactly for all stripe pairs in
-  one batch; only pairs touching a changed stripe are rescored.
+  one batch; only pairs touching a changed stripe are rescored. (For ``n >= 12`` only single
+  swaps would fit, which the swap rounds cover, so there are no window rounds.)
 * **escapes** — from a local optimum, a tabu walk of swaps: the best swap that does not move
   a recently moved column is taken even when it loses score (tabu tenures are random), and
   the walk returns to the best permutation it met. Between walks a few random column swaps
