@@ -1,0 +1,93 @@
+"""Execution backends for sparse layers and the rule that picks one.
+
+``reference`` (masked dense, any device), ``torch-cusparselt`` and ``torch-cutlass``
+(PyTorch's semi-structured 2:4 kernels, CUDA). ``backend="auto"`` takes, for a 2:4 fp16/bf16
+layer on CUDA, cuSPARSELt, else CUTLASS, whichever is usable and accepts the shape; on CPU it
+takes the reference. On CUDA a layer no sparse backend executes is not swapped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .base import Backend, BackendUnavailableError, ConvSpec, LinearSpec
+from .reference import ReferenceBackend
+from .torch_semi import CUSPARSELT, CUTLASS
+
+REFERENCE = ReferenceBackend()
+_REGISTRY: dict[str, Backend] = {b.name: b for b in (REFERENCE, CUSPARSELT, CUTLASS)}
+_AUTO_ORDER_CUDA = ("torch-cusparselt", "torch-cutlass")
+
+
+@dataclass(frozen=True)
+class BackendStatus:
+    name: str
+    available: bool
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.name}: {'available' if self.available else 'unavailable'} ({self.reason})"
+
+
+def names() -> list[str]:
+    return list(_REGISTRY)
+
+
+def get(name: str) -> Backend:
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown backend {name!r}; known: {', '.join(_REGISTRY)} or 'auto'")
+    return _REGISTRY[name]
+
+
+def available() -> list[BackendStatus]:
+    """Every known backend, whether it is usable on this machine, and why (not)."""
+    statuses = []
+    for b in _REGISTRY.values():
+        reason = b.unavailable_reason()
+        note = "masked dense math, no sparse speed-up" if b is REFERENCE else "ready"
+        statuses.append(BackendStatus(b.name, reason is None, reason or note))
+    return statuses
+
+
+def _unsupported(backend: Backend, spec: LinearSpec | ConvSpec) -> str | None:
+    if isinstance(spec, LinearSpec):
+        return backend.linear_unsupported_reason(spec)
+    return backend.conv_unsupported_reason(spec)
+
+
+def resolve(requested: str, spec: LinearSpec | ConvSpec) -> tuple[Backend | None, str]:
+    """The backend that will run a layer: ``(backend, why)``; ``(None, why)`` if ``auto`` finds none.
+
+    An explicitly requested backend that is unavailable or rejects the layer raises
+    :class:`BackendUnavailableError` with the reason.
+    """
+    if requested != "auto":
+        backend = get(requested)
+        reason = backend.unavailable_reason() or _unsupported(backend, spec)
+        if reason:
+            raise BackendUnavailableError(f"backend {requested!r} cannot run this layer: {reason}")
+        return backend, "requested"
+    if spec.device.type != "cuda":
+        return REFERENCE, f"{spec.device.type} device: reference backend (no sparse tensor cores)"
+    reasons = []
+    for name in _AUTO_ORDER_CUDA:
+        backend = _REGISTRY[name]
+        reason = backend.unavailable_reason() or _unsupported(backend, spec)
+        if reason is None:
+            return backend, "auto"
+        reasons.append(f"{name}: {reason}")
+    return None, "; ".join(reasons)
+
+
+__all__ = [
+    "REFERENCE",
+    "Backend",
+    "BackendStatus",
+    "BackendUnavailableError",
+    "ConvSpec",
+    "LinearSpec",
+    "available",
+    "get",
+    "names",
+    "resolve",
+]

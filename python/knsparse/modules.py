@@ -1,0 +1,444 @@
+"""Sparse drop-in modules and the swap that puts them into a model.
+
+``SparseLinear`` and ``SparseConv2d`` keep their weight in the compressed k:n form of
+:mod:`knsparse.compress` (kept values + in-group slots) and hand it to an execution backend
+(:mod:`knsparse.backends`). With ``backend="auto"`` the backend is chosen again whenever the
+layer moves to another device or dtype, so a model swapped on CPU and then moved with
+``.cuda().half()`` runs on the sparse tensor cores where they accept the layer.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from . import backends
+from .backends import Backend, BackendUnavailableError, ConvSpec, LinearSpec
+from .compress import compress_nm, decompress_nm
+from .masks import ConvOrder, check_groupable, group_nonzeros
+from .pattern import Pattern
+
+
+def _check_mask(weight: torch.Tensor, mask: torch.Tensor, name: str | None) -> torch.Tensor:
+    label = f"layer {name!r}" if name else "layer"
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{label}: mask must be a torch.Tensor, got {type(mask).__name__}")
+    if mask.shape != weight.shape:
+        raise ValueError(f"{label}: mask shape {tuple(mask.shape)} != weight shape {tuple(weight.shape)}")
+    if mask.dtype != torch.bool:
+        if not ((mask == 0) | (mask == 1)).all():
+            raise ValueError(
+                f"{label}: mask must be bool (or 0/1), got other values in a {mask.dtype} tensor"
+            )
+        mask = mask.bool()
+    if weight.is_floating_point() and not torch.isfinite(weight).all():
+        raise ValueError(f"{label}: weight contains NaN or Inf; refusing to build a sparse layer from it")
+    return mask.to(weight.device)
+
+
+class _SparseLayer(nn.Module):
+    """Shared storage and backend dispatch of the sparse modules."""
+
+    values: torch.Tensor
+    slots: torch.Tensor
+
+    def _init_storage(
+        self,
+        weight_shape: tuple[int, ...],
+        pattern: Pattern,
+        conv_order: ConvOrder,
+        backend: str,
+        bias: bool,
+        dtype: torch.dtype | None,
+        device: torch.device | str | None,
+    ) -> None:
+        if backend != "auto":
+            reason = backends.get(backend).unavailable_reason()
+            if reason:
+                raise BackendUnavailableError(f"backend {backend!r} is unavailable: {reason}")
+        self.pattern = pattern
+        self.conv_order = conv_order
+        self.weight_shape = tuple(weight_shape)
+        self.backend_request = backend
+        rows = weight_shape[0]
+        kept = (torch.Size(weight_shape).numel() // rows) // pattern.n * pattern.k
+        self.register_buffer("values", torch.zeros(rows, kept, dtype=dtype, device=device))
+        self.register_buffer("slots", torch.zeros(rows, kept, dtype=torch.uint8, device=device))
+        self.bias = nn.Parameter(torch.zeros(rows, dtype=dtype, device=device)) if bias else None
+        self._cache: tuple[tuple, Backend, object] | None = None
+
+    def _store(
+        self, weight: torch.Tensor, mask: torch.Tensor, bias: torch.Tensor | None, name: str | None
+    ) -> None:
+        values, slots = compress_nm(weight.detach(), mask, self.pattern, self.conv_order, name)
+        with torch.no_grad():
+            self.values.copy_(values)
+            self.slots.copy_(slots)
+            if bias is not None:
+                self.bias.copy_(bias.detach())
+
+    def dense_weight(self) -> torch.Tensor:
+        """The masked dense weight (zeros at the pruned entries), in the layer's dtype."""
+        return decompress_nm(self.values, self.slots, self.weight_shape, self.pattern, self.conv_order)
+
+    def mask(self) -> torch.Tensor:
+        """Bool mask of the kept slots (a stored value may itself be zero)."""
+        ones = torch.ones_like(self.values, dtype=torch.float32)
+        return decompress_nm(ones, self.slots, self.weight_shape, self.pattern, self.conv_order).bool()
+
+    def _spec(self) -> LinearSpec | ConvSpec:
+        raise TypeError("subclass must define _spec")
+
+    def _resolve(self) -> Backend:
+        backend, _ = backends.resolve(self.backend_request, self._spec())
+        return backend if backend is not None else backends.REFERENCE
+
+    def _prepared(self) -> tuple[Backend, object]:
+        key = (self.values.device, self.values.dtype, self.values._version, self.slots._version)
+        if self._cache is None or self._cache[0] != key:
+            backend = self._resolve()
+            dense = self.dense_weight()
+            operand = (
+                backend.prepare_linear(dense)
+                if isinstance(self, SparseLinear)
+                else backend.prepare_conv(dense)
+            )
+            self._cache = (key, backend, operand)
+        return self._cache[1], self._cache[2]
+
+    @property
+    def active_backend(self) -> str:
+        """The backend that runs this layer at its current device and dtype."""
+        return self._prepared()[0].name
+
+    def extra_repr(self) -> str:
+        return f"pattern={self.pattern}, backend={self.backend_request!r}"
+
+
+class SparseLinear(_SparseLayer):
+    """A k:n sparse ``nn.Linear``: ``[..., in_features] -> [..., out_features]``."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        pattern: str | Pattern = "2:4",
+        bias: bool = True,
+        backend: str = "auto",
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        pattern = Pattern.parse(pattern)
+        check_groupable((out_features, in_features), pattern)
+        self.in_features = in_features
+        self.out_features = out_features
+        self._init_storage((out_features, in_features), pattern, "rsc", backend, bias, dtype, device)
+
+    @classmethod
+    def from_dense(
+        cls,
+        linear: nn.Linear,
+        mask: torch.Tensor,
+        pattern: str | Pattern = "2:4",
+        backend: str = "auto",
+        name: str | None = None,
+    ) -> SparseLinear:
+        """Build from ``linear`` keeping the weights where ``mask`` (``[out, in]``, k:n) is True."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"layer {name!r}: expected nn.Linear, got {type(linear).__name__}")
+        w = linear.weight
+        mask = _check_mask(w, mask, name)
+        layer = cls(
+            linear.in_features,
+            linear.out_features,
+            pattern,
+            linear.bias is not None,
+            backend,
+            w.dtype,
+            w.device,
+        )
+        layer._store(w, mask, linear.bias, name)
+        layer._prepared()  # fails now, not at the first forward, if the backend rejects the layer
+        return layer
+
+    def _spec(self) -> LinearSpec:
+        return LinearSpec(
+            self.out_features, self.in_features, self.values.dtype, self.pattern, self.values.device
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        backend, operand = self._prepared()
+        y = backend.linear(x.reshape(-1, self.in_features), operand, self.bias)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def to_dense(self) -> nn.Linear:
+        """An equivalent ``nn.Linear`` holding the masked dense weight."""
+        lin = nn.Linear(
+            self.in_features, self.out_features, self.bias is not None, self.values.device, self.values.dtype
+        )
+        with torch.no_grad():
+            lin.weight.copy_(self.dense_weight())
+            if self.bias is not None:
+                lin.bias.copy_(self.bias)
+        return lin
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, " + super().extra_repr()
+
+
+class SparseConv2d(_SparseLayer):
+    """A k:n sparse ``nn.Conv2d`` (groups=1, zero padding); groups run along (R,S,C) by default."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: tuple[int, int],
+        stride: tuple[int, int] = (1, 1),
+        padding: tuple[int, int] | str = (0, 0),
+        dilation: tuple[int, int] = (1, 1),
+        pattern: str | Pattern = "2:4",
+        bias: bool = True,
+        conv_order: ConvOrder = "rsc",
+        backend: str = "auto",
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        pattern = Pattern.parse(pattern)
+        shape = (out_channels, in_channels, *kernel_size)
+        check_groupable(shape, pattern, conv_order)
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = tuple(kernel_size)
+        self.stride = tuple(stride)
+        self.padding = padding if isinstance(padding, str) else tuple(padding)
+        self.dilation = tuple(dilation)
+        self._init_storage(shape, pattern, conv_order, backend, bias, dtype, device)
+
+    @classmethod
+    def from_dense(
+        cls,
+        conv: nn.Conv2d,
+        mask: torch.Tensor,
+        pattern: str | Pattern = "2:4",
+        backend: str = "auto",
+        conv_order: ConvOrder = "rsc",
+        name: str | None = None,
+    ) -> SparseConv2d:
+        """Build from ``conv`` keeping the weights where ``mask`` (``[Cout, Cin, R, S]``, k:n) is True."""
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"layer {name!r}: expected nn.Conv2d, got {type(conv).__name__}")
+        ineligible = conv_ineligibility(conv)
+        if ineligible:
+            raise ValueError(f"layer {name!r}: {ineligible}")
+        w = conv.weight
+        mask = _check_mask(w, mask, name)
+        layer = cls(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            conv.stride,
+            conv.padding,
+            conv.dilation,
+            pattern,
+            conv.bias is not None,
+            conv_order,
+            backend,
+            w.dtype,
+            w.device,
+        )
+        layer._store(w, mask, conv.bias, name)
+        layer._prepared()
+        return layer
+
+    def _spec(self) -> ConvSpec:
+        return ConvSpec(
+            self.out_channels,
+            self.in_channels,
+            self.kernel_size,
+            self.stride,
+            self.padding,
+            self.dilation,
+            1,
+            self.values.dtype,
+            self.pattern,
+            self.values.device,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        backend, operand = self._prepared()
+        return backend.conv2d(x, operand, self.bias, self._spec())
+
+    def to_dense(self) -> nn.Conv2d:
+        """An equivalent ``nn.Conv2d`` holding the masked dense weight."""
+        conv = nn.Conv2d(
+            self.in_channels,
+            self.out_channels,
+            self.kernel_size,
+            self.stride,
+            self.padding,
+            self.dilation,
+            bias=self.bias is not None,
+            device=self.values.device,
+            dtype=self.values.dtype,
+        )
+        with torch.no_grad():
+            conv.weight.copy_(self.dense_weight())
+            if self.bias is not None:
+                conv.bias.copy_(self.bias)
+        return conv
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"padding={self.padding}, conv_order={self.conv_order!r}, " + super().extra_repr()
+        )
+
+
+def conv_ineligibility(conv: nn.Conv2d) -> str | None:
+    """Why a Conv2d cannot become a SparseConv2d, or ``None``."""
+    if conv.groups != 1:
+        kind = "depthwise" if conv.groups == conv.in_channels else "grouped"
+        return f"{kind} convolution (groups={conv.groups}) is not eligible for k:n sparse GEMM"
+    if conv.padding_mode != "zeros":
+        return f"padding_mode={conv.padding_mode!r} is not supported (zeros only)"
+    return None
+
+
+@dataclass
+class SwapReport:
+    """What :func:`swap_modules` did: swapped layers with their backend, skipped ones with the reason."""
+
+    swapped: dict[str, str] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        lines = [f"swapped {len(self.swapped)} layer(s), skipped {len(self.skipped)}"]
+        lines += [f"  swapped  {n:<32} backend={b}" for n, b in self.swapped.items()]
+        lines += [f"  skipped  {n:<32} {r}" for n, r in self.skipped.items()]
+        return "\n".join(lines)
+
+
+def _matches(name: str, patterns: Iterable[str] | None) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns or ())
+
+
+def _skip_reason(
+    name: str, module: nn.Module, mask: torch.Tensor, pattern: Pattern, conv_order: ConvOrder
+) -> str | None:
+    """Why a correctly-shaped request is not swapped (the layer then stays as it is)."""
+    if isinstance(module, nn.Conv2d):
+        reason = conv_ineligibility(module)
+        if reason:
+            return reason
+    try:
+        check_groupable(module.weight.shape, pattern, conv_order, name)
+    except ValueError as err:
+        return str(err)
+    over = group_nonzeros(mask, pattern, conv_order) > pattern.k
+    if over.any():
+        return f"mask is not {pattern}: {int(over.sum())} of {over.numel()} groups keep more than {pattern.k}"
+    return None
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def swap_modules(
+    model: nn.Module,
+    masks: Mapping[str, torch.Tensor],
+    pattern: str | Pattern = "2:4",
+    backend: str = "auto",
+    include: Iterable[str] | None = None,
+    exclude: Iterable[str] | None = None,
+    conv_order: ConvOrder = "rsc",
+) -> SwapReport:
+    """Replace every named Linear/Conv2d that has a mask by its sparse twin, in place.
+
+    Args:
+        model: the model to modify.
+        masks: ``{module name: bool mask of its weight}``.
+        pattern: the k:n pattern the masks follow.
+        backend: ``"auto"`` or a backend name (see :func:`knsparse.backends.available`).
+        include, exclude: glob patterns over module names (``"blocks.*.mlp.*"``) to restrict
+            which masked layers are swapped.
+        conv_order: grouping of conv weights, ``"rsc"`` (TensorRT) or ``"crs"``.
+
+    Returns:
+        A :class:`SwapReport`. Layers that cannot carry the pattern (shape, grouped conv, a
+        mask that is not k:n, no sparse backend for the shape on CUDA) are skipped with the
+        reason and left as they are.
+
+    Raises:
+        ValueError / TypeError: unknown layer name, a layer that is not Linear/Conv2d, a mask
+            of the wrong shape or type, a NaN/Inf weight, or an explicitly requested backend
+            that cannot run a layer. Nothing in the model is changed when this happens.
+    """
+    pattern = Pattern.parse(pattern)
+    if pattern.is_unstructured:
+        raise ValueError("swap_modules needs a k:n pattern; unstructured masks have no sparse backend")
+    modules = dict(model.named_modules())
+    unknown = [n for n in masks if n not in modules]
+    if unknown:
+        raise ValueError(f"masks name layers the model does not have: {unknown[:5]}")
+    report = SwapReport()
+    replacements: dict[str, nn.Module] = {}
+    for name, module in modules.items():
+        if name not in masks:
+            continue
+        if not isinstance(module, (nn.Linear, nn.Conv2d)):
+            raise TypeError(f"layer {name!r} is a {type(module).__name__}, not nn.Linear or nn.Conv2d")
+        mask = _check_mask(module.weight, masks[name], name)
+        if include is not None and not _matches(name, include):
+            report.skipped[name] = "not matched by include"
+            continue
+        if _matches(name, exclude):
+            report.skipped[name] = "matched by exclude"
+            continue
+        reason = _skip_reason(name, module, mask, pattern, conv_order)
+        if reason is None and backend == "auto" and module.weight.device.type == "cuda":
+            chosen, why = backends.resolve("auto", _spec_of(module, pattern))
+            reason = None if chosen is not None else f"no sparse backend runs it: {why}"
+        if reason:
+            report.skipped[name] = reason
+            continue
+        if isinstance(module, nn.Linear):
+            new: _SparseLayer = SparseLinear.from_dense(module, mask, pattern, backend, name)
+        else:
+            new = SparseConv2d.from_dense(module, mask, pattern, backend, conv_order, name)
+        replacements[name] = new
+        report.swapped[name] = new.active_backend
+    for name, new in replacements.items():
+        _set_submodule(model, name, new)
+    return report
+
+
+def _spec_of(module: nn.Module, pattern: Pattern) -> LinearSpec | ConvSpec:
+    w = module.weight
+    if isinstance(module, nn.Linear):
+        return LinearSpec(module.out_features, module.in_features, w.dtype, pattern, w.device)
+    return ConvSpec(
+        module.out_channels,
+        module.in_channels,
+        module.kernel_size,
+        module.stride,
+        module.padding,
+        module.dilation,
+        module.groups,
+        w.dtype,
+        pattern,
+        w.device,
+    )
+
+
+def sparse_layers(model: nn.Module) -> dict[str, _SparseLayer]:
+    """The SparseLinear / SparseConv2d modules of ``model`` by name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, _SparseLayer)}
