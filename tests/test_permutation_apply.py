@@ -3,14 +3,15 @@ the function, and never lowering the magnitude a k:n mask keeps on any permuted 
 
 import copy
 
-import knsparse.permutation.apply as apply_mod
 import pytest
 import torch
+from torch import nn
+
+import knsparse.permutation.apply as apply_mod
 from knsparse.masks import nm_mask
 from knsparse.models import resnet50, resnet_tiny_digits, vit_base_patch16_224, vit_tiny_digits
 from knsparse.permutation import find_groups, permute
 from knsparse.permutation.groups import apply_permutation
-from torch import nn
 
 
 def _randomise_norms(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -54,7 +55,7 @@ def _check_permuted(model: nn.Module, x: torch.Tensor, **kwargs) -> apply_mod.Pe
 def test_tiny_vit_groups_and_function() -> None:
     torch.manual_seed(0)
     model = _randomise_norms(vit_tiny_digits())
-    report = _check_permuted(model, torch.randn(3, 1, 8, 8), max_iters=20)
+    report = _check_permuted(model, torch.randn(3, 1, 8, 8), max_iters=0, time_budget_s=0.0)
     names = {g.name for g in report.groups}
     for i in range(4):
         assert f"blocks.{i}.mlp.fc1 -> blocks.{i}.mlp.fc2" in names

@@ -5,8 +5,9 @@ import copy
 
 import pytest
 import torch
-from knsparse import repair
 from torch import nn
+
+from knsparse import repair
 
 
 def _chain(seed: int = 0) -> nn.Sequential:

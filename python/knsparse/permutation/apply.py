@@ -96,15 +96,11 @@ def _search_group(
         report.skip_reason = f"{block} {what}, not a multiple of n={pattern.n}"
         return None
     weights = {name: model.get_submodule(name).weight.detach() for name in group.consumers}
-    kwargs = dict(search_kwargs)
-    if kwargs["time_budget_s"] is not None:
-        kwargs["time_budget_s"] /= channels // block  # the group's budget, shared by its heads
-    results = [
-        search([w[:, start : start + block] for w in weights.values()], pattern, **kwargs)
-        for start in range(0, channels, block)
-    ]
-    perm = torch.cat([start + r.perm for start, r in zip(range(0, channels, block), results, strict=True)])
-    report.kept_optimal = sum(r.kept_optimal for r in results)
+    result = search(
+        list(weights.values()), pattern, segment=group.block, names=list(weights), **search_kwargs
+    )
+    perm = result.perm
+    report.kept_optimal = result.kept_optimal
     for name, w in weights.items():
         m = search_matrix(w, search_kwargs["conv_order"], name)
         before, after = kept_score(m, pattern), kept_score(m, pattern, perm.to(m.device))

@@ -22,12 +22,14 @@ stripes. :class:`StripeSearch` improves the stripes of one block with three kind
 Swap and window rounds apply the best moves greedily without letting two moves touch one
 stripe. Matrices with more than ``block_stripes`` stripes are split into random blocks of
 stripes that are searched one after another; each further pass draws new blocks, so columns
-travel between all stripes. Everything is seeded: a given seed, device and iteration budget
-always gives the same permutation (a time budget can stop it earlier).
+travel between all stripes. With ``segment`` (attention heads) blocks never cross segments.
+Everything is seeded: a given seed, device and iteration budget always gives the same
+permutation (a time budget can stop it earlier).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Sequence
@@ -62,6 +64,7 @@ class SearchResult:
     seconds: float
 
 
+@functools.lru_cache(maxsize=16)
 def window_candidates(n: int, max_candidates: int = 1000) -> torch.Tensor:
     """Re-partitions of two stripes (positions ``0..2n-1``) into two stripes of ``n``.
 
@@ -69,7 +72,7 @@ def window_candidates(n: int, max_candidates: int = 1000) -> torch.Tensor:
     ``row[n:]`` the second. Row 0 is the identity. All canonical partitions (position 0 stays
     in the first stripe, so swapping whole stripes is not counted twice) when there are at
     most ``max_candidates`` of them; otherwise exchanges of ``1..t`` columns with the largest
-    ``t`` that fits (at least single-column swaps).
+    ``t`` that fits (at least single-column swaps). Cached: do not modify the result.
     """
     first_stripes: list[tuple[int, ...]] = []
     if math.comb(2 * n - 1, n - 1) <= max_candidates:
@@ -361,6 +364,7 @@ def search(
     max_iters: int = 1000,
     passes: int = 1,
     block_stripes: int = 16,
+    segment: int | None = None,
     walk: int = 200,
     kick_swaps: int = 2,
     max_candidates: int = 1000,
@@ -383,6 +387,8 @@ def search(
         max_iters: tabu steps per block and pass (0: greedy swap/window rounds only).
         passes: how many times the stripes are dealt into fresh random blocks.
         block_stripes: stripes searched together (``n * block_stripes`` columns).
+        segment: confine the permutation to consecutive segments of this many columns
+            (attention heads); a multiple of ``n`` dividing ``C``. ``None``: one segment.
         walk: tabu steps between two random kicks.
         kick_swaps: random column swaps per kick.
         max_candidates: window re-partitions scored per stripe pair.
@@ -410,23 +416,37 @@ def search(
     deadline = math.inf if time_budget_s is None else start + time_budget_s
     gen = torch.Generator(device="cpu").manual_seed(seed)
     stripes = matrix.shape[1] // pattern.n
+    per_segment = stripes if segment is None else segment // pattern.n
+    if segment is not None and (segment % pattern.n or matrix.shape[1] % segment or segment <= 0):
+        raise ValueError(
+            f"segment={segment} must be a positive multiple of n={pattern.n} "
+            f"dividing the {matrix.shape[1]} channels"
+        )
     cols = torch.arange(matrix.shape[1], device=matrix.device).view(stripes, pattern.n)
-    n_blocks = math.ceil(stripes / block_stripes)
+    splits = math.ceil(per_segment / block_stripes)
+    regroup = splits > 1
     steps, searched = 0, False
-    with tqdm(total=passes * n_blocks, desc="permutation search", disable=not progress) as bar:
-        for _ in range(passes if n_blocks > 1 else 1):
-            order = torch.randperm(stripes, generator=gen) if n_blocks > 1 else torch.arange(stripes)
-            for block in order.tensor_split(n_blocks):
-                bar.update()
-                first = not searched
-                if time.perf_counter() >= deadline and not first:
-                    continue
-                searched = True
-                block = block.to(matrix.device)
-                block_cols = cols[block].reshape(-1)
-                state = StripeSearch(matrix[:, block_cols], pattern, gen, max_candidates)
-                cols[block] = block_cols[state.run(deadline, max_iters, walk, kick_swaps, first)]
-                steps += state.tabu_steps
+    with tqdm(
+        total=(passes if regroup else 1) * stripes // per_segment * splits,
+        desc="permutation search",
+        disable=not progress,
+    ) as bar:
+        for _ in range(passes if regroup else 1):
+            for start in range(0, stripes, per_segment):
+                order = start + (
+                    torch.randperm(per_segment, generator=gen) if regroup else torch.arange(per_segment)
+                )
+                for block in order.tensor_split(splits):
+                    bar.update()
+                    first = not searched
+                    if time.perf_counter() >= deadline and not first:
+                        continue
+                    searched = True
+                    block = block.to(matrix.device)
+                    block_cols = cols[block].reshape(-1)
+                    state = StripeSearch(matrix[:, block_cols], pattern, gen, max_candidates)
+                    cols[block] = block_cols[state.run(deadline, max_iters, walk, kick_swaps, first)]
+                    steps += state.tabu_steps
     perm = cols.reshape(-1)
     kept_before, kept = kept_score(matrix, pattern), kept_score(matrix, pattern, perm)
     kept_optimal = optimal_kept(matrix, pattern)
