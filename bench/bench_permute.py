@@ -4,7 +4,7 @@ Cases:
 * ``apex``: apex ASP's published case — random matrices with 64 input channels and 128 rows
   (``permutation_test.py --channels 64 --filters 128``; uniform [0, 1) entries like
   ``np.random.rand``), pattern 2:4. Target: >= 35% mean efficacy in <= 1 s per matrix.
-* ``patterns``: 128 x 192 uniform matrices for 2:4, 6:12, 8:16 and 12:16.
+* ``patterns``: 128 x 96 uniform matrices for 2:4, 6:12, 8:16 and 12:16.
 * ``shapes``: ViT-B/16 MLP weights (fc1 [3072, 768], fc2 [768, 3072]) and ResNet-50's 3x3
   convolutions (grouped in (R, S, C) order), Gaussian entries (no pretrained weights can be
   downloaded here), searched with a small tabu budget.
@@ -159,7 +159,7 @@ def main() -> None:
     }
 
     patterns = {
-        p: _compare(p, [_uniform(128, 192, 100 + s) for s in range(3)], p, args.max_iters, True)
+        p: _compare(p, [_uniform(128, 96, 100 + s) for s in range(3)], p, args.max_iters, True)
         for p in ("2:4", "6:12", "8:16", "12:16")
     }
 

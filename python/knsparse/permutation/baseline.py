@@ -16,7 +16,7 @@ import torch
 
 from ..masks import ConvOrder
 from ..pattern import Pattern
-from .objective import efficacy, kept_score, optimal_kept, stacked_search_matrix, topk_sum
+from .objective import stacked_search_matrix, topk_sum
 from .stripe_search import SearchResult
 
 
@@ -53,14 +53,4 @@ def greedy_swap_search(
         a, b = int(i[best]), int(j[best])
         perm[[a, b]] = perm[[b, a]]
         swaps += 1
-    kept_before, kept = kept_score(m, pattern), kept_score(m, pattern, perm)
-    kept_optimal = optimal_kept(m, pattern)
-    return SearchResult(
-        perm=perm,
-        kept=kept,
-        kept_before=kept_before,
-        kept_optimal=kept_optimal,
-        efficacy=efficacy(kept_before, kept, kept_optimal),
-        tabu_steps=swaps,
-        seconds=time.perf_counter() - start,
-    )
+    return SearchResult.of(m, pattern, perm, swaps, start)

@@ -33,7 +33,7 @@ import functools
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import combinations
 
 import torch
@@ -52,7 +52,9 @@ class SearchResult:
     """A column permutation and what it keeps.
 
     ``perm`` is ``[C]`` int64: column ``j`` of the permuted weight is column ``perm[j]`` of
-    the original. Scores are sums of ``|w|`` (float64); ``seconds`` is wall-clock time.
+    the original. Scores are sums of ``|w|`` (float64); ``steps`` counts the moves the method
+    made beyond its greedy rounds (tabu steps; swaps for the baseline); ``seconds`` is
+    wall-clock time.
     """
 
     perm: torch.Tensor
@@ -60,8 +62,22 @@ class SearchResult:
     kept_before: float
     kept_optimal: float
     efficacy: float
-    tabu_steps: int
+    steps: int
     seconds: float
+
+    @classmethod
+    def of(
+        cls, matrix: torch.Tensor, pattern: Pattern, perm: torch.Tensor, steps: int, started: float
+    ) -> SearchResult:
+        """Score ``perm`` on the search matrix; ``started`` is the ``perf_counter`` at the start."""
+        before, kept, optimal = (
+            kept_score(matrix, pattern),
+            kept_score(matrix, pattern, perm),
+            optimal_kept(matrix, pattern),
+        )
+        return cls(
+            perm, kept, before, optimal, efficacy(before, kept, optimal), steps, time.perf_counter() - started
+        )
 
 
 @functools.lru_cache(maxsize=16)
@@ -447,15 +463,5 @@ def search(
                     state = StripeSearch(matrix[:, block_cols], pattern, gen, max_candidates)
                     cols[block] = block_cols[state.run(deadline, max_iters, walk, kick_swaps, first)]
                     steps += state.tabu_steps
-    perm = cols.reshape(-1)
-    kept_before, kept = kept_score(matrix, pattern), kept_score(matrix, pattern, perm)
-    kept_optimal = optimal_kept(matrix, pattern)
-    return SearchResult(
-        perm=perm.to(out_device),
-        kept=kept,
-        kept_before=kept_before,
-        kept_optimal=kept_optimal,
-        efficacy=efficacy(kept_before, kept, kept_optimal),
-        tabu_steps=steps,
-        seconds=time.perf_counter() - start,
-    )
+    result = SearchResult.of(matrix, pattern, cols.reshape(-1), steps, start)
+    return replace(result, perm=result.perm.to(out_device))
