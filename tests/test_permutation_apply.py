@@ -10,6 +10,7 @@ from torch import nn
 import knsparse.permutation.apply as apply_mod
 from knsparse.masks import nm_mask
 from knsparse.models import resnet50, resnet_tiny_digits, vit_base_patch16_224, vit_tiny_digits
+from knsparse.models.vit import Attention, Mlp
 from knsparse.permutation import find_groups, permute
 from knsparse.permutation.groups import apply_permutation
 
@@ -100,8 +101,8 @@ class _Untraceable(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.inp = nn.Linear(12, 32)
-        self.attn = vit_tiny_digits(num_classes=10).blocks[0].attn.__class__(32, 2)
-        self.mlp = vit_tiny_digits().blocks[0].mlp.__class__(32, 64)
+        self.attn = Attention(32, num_heads=2)
+        self.mlp = Mlp(32, 64)
         self.out = nn.Linear(32, 5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,6 @@
 """Permutation search: objective, move scoring against brute force, and the full search."""
 
+import time
 from itertools import combinations
 
 import pytest
@@ -157,7 +158,9 @@ def test_search_returns_a_valid_improving_permutation(pattern: str) -> None:
 
 def test_search_is_deterministic_and_seeded() -> None:
     w = _rand(32, 64, seed=2)
+    started = time.perf_counter()
     first = search(w, "2:4", seed=3, max_iters=60, walk=20)
+    assert 0.0 <= first.seconds <= time.perf_counter() - started  # a duration, not a clock reading
     again = search(w, "2:4", seed=3, max_iters=60, walk=20)
     assert torch.equal(first.perm, again.perm)
     assert first.kept == again.kept

@@ -45,6 +45,8 @@ from .objective import efficacy, kept_score, optimal_kept, stacked_search_matrix
 
 # Largest intermediate tensor (elements) a batched scoring step allocates.
 _CHUNK_ELEMENTS = 1 << 23
+# Largest swap-gain table (block columns^2 x rows) a block may need.
+_BLOCK_TABLE_ELEMENTS = 1 << 28
 
 
 @dataclass(frozen=True)
@@ -379,7 +381,7 @@ def search(
     time_budget_s: float | None = None,
     max_iters: int = 1000,
     passes: int = 1,
-    block_stripes: int = 16,
+    block_stripes: int = 32,
     segment: int | None = None,
     walk: int = 200,
     kick_swaps: int = 2,
@@ -402,7 +404,8 @@ def search(
             ``None``: no cap.
         max_iters: tabu steps per block and pass (0: greedy swap/window rounds only).
         passes: how many times the stripes are dealt into fresh random blocks.
-        block_stripes: stripes searched together (``n * block_stripes`` columns).
+        block_stripes: stripes searched together (``n * block_stripes`` columns); fewer for
+            very tall matrices, so that ``(block columns)^2 * rows`` stays below 2^28.
         segment: confine the permutation to consecutive segments of this many columns
             (attention heads); a multiple of ``n`` dividing ``C``. ``None``: one segment.
         walk: tabu steps between two random kicks.
@@ -439,7 +442,9 @@ def search(
             f"dividing the {matrix.shape[1]} channels"
         )
     cols = torch.arange(matrix.shape[1], device=matrix.device).view(stripes, pattern.n)
-    splits = math.ceil(per_segment / block_stripes)
+    # Tall matrices get narrower blocks: a swap-round table costs C_block^2 * R.
+    widest = max(2, math.isqrt(_BLOCK_TABLE_ELEMENTS // matrix.shape[0]) // pattern.n)
+    splits = math.ceil(per_segment / min(block_stripes, widest))
     regroup = splits > 1
     steps, searched = 0, False
     with tqdm(
@@ -448,8 +453,8 @@ def search(
         disable=not progress,
     ) as bar:
         for _ in range(passes if regroup else 1):
-            for start in range(0, stripes, per_segment):
-                order = start + (
+            for offset in range(0, stripes, per_segment):
+                order = offset + (
                     torch.randperm(per_segment, generator=gen) if regroup else torch.arange(per_segment)
                 )
                 for block in order.tensor_split(splits):
