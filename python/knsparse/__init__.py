@@ -1,6 +1,6 @@
 """knsparse: k:n / 2:4 semi-structured sparse inference for vision models."""
 
-from . import backends, models, tome
+from . import backends, budget, models, permutation, repair, score, spectral, tome
 from .audit import audit
 from .export import export_onnx
 from .io import load_sparse, save_sparse
@@ -9,6 +9,8 @@ from .masks import global_unstructured_masks, is_nm, nm_mask, unstructured_mask
 from .modules import SparseConv2d, SparseLinear, SwapReport, swap_modules
 from .pack import Packed24, pack_24, to_semi_structured, unpack_24
 from .pattern import Pattern
+from .permutation import permute
+from .prune import prune
 
 __all__ = [
     "Packed24",
@@ -18,6 +20,7 @@ __all__ = [
     "SwapReport",
     "audit",
     "backends",
+    "budget",
     "export_onnx",
     "global_unstructured_masks",
     "is_nm",
@@ -26,7 +29,13 @@ __all__ = [
     "models",
     "nm_mask",
     "pack_24",
+    "permutation",
+    "permute",
+    "prune",
+    "repair",
     "save_sparse",
+    "score",
+    "spectral",
     "swap_modules",
     "to_semi_structured",
     "tome",

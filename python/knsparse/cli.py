@@ -132,14 +132,20 @@ def _cmd_prune(args: argparse.Namespace) -> int:
 
     loaded = load_model(args.model, args.weights, args.seed)
     digits = loaded.input_shape == (1, 8, 8)
-    if args.repair_epochs and not digits:
-        raise UserError("--repair-epochs fine-tunes on the bundled digits: use it with a *_digits model")
+    if (args.repair_epochs or args.repair or args.method != "magnitude") and not digits:
+        raise UserError(
+            "--repair-epochs, --repair and --method cast* calibrate on the bundled digits: "
+            "use them with a *_digits model"
+        )
     data = load_digits_split(args.seed) if digits else None
     outcome = prune_and_swap(
         loaded.model,
         args.pattern,
         data,
         args.repair_epochs,
+        method=args.method,
+        permute=args.permute,
+        repair=args.repair,
         include=args.include,
         exclude=args.exclude,
         seed=args.seed,
@@ -326,11 +332,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "prune",
         help="prune a model to k:n, swap in sparse modules, save as safetensors",
-        description="Magnitude k:n masks on every Linear/Conv2d that can carry the pattern, "
-        "optional masked fine-tuning on the digits, swap to SparseLinear/SparseConv2d, save.",
+        description="k:n masks (magnitude, CAST, ...) on every Linear/Conv2d that can carry the pattern, "
+        "optional channel permutation and ASR/BatchNorm repair, optional masked fine-tuning on the "
+        "digits, swap to SparseLinear/SparseConv2d, save.",
     )
     _model_args(p)
     p.add_argument("--pattern", type=_pattern, default="2:4", help="k:n pattern (default 2:4)")
+    p.add_argument(
+        "--method",
+        default="magnitude",
+        choices=["magnitude", "cast", "cast-conv"],
+        help="mask method (cast/cast-conv calibrate on the digits; default magnitude)",
+    )
+    p.add_argument("--permute", action="store_true", help="permute channels before masking (function kept)")
+    p.add_argument(
+        "--repair",
+        choices=["asr", "layerwise", "bn"],
+        help="post-pruning repair on the digits calibration set",
+    )
     p.add_argument(
         "--repair-epochs", type=int, default=0, help="masked fine-tuning epochs on the digits (default 0)"
     )

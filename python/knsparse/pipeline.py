@@ -1,8 +1,9 @@
 """The prune-and-swap steps shared by ``knsparse prune`` and ``knsparse demo``.
 
-Built from the stages in this build: magnitude k:n masks on every layer that can carry the
-pattern, optional masked fine-tuning on the bundled digits as the repair step (pruned weights
-stay zero after every optimiser step), then :func:`knsparse.swap_modules`.
+:func:`knsparse.prune.prune` chooses the k:n masks (any method, optionally with channel
+permutation before and ASR / BatchNorm repair after), optional masked fine-tuning on the
+bundled digits follows (pruned weights stay zero after every optimiser step), then
+:func:`knsparse.swap_modules` puts the sparse modules in.
 """
 
 from __future__ import annotations
@@ -14,11 +15,10 @@ import torch
 from torch import nn
 
 from .masks import check_groupable, nm_mask
-from .models import DigitsSplit, evaluate, train
+from .models import DigitsSplit, calibration_batches, evaluate, train
 from .modules import SwapReport, conv_ineligibility, swap_modules
 from .pattern import Pattern
-
-METHOD = "magnitude"
+from .prune import PruneResult, prune
 
 
 @dataclass
@@ -31,15 +31,23 @@ class PruneOutcome:
     swap: SwapReport
     not_prunable: dict[str, str]
     repair_epochs: int
+    prune_result: PruneResult | None = None
     accuracy_dense: float | None = None
     accuracy_pruned: float | None = None
     accuracy_repaired: float | None = None
     accuracy_swapped: float | None = None
 
     def describe(self) -> str:
-        epochs = f"{self.repair_epochs} epoch{'s' if self.repair_epochs != 1 else ''}"
-        repair = f", then {epochs} of masked fine-tuning" if self.repair_epochs else ""
-        return f"{self.method} {self.pattern} masks{repair}, swapped to sparse modules"
+        steps = [f"{self.method} {self.pattern} masks"]
+        if self.prune_result is not None and self.prune_result.permutation is not None:
+            steps[0] = "channel permutation, " + steps[0]
+        if self.prune_result is not None and self.prune_result.repair is not None:
+            steps.append(f"{self.prune_result.repair.method} repair")
+        if self.repair_epochs:
+            steps.append(
+                f"{self.repair_epochs} epoch{'s' if self.repair_epochs != 1 else ''} of masked fine-tuning"
+            )
+        return ", then ".join(steps) + ", swapped to sparse modules"
 
 
 def prunable_layers(model: nn.Module, pattern: str | Pattern) -> tuple[dict[str, nn.Module], dict[str, str]]:
@@ -80,6 +88,9 @@ def prune_and_swap(
     data: DigitsSplit | None = None,
     repair_epochs: int = 0,
     repair_lr: float = 5e-4,
+    method: str = "magnitude",
+    permute: bool = False,
+    repair: str | None = None,
     include: Iterable[str] | None = None,
     exclude: Iterable[str] | None = None,
     backend: str = "auto",
@@ -91,8 +102,11 @@ def prune_and_swap(
     Args:
         model: the model (changed in place).
         pattern: the k:n pattern.
-        data: the digits split; with it, test accuracy is recorded after every step and
-            ``repair_epochs`` of masked fine-tuning run on its training images.
+        data: the digits split; with it, test accuracy is recorded after every step, its
+            training images are the calibration set of ``method`` / ``permute`` / ``repair``,
+            and ``repair_epochs`` of masked fine-tuning run on them.
+        method, permute, repair: as in :func:`knsparse.prune.prune` (``"cast"`` and
+            ``repair`` need ``data`` for calibration).
         include, exclude: glob patterns over layer names, as in :func:`knsparse.swap_modules`.
     """
     pattern = Pattern.parse(pattern)
@@ -100,13 +114,14 @@ def prune_and_swap(
         raise ValueError("prune needs a k:n pattern such as '2:4'; unstructured masks have no sparse backend")
     if repair_epochs and data is None:
         raise ValueError("repair by fine-tuning needs the training data")
-    masks, not_prunable = magnitude_masks(model, pattern)
-    outcome = PruneOutcome(METHOD, str(pattern), masks, SwapReport(), not_prunable, repair_epochs)
-    if data is not None:
-        outcome.accuracy_dense = evaluate(model, data.x_test, data.y_test)
-    with torch.no_grad():
-        for name, mask in masks.items():
-            model.get_submodule(name).weight.mul_(mask)
+    accuracy_dense = evaluate(model, data.x_test, data.y_test) if data is not None else None
+    calib = calibration_batches(data, seed=seed) if data is not None else None
+    result = prune(
+        model, method, pattern, calib=calib, permute=permute, repair=repair, inplace=True, progress=progress
+    )
+    masks = result.masks
+    outcome = PruneOutcome(method, str(pattern), masks, SwapReport(), result.skipped, repair_epochs, result)
+    outcome.accuracy_dense = accuracy_dense
     if data is not None:
         outcome.accuracy_pruned = evaluate(model, data.x_test, data.y_test)
     if repair_epochs:

@@ -33,6 +33,8 @@ from .provenance import environment
 
 DIGITS_MODELS = ("vit_tiny_digits", "resnet_tiny_digits")
 REPAIR_EPOCHS = {"vit_tiny_digits": 4, "resnet_tiny_digits": 2}
+# CAST for the ViT; CAST-conv (data-path selection on the convolutions too) for the ResNet.
+DEMO_METHOD = {"vit_tiny_digits": "cast", "resnet_tiny_digits": "cast-conv"}
 BATCH_SIZES = (1, 8, 32, 64, 128)
 TOME_R = 16  # the ToMe paper's ViT-B/16 operating point
 IMAGENET_MODELS = {"vit_base_patch16_224": vit_base_patch16_224, "resnet50": resnet50}
@@ -136,7 +138,17 @@ def _digits_section(
 ) -> ModelSection:
     data = load_digits_split(seed)
     model = pretrained(name, seed=seed, progress=progress)
-    outcome = prune_and_swap(model, pattern, data, REPAIR_EPOCHS[name], seed=seed, progress=progress)
+    outcome = prune_and_swap(
+        model,
+        pattern,
+        data,
+        REPAIR_EPOCHS[name],
+        method=DEMO_METHOD[name],
+        permute=True,
+        repair="asr",
+        seed=seed,
+        progress=progress,
+    )
     exported = export_onnx(model, data.x_test[:8], directory / "onnx" / f"{name}.onnx")
     weights = [c for c in check(exported.path) if c.consumer is not None]
     onnx_info = {
