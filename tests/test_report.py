@@ -47,7 +47,9 @@ def test_demo_writes_the_full_report(tmp_path, monkeypatch, capsys):
         assert heading in index
     assert "vit_base_patch16_224 + ToMe r=16 | 17.56 |" in index and "| resnet50 | 4.09 |" in index
     assert (
-        "resnet_tiny_digits: magnitude 2:4 masks, then 1 epoch of masked fine-tuning" in index
+        "resnet_tiny_digits: channel permutation, cast-conv 2:4 masks, then asr repair, "
+        "then 1 epoch of masked fine-tuning"
+        in index
         and "no sparse tensor cores were measured" in index
     )
 
@@ -56,4 +58,6 @@ def test_demo_writes_the_full_report(tmp_path, monkeypatch, capsys):
     vit, resnet = data["models"]
     assert vit["name"] == "vit_tiny_digits" and vit["onnx"]["max_abs_diff"]["CPUExecutionProvider"] <= 1e-4
     assert resnet["prune"]["accuracy_repaired"] is not None and len(vit["audit"]["rows"]) == 2
+    assert vit["prune"]["layers"]["method"] == "cast" and vit["prune"]["layers"]["permuted"]
+    assert resnet["prune"]["layers"]["repair"] == "asr"
     assert 0.4 < data["imagenet_macs"]["vit_base_patch16_224"]["reduction"] < 0.5

@@ -14,7 +14,7 @@ import json
 import time
 from collections.abc import Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -52,8 +52,11 @@ class ModelSection:
     zeros: dict[str, float]  # Linear/Conv2d layer -> fraction of zero weights it runs with
 
     def to_dict(self) -> dict:
-        prune = {k: v for k, v in asdict(self.prune).items() if k not in ("masks", "swap")}
+        skip = ("masks", "swap", "prune_result")
+        prune = {f.name: getattr(self.prune, f.name) for f in fields(self.prune) if f.name not in skip}
         prune.update(swapped=self.prune.swap.swapped, skipped=self.prune.swap.skipped)
+        if self.prune.prune_result is not None:
+            prune["layers"] = self.prune.prune_result.as_dict()
         return {
             "name": self.name,
             "prune": prune,
