@@ -85,6 +85,14 @@ class _SparseLayer(nn.Module):
         """The masked dense weight (zeros at the pruned entries), in the layer's dtype."""
         return decompress_nm(self.values, self.slots, self.weight_shape, self.pattern, self.conv_order)
 
+    def _filled(self, dense: nn.Module) -> nn.Module:
+        """``dense`` (a fresh Linear/Conv2d of the same shape) holding this layer's weight and bias."""
+        with torch.no_grad():
+            dense.weight.copy_(self.dense_weight())
+            if self.bias is not None:
+                dense.bias.copy_(self.bias)
+        return dense
+
     def mask(self) -> torch.Tensor:
         """Bool mask of the kept slots (a stored value may itself be zero)."""
         ones = torch.ones_like(self.values, dtype=torch.float32)
@@ -181,11 +189,7 @@ class SparseLinear(_SparseLayer):
         lin = nn.Linear(
             self.in_features, self.out_features, self.bias is not None, self.values.device, self.values.dtype
         )
-        with torch.no_grad():
-            lin.weight.copy_(self.dense_weight())
-            if self.bias is not None:
-                lin.bias.copy_(self.bias)
-        return lin
+        return self._filled(lin)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, " + super().extra_repr()
@@ -288,11 +292,7 @@ class SparseConv2d(_SparseLayer):
             device=self.values.device,
             dtype=self.values.dtype,
         )
-        with torch.no_grad():
-            conv.weight.copy_(self.dense_weight())
-            if self.bias is not None:
-                conv.bias.copy_(self.bias)
-        return conv
+        return self._filled(conv)
 
     def extra_repr(self) -> str:
         return (
