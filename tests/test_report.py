@@ -4,6 +4,7 @@ trains them, or reuses the cached checkpoints)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import torch
 
@@ -41,6 +42,7 @@ def test_demo_writes_the_full_report(tmp_path, monkeypatch, capsys):
         "## Accuracy and MACs",
         "## MACs at ImageNet shapes",
         "## Sparsity per layer",
+        "## Marchenko–Pastur fits of the dense layers",
         "## ONNX export",
         "## Throughput audit",
     ):
@@ -60,4 +62,6 @@ def test_demo_writes_the_full_report(tmp_path, monkeypatch, capsys):
     assert resnet["prune"]["accuracy_repaired"] is not None and len(vit["audit"]["rows"]) == 2
     assert vit["prune"]["layers"]["method"] == "cast" and vit["prune"]["layers"]["permuted"]
     assert resnet["prune"]["layers"]["repair"] == "asr"
+    assert {row["name"] for row in vit["mp_fits"]} >= {"blocks.0.mlp.fc1", "head"}
+    assert all(Path(row["plot"]).is_file() for row in vit["mp_fits"] + resnet["mp_fits"])
     assert 0.4 < data["imagenet_macs"]["vit_base_patch16_224"]["reduction"] < 0.5

@@ -30,6 +30,7 @@ from .modules import sparse_layers
 from .pattern import Pattern
 from .pipeline import PruneOutcome, magnitude_masks, prunable_layers, prune_and_swap
 from .provenance import environment
+from .spectral import LayerSpectrum, diagnose
 
 DIGITS_MODELS = ("vit_tiny_digits", "resnet_tiny_digits")
 REPAIR_EPOCHS = {"vit_tiny_digits": 4, "resnet_tiny_digits": 2}
@@ -50,6 +51,7 @@ class ModelSection:
     onnx: dict
     audit: AuditResult
     zeros: dict[str, float]  # Linear/Conv2d layer -> fraction of zero weights it runs with
+    spectra: list[LayerSpectrum]  # MP fits of the dense model's prunable layers, with ESD plots
 
     def to_dict(self) -> dict:
         skip = ("masks", "swap", "prune_result")
@@ -64,6 +66,7 @@ class ModelSection:
             "onnx": self.onnx,
             "audit": self.audit.to_dict(),
             "zeros": self.zeros,
+            "mp_fits": [row.as_dict() for row in self.spectra],
         }
 
 
@@ -141,6 +144,7 @@ def _digits_section(
 ) -> ModelSection:
     data = load_digits_split(seed)
     model = pretrained(name, seed=seed, progress=progress)
+    spectra = diagnose(model, directory / "mp" / name, progress=progress)
     outcome = prune_and_swap(
         model,
         pattern,
@@ -166,7 +170,9 @@ def _digits_section(
     }
     result = audit(model, (1, 8, 8), batch_sizes, checkpoint=name, progress=progress)
     result.save(directory / "audit", stem=name)
-    return ModelSection(name, outcome, macs(model, (1, 1, 8, 8)), onnx_info, result, _zeros_per_layer(model))
+    return ModelSection(
+        name, outcome, macs(model, (1, 1, 8, 8)), onnx_info, result, _zeros_per_layer(model), spectra
+    )
 
 
 def _gpu_audit(name: str, pattern: Pattern, batch_sizes: Sequence[int], directory: Path, progress: bool):
@@ -281,6 +287,24 @@ def _markdown(report: Report, env: dict) -> str:
     for s in report.sections:
         for layer, why in {**s.prune.not_prunable, **s.prune.swap.skipped}.items():
             lines.append(f"| {s.name} | {layer} | {why} |")
+    lines += [
+        "",
+        "## Marchenko–Pastur fits of the dense layers",
+        "",
+        "Eigenvalues of WᵀW/N against the fitted MP law (bulk variance σ², spikes above the "
+        "Tracy–Widom edge, share of eigenvalues in the bulk, KS distance of the fit); "
+        "one ESD plot per layer.",
+        "",
+        "| model | layer | shape | σ² | spikes | bulk fraction | KS fit error | plot |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for s in report.sections:
+        for row in s.spectra:
+            plot = f"[png]({row.plot.relative_to(report.directory)})" if row.plot else "-"
+            lines.append(
+                f"| {s.name} | {row.name} | {'x'.join(map(str, row.weight_shape))} | {row.fit.sigma2:.3g} | "
+                f"{row.fit.num_spikes} | {row.fit.bulk_fraction:.2f} | {row.fit.fit_error:.3f} | {plot} |"
+            )
     lines += [
         "",
         "## ONNX export",
