@@ -68,8 +68,9 @@ def same(a, b):
         (dict(method="cast", sparsity=0.5, calib="ok"), "k:n pattern"),
         (dict(method="ser", pattern="2:4"), "does not support"),
         (dict(method="hybrid", sparsity=0.6, switchh=0.5), "unknown option"),
-        (dict(method="magnitude", pattern="2:4", permute=True), "knsparse.permutation"),
-        (dict(method="magnitude", pattern="2:4", repair="asr"), "knsparse.repair"),
+        (dict(method="magnitude", sparsity=0.5, permute=True), "k:n pattern"),
+        (dict(method="magnitude", pattern="2:4", repair="asr"), "needs a calibration set"),
+        (dict(method="magnitude", pattern="2:4", repair="magic", calib="ok"), "unknown repair"),
         (dict(method="magnitude", pattern="2:4", conv_order="srs"), "conv_order"),
         (dict(method="cast", pattern="2:4", calib="one-shot"), "one-shot"),
         (dict(method="magnitude", pattern="2:4", lipschitz={"fc9": 2.0}), "unknown layers"),
@@ -202,3 +203,27 @@ def test_cuda_prune_matches_cpu(net, calib, method):
         assert gpu.masks[name].is_cuda
         # data-path scores may differ in the last float bits: allow a handful of flipped ties
         assert (gpu.masks[name].cpu() != mask).float().mean() < 0.01
+
+
+def test_permute_and_repair_run_inside_prune():
+    """permute=True keeps the function before masking and keeps at least as much magnitude;
+    repair='asr' rescales channels without moving a single zero."""
+    from knsparse.models import resnet_tiny_digits
+
+    torch.manual_seed(0)
+    model = resnet_tiny_digits().eval()
+    batches = [torch.randn(16, 1, 8, 8) for _ in range(2)]
+    plain = prune(model, "magnitude", "2:4", progress=False)
+    result = prune(model, "magnitude", "2:4", calib=batches, permute=True, repair="asr", progress=False)
+    assert result.permutation is not None and result.repair is not None and result.repair.method == "asr"
+    assert result.as_dict()["permuted"] and result.as_dict()["repair"] == "asr"
+    for name, mask in result.masks.items():
+        assert is_nm(mask, "2:4")
+        weight = result.model.get_submodule(name).weight
+        assert not weight[~mask].any()  # repair folded gammas into kept weights only
+    kept_plain = sum(float(plain.model.get_submodule(n).weight.detach().abs().sum()) for n in plain.masks)
+    permuted_dense = prune(model, "magnitude", "2:4", calib=batches, permute=True, progress=False)
+    kept_permuted = sum(
+        float(permuted_dense.model.get_submodule(n).weight.detach().abs().sum()) for n in plain.masks
+    )
+    assert kept_permuted >= kept_plain - 1e-4

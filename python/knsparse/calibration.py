@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .batches import input_batches
 from .masks import ConvOrder
 
 RowsCallback = Callable[[str, torch.Tensor], None]
@@ -68,18 +69,6 @@ def gemm_input_rows(module: nn.Module, x: torch.Tensor, conv_order: ConvOrder = 
     raise TypeError(f"expected nn.Linear or nn.Conv2d, got {type(module).__name__}")
 
 
-def _batch_input(batch: object) -> torch.Tensor:
-    if isinstance(batch, (tuple, list)):
-        if not batch:
-            raise ValueError("calibration batch is an empty tuple/list")
-        batch = batch[0]
-    if not isinstance(batch, torch.Tensor):
-        raise TypeError(
-            f"calibration batch must be a tensor (or a tuple starting with one), got {type(batch)}"
-        )
-    return batch
-
-
 def stream_layer_inputs(
     model: nn.Module,
     layers: Mapping[str, nn.Module],
@@ -110,15 +99,14 @@ def stream_layer_inputs(
     try:
         model.eval()
         with torch.no_grad():
-            for batch in tqdm(calib, desc=desc, unit="batch", disable=not progress, leave=False):
-                model(_batch_input(batch).to(device))
+            inputs = input_batches(calib, device)
+            for x in tqdm(inputs, desc=desc, unit="batch", disable=not progress, leave=False):
+                model(x)
                 batches += 1
     finally:
         for h in handles:
             h.remove()
         model.train(was_training)
-    if batches == 0:
-        raise ValueError("the calibration set yielded no batches")
     return batches
 
 

@@ -29,7 +29,13 @@ from .layers import prunable_layers, reduction_weight
 from .masks import ConvOrder, check_groupable, from_reduction_view
 from .methods import METHODS, Decision, Layer
 from .pattern import Pattern
+from .permutation import PermutationReport
+from .permutation import permute as permute_channels
+from .repair import RepairReport
+from .repair import apply as apply_repair
 from .spectral import MPFit, fit_weights
+
+REPAIRS = ("asr", "layerwise", "bn")
 
 
 @dataclass
@@ -71,6 +77,10 @@ class PruneResult:
     method: str
     pattern: str
     sparsity: float | None
+    permutation: PermutationReport | None = None
+    """Per coupling group kept score before/after and efficacy, when ``permute=True``."""
+    repair: RepairReport | None = None
+    """The repair that ran (per-channel γ, λ, batches), when ``repair=...``."""
 
     def overall_sparsity(self) -> float:
         """Parameter-weighted sparsity over the pruned layers."""
@@ -86,6 +96,8 @@ class PruneResult:
             "overall_sparsity": self.overall_sparsity(),
             "layers": [r.as_dict() for r in self.report],
             "skipped": self.skipped,
+            "permuted": self.permutation is not None,
+            "repair": None if self.repair is None else self.repair.method,
         }
 
     def to_json(self) -> str:
@@ -178,8 +190,10 @@ def prune(
         calib: re-iterable of input batches (tensors or tuples starting with the input);
             required by ``cast``/``cast-conv``, used by ``ser``/``hybrid`` for data-path scores,
             and by every method for the certificate in the report.
-        permute, repair: channel permutation and post-pruning repair are not part of this build;
-            anything but ``False`` / ``None`` raises ``ValueError``.
+        permute: before scoring, permute channels (function-preserving, see
+            :func:`knsparse.permutation.permute`) so the k:n masks keep more; k:n patterns only.
+        repair: after masking, ``"asr"`` or ``"layerwise"`` (each followed by BatchNorm
+            recalibration) or ``"bn"`` (recalibration alone); needs ``calib``.
         inplace: prune ``model`` itself instead of a deep copy.
         conv_order: k:n grouping of conv weights, ``"rsc"`` (TensorRT) or ``"crs"``.
         lam1, lam2: elastic-net strengths ``λ₁``, ``λ₂`` of the certified objective.
@@ -205,10 +219,15 @@ def prune(
         raise ValueError(f"method {method!r} needs a calibration set: pass calib=[batch, ...]")
     if calib is not None:
         check_reiterable(calib)
-    if permute:
-        raise ValueError("permute=True needs knsparse.permutation, which is not part of this build")
+    if permute and pat.is_unstructured:
+        raise ValueError(
+            "permute=True needs a k:n pattern: unstructured masks do not depend on channel order"
+        )
     if repair is not None:
-        raise ValueError(f"repair={repair!r} needs knsparse.repair, which is not part of this build")
+        if repair not in REPAIRS:
+            raise ValueError(f"unknown repair {repair!r}; choose one of {list(REPAIRS)}")
+        if calib is None:
+            raise ValueError(f"repair={repair!r} needs a calibration set: pass calib=[batch, ...]")
     if conv_order not in ("rsc", "crs"):
         raise ValueError(f"conv_order must be 'rsc' or 'crs', got {conv_order!r}")
     if lam1 < 0 or lam2 < 0:
@@ -219,6 +238,12 @@ def prune(
         raise ValueError(f"lipschitz names unknown layers: {sorted(set(lipschitz) - set(found))}")
 
     target = model if inplace else copy.deepcopy(model)
+    permutation = None
+    if permute:
+        permutation = permute_channels(
+            target, pat, calib, inplace=True, conv_order=conv_order, progress=progress
+        )
+    dense_twin = copy.deepcopy(target) if repair in ("asr", "layerwise") else None
     layers: dict[str, nn.Module] = {}
     skipped: dict[str, str] = {}
     for name, mod in prunable_layers(target).items():
@@ -271,7 +296,8 @@ def prune(
             report.append(
                 _layer_report(name, mod, d, views[name], new_values[name], budgets.get(name), lam1, lam2)
             )
-    return PruneResult(target, masks, report, skipped, method, str(pat), sparsity)
+    repaired = apply_repair(target, dense_twin, calib, repair) if repair is not None else None
+    return PruneResult(target, masks, report, skipped, method, str(pat), sparsity, permutation, repaired)
 
 
 def _layer_report(
