@@ -62,6 +62,7 @@ setup(
         "test": ["pytest", "pytest-benchmark", "hypothesis", "ruff"],
         "timm": ["timm"],
         "cuda": ["nvidia-cutlass"],
+        "bench": ["weightwatcher"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,
