@@ -1,11 +1,16 @@
 """knsparse: k:n / 2:4 semi-structured sparse inference for vision models."""
 
-from . import backends, models
+from . import backends, budget, models, permutation, repair, score, spectral, tome
+from .audit import audit
+from .export import export_onnx
 from .io import load_sparse, save_sparse
+from .macs import macs
 from .masks import global_unstructured_masks, is_nm, nm_mask, unstructured_mask
 from .modules import SparseConv2d, SparseLinear, SwapReport, swap_modules
 from .pack import Packed24, pack_24, to_semi_structured, unpack_24
 from .pattern import Pattern
+from .permutation import permute
+from .prune import prune
 
 __all__ = [
     "Packed24",
@@ -13,16 +18,27 @@ __all__ = [
     "SparseConv2d",
     "SparseLinear",
     "SwapReport",
+    "audit",
     "backends",
+    "budget",
+    "export_onnx",
     "global_unstructured_masks",
     "is_nm",
     "load_sparse",
+    "macs",
     "models",
     "nm_mask",
     "pack_24",
+    "permutation",
+    "permute",
+    "prune",
+    "repair",
     "save_sparse",
+    "score",
+    "spectral",
     "swap_modules",
     "to_semi_structured",
+    "tome",
     "unpack_24",
     "unstructured_mask",
 ]

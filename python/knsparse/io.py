@@ -15,7 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .modules import SparseConv2d, SparseLinear, _set_submodule, sparse_layers
+from .modules import SparseConv2d, SparseLinear, set_submodule, sparse_layers
 
 _META_KEY = "knsparse.sparse_layers"
 
@@ -74,7 +74,7 @@ def load_sparse(model: nn.Module, path: str | Path, backend: str | None = None) 
                 requested,
                 w.dtype,
             )
-        _set_submodule(model, name, new)
+        set_submodule(model, name, new)
     model.load_state_dict(tensors, strict=True)
     return model
 

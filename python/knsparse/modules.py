@@ -85,6 +85,14 @@ class _SparseLayer(nn.Module):
         """The masked dense weight (zeros at the pruned entries), in the layer's dtype."""
         return decompress_nm(self.values, self.slots, self.weight_shape, self.pattern, self.conv_order)
 
+    def _filled(self, dense: nn.Module) -> nn.Module:
+        """``dense`` (a fresh Linear/Conv2d of the same shape) holding this layer's weight and bias."""
+        with torch.no_grad():
+            dense.weight.copy_(self.dense_weight())
+            if self.bias is not None:
+                dense.bias.copy_(self.bias)
+        return dense
+
     def mask(self) -> torch.Tensor:
         """Bool mask of the kept slots (a stored value may itself be zero)."""
         ones = torch.ones_like(self.values, dtype=torch.float32)
@@ -181,11 +189,7 @@ class SparseLinear(_SparseLayer):
         lin = nn.Linear(
             self.in_features, self.out_features, self.bias is not None, self.values.device, self.values.dtype
         )
-        with torch.no_grad():
-            lin.weight.copy_(self.dense_weight())
-            if self.bias is not None:
-                lin.bias.copy_(self.bias)
-        return lin
+        return self._filled(lin)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, " + super().extra_repr()
@@ -288,11 +292,7 @@ class SparseConv2d(_SparseLayer):
             device=self.values.device,
             dtype=self.values.dtype,
         )
-        with torch.no_grad():
-            conv.weight.copy_(self.dense_weight())
-            if self.bias is not None:
-                conv.bias.copy_(self.bias)
-        return conv
+        return self._filled(conv)
 
     def extra_repr(self) -> str:
         return (
@@ -329,7 +329,7 @@ def _matches(name: str, patterns: Iterable[str] | None) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns or ())
 
 
-def _skip_reason(
+def swap_ineligibility(
     name: str, module: nn.Module, mask: torch.Tensor, pattern: Pattern, conv_order: ConvOrder
 ) -> str | None:
     """Why a correctly-shaped request is not swapped (the layer then stays as it is)."""
@@ -347,7 +347,7 @@ def _skip_reason(
     return None
 
 
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
@@ -403,7 +403,7 @@ def swap_modules(
         if _matches(name, exclude):
             report.skipped[name] = "matched by exclude"
             continue
-        reason = _skip_reason(name, module, mask, pattern, conv_order)
+        reason = swap_ineligibility(name, module, mask, pattern, conv_order)
         if reason is None and backend == "auto" and module.weight.device.type == "cuda":
             chosen, why = backends.resolve("auto", _spec_of(module, pattern))
             reason = None if chosen is not None else f"no sparse backend runs it: {why}"
@@ -417,7 +417,7 @@ def swap_modules(
         replacements[name] = new
         report.swapped[name] = new.active_backend
     for name, new in replacements.items():
-        _set_submodule(model, name, new)
+        set_submodule(model, name, new)
     return report
 
 

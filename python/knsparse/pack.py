@@ -66,7 +66,7 @@ def _check_dtype(dtype: torch.dtype) -> None:
         )
 
 
-def _meta_offsets(rows: int, meta_cols: int, meta_bits: int, device: torch.device) -> torch.Tensor:
+def cutlass_meta_offsets(rows: int, meta_cols: int, meta_bits: int, device: torch.device) -> torch.Tensor:
     """Flat destination offset, in the CUTLASS meta buffer, of every logical meta word ``(r, c)``."""
     block, spread = (32, 4) if meta_bits == 16 else (16, 2)
     r = torch.arange(rows, device=device).unsqueeze(1).expand(rows, meta_cols)
@@ -154,7 +154,7 @@ def pack_24(w: torch.Tensor, mask: torch.Tensor | None = None, pad: bool = False
     words = (nibbles << shifts).sum(-1)  # int64; reinterpreted as the signed meta type below
     words = torch.where(words >= 2 ** (meta_bits - 1), words - 2**meta_bits, words).to(meta_dtype)
     meta = torch.empty(words.numel(), dtype=meta_dtype, device=w.device)
-    meta[_meta_offsets(rows, words.shape[1], meta_bits, w.device)] = words.reshape(-1)
+    meta[cutlass_meta_offsets(rows, words.shape[1], meta_bits, w.device)] = words.reshape(-1)
     return Packed24(values.contiguous(), meta.reshape(rows, -1), (m, k))
 
 
@@ -162,7 +162,7 @@ def unpack_24(p: Packed24) -> torch.Tensor:
     """The dense ``[m, k]`` matrix of a :class:`Packed24` (exact inverse of :func:`pack_24`)."""
     rows, cols = p.padded_shape
     meta_bits = p.meta.element_size() * 8
-    flat = p.meta.reshape(-1)[_meta_offsets(rows, p.meta.shape[1], meta_bits, p.meta.device)]
+    flat = p.meta.reshape(-1)[cutlass_meta_offsets(rows, p.meta.shape[1], meta_bits, p.meta.device)]
     words = flat.to(torch.int64) & (2**meta_bits - 1)
     shifts = torch.arange(0, meta_bits, 4, device=words.device)
     nibbles = ((words.reshape(rows, -1, 1) >> shifts) & 0xF).reshape(rows, cols // 4)

@@ -1,9 +1,14 @@
 """Execution backends for sparse layers and the rule that picks one.
 
 ``reference`` (masked dense, any device), ``torch-cusparselt`` and ``torch-cutlass``
-(PyTorch's semi-structured 2:4 kernels, CUDA). ``backend="auto"`` takes, for a 2:4 fp16/bf16
-layer on CUDA, cuSPARSELt, else CUTLASS, whichever is usable and accepts the shape; on CPU it
-takes the reference. On CUDA a layer no sparse backend executes is not swapped.
+(PyTorch's semi-structured 2:4 kernels, CUDA, Linear only) and ``knsparse-cuda`` (this
+project's CUTLASS 2:4 GEMM with im2col conv lowering, built from ``csrc/``).
+
+``backend="auto"`` is a documented rule, not a benchmark: on CUDA it takes the first of
+cuSPARSELt, PyTorch-CUTLASS, knsparse-cuda that is usable and accepts the layer (so convs go
+to knsparse-cuda, the only backend that lowers them); on CPU it takes the reference. On CUDA
+a layer no sparse backend executes is not swapped. knsparse-cuda comes last until
+``bench/bench_gemm.py`` has measured it on a GPU.
 """
 
 from __future__ import annotations
@@ -11,12 +16,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .base import Backend, BackendUnavailableError, ConvSpec, LinearSpec
+from .knsparse_cuda import KNSPARSE_CUDA
 from .reference import ReferenceBackend
 from .torch_semi import CUSPARSELT, CUTLASS
 
 REFERENCE = ReferenceBackend()
-_REGISTRY: dict[str, Backend] = {b.name: b for b in (REFERENCE, CUSPARSELT, CUTLASS)}
-_AUTO_ORDER_CUDA = ("torch-cusparselt", "torch-cutlass")
+_REGISTRY: dict[str, Backend] = {b.name: b for b in (REFERENCE, CUSPARSELT, CUTLASS, KNSPARSE_CUDA)}
+_AUTO_ORDER_CUDA = ("torch-cusparselt", "torch-cutlass", "knsparse-cuda")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,48 @@
+"""Dense vs 2:4 sparse throughput of the same weights, per batch size.
+
+On CUDA: ViT-B/16 and ResNet-50 at 224 px (random weights, magnitude 2:4), fp16, CUDA graphs.
+On CPU: the built-in digits models (trained or cached), float32 reference path, one torch
+thread (their matrices are too small for a second one) — this measures the code path only;
+no sparse tensor cores are involved.
+
+Run: python bench/bench_audit.py   → bench/results/audit_<cuda|cpu>.json (+ .md, .png beside it)
+"""
+
+from __future__ import annotations
+
+import torch
+from _meta import RESULTS, write_result
+
+from knsparse.audit import audit, plot_speedup
+from knsparse.models import pretrained, resnet50, vit_base_patch16_224
+from knsparse.pipeline import magnitude_masks
+
+BATCH_SIZES = (1, 8, 32, 64, 128)
+
+
+def _models() -> list[tuple[str, torch.nn.Module, tuple[int, int, int]]]:
+    if torch.cuda.is_available():
+        torch.manual_seed(0)
+        return [
+            ("vit_base_patch16_224", vit_base_patch16_224().eval(), (3, 224, 224)),
+            ("resnet50", resnet50().eval(), (3, 224, 224)),
+        ]
+    torch.set_num_threads(1)
+    return [(name, pretrained(name), (1, 8, 8)) for name in ("vit_tiny_digits", "resnet_tiny_digits")]
+
+
+def main() -> None:
+    tag = "cuda" if torch.cuda.is_available() else "cpu"
+    results = []
+    for name, model, shape in _models():
+        masks, _ = magnitude_masks(model, "2:4")
+        result = audit(model, shape, BATCH_SIZES, torch.float16, masks=masks, checkpoint=name)
+        print(result.to_markdown(), end="\n\n")
+        results.append(result)
+    plot_speedup(results, RESULTS / f"audit_{tag}.png")
+    path = write_result(f"audit_{tag}", {"audits": [r.to_dict() for r in results]})
+    print(f"wrote {path} and {RESULTS / f'audit_{tag}.png'}")
+
+
+if __name__ == "__main__":
+    main()

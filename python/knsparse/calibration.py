@@ -1,0 +1,208 @@
+"""Calibration: stream per-layer statistics of GEMM inputs through forward hooks.
+
+A prunable layer computes ``y = W x`` for every *GEMM input row* ``x`` of length ``K``: a
+token's features for a Linear, an im2col patch for a Conv2d — with the patch entries in the
+same order as the weight's reduction view (``"rsc"`` by default, see :mod:`knsparse.masks`), so
+column ``j`` of a statistic lines up with column ``j`` of the reduction-view weight.
+
+Nothing is stored per input: hooks fold every batch into fixed-size accumulators (``[K]`` column
+sums of squares, optionally ``[K/n, n, n]`` block Gram matrices), so memory does not grow with
+the calibration set. ``calib`` is any re-iterable of batches (a list of tensors, a DataLoader);
+a batch is either the model input or a tuple/list whose first element is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .batches import input_batches
+from .masks import ConvOrder
+
+RowsCallback = Callable[[str, torch.Tensor], None]
+
+
+def check_reiterable(calib: object) -> None:
+    """Raise ``ValueError`` unless ``calib`` is an iterable that can be iterated again.
+
+    Pruning streams the calibration set more than once (statistics, then the certificate),
+    so a one-shot iterator or generator is refused before anything is computed.
+    """
+    if not isinstance(calib, Iterable):
+        raise ValueError(f"calib must be an iterable of input batches, got {type(calib).__name__}")
+    if iter(calib) is calib:
+        raise ValueError(
+            "calib is a one-shot iterator/generator; pass a re-iterable of batches "
+            "(a list of tensors or a DataLoader) because it is streamed more than once"
+        )
+
+
+def gemm_input_rows(module: nn.Module, x: torch.Tensor, conv_order: ConvOrder = "rsc") -> torch.Tensor:
+    """The layer's GEMM input rows ``[B, T, K]`` for an input batch ``x``.
+
+    Linear: ``x [B, ..., in]`` → ``[B, T, in]`` (``T`` = tokens, 1 for a flat input).
+    Conv2d: im2col patches ``[B, L, K]`` (``L`` output positions) with ``K`` in ``conv_order``.
+    """
+    if isinstance(module, nn.Linear):
+        if x.dim() == 1:
+            x = x.unsqueeze(0)
+        return x.reshape(x.shape[0], -1, x.shape[-1])
+    if isinstance(module, nn.Conv2d):
+        if x.dim() == 3:
+            x = x.unsqueeze(0)
+        padding = module.padding
+        if isinstance(padding, str) or module.padding_mode != "zeros":
+            mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+            x = F.pad(x, module._reversed_padding_repeated_twice, mode=mode)
+            padding = 0
+        cols = F.unfold(x, module.kernel_size, module.dilation, padding, module.stride)  # [B, C*R*S, L]
+        b, _, positions = cols.shape
+        if conv_order == "rsc":
+            rs = module.kernel_size[0] * module.kernel_size[1]
+            cols = cols.reshape(b, x.shape[1], rs, positions).transpose(1, 2).reshape(b, -1, positions)
+        return cols.transpose(1, 2)
+    raise TypeError(f"expected nn.Linear or nn.Conv2d, got {type(module).__name__}")
+
+
+def stream_layer_inputs(
+    model: nn.Module,
+    layers: Mapping[str, nn.Module],
+    calib: Iterable[object],
+    on_rows: RowsCallback,
+    *,
+    conv_order: ConvOrder = "rsc",
+    progress: bool = False,
+    desc: str = "calibration",
+) -> int:
+    """Run ``model`` over ``calib`` (eval mode, no grad) and call ``on_rows(name, rows)`` with the
+    ``[B, T, K]`` float32 GEMM input rows of every listed layer. Returns the number of batches.
+
+    The model's training flag is restored afterwards and the hooks are always removed.
+    Raises ``ValueError`` if ``calib`` yields no batch.
+    """
+    device = next(model.parameters()).device
+
+    def hook_for(name: str, module: nn.Module):
+        def hook(_mod: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+            on_rows(name, gemm_input_rows(module, inputs[0].detach(), conv_order).float())
+
+        return hook
+
+    handles = [m.register_forward_pre_hook(hook_for(nm, m)) for nm, m in layers.items()]
+    was_training = model.training
+    batches = 0
+    try:
+        model.eval()
+        with torch.no_grad():
+            inputs = input_batches(calib, device)
+            for x in tqdm(inputs, desc=desc, unit="batch", disable=not progress, leave=False):
+                model(x)
+                batches += 1
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return batches
+
+
+@dataclass
+class InputStats:
+    """Accumulated GEMM-input statistics of one layer (float64 on the layer's device)."""
+
+    samples: int
+    """Calibration samples (batch entries) seen."""
+    sum_sq: torch.Tensor
+    """``[K]`` Σ over all rows of ``x_j²``."""
+    block_gram: torch.Tensor | None
+    """``[K/n, n, n]`` Σ over all rows of ``x_g x_gᵀ`` for each group ``g`` of ``n`` columns."""
+
+    def column_norms(self) -> torch.Tensor:
+        """``‖x_j‖`` per sample: ``sqrt(Σ x_j² / samples)``, shape ``[K]`` float32."""
+        return (self.sum_sq / max(self.samples, 1)).sqrt().float()
+
+    def group_gram(self) -> torch.Tensor:
+        """Block Gram per sample, ``[K/n, n, n]`` float32."""
+        if self.block_gram is None:
+            raise ValueError("these statistics were collected without block Gram matrices")
+        return (self.block_gram / max(self.samples, 1)).float()
+
+
+def collect_input_stats(
+    model: nn.Module,
+    layers: Mapping[str, nn.Module],
+    calib: Iterable[object],
+    *,
+    group: int | None = None,
+    conv_order: ConvOrder = "rsc",
+    progress: bool = False,
+) -> dict[str, InputStats]:
+    """Column sums of squares of every layer's GEMM inputs, and with ``group = n`` also the
+    ``n × n`` Gram block of every group of ``n`` consecutive reduction columns (``K % n == 0``
+    is required for those layers). Memory: ``K`` (+ ``K·n``) float64 per layer."""
+    stats: dict[str, InputStats] = {}
+
+    def accumulate(name: str, rows: torch.Tensor) -> None:
+        b, _, k = rows.shape
+        flat = rows.reshape(-1, k)
+        st = stats.get(name)
+        if st is None:
+            gram = None
+            if group is not None:
+                if k % group:
+                    raise ValueError(f"layer {name!r}: reduction size {k} is not a multiple of n={group}")
+                gram = torch.zeros(k // group, group, group, dtype=torch.float64, device=rows.device)
+            st = stats[name] = InputStats(0, torch.zeros(k, dtype=torch.float64, device=rows.device), gram)
+        st.samples += b
+        st.sum_sq += flat.square().sum(0).double()
+        if st.block_gram is not None:
+            g = flat.reshape(flat.shape[0], -1, group)
+            st.block_gram += torch.einsum("tgi,tgj->gij", g, g).double()
+
+    stream_layer_inputs(model, layers, calib, accumulate, conv_order=conv_order, progress=progress)
+    missing = [nm for nm in layers if nm not in stats]
+    if missing:
+        raise ValueError(f"layers never ran during calibration (not on the forward path?): {missing}")
+    return stats
+
+
+def data_path_budgets(
+    model: nn.Module,
+    layers: Mapping[str, nn.Module],
+    calib: Iterable[object],
+    residuals: Mapping[str, torch.Tensor],
+    *,
+    lipschitz: Mapping[str, float] | None = None,
+    conv_order: ConvOrder = "rsc",
+    progress: bool = False,
+) -> dict[str, float]:
+    """``B_T(R) = (2/|T|) Σ_s L_s ‖R ψ(s)‖_∞`` per layer over the calibration samples ``s``.
+
+    ``residuals[name]`` is the removed component ``R`` in reduction view ``[out, K]``; ``ψ(s)``
+    is sample ``s``'s GEMM input (all its rows), so ``‖R ψ(s)‖_∞`` is the largest absolute
+    output change over every output channel and token/position of that sample. ``L_s`` is
+    ``lipschitz[name]`` (default 1) for every sample of that layer.
+    """
+    total = {nm: 0.0 for nm in residuals}
+    count = {nm: 0 for nm in residuals}
+    lipschitz = lipschitz or {}
+
+    def accumulate(name: str, rows: torch.Tensor) -> None:
+        change = rows @ residuals[name].to(rows.device, torch.float32).T  # [B, T, out]
+        total[name] += float(change.abs().amax(dim=(1, 2)).double().sum())
+        count[name] += rows.shape[0]
+
+    stream_layer_inputs(
+        model,
+        {nm: layers[nm] for nm in residuals},
+        calib,
+        accumulate,
+        conv_order=conv_order,
+        progress=progress,
+        desc="certificate",
+    )
+    return {nm: 2.0 * lipschitz.get(nm, 1.0) * total[nm] / max(count[nm], 1) for nm in residuals}

@@ -1,0 +1,154 @@
+"""im2col with the reduction axis in (R, S, C) order (channels innermost).
+
+A convolution with weight ``[Cout, Cin, R, S]`` is the GEMM
+
+    y[(n, p, q), cout] = sum_{(r, s, c)} cols[(n, p, q), (r, s, c)] * w_rsc[cout, (r, s, c)]
+
+where ``cols = im2col_rsc(x)`` and ``w_rsc = knsparse.masks.to_reduction_view(weight, "rsc")``.
+Ordering the reduction axis (R, S, C) puts 4 consecutive *input channels* of one kernel
+position in every 2:4 group — the TensorRT rule and knsparse's default conv mask grouping — so
+one mask serves TensorRT and knsparse's own im2col + sparse GEMM.
+
+``k_pad`` appends zero columns so the reduction length can be rounded up to what a sparse GEMM
+needs (the weight's reduction view is padded with the same zero columns, which are valid 2:4
+groups).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .masks import to_reduction_view
+
+IntPair = int | tuple[int, int]
+
+
+def _pair(v: IntPair, name: str) -> tuple[int, int]:
+    pair = (v, v) if isinstance(v, int) else tuple(v)
+    if len(pair) != 2 or not all(isinstance(i, int) for i in pair):
+        raise TypeError(f"{name} must be an int or a pair of ints, got {v!r}")
+    return pair  # type: ignore[return-value]
+
+
+def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
+    """Output length of a convolution along one spatial axis (PyTorch's formula)."""
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def _geometry(
+    x: torch.Tensor,
+    kernel_size: IntPair,
+    stride: IntPair,
+    padding: IntPair,
+    dilation: IntPair,
+    k_pad: int | None,
+) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int], tuple[int, int], int, int, int]:
+    if x.dim() != 4:
+        raise ValueError(f"im2col_rsc expects x of shape [N, C, H, W], got {tuple(x.shape)}")
+    kernel, strides, pads, dils = (
+        _pair(kernel_size, "kernel_size"),
+        _pair(stride, "stride"),
+        _pair(padding, "padding"),
+        _pair(dilation, "dilation"),
+    )
+    if min(kernel + strides + dils) < 1 or min(pads) < 0:
+        raise ValueError(
+            f"kernel_size {kernel}, stride {strides} and dilation {dils} must be positive and "
+            f"padding {pads} non-negative"
+        )
+    _, c, h, w = x.shape
+    p = conv_output_size(h, kernel[0], strides[0], pads[0], dils[0])
+    q = conv_output_size(w, kernel[1], strides[1], pads[1], dils[1])
+    if p < 1 or q < 1:
+        raise ValueError(
+            f"kernel {kernel} with dilation {dils} does not fit input {tuple(x.shape)} padded by {pads}"
+        )
+    depth = kernel[0] * kernel[1] * c
+    k_pad = depth if k_pad is None else k_pad
+    if k_pad < depth:
+        raise ValueError(f"k_pad={k_pad} is smaller than the reduction length R*S*C={depth}")
+    return kernel, strides, pads, dils, p, q, k_pad
+
+
+def im2col_rsc_ref(
+    x: torch.Tensor,
+    kernel_size: IntPair,
+    stride: IntPair = 1,
+    padding: IntPair = 0,
+    dilation: IntPair = 1,
+    k_pad: int | None = None,
+) -> torch.Tensor:
+    """Plain-PyTorch im2col, reduction axis in (R, S, C) order.
+
+    Args:
+        x: ``[N, C, H, W]`` (any layout, any dtype, any device).
+        kernel_size, stride, padding, dilation: as in ``nn.Conv2d`` (int or pair).
+        k_pad: number of output columns, >= ``R*S*C`` (default ``R*S*C``); extra columns are 0.
+
+    Returns:
+        ``[N*P*Q, k_pad]`` contiguous: row ``(n, p, q)``, column ``(r*S + s)*C + c`` holds
+        ``x[n, c, p*stride_h - pad_h + r*dil_h, q*stride_w - pad_w + s*dil_w]`` (0 outside).
+    """
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw), p, q, k_pad = _geometry(
+        x, kernel_size, stride, padding, dilation, k_pad
+    )
+    n, c = x.shape[:2]
+    padded = F.pad(x, (pw, pw, ph, ph))
+    # [N, C, P, Q, span_h, span_w] windows, then every dilation-th tap: [N, C, P, Q, R, S]
+    windows = padded.unfold(2, dh * (kh - 1) + 1, sh).unfold(3, dw * (kw - 1) + 1, sw)
+    taps = windows[..., ::dh, ::dw]
+    cols = taps.permute(0, 2, 3, 4, 5, 1).reshape(n * p * q, kh * kw * c)
+    return F.pad(cols, (0, k_pad - cols.shape[1]))
+
+
+def im2col_rsc(
+    x: torch.Tensor,
+    kernel_size: IntPair,
+    stride: IntPair = 1,
+    padding: IntPair = 0,
+    dilation: IntPair = 1,
+    k_pad: int | None = None,
+) -> torch.Tensor:
+    """:func:`im2col_rsc_ref` semantics; fp16/bf16 CUDA inputs run knsparse's CUDA kernel when
+    the knsparse-cuda backend is available, everything else runs the reference."""
+    from .backends import knsparse_cuda
+
+    kernel, strides, pads, dils, _, _, k_pad = _geometry(x, kernel_size, stride, padding, dilation, k_pad)
+    if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and knsparse_cuda.available(x.device):
+        return knsparse_cuda.im2col_rsc_cuda(x, kernel, strides, pads, dils, k_pad)
+    return im2col_rsc_ref(x, kernel, strides, pads, dils, k_pad)
+
+
+def rows_to_nchw(y: torch.Tensor, n: int, p: int, q: int) -> torch.Tensor:
+    """``[N*P*Q, Cout]`` GEMM rows back to an ``[N, Cout, P, Q]`` activation (a view: no copy)."""
+    return y.reshape(n, p, q, y.shape[-1]).permute(0, 3, 1, 2)
+
+
+def conv2d_via_im2col_ref(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    stride: IntPair = 1,
+    padding: IntPair = 0,
+    dilation: IntPair = 1,
+) -> torch.Tensor:
+    """``F.conv2d`` (groups=1) computed as ``im2col_rsc(x) @ to_reduction_view(weight, "rsc").T``.
+
+    Args:
+        x: ``[N, Cin, H, W]``; weight: ``[Cout, Cin, R, S]``; bias: ``[Cout]`` or None.
+
+    Returns:
+        ``[N, Cout, P, Q]`` in ``x.dtype``.
+    """
+    if weight.dim() != 4 or x.dim() != 4 or weight.shape[1] != x.shape[1]:
+        raise ValueError(
+            f"conv2d_via_im2col_ref needs x [N, C, H, W] and weight [Cout, C, R, S] with equal C "
+            f"(groups=1), got x {tuple(x.shape)} and weight {tuple(weight.shape)}"
+        )
+    kernel = (weight.shape[2], weight.shape[3])
+    *_, p, q, _ = _geometry(x, kernel, stride, padding, dilation, None)
+    y = im2col_rsc_ref(x, kernel, stride, padding, dilation) @ to_reduction_view(weight, "rsc").t()
+    if bias is not None:
+        y = y + bias
+    return rows_to_nchw(y, x.shape[0], p, q)

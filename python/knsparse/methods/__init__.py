@@ -1,0 +1,76 @@
+"""Mask methods and their registry.
+
+Every method maps ``(layers, pattern, sparsity, **options)`` to one
+:class:`~knsparse.methods.base.Decision` per layer; :func:`knsparse.prune` validates a call
+against the method's :class:`MethodSpec` before it touches the model.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+from ..pattern import Pattern
+from .base import Decision, Layer
+from .cast import cast, greedy_group_select
+from .magnitude import magnitude
+from .rmt import rmt
+from .ser import hybrid, ser
+
+MethodFn = Callable[..., Mapping[str, Decision]]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    fn: MethodFn
+    calib: Literal["required", "optional", "unused"]
+    """Whether the method's masks need, can use, or ignore calibration statistics."""
+    patterns: Literal["kn", "unstructured", "both"]
+    group_gram: bool = False
+    """The method needs the ``n × n`` input Gram blocks of every group."""
+    premask: bool = False
+    """A k:n call may also take ``sparsity`` (an unstructured pre-mask)."""
+    fixed: Mapping[str, object] = field(default_factory=dict)
+    """Options this registry entry pins (``cast-conv`` is ``cast`` with ``convs=True``)."""
+
+    @property
+    def options(self) -> frozenset[str]:
+        """Keyword options a caller may pass."""
+        params = inspect.signature(self.fn).parameters.values()
+        names = {p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
+        return frozenset(names - set(self.fixed))
+
+    def __call__(
+        self, layers: Mapping[str, Layer], pattern: Pattern, sparsity: float | None, **options: object
+    ) -> Mapping[str, Decision]:
+        return self.fn(layers, pattern, sparsity, **self.fixed, **options)
+
+    def accepts(self, pattern: Pattern) -> bool:
+        if self.patterns == "both":
+            return True
+        return pattern.is_unstructured == (self.patterns == "unstructured")
+
+
+METHODS: dict[str, MethodSpec] = {
+    "magnitude": MethodSpec(magnitude, "unused", "both"),
+    "rmt": MethodSpec(rmt, "unused", "both"),
+    "ser": MethodSpec(ser, "optional", "unstructured"),
+    "hybrid": MethodSpec(hybrid, "optional", "unstructured"),
+    "cast": MethodSpec(cast, "required", "kn", group_gram=True, premask=True),
+    "cast-conv": MethodSpec(cast, "required", "kn", group_gram=True, premask=True, fixed={"convs": True}),
+}
+
+__all__ = [
+    "METHODS",
+    "Decision",
+    "Layer",
+    "MethodSpec",
+    "cast",
+    "greedy_group_select",
+    "hybrid",
+    "magnitude",
+    "rmt",
+    "ser",
+]

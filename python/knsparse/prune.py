@@ -1,0 +1,334 @@
+"""``knsparse.prune``: score → budget → mask for a whole model, with a per-layer report.
+
+Flow: validate everything (method, pattern, options, calibration set, weights) — any
+``ValueError`` is raised before the model is copied or touched — then MP-fit every prunable
+layer (batched by shape), stream calibration statistics when a calibration set is given, let
+the method choose masks in reduction view, compute the per-layer certificate on the calibration
+set, and only then write the pruned weights (into a copy unless ``inplace=True``).
+
+The certificate of a layer whose removed component is ``R`` (``W - W_new ⊙ mask``):
+``B_T(R) = (2/|T|) Σ_s L_s ‖R ψ(s)‖_∞`` over calibration samples (see
+:func:`knsparse.calibration.data_path_budgets`) against the elastic-net decrease
+``λ₁(‖W‖₁ - ‖W - R‖₁) + λ₂(‖W‖_F² - ‖W - R‖_F²)``, which for a pure mask equals
+``λ₁‖R‖₁ + λ₂‖R‖_F²``. The decrease of the objective ``loss + λ₁‖W‖₁ + λ₂‖W‖_F²`` is
+*certified* when the regulariser decrease is at least ``B_T(R)``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from .calibration import check_reiterable, collect_input_stats, data_path_budgets
+from .layers import prunable_layers, reduction_weight
+from .masks import ConvOrder, check_groupable, from_reduction_view
+from .methods import METHODS, Decision, Layer
+from .pattern import Pattern
+from .permutation import PermutationReport
+from .permutation import permute as permute_channels
+from .repair import RepairReport
+from .repair import apply as apply_repair
+from .spectral import MPFit, fit_weights
+
+REPAIRS = ("asr", "layerwise", "bn")
+
+
+@dataclass
+class LayerReport:
+    """One row of the prune report."""
+
+    name: str
+    kind: str
+    weight_shape: tuple[int, ...]
+    rule: str
+    target_sparsity: float
+    sparsity: float
+    mp: MPFit
+    freely_restored: int = 0
+    data_path_budget: float | None = None
+    """``B_T(R)``; None without a calibration set."""
+    l2_term: float | None = None
+    """``λ₂‖R‖_F²``."""
+    l1_term: float | None = None
+    """``λ₁‖R‖₁``."""
+    certified: bool | None = None
+    extra: dict[str, float] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, object]:
+        row = asdict(self)
+        row["weight_shape"] = list(self.weight_shape)
+        return row
+
+
+@dataclass
+class PruneResult:
+    """The pruned model, its masks (``{module name: bool mask of its weight}``), the report
+    and the layers left dense with the reason."""
+
+    model: nn.Module
+    masks: dict[str, torch.Tensor]
+    report: list[LayerReport]
+    skipped: dict[str, str]
+    method: str
+    pattern: str
+    sparsity: float | None
+    permutation: PermutationReport | None = None
+    """Per coupling group kept score before/after and efficacy, when ``permute=True``."""
+    repair: RepairReport | None = None
+    """The repair that ran (per-channel γ, λ, batches), when ``repair=...``."""
+
+    def overall_sparsity(self) -> float:
+        """Parameter-weighted sparsity over the pruned layers."""
+        total = sum(m.numel() for m in self.masks.values())
+        pruned = sum(int((~m).sum()) for m in self.masks.values())
+        return pruned / total if total else 0.0
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "method": self.method,
+            "pattern": self.pattern,
+            "sparsity": self.sparsity,
+            "overall_sparsity": self.overall_sparsity(),
+            "layers": [r.as_dict() for r in self.report],
+            "skipped": self.skipped,
+            "permuted": self.permutation is not None,
+            "repair": None if self.repair is None else self.repair.method,
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.as_dict(), indent=2)
+
+    def table(self) -> str:
+        """A plain-text table of the report."""
+
+        def num(x: float | None, fmt: str) -> str:
+            return "-" if x is None else format(x, fmt)
+
+        head = (
+            f"{'layer':<28} {'rule':<20} {'sparsity':>8} {'spikes':>6} {'bulk':>5} {'KS':>6} "
+            f"{'B_T(R)':>9} {'l2|R|^2':>9} {'l1|R|1':>9} {'cert':>5} {'restored':>8}"
+        )
+        lines = [head, "-" * len(head)]
+        for r in self.report:
+            cert = "-" if r.certified is None else ("yes" if r.certified else "no")
+            lines.append(
+                f"{r.name[:28]:<28} {r.rule[:20]:<20} {r.sparsity:>8.4f} {r.mp.num_spikes:>6} "
+                f"{r.mp.bulk_fraction:>5.2f} {r.mp.fit_error:>6.3f} {num(r.data_path_budget, '9.3g')} "
+                f"{num(r.l2_term, '9.3g')} {num(r.l1_term, '9.3g')} {cert:>5} {r.freely_restored:>8}"
+            )
+        for name, why in self.skipped.items():
+            lines.append(f"{name[:28]:<28} skipped: {why}")
+        lines.append(f"overall sparsity of pruned layers: {self.overall_sparsity():.4f}")
+        return "\n".join(lines)
+
+
+def _resolve_pattern(method: str, pattern: str | Pattern | None, sparsity: float | None) -> Pattern:
+    spec = METHODS[method]
+    if pattern is None:
+        pat = Pattern.parse("unstructured" if sparsity is not None else "2:4")
+    else:
+        pat = Pattern.parse(pattern)
+    if sparsity is not None and not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+    if pat.is_unstructured and sparsity is None:
+        raise ValueError("an unstructured pattern needs sparsity=..., e.g. sparsity=0.5")
+    if not spec.accepts(pat):
+        kind = (
+            "a k:n pattern such as '2:4'"
+            if spec.patterns == "kn"
+            else "pattern='unstructured' with sparsity="
+        )
+        raise ValueError(f"method {method!r} does not support pattern {pat}; it needs {kind}")
+    if not pat.is_unstructured and sparsity is not None and not spec.premask:
+        raise ValueError(
+            f"method {method!r} with pattern {pat} fixes the sparsity at {pat.sparsity:g}; "
+            "pass either a k:n pattern or sparsity= (only 'cast'/'cast-conv' take both: an unstructured "
+            "pre-mask followed by k:n with free restoration)"
+        )
+    return pat
+
+
+def _check_weights(layers: Mapping[str, nn.Module]) -> None:
+    for name, mod in layers.items():
+        if not torch.isfinite(mod.weight).all():
+            raise ValueError(f"layer {name!r}: weight of shape {tuple(mod.weight.shape)} contains NaN or Inf")
+
+
+def prune(
+    model: nn.Module,
+    method: str,
+    pattern: str | Pattern | None = None,
+    sparsity: float | None = None,
+    calib: Iterable[object] | None = None,
+    permute: bool = False,
+    repair: str | None = None,
+    inplace: bool = False,
+    *,
+    conv_order: ConvOrder = "rsc",
+    lam1: float = 1e-4,
+    lam2: float = 1e-4,
+    lipschitz: float | Mapping[str, float] = 1.0,
+    progress: bool = True,
+    **options: object,
+) -> PruneResult:
+    """Prune every prunable layer (Linear, ungrouped Conv2d) of ``model``.
+
+    Args:
+        model: the model; left untouched unless ``inplace=True``.
+        method: one of ``knsparse.methods.METHODS``: ``magnitude``, ``rmt``, ``ser``, ``hybrid``,
+            ``cast``, ``cast-conv``.
+        pattern: ``"2:4"``, ``"8:16"``, ... or ``"unstructured"``; default ``"2:4"``, or
+            unstructured when only ``sparsity`` is given.
+        sparsity: target fraction of pruned weights for unstructured masks (parameter-weighted
+            over the pruned layers); with ``cast``/``cast-conv`` and a k:n pattern, the sparsity
+            of the unstructured pre-mask that free restoration starts from.
+        calib: re-iterable of input batches (tensors or tuples starting with the input);
+            required by ``cast``/``cast-conv``, used by ``ser``/``hybrid`` for data-path scores,
+            and by every method for the certificate in the report.
+        permute: before scoring, permute channels (function-preserving, see
+            :func:`knsparse.permutation.permute`) so the k:n masks keep more; k:n patterns only.
+        repair: after masking, ``"asr"`` or ``"layerwise"`` (each followed by BatchNorm
+            recalibration) or ``"bn"`` (recalibration alone); needs ``calib``.
+        inplace: prune ``model`` itself instead of a deep copy.
+        conv_order: k:n grouping of conv weights, ``"rsc"`` (TensorRT) or ``"crs"``.
+        lam1, lam2: elastic-net strengths ``λ₁``, ``λ₂`` of the certified objective.
+        lipschitz: ``L_s`` of the certificate, one value or ``{layer: value}`` (default 1).
+        progress: show tqdm progress bars.
+        **options: method options (e.g. ``mode="global"`` for magnitude, ``switch=0.6`` for
+            hybrid, ``shrinkage`` for cast, ``reservoir``); unknown names raise ``ValueError``.
+
+    Returns:
+        :class:`PruneResult` with the pruned model, ``{layer: bool mask}``, the per-layer report
+        (sparsity, MP fit, certificate, freely restored entries) and the skipped layers.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {sorted(METHODS)}")
+    spec = METHODS[method]
+    pat = _resolve_pattern(method, pattern, sparsity)
+    unknown = set(options) - spec.options
+    if unknown:
+        raise ValueError(
+            f"unknown option(s) {sorted(unknown)} for method {method!r}; it takes {sorted(spec.options)}"
+        )
+    if calib is None and spec.calib == "required":
+        raise ValueError(f"method {method!r} needs a calibration set: pass calib=[batch, ...]")
+    if calib is not None:
+        check_reiterable(calib)
+    if permute and pat.is_unstructured:
+        raise ValueError(
+            "permute=True needs a k:n pattern: unstructured masks do not depend on channel order"
+        )
+    if repair is not None:
+        if repair not in REPAIRS:
+            raise ValueError(f"unknown repair {repair!r}; choose one of {list(REPAIRS)}")
+        if calib is None:
+            raise ValueError(f"repair={repair!r} needs a calibration set: pass calib=[batch, ...]")
+    if conv_order not in ("rsc", "crs"):
+        raise ValueError(f"conv_order must be 'rsc' or 'crs', got {conv_order!r}")
+    if lam1 < 0 or lam2 < 0:
+        raise ValueError(f"lam1 and lam2 must be >= 0, got {lam1}, {lam2}")
+    found = prunable_layers(model)
+    _check_weights(found)
+    if isinstance(lipschitz, Mapping) and set(lipschitz) - set(found):
+        raise ValueError(f"lipschitz names unknown layers: {sorted(set(lipschitz) - set(found))}")
+
+    target = model if inplace else copy.deepcopy(model)
+    permutation = None
+    if permute:
+        permutation = permute_channels(
+            target, pat, calib, inplace=True, conv_order=conv_order, progress=progress
+        )
+    dense_twin = copy.deepcopy(target) if repair in ("asr", "layerwise") else None
+    layers: dict[str, nn.Module] = {}
+    skipped: dict[str, str] = {}
+    for name, mod in prunable_layers(target).items():
+        try:
+            check_groupable(mod.weight.shape, pat, conv_order, name)
+        except ValueError as err:
+            skipped[name] = str(err)
+        else:
+            layers[name] = mod
+    spectra = fit_weights({n: m.weight.detach() for n, m in layers.items()}, progress=progress)
+    stats = {}
+    if calib is not None and spec.calib != "unused" and layers:
+        stats = collect_input_stats(
+            target,
+            layers,
+            calib,
+            group=pat.n if spec.group_gram else None,
+            conv_order=conv_order,
+            progress=progress,
+        )
+    views = {
+        n: Layer(
+            n,
+            reduction_weight(m, conv_order).float().clone(),
+            isinstance(m, nn.Conv2d),
+            spectra[n].fit,
+            stats.get(n),
+        )
+        for n, m in layers.items()
+    }
+    decisions: Mapping[str, Decision] = spec(views, pat, sparsity, **options) if views else {}
+    new_values = {
+        n: (d.weight if d.weight is not None else views[n].weight) * d.mask for n, d in decisions.items()
+    }
+    residuals = {n: views[n].weight - new_values[n] for n in decisions}
+    budgets: dict[str, float] = {}
+    if calib is not None and layers:
+        per_layer = lipschitz if isinstance(lipschitz, Mapping) else dict.fromkeys(layers, float(lipschitz))
+        budgets = data_path_budgets(
+            target, layers, calib, residuals, lipschitz=per_layer, conv_order=conv_order, progress=progress
+        )
+
+    masks, report = {}, []
+    with torch.no_grad():
+        for name, d in decisions.items():
+            mod = layers[name]
+            shape = mod.weight.shape
+            masks[name] = from_reduction_view(d.mask, shape, conv_order)
+            mod.weight.copy_(from_reduction_view(new_values[name], shape, conv_order).to(mod.weight.dtype))
+            report.append(
+                _layer_report(name, mod, d, views[name], new_values[name], budgets.get(name), lam1, lam2)
+            )
+    repaired = apply_repair(target, dense_twin, calib, repair) if repair is not None else None
+    return PruneResult(target, masks, report, skipped, method, str(pat), sparsity, permutation, repaired)
+
+
+def _layer_report(
+    name: str,
+    mod: nn.Module,
+    d: Decision,
+    view: Layer,
+    new: torch.Tensor,
+    budget: float | None,
+    lam1: float,
+    lam2: float,
+) -> LayerReport:
+    w, r = view.weight.double(), (view.weight - new).double()
+    row = LayerReport(
+        name=name,
+        kind="conv" if view.is_conv else "linear",
+        weight_shape=tuple(mod.weight.shape),
+        rule=d.rule,
+        target_sparsity=d.target_sparsity,
+        sparsity=1.0 - d.mask.float().mean().item(),
+        mp=view.fit,
+        freely_restored=d.freely_restored,
+        extra=dict(d.extra),
+    )
+    if budget is not None:
+        new64 = new.double()
+        decrease = lam1 * float(w.abs().sum() - new64.abs().sum()) + lam2 * float(
+            w.square().sum() - new64.square().sum()
+        )
+        row.data_path_budget = budget
+        row.l2_term = lam2 * float(r.square().sum())
+        row.l1_term = lam1 * float(r.abs().sum())
+        row.certified = decrease >= budget
+    return row

@@ -1,0 +1,275 @@
+"""Post-pruning repair without fine-tuning: ASR, a layer-wise baseline and BatchNorm recalibration.
+
+Pruning shrinks the variance of a layer's outputs. Adaptive Signal Resuscitation (ASR)
+restores it per output channel: from forward passes over a calibration set it measures the
+variance ``v_d,i`` of channel ``i`` of a Linear / Conv2d output (before any BatchNorm) in the
+dense model and ``v_p,i`` in the pruned one, and rescales the channel by
+
+    γ*_i = sqrt(v_d,i / v_p,i),   s_i = v_p,i / (v_p,i + λ),   γ_i = s_i γ*_i + (1 - s_i),
+
+so channels whose pruned variance is small next to ``λ`` (default: the median of ``v_p``
+over the layer's channels) are trusted less and pulled towards ``γ = 1``. A channel with no
+variance left gets ``γ = 1``. ``γ`` is folded into the layer's weight rows and bias: the
+repaired model costs nothing extra at inference and its zeros (the mask) do not move.
+
+Layers are repaired one at a time in execution order, each measured after the layers before
+it were repaired, since those change its input. The layer-wise baseline uses one
+``γ = sqrt(Σ v_d / Σ v_p)`` per layer. :func:`recalibrate_bn` re-estimates BatchNorm
+running statistics as a cumulative average over the calibration batches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .batches import input_batches, model_device
+
+Method = Literal["asr", "layerwise", "bn"]
+
+
+@dataclass
+class RepairReport:
+    """``gammas`` maps each repaired layer to its per-output-channel scale ``[out]``; ``lam`` to
+    the λ used (ASR only); ``batches`` is the number of calibration batches."""
+
+    method: str
+    gammas: dict[str, torch.Tensor] = field(default_factory=dict)
+    lam: dict[str, float] = field(default_factory=dict)
+    batches: int = 0
+
+
+class _Stop(Exception):
+    """Raised by a hook once the layer of interest has been seen: the rest of the forward pass
+    is not needed."""
+
+
+def _is_layer(m: nn.Module) -> bool:
+    return isinstance(m, (nn.Linear, nn.Conv2d))
+
+
+def _channels_first(y: torch.Tensor, module: nn.Module) -> torch.Tensor:
+    """Layer output as ``[out, samples]`` (Linear: channels last; Conv2d: ``[N, C, H, W]``)."""
+    if isinstance(module, nn.Conv2d):
+        return y.transpose(0, 1).reshape(y.shape[1], -1)
+    return y.reshape(-1, y.shape[-1]).T
+
+
+@torch.no_grad()
+def _channel_variances(
+    model: nn.Module, names: list[str], batches: list[torch.Tensor], stop_after: str | None = None
+) -> dict[str, torch.Tensor]:
+    """Per-output-channel variance (float64 ``[out]``) of the listed layers over all batches,
+    and the zero-variance threshold scale (mean square) under key ``name + "/ms"``."""
+    stats: dict[str, list[torch.Tensor | int]] = {}
+    modules = dict(model.named_modules())
+
+    def hook_for(name: str) -> Callable:
+        def hook(module: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
+            y = _channels_first(output.detach(), module).double()
+            acc = stats.setdefault(name, [0, 0, 0])
+            acc[0] = acc[0] + y.sum(1)
+            acc[1] = acc[1] + (y * y).sum(1)
+            acc[2] += y.shape[1]
+            if name == stop_after:
+                raise _Stop
+
+        return hook
+
+    handles = [modules[n].register_forward_hook(hook_for(n)) for n in names]
+    was_training = model.training
+    model.eval()
+    try:
+        for x in batches:
+            with contextlib.suppress(_Stop):
+                model(x)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    out = {}
+    for name, (total, squares, count) in stats.items():
+        mean, mean_sq = total / count, squares / count
+        out[name] = (mean_sq - mean * mean).clamp_min(0.0)
+        out[name + "/ms"] = mean_sq
+    return out
+
+
+def _execution_order(model: nn.Module, names: list[str], x: torch.Tensor) -> list[str]:
+    order: list[str] = []
+    modules = dict(model.named_modules())
+    handles = [
+        modules[n].register_forward_hook(lambda m, i, o, n=n: order.append(n) if n not in order else None)
+        for n in names
+    ]
+    try:
+        with torch.no_grad():
+            was_training = model.training
+            model.eval()
+            model(x)
+            model.train(was_training)
+    finally:
+        for h in handles:
+            h.remove()
+    return order
+
+
+def pruned_layers(model: nn.Module, dense_model: nn.Module) -> list[str]:
+    """Names of the Linear / Conv2d layers of ``model`` with more zero weights than the same
+    layer of ``dense_model``. ``ValueError`` when a layer is missing or has another shape."""
+    dense = dict(dense_model.named_modules())
+    names = []
+    for name, m in model.named_modules():
+        if not _is_layer(m):
+            continue
+        d = dense.get(name)
+        if not _is_layer(d) or d.weight.shape != m.weight.shape:
+            got = (
+                "missing"
+                if d is None
+                else f"{type(d).__name__} {tuple(getattr(d, 'weight', torch.empty(0)).shape)}"
+            )
+            raise ValueError(
+                f"layer {name!r} ({type(m).__name__} {tuple(m.weight.shape)}) "
+                f"has no match in dense_model ({got})"
+            )
+        if int((m.weight == 0).sum()) > int((d.weight == 0).sum()):
+            names.append(name)
+    return names
+
+
+def _asr_gamma(
+    v_dense: torch.Tensor, v_pruned: torch.Tensor, mean_sq: torch.Tensor, lam: float
+) -> torch.Tensor:
+    dead = v_pruned <= 1e-12 * mean_sq.clamp_min(1e-300)
+    safe = torch.where(dead, torch.ones_like(v_pruned), v_pruned)
+    g_star = (v_dense / safe).sqrt()
+    denom = safe + lam
+    s = torch.where(denom > 0, safe / denom, torch.zeros_like(safe))
+    gamma = s * g_star + (1 - s)
+    return torch.where(dead, torch.ones_like(gamma), gamma)
+
+
+@torch.no_grad()
+def _fold(module: nn.Module, gamma: torch.Tensor) -> None:
+    g = gamma.to(module.weight.dtype).to(module.weight.device)
+    module.weight.mul_(g.view(-1, *([1] * (module.weight.dim() - 1))))
+    if module.bias is not None:
+        module.bias.mul_(g)
+
+
+def _repair(
+    model: nn.Module,
+    dense_model: nn.Module,
+    calib: object,
+    gamma_of: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, float | None]],
+    method: str,
+    progress: bool,
+) -> RepairReport:
+    batches = list(input_batches(calib, model_device(model)))
+    names = pruned_layers(model, dense_model)
+    report = RepairReport(method, batches=len(batches))
+    if not names:
+        return report
+    dense_stats = _channel_variances(dense_model, names, batches)
+    modules = dict(model.named_modules())
+    for name in tqdm(_execution_order(model, names, batches[0]), desc=method, disable=not progress):
+        pruned = _channel_variances(model, [name], batches, stop_after=name)
+        gamma, lam = gamma_of(dense_stats[name], pruned[name], pruned[name + "/ms"])
+        _fold(modules[name], gamma)
+        report.gammas[name] = gamma.float()
+        if lam is not None:
+            report.lam[name] = lam
+    return report
+
+
+def asr(
+    model: nn.Module,
+    dense_model: nn.Module,
+    calib: object,
+    shrinkage: Literal["median", "none"] = "median",
+    lam: float | None = None,
+    *,
+    progress: bool = False,
+) -> RepairReport:
+    """Adaptive Signal Resuscitation of every pruned Linear / Conv2d of ``model`` (in place).
+
+    Args:
+        model: the pruned model; its pruned layers are those with more zeros than in
+            ``dense_model``, which must have the same layer names, shapes and channel order.
+        dense_model: the model before pruning (only read).
+        calib: calibration batches (a tensor, a list, a DataLoader; see :mod:`knsparse.batches`).
+        shrinkage: ``"median"`` (λ = median of the layer's pruned channel variances) or
+            ``"none"`` (λ = 0, γ = γ*).
+        lam: a fixed λ for every layer instead (>= 0).
+        progress: tqdm bar over the layers.
+
+    Returns a :class:`RepairReport`. Raises ``ValueError`` if ``calib`` yields no batch.
+    """
+    if shrinkage not in ("median", "none"):
+        raise ValueError(f"shrinkage must be 'median' or 'none', got {shrinkage!r}")
+    if lam is not None and not lam >= 0:
+        raise ValueError(f"lam must be >= 0, got {lam}")
+
+    def gamma_of(v_d: torch.Tensor, v_p: torch.Tensor, ms: torch.Tensor) -> tuple[torch.Tensor, float]:
+        layer_lam = lam if lam is not None else (float(v_p.median()) if shrinkage == "median" else 0.0)
+        return _asr_gamma(v_d, v_p, ms, layer_lam), layer_lam
+
+    return _repair(model, dense_model, calib, gamma_of, "asr", progress)
+
+
+def layerwise(
+    model: nn.Module, dense_model: nn.Module, calib: object, *, progress: bool = False
+) -> RepairReport:
+    """Baseline: one ``γ = sqrt(Σ v_d / Σ v_p)`` per pruned layer (``γ = 1`` if ``Σ v_p = 0``)."""
+
+    def gamma_of(v_d: torch.Tensor, v_p: torch.Tensor, ms: torch.Tensor) -> tuple[torch.Tensor, None]:
+        total_p, total_d = v_p.sum(), v_d.sum()
+        dead = total_p <= 1e-12 * ms.sum().clamp_min(1e-300)
+        g = torch.ones_like(v_p) * (1.0 if dead else float((total_d / total_p).sqrt()))
+        return g, None
+
+    return _repair(model, dense_model, calib, gamma_of, "layerwise", progress)
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, calib: object, *, progress: bool = False) -> int:
+    """Reset every BatchNorm's running statistics and re-estimate them as a cumulative
+    average over the calibration batches (other modules stay in eval mode, no gradients).
+    Returns the number of batches; ``ValueError`` if there is none."""
+    batches = list(input_batches(calib, model_device(model)))  # an empty set raises before any change
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [(m.momentum, m.training) for m in bns]
+    was_training = model.training
+    model.eval()
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average
+        m.train()
+    try:
+        for x in tqdm(batches, desc="recalibrate BN", disable=not progress):
+            model(x)
+    finally:
+        for m, (momentum, training) in zip(bns, saved, strict=True):
+            m.momentum = momentum
+            m.train(training)
+        model.train(was_training)
+    return len(batches)
+
+
+def apply(model: nn.Module, dense_model: nn.Module, calib: object, method: Method) -> RepairReport:
+    """The repair ``prune(..., repair=method)`` runs: ``"asr"`` or ``"layerwise"`` followed by
+    BatchNorm recalibration, or ``"bn"`` (recalibration alone)."""
+    if method == "bn":
+        return RepairReport("bn", batches=recalibrate_bn(model, calib))
+    if method not in ("asr", "layerwise"):
+        raise ValueError(f"repair method must be 'asr', 'layerwise' or 'bn', got {method!r}")
+    report = asr(model, dense_model, calib) if method == "asr" else layerwise(model, dense_model, calib)
+    recalibrate_bn(model, calib)
+    return report

@@ -1,0 +1,109 @@
+"""The command line: complete help, one-line errors with status 2, and the
+prune -> inspect -> export -> check -> audit round trip on a small model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from knsparse.cli import main
+from knsparse.models import vit_tiny_digits
+
+COMMANDS = ("prune", "inspect", "export", "audit", "demo")
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert f"usage: knsparse {command}" in out and "--help" in out
+
+
+def test_top_level_help_lists_all_commands(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert all(c in out for c in COMMANDS)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["prune", "--model", "nope", "--out", "x.safetensors"], "unknown model 'nope'"),
+        (["inspect", "--model", "resnet50", "--weights", "missing.safetensors"], "no weights file"),
+        (["export", "--check", "missing.onnx"], "no ONNX file"),
+        (["export", "--model", "vit_tiny_digits"], "export needs --model and --out"),
+        (["inspect", "--model", "timm:vit_base_patch16_224"], "timm"),
+    ],
+)
+def test_user_mistakes_print_one_line_and_exit_2(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    pytest.importorskip("knsparse")
+    if argv[-1].startswith("timm:"):
+        try:
+            import timm  # noqa: F401
+
+            pytest.skip("timm is installed here, so this is not a mistake")
+        except Exception:
+            pass
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err and "Traceback" not in err
+
+
+def test_bad_pattern_is_an_argument_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["prune", "--model", "vit_tiny_digits", "--pattern", "5:4", "--out", "x"])
+    assert exit_info.value.code == 2
+    assert "invalid sparsity pattern '5:4'" in capsys.readouterr().err
+
+
+def test_weights_of_another_architecture_are_refused(tmp_path, capsys):
+    path = tmp_path / "vit.safetensors"
+    save_file({k: v.contiguous() for k, v in vit_tiny_digits().state_dict().items()}, str(path))
+    assert main(["inspect", "--model", "resnet_tiny_digits", "--weights", str(path)]) == 2
+    assert "does not fit model 'resnet_tiny_digits'" in capsys.readouterr().err
+
+
+def test_prune_inspect_export_check_audit_round_trip(tmp_path, capsys):
+    torch.manual_seed(0)
+    init = tmp_path / "init.safetensors"
+    save_file({k: v.contiguous() for k, v in vit_tiny_digits().state_dict().items()}, str(init))
+    pruned = tmp_path / "pruned.safetensors"
+    base = ["--model", "vit_tiny_digits"]
+    assert main(["prune", *base, "--weights", str(init), "--out", str(pruned), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "swapped 17 layer(s)" in out and "patch_embed.proj" in out and pruned.is_file()
+
+    assert main(["inspect", *base, "--weights", str(pruned), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    layers = {row["layer"]: row for row in info["layers"]}
+    assert (
+        layers["blocks.0.mlp.fc1"]["pattern"] == "2:4" and layers["blocks.0.mlp.fc1"]["runs"] == "reference"
+    )
+    assert layers["patch_embed.proj"]["runs"] == "dense" and 0.4 < info["macs"]["reduction"] < 0.5
+
+    onnx_path = tmp_path / "pruned.onnx"
+    assert main(["export", *base, "--weights", str(pruned), "--out", str(onnx_path)]) == 0
+    out = capsys.readouterr().out
+    assert "CPUExecutionProvider: max |ONNX Runtime - PyTorch|" in out and "17 of 18 weight" in out
+    assert main(["export", "--check", str(onnx_path)]) == 0
+    table = capsys.readouterr().out
+    assert "| blocks.0.attn.qkv | [64, 192] | MatMul | K = axis 0 ([..., K, N]) | yes |" in table
+    assert "Cin=1 is not a multiple of 4" in table
+
+    audit_dir = tmp_path / "audit"
+    argv = ["audit", *base, "--weights", str(pruned), "--batch-sizes", "1,2", "--repeats", "2"]
+    assert main([*argv, "--out", str(audit_dir), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "no sparse tensor cores were measured" in out
+    assert {p.name for p in audit_dir.iterdir()} == {
+        "vit_tiny_digits.md",
+        "vit_tiny_digits.json",
+        "vit_tiny_digits.png",
+    }

@@ -1,0 +1,239 @@
+"""Permutation search: objective, move scoring against brute force, and the full search."""
+
+import time
+from itertools import combinations
+
+import pytest
+import torch
+
+from knsparse.masks import nm_mask
+from knsparse.pattern import Pattern
+from knsparse.permutation import search
+from knsparse.permutation.baseline import greedy_swap_search
+from knsparse.permutation.objective import efficacy, kept_score, optimal_kept, search_matrix, topk_sum
+from knsparse.permutation.stripe_search import StripeSearch, greedy_matching, window_candidates
+
+
+def _rand(*shape: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _kept_by_mask(w: torch.Tensor, pattern: str) -> float:
+    """Kept magnitude computed independently through knsparse.masks.nm_mask."""
+    return float((w.abs() * nm_mask(w.abs(), pattern)).double().sum())
+
+
+@pytest.mark.parametrize(("k", "n"), [(2, 4), (1, 4), (3, 4), (6, 12), (8, 16), (12, 16)])
+def test_topk_sum_matches_sort(k: int, n: int) -> None:
+    x = _rand(5, 7, n)
+    want = x.sort(dim=-1, descending=True).values[..., :k].sum(-1)
+    torch.testing.assert_close(topk_sum(x, k), want)
+    torch.testing.assert_close(topk_sum(x.transpose(1, 2), k, dim=1), want)
+
+
+def test_kept_score_and_efficacy_match_masks() -> None:
+    w = _rand(16, 32)
+    perm = torch.randperm(32, generator=torch.Generator().manual_seed(1))
+    m = search_matrix(w)
+    assert kept_score(m, Pattern(2, 4), perm) == pytest.approx(_kept_by_mask(w[:, perm], "2:4"), rel=1e-6)
+    optimum = float(w.abs().sort(dim=1, descending=True).values[:, :16].double().sum())
+    assert optimal_kept(m, Pattern(2, 4)) == pytest.approx(optimum, rel=1e-6)
+    assert efficacy(10.0, 12.0, 14.0) == pytest.approx(0.5)
+    assert efficacy(10.0, 10.0, 10.0) == 1.0
+
+
+def test_conv_search_matrix_rows_are_kernel_positions() -> None:
+    w = _rand(3, 8, 2, 2)
+    m = search_matrix(w)
+    assert m.shape == (12, 8)
+    torch.testing.assert_close(m[1 * 4 + 1 * 2 + 0], w[1, :, 1, 0].abs())
+
+
+def test_window_candidates_are_the_canonical_partitions() -> None:
+    cand = window_candidates(4)
+    assert cand.shape == (35, 8)
+    assert cand[0].tolist() == list(range(8))
+    keys = {min(tuple(sorted(r[:4])), tuple(sorted(r[4:]))) for r in cand.tolist()}
+    assert len(keys) == 35
+    assert all(sorted(r) == list(range(8)) for r in cand.tolist())
+    # Too many partitions for n=8 and 16: exchanges of up to 2 resp. 1 columns.
+    assert window_candidates(8).shape == (1 + 64 + 28 * 28, 16)
+    assert window_candidates(16).shape == (1 + 256, 32)
+
+
+def _sequential_greedy(gain: torch.Tensor, tol: float) -> set[tuple[int, int]]:
+    g = gain.shape[0]
+    edges = sorted(((float(gain[i, j]), i, j) for i in range(g) for j in range(i + 1, g)), reverse=True)
+    used: set[int] = set()
+    out = set()
+    for value, i, j in edges:
+        if value > tol and i not in used and j not in used:
+            out.add((i, j))
+            used |= {i, j}
+    return out
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_greedy_matching_equals_sequential_greedy(seed: int) -> None:
+    x = _rand(12, 12, seed=seed)
+    gain = x + x.T
+    a, b = greedy_matching(gain, tol=0.0)
+    assert set(zip(a.tolist(), b.tolist(), strict=True)) == _sequential_greedy(gain, 0.0)
+
+
+@pytest.mark.parametrize("pattern", ["2:4", "3:8", "1:4"])
+def test_swap_gains_match_brute_force(pattern: str) -> None:
+    p = Pattern.parse(pattern)
+    m = _rand(6, 3 * p.n, seed=3).abs()
+    state = StripeSearch(m, p, torch.Generator().manual_seed(0), max_candidates=1000)
+    state.cols = torch.randperm(m.shape[1], generator=torch.Generator().manual_seed(4)).view(3, p.n)
+    state.mark_changed(torch.arange(3))
+    gains = state.swap_gains()
+    base = kept_score(m, p, state.perm)
+    for i, j in combinations(range(m.shape[1]), 2):
+        if i // p.n == j // p.n:
+            assert gains[i, j] == float("-inf")
+            continue
+        perm = state.perm.clone()
+        perm[[i, j]] = perm[[j, i]]
+        assert float(gains[i, j]) == pytest.approx(kept_score(m, p, perm) - base, abs=1e-4)
+
+
+@pytest.mark.parametrize("pattern", ["2:4", "2:8"])
+def test_window_scores_match_brute_force(pattern: str) -> None:
+    p = Pattern.parse(pattern)
+    m = _rand(5, 3 * p.n, seed=5).abs()
+    state = StripeSearch(m, p, torch.Generator().manual_seed(0), max_candidates=1000)
+    a, b = torch.tensor([0, 0, 1]), torch.tensor([1, 2, 2])
+    gains, choices = state._score_pairs(a, b)
+    base = kept_score(m, p)
+    for i in range(3):
+        cols = torch.cat([state.cols[a[i]], state.cols[b[i]]])
+        best = 0.0
+        for cand in state.cand:
+            perm = state.perm.clone().view(3, p.n)
+            moved = cols[cand]
+            perm[a[i]], perm[b[i]] = moved[: p.n], moved[p.n :]
+            best = max(best, kept_score(m, p, perm.reshape(-1)) - base)
+        assert float(gains[i]) == pytest.approx(best, abs=1e-4)
+        assert 0 <= int(choices[i]) < state.cand.shape[0]
+
+
+def _brute_force_best(m: torch.Tensor, p: Pattern) -> float:
+    """Best kept score over every partition of the columns into stripes."""
+    cols = list(range(m.shape[1]))
+
+    def best(rest: list[int]) -> float:
+        if not rest:
+            return 0.0
+        first, others = rest[0], rest[1:]
+        out = 0.0
+        for mates in combinations(others, p.n - 1):
+            stripe = [first, *mates]
+            left = [c for c in others if c not in mates]
+            out = max(out, float(topk_sum(m[:, stripe].double(), p.k).sum()) + best(left))
+        return out
+
+    return best(cols)
+
+
+@pytest.mark.parametrize(("seed", "channels"), [(0, 8), (1, 8), (2, 8), (0, 12)])
+def test_search_finds_the_optimum_of_small_cases(seed: int, channels: int) -> None:
+    w = _rand(6, channels, seed=seed)
+    result = search(w, "2:4", seed=seed, max_iters=200)
+    assert result.kept == pytest.approx(_brute_force_best(w.abs(), Pattern(2, 4)), rel=1e-6)
+
+
+@pytest.mark.parametrize("pattern", ["2:4", "6:12", "8:16", "12:16"])
+def test_search_returns_a_valid_improving_permutation(pattern: str) -> None:
+    p = Pattern.parse(pattern)
+    w = _rand(32, 4 * p.n * 2, seed=7)
+    result = search(w, pattern, max_iters=100)
+    assert sorted(result.perm.tolist()) == list(range(w.shape[1]))
+    assert result.kept == pytest.approx(_kept_by_mask(w[:, result.perm], pattern), rel=1e-6)
+    assert result.kept_before == pytest.approx(_kept_by_mask(w, pattern), rel=1e-6)
+    assert result.kept_before <= result.kept <= result.kept_optimal + 1e-6
+    assert 0.0 < result.efficacy <= 1.0
+
+
+def test_search_is_deterministic_and_seeded() -> None:
+    w = _rand(32, 64, seed=2)
+    started = time.perf_counter()
+    first = search(w, "2:4", seed=3, max_iters=60, walk=20)
+    assert 0.0 <= first.seconds <= time.perf_counter() - started  # a duration, not a clock reading
+    again = search(w, "2:4", seed=3, max_iters=60, walk=20)
+    assert torch.equal(first.perm, again.perm)
+    assert first.kept == again.kept
+
+
+def test_blocks_and_passes_cover_wide_matrices() -> None:
+    w = _rand(8, 128, seed=8)
+    one = search(w, "2:4", max_iters=0, block_stripes=4, passes=1)
+    two = search(w, "2:4", max_iters=0, block_stripes=4, passes=3)
+    assert sorted(two.perm.tolist()) == list(range(128))
+    assert one.kept_before < one.kept <= two.kept
+
+
+def test_segments_confine_the_permutation() -> None:
+    w = _rand(16, 96, seed=14)
+    result = search(w, "2:4", max_iters=20, segment=32)
+    assert torch.equal(result.perm // 32, torch.arange(96) // 32)
+    assert result.kept > result.kept_before
+    with pytest.raises(ValueError, match="segment=30"):
+        search(w, "2:4", segment=30)
+
+
+def test_conv_and_shared_weights() -> None:
+    conv = _rand(8, 16, 3, 3, seed=9)
+    result = search(conv, "2:4", max_iters=50)
+    permuted = conv[:, result.perm]
+    assert result.kept == pytest.approx(_kept_by_mask(permuted, "2:4"), rel=1e-6)
+    lin = _rand(5, 16, seed=10)
+    shared = search([conv, lin], "2:4", max_iters=50)
+    both = _kept_by_mask(conv[:, shared.perm], "2:4") + _kept_by_mask(lin[:, shared.perm], "2:4")
+    assert shared.kept == pytest.approx(both, rel=1e-6)
+
+
+def test_zero_time_budget_runs_one_deterministic_swap_round() -> None:
+    w = _rand(16, 64, seed=11)
+    quick, again = (search(w, "2:4", time_budget_s=0.0) for _ in range(2))
+    full = search(w, "2:4", max_iters=50)
+    assert torch.equal(quick.perm, again.perm)
+    assert quick.kept_before < quick.kept <= full.kept
+
+
+def test_bad_inputs_raise_clear_errors() -> None:
+    with pytest.raises(ValueError, match="k:n pattern"):
+        search(_rand(4, 8), "unstructured")
+    with pytest.raises(ValueError, match=r"\(4, 10\)"):
+        search(_rand(4, 10), "2:4", names=["blocks.0.mlp.fc2"])
+    with pytest.raises(ValueError, match="different input channels"):
+        search([_rand(4, 8), _rand(4, 12)], "2:4")
+    with pytest.raises(ValueError, match="conv_order='rsc'"):
+        search(_rand(4, 8, 3, 3), "2:4", conv_order="crs")
+    with pytest.raises(ValueError, match="max_iters"):
+        search(_rand(4, 8), "2:4", max_iters=-1)
+
+
+@pytest.mark.parametrize("pattern", ["2:4", "2:8"])
+def test_greedy_swap_baseline_ends_at_a_swap_optimum(pattern: str) -> None:
+    p = Pattern.parse(pattern)
+    w = _rand(12, 4 * p.n, seed=12)
+    result = greedy_swap_search(w, pattern)
+    assert sorted(result.perm.tolist()) == list(range(w.shape[1]))
+    assert result.kept == pytest.approx(_kept_by_mask(w[:, result.perm], pattern), rel=1e-6)
+    assert result.kept > result.kept_before
+    state = StripeSearch(w.abs(), p, torch.Generator().manual_seed(0), max_candidates=1000)
+    state.cols = result.perm.clone().view(-1, p.n)
+    assert float(state.swap_gains().max()) <= 1e-4
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_search_runs_batched_on_cuda() -> None:
+    w = _rand(64, 128, seed=13)
+    result = search(w.cuda(), "2:4", max_iters=100)
+    assert result.perm.is_cuda
+    assert sorted(result.perm.tolist()) == list(range(128))
+    assert result.kept == pytest.approx(_kept_by_mask(w[:, result.perm.cpu()], "2:4"), rel=1e-5)
+    assert result.kept > result.kept_before
