@@ -10,6 +10,9 @@ from knsparse.models import (
     pretrained,
     resnet50,
     resnet_tiny_digits,
+    train,
+    trainer,
+    validation_split,
     vit_base_patch16_224,
     vit_tiny_digits,
 )
@@ -67,6 +70,21 @@ def test_digits_split_is_real_and_reproducible():
     assert len(batches) == 3 and batches[0].shape == (16, 1, 8, 8)
 
 
+def test_validation_split_partitions_the_training_images_only():
+    data = load_digits_split(0)
+    sel = validation_split(data, 0.2, seed=0)
+    assert len(sel.x_train) + len(sel.x_test) == len(data.x_train)
+    assert abs(len(sel.x_test) - 0.2 * len(data.x_train)) <= 1
+    rows = {tuple(r.tolist()) for r in data.x_train.flatten(1)}
+    fit_rows = {tuple(r.tolist()) for r in sel.x_train.flatten(1)}
+    val_rows = {tuple(r.tolist()) for r in sel.x_test.flatten(1)}
+    assert fit_rows | val_rows <= rows and not fit_rows & val_rows
+    assert sorted(sel.y_test.unique().tolist()) == list(range(10))
+    assert torch.equal(validation_split(data, 0.2, seed=0).x_test, sel.x_test)
+    with pytest.raises(ValueError, match="fraction"):
+        validation_split(data, 1.0)
+
+
 def test_apply_masks_checks_names_and_shapes():
     m = vit_tiny_digits()
     with pytest.raises(ValueError, match="not a module with a weight"):
@@ -86,6 +104,19 @@ def test_pretrained_reaches_95_percent_and_is_cached(name):
     again = pretrained(name, seed=0, progress=False)  # loaded from the cache, identical
     for (ka, va), (kb, vb) in zip(model.state_dict().items(), again.state_dict().items(), strict=True):
         assert ka == kb and torch.equal(va, vb)
+
+
+def test_pretrained_with_validation_trains_without_the_held_out_images(tmp_path, monkeypatch):
+    monkeypatch.setenv("KNSPARSE_CACHE", str(tmp_path))
+    recipe = trainer.Recipe(epochs=1, lr=2e-3)
+    monkeypatch.setitem(trainer.RECIPES, "one_epoch_vit", (vit_tiny_digits, recipe))
+    assert _checkpoint_path("one_epoch_vit", 0, 0.2) != _checkpoint_path("one_epoch_vit", 0)
+    held_out = pretrained("one_epoch_vit", seed=0, progress=False, validation=0.2)
+    assert _checkpoint_path("one_epoch_vit", 0, 0.2).name.startswith("one_epoch_vit-val20-seed0-")
+    torch.manual_seed(0)
+    expected = train(vit_tiny_digits(), validation_split(load_digits_split(0), 0.2, 0), 1, progress=False)
+    for a, b in zip(held_out.state_dict().values(), expected.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
 
 
 def test_unknown_model_name():

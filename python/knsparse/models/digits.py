@@ -44,6 +44,27 @@ def load_digits_split(seed: int = 0, test_fraction: float = 0.2) -> DigitsSplit:
     )
 
 
+def validation_split(data: DigitsSplit, fraction: float = 0.2, seed: int = 0) -> DigitsSplit:
+    """Hold out a stratified ``fraction`` of the *training* images for model selection.
+
+    Returns a split whose ``x_train``/``y_train`` are the rest of the training images and whose
+    ``x_test``/``y_test`` are the held-out validation images; ``data``'s test images are not
+    used. Standardisation is left as it is (training statistics of ``data``).
+    """
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"validation fraction must be in (0, 1), got {fraction}")
+    from sklearn.model_selection import train_test_split
+
+    fit, val = train_test_split(
+        torch.arange(len(data.y_train)).numpy(),
+        test_size=fraction,
+        random_state=seed,
+        stratify=data.y_train.numpy(),
+    )
+    fit, val = torch.from_numpy(fit), torch.from_numpy(val)
+    return DigitsSplit(data.x_train[fit], data.y_train[fit], data.x_train[val], data.y_train[val])
+
+
 def calibration_batches(data: DigitsSplit, batch_size: int = 64, n_batches: int = 4, seed: int = 0):
     """A list of ``n_batches`` random training-image batches ``[batch_size, 1, 8, 8]``."""
     g = torch.Generator().manual_seed(seed)

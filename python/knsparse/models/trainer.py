@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from .digits import DigitsSplit, load_digits_split
+from .digits import DigitsSplit, load_digits_split, validation_split
 from .resnet import resnet_tiny_digits
 from .vit import vit_tiny_digits
 
@@ -108,30 +108,40 @@ def cache_dir() -> Path:
     return Path(os.environ.get("KNSPARSE_CACHE", Path.home() / ".cache" / "knsparse"))
 
 
-def _checkpoint_path(name: str, seed: int) -> Path:
+def _checkpoint_path(name: str, seed: int, validation: float = 0.0) -> Path:
     build, recipe = RECIPES[name]
     # The file name carries a hash of the recipe and the parameter shapes, so a changed
     # model definition or recipe never loads a stale checkpoint.
     shapes = {k: list(v.shape) for k, v in build().state_dict().items()}
-    key = json.dumps({"recipe": asdict(recipe), "shapes": shapes, "seed": seed}, sort_keys=True)
-    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
-    return cache_dir() / f"{name}-seed{seed}-{digest}.safetensors"
+    key: dict[str, object] = {"recipe": asdict(recipe), "shapes": shapes, "seed": seed}
+    tag = ""
+    if validation:
+        key["validation"] = validation
+        tag = f"-val{round(validation * 100)}"
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    return cache_dir() / f"{name}{tag}-seed{seed}-{digest}.safetensors"
 
 
-def pretrained(name: str, seed: int = 0, progress: bool = True) -> nn.Module:
-    """A built-in model trained on the digits split of ``seed`` (cached after the first call)."""
+def pretrained(name: str, seed: int = 0, progress: bool = True, validation: float = 0.0) -> nn.Module:
+    """A built-in model trained on the digits split of ``seed`` (cached after the first call).
+
+    With ``validation > 0`` the model is trained only on the training images left after
+    :func:`~knsparse.models.digits.validation_split` holds out that fraction (same ``seed``), so
+    choices made on those held-out images never see the test split nor images it was trained on.
+    """
     if name not in RECIPES:
         raise ValueError(f"unknown built-in model {name!r}; choose from {sorted(RECIPES)}")
     build, recipe = RECIPES[name]
-    path = _checkpoint_path(name, seed)
+    path = _checkpoint_path(name, seed, validation)
     torch.manual_seed(seed)
     model = build()
     if path.exists():
         model.load_state_dict(load_file(str(path)))
         return model.eval()
+    data = load_digits_split(seed)
     train(
         model,
-        load_digits_split(seed),
+        validation_split(data, validation, seed) if validation else data,
         recipe.epochs,
         recipe.lr,
         recipe.weight_decay,
