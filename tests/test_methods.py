@@ -1,4 +1,5 @@
 import itertools
+from dataclasses import replace
 
 import pytest
 import torch
@@ -6,6 +7,8 @@ import torch
 from knsparse.calibration import InputStats
 from knsparse.masks import global_unstructured_masks, group_nonzeros, nm_mask, unstructured_mask
 from knsparse.methods import Layer, cast, greedy_group_select, hybrid, magnitude, rmt, ser
+from knsparse.methods.base import data_path_scores
+from knsparse.methods.cast import robust_gram
 from knsparse.pattern import UNSTRUCTURED, Pattern
 from knsparse.spectral import mp_fit
 
@@ -143,6 +146,34 @@ def test_ser_with_data_restores_entries_useful_on_the_data_path():
     assert d.mask.sum() == mag.sum()
     assert d.extra["restored"] > 0
     assert output_error(lay.weight, d.mask, x) < output_error(lay.weight, mag, x)
+
+
+def test_ser_restore_score_is_the_diagonal_of_the_robust_gram():
+    x = inputs(128, 16, seed=3)
+    lay = layer("fc", 8, 16, x=x)
+    for alpha in (0.0, 0.3, 1.0):
+        diag = robust_gram(lay.stats.group_gram(), alpha).diagonal(dim1=-2, dim2=-1).reshape(-1)
+        expected = lay.weight.abs() * diag.sqrt()
+        assert torch.allclose(data_path_scores(lay, alpha), expected, rtol=1e-5)
+    column_norms = x.square().mean(0).sqrt()
+    assert torch.allclose(data_path_scores(lay, 0.0), lay.weight.abs() * column_norms, rtol=1e-5)
+
+
+def test_ser_shrinkage_moves_the_restore_from_the_data_path_to_magnitude():
+    x = inputs(256, 64, seed=7)
+    layers = {"a": layer("a", 32, 64, x=x), "b": layer("b", 64, 64, seed=1, x=x)}
+    no_data = ser({n: replace(lay, stats=None) for n, lay in layers.items()}, UNSTRUCTURED, 0.7)
+    magnitude_like = ser(layers, UNSTRUCTURED, 0.7, shrinkage=1.0)
+    wanda_like = ser(layers, UNSTRUCTURED, 0.7, shrinkage=0.0, reservoir=0.2)
+    for n in layers:
+        assert torch.equal(magnitude_like[n].mask, no_data[n].mask)
+        assert magnitude_like[n].extra["restored"] == 0
+        assert wanda_like[n].mask.sum() == no_data[n].mask.sum()
+        assert output_error(layers[n].weight, wanda_like[n].mask, x) < output_error(
+            layers[n].weight, no_data[n].mask, x
+        )
+    with pytest.raises(ValueError, match="shrinkage"):
+        ser(layers, UNSTRUCTURED, 0.7, shrinkage=-0.1)
 
 
 def test_hybrid_switches_from_magnitude_to_ser():

@@ -62,9 +62,16 @@ def mp_budgets(
     )
 
 
-def data_path_scores(layer: Layer) -> torch.Tensor:
-    """``|w_ij| · ‖x_j‖`` with calibration statistics, ``|w_ij|`` without."""
+def data_path_scores(layer: Layer, shrinkage: float = 0.0) -> torch.Tensor:
+    """``|w_ij| · sqrt((1 - α) ‖x_j‖² + α ē)`` with calibration statistics, ``|w_ij|`` without.
+
+    ``‖x_j‖²`` is column ``j``'s mean input energy per sample, ``ē`` its mean over the columns
+    and ``α = shrinkage``: the diagonal of CAST's robust Gram ``(1 - α) H + α h̄ I``
+    (:func:`knsparse.methods.cast.robust_gram`). ``α = 0`` is Wanda's ``|w_ij|·‖x_j‖``;
+    ``α = 1`` ranks like the magnitude. Shape ``[out, K]`` like the layer's weight.
+    """
     mag = layer.weight.abs()
     if layer.stats is None:
         return mag
-    return mag * layer.stats.column_norms().to(mag.device)
+    energy = layer.stats.column_norms().to(mag.device).square()
+    return mag * ((1 - shrinkage) * energy + shrinkage * energy.mean()).sqrt()

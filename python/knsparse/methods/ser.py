@@ -10,11 +10,18 @@ too small for an MP fit get ``s_l = 0`` and stay dense):
    where magnitude pruning stays within the random-like mass it is trusted and the reservoir
    is shallow; where it would cut into learned (spike) mass, more of the decision is re-made
    on the data path (all of it when ``b`` is zero).
-3. *Restore*: bring back the reservoir entries most useful on the data path — ``|w_ij|·‖x_j‖``
-   with calibration statistics, ``|w_ij|`` without — until exactly ``s_l`` is met.
+3. *Restore*: bring back the reservoir entries most useful on the data path until exactly
+   ``s_l`` is met. The score is ``|w_ij|·sqrt((1 - α)‖x_j‖² + α ē)`` with calibration
+   statistics (``ē`` the layer's mean column energy, ``α = shrinkage``), ``|w_ij|`` without.
 
-Without calibration data the restore score is the magnitude itself, so SER reduces to
-layer-wise magnitude pruning at the MP-guided budgets.
+*Why shrink.* ``‖x_j‖`` is estimated from a small calibration sample, and a one-shot mask
+shifts the inputs of every later layer away from the ones measured. The score is the diagonal
+of CAST's robust metric (:func:`knsparse.methods.cast.robust_gram`): it mixes the energy of
+the calibration inputs with the mean energy, which holds for any inputs of the same total
+energy. ``α = 0`` is the plain Wanda-style score ``|w_ij|·‖x_j‖``; ``α = 1`` is the magnitude.
+
+Without calibration data (or with ``α = 1``) the restore score is the magnitude itself, so SER
+reduces to layer-wise magnitude pruning at the MP-guided budgets.
 """
 
 from __future__ import annotations
@@ -30,6 +37,9 @@ from ..pattern import Pattern
 from .base import Decision, Layer, data_path_scores, mp_budgets
 from .magnitude import magnitude
 
+SER_SHRINKAGE = 0.5
+"""Default ``α`` of the restore score."""
+
 
 def _require_unstructured(pattern: Pattern, method: str) -> None:
     if not pattern.is_unstructured:
@@ -39,7 +49,9 @@ def _require_unstructured(pattern: Pattern, method: str) -> None:
         )
 
 
-def ser_layer(layer: Layer, sparsity: float, *, reservoir: float, min_keep_row: int) -> Decision:
+def ser_layer(
+    layer: Layer, sparsity: float, *, reservoir: float, shrinkage: float, min_keep_row: int
+) -> Decision:
     """SER mask of one layer at ``sparsity`` (see the module docstring)."""
     w = layer.weight
     numel = w.numel()
@@ -51,7 +63,7 @@ def ser_layer(layer: Layer, sparsity: float, *, reservoir: float, min_keep_row: 
     ratio = lost / bulk_mass if bulk_mass > 0 else math.inf
     depth = reservoir * max(1.0, ratio)
     n_over = numel if math.isinf(depth) else min(numel, n_prune + round(depth * numel))
-    score = data_path_scores(layer).reshape(-1)
+    score = data_path_scores(layer, shrinkage).reshape(-1)
     # Base (never over-pruned) entries outrank every reservoir entry; the reservoir is ranked
     # by data-path score, so keeping the top (numel - n_prune) restores its best entries.
     priority = score / score.max().clamp_min(1e-30)
@@ -74,6 +86,7 @@ def ser(
     sparsity: float | None,
     *,
     reservoir: float = 0.1,
+    shrinkage: float = SER_SHRINKAGE,
     min_eigenvalues: int = 16,
     max_sparsity: float = 0.95,
     min_keep_row: int = 1,
@@ -81,15 +94,18 @@ def ser(
     """SER masks at MP-guided layer budgets whose parameter-weighted mean is ``sparsity``.
 
     ``reservoir`` is the base over-pruning depth (fraction of the layer's weights);
-    ``min_eigenvalues`` and ``max_sparsity`` go to :func:`knsparse.budget.mp_layer_sparsities`.
+    ``shrinkage`` is ``α`` of the restore score (module docstring); ``min_eigenvalues`` and
+    ``max_sparsity`` go to :func:`knsparse.budget.mp_layer_sparsities`.
     """
     _require_unstructured(pattern, "ser")
     assert sparsity is not None
     if reservoir < 0:
         raise ValueError(f"reservoir must be >= 0, got {reservoir}")
+    if not 0.0 <= shrinkage <= 1.0:
+        raise ValueError(f"shrinkage must be in [0, 1], got {shrinkage}")
     budgets = mp_budgets(layers, sparsity, min_eigenvalues=min_eigenvalues, max_sparsity=max_sparsity)
     return {
-        n: ser_layer(lay, budgets[n], reservoir=reservoir, min_keep_row=min_keep_row)
+        n: ser_layer(lay, budgets[n], reservoir=reservoir, shrinkage=shrinkage, min_keep_row=min_keep_row)
         for n, lay in layers.items()
     }
 
@@ -102,6 +118,7 @@ def hybrid(
     switch: float = 0.5,
     mode: Literal["layer", "global"] = "layer",
     reservoir: float = 0.1,
+    shrinkage: float = SER_SHRINKAGE,
     min_eigenvalues: int = 16,
     max_sparsity: float = 0.95,
     min_keep_row: int = 1,
@@ -117,6 +134,7 @@ def hybrid(
             pattern,
             sparsity,
             reservoir=reservoir,
+            shrinkage=shrinkage,
             min_eigenvalues=min_eigenvalues,
             max_sparsity=max_sparsity,
             min_keep_row=min_keep_row,
