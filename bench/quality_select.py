@@ -25,11 +25,13 @@ from knsparse.prune import prune
 
 VALIDATION = 0.2
 ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
+EXPLORED_RESERVOIRS = (0.2, 1.0)
+"""Deeper reservoirs with the unshrunk score, tried while diagnosing Hybrid (not selected on)."""
 MODELS = {"vit_tiny_digits": "cast", "resnet_tiny_digits": "cast-conv"}
 
 
 def candidates() -> list[tuple[str, str, str, dict]]:
-    """``(knob, model, method, prune kwargs)``; knob ``""`` marks a reference row."""
+    """``(knob, model, method, prune kwargs)``; knob ``""`` marks a reference row (not selected on)."""
     rows = []
     for model, cast in MODELS.items():
         for pattern in ("2:4", "8:16"):
@@ -66,7 +68,7 @@ def main() -> None:
     start = time.perf_counter()
     rows = []
     for knob, model, method, kwargs in tqdm(candidates(), desc="candidates"):
-        seeds = args.calib_seeds if knob else [-1]
+        seeds = [-1] if method == "magnitude" else args.calib_seeds
         accs = []
         for seed in seeds:
             calib = calibration_batches(data, 64, 4, seed=seed) if seed >= 0 else None

@@ -37,8 +37,9 @@ from ..pattern import Pattern
 from .base import Decision, Layer, data_path_scores, mp_budgets
 from .magnitude import magnitude
 
-SER_SHRINKAGE = 0.5
-"""Default ``α`` of the restore score."""
+SER_SHRINKAGE = 0.25
+"""Default ``α`` of the restore score: chosen on held-out training images of the built-in digits
+models by ``bench/quality_select.py`` (``bench/results/quality_select.json``)."""
 
 
 def _require_unstructured(pattern: Pattern, method: str) -> None:
