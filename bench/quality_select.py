@@ -42,6 +42,10 @@ def candidates() -> list[tuple[str, str, str, dict]]:
             rows += [
                 ("hybrid", model, "hybrid", {"sparsity": s, "switch": 0.5, "shrinkage": a}) for a in ALPHAS
             ]
+            rows += [
+                ("", model, "hybrid", {"sparsity": s, "switch": 0.5, "shrinkage": 0.0, "reservoir": r})
+                for r in EXPLORED_RESERVOIRS
+            ]
     return rows
 
 
