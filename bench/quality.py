@@ -156,6 +156,48 @@ def plan(
     return rows
 
 
+def findings(rows: list[Row], select: dict) -> list[str]:
+    """What the measured rows and the validation selection say about the failing claims."""
+    by = {(r["model"], r["label"]): r for r in rows}
+    val = select["rows"]
+
+    def best_alpha(knob: str, model: str) -> float:
+        sel = [r for r in val if r["knob"] == knob and r["model"] == model]
+        alphas = sorted({r["args"]["shrinkage"] for r in sel})
+        mean = {a: statistics.mean(r["val"] for r in sel if r["args"]["shrinkage"] == a) for a in alphas}
+        return max(alphas, key=lambda a: (round(mean[a], 10), a))
+
+    per_model = ", ".join(
+        f"{knob} on {model}: α={best_alpha(knob, model)}"
+        for knob in ("cast", "hybrid")
+        for model in ("vit_tiny_digits", "resnet_tiny_digits")
+    )
+    vit = "vit_tiny_digits"
+    h60, g60 = by[(vit, "60% hybrid")], by[(vit, "60% magnitude (global)")]
+    h70, g70 = by[(vit, "70% hybrid")], by[(vit, "70% magnitude (global)")]
+    res = "resnet_tiny_digits"
+    c816, m816 = by[(res, "8:16 cast-conv")], by[(res, "8:16 magnitude")]
+    return [
+        f"- Best α per model on validation (the rule pools both models): {per_model}. On the ViT the "
+        "data path does not beat magnitude at the MP budgets (α=1) on validation; the pooled choice is "
+        "decided by the ResNet's one-shot rows, whose BatchNorm-mismatched accuracies vary most across "
+        "calibration draws.",
+        f"- Hybrid vs global magnitude on the ViT, one-shot: {h60['one_shot']:.4f} vs "
+        f"{g60['one_shot']:.4f} (60%, {(g60['one_shot'] - h60['one_shot']) * 360:+.1f} test images for "
+        f"magnitude), {h70['one_shot']:.4f} vs {g70['one_shot']:.4f} (70%, "
+        f"{(g70['one_shot'] - h70['one_shot']) * 360:+.1f}). The MP budgets of the ViT are close to the "
+        "per-layer sparsities of one global threshold (its layers have similar σ_l), so Hybrid there is "
+        "a global-magnitude-like allocation plus the data-path restore, and the restore is what costs "
+        f"accuracy one-shot. Fine-tuned: {h60['finetuned']:.4f} vs {g60['finetuned']:.4f} (60%), "
+        f"{h70['finetuned']:.4f} vs {g70['finetuned']:.4f} (70%).",
+        f"- ResNet 8:16: cast-conv with the validation-chosen shrinkage {c816['args']['shrinkage']} vs "
+        f"magnitude, one-shot {c816['one_shot']:.4f} vs {m816['one_shot']:.4f}, fine-tuned "
+        f"{c816['finetuned']:.4f} vs {m816['finetuned']:.4f} "
+        f"({(m816['finetuned'] - c816['finetuned']) * 360:+.1f} test images for magnitude): one epoch "
+        "with BatchNorm re-adapting erases most one-shot differences on the ResNet.",
+    ]
+
+
 def selection_markdown(select: dict) -> list[str]:
     """The validation numbers of every candidate ``bench/quality_select.py`` tried."""
     cfg = select["config"]
@@ -275,13 +317,16 @@ def markdown(
         "",
         "- 6:12 needs reduction sizes divisible by 12; the built-in widths (ViT 64, ResNet powers of two) "
         "are not, so the 6:12 rows use 12-divisible twins of the same classes trained with the same recipes.",
+        f"- Resolution: one test image is {1 / 360:.2%} (360 test images); one validation image is "
+        f"{1 / select['config']['validation_images']:.2%}.",
+        *findings(rows, select),
         "- No choice in this table was made by looking at test accuracy. CAST's and Hybrid's shrinkage "
         "were chosen on held-out *training* images with models trained without them (section 'Selection "
         "on validation data' below, every candidate listed); calibration batches come from the training "
-        "split; the test split is only evaluated here. Other settings are fixed a priori: Hybrid switch "
-        "50% (the issue's 50/60/70% grid: magnitude at 50%, SER above), reservoir 0.1, MP budgets with "
-        "layers of < 16 eigenvalues kept dense, 4x64 calibration images, one fine-tuning epoch at a "
-        "quarter of the training learning rate.",
+        "split; the test split is only evaluated here. Other settings are the library defaults, not tuned "
+        "here: Hybrid switch 50% (the issue's 50/60/70% grid: magnitude at 50%, SER above), reservoir 0.1, "
+        "MP budgets with layers of < 16 eigenvalues kept dense, 4x64 calibration images, one fine-tuning "
+        "epoch at a quarter of the training learning rate.",
         *EXPLORATION,
         "- One-shot ResNet accuracy is low for every method because the BatchNorm running statistics no "
         "longer match the pruned convolutions; BatchNorm recalibration (knsparse.repair) is not part of "
