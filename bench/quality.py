@@ -187,8 +187,8 @@ def findings(rows: list[Row], select: dict) -> list[str]:
         f"magnitude), {h70['one_shot']:.4f} vs {g70['one_shot']:.4f} (70%, "
         f"{(g70['one_shot'] - h70['one_shot']) * 360:+.1f}). The MP budgets of the ViT are close to the "
         "per-layer sparsities of one global threshold (its layers have similar σ_l), so Hybrid there is "
-        "a global-magnitude-like allocation plus the data-path restore, and the restore is what costs "
-        f"accuracy one-shot. Fine-tuned: {h60['finetuned']:.4f} vs {g60['finetuned']:.4f} (60%), "
+        "a global-magnitude-like allocation plus the data-path restore, and on validation the restore is "
+        f"what costs accuracy one-shot. Fine-tuned: {h60['finetuned']:.4f} vs {g60['finetuned']:.4f} (60%), "
         f"{h70['finetuned']:.4f} vs {g70['finetuned']:.4f} (70%).",
         f"- ResNet 8:16: cast-conv with the validation-chosen shrinkage {c816['args']['shrinkage']} vs "
         f"magnitude, one-shot {c816['one_shot']:.4f} vs {m816['one_shot']:.4f}, fine-tuned "
