@@ -200,7 +200,7 @@ def prune(
         lipschitz: ``L_s`` of the certificate, one value or ``{layer: value}`` (default 1).
         progress: show tqdm progress bars.
         **options: method options (e.g. ``mode="global"`` for magnitude, ``switch=0.6`` for
-            hybrid, ``shrinkage`` for cast, ``reservoir``); unknown names raise ``ValueError``.
+            hybrid, ``shrinkage`` for cast/ser/hybrid, ``reservoir``); unknown names raise ``ValueError``.
 
     Returns:
         :class:`PruneResult` with the pruned model, ``{layer: bool mask}``, the per-layer report
