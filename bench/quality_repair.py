@@ -31,21 +31,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from knsparse import repair
-from knsparse.masks import check_groupable, global_unstructured_masks, nm_mask, sparsity_of
+from knsparse.layers import prunable_layers
+from knsparse.masks import global_unstructured_masks, sparsity_of
 from knsparse.models import apply_masks, calibration_batches, evaluate, load_digits_split, pretrained
-from knsparse.pattern import Pattern
 from knsparse.permutation import permute
+from knsparse.pipeline import magnitude_masks
 
 DRAWS = (0, 1, 2)
 METHODS = ("none", "bn", "layerwise+bn", "asr+bn", "asr(no shrinkage)+bn", "asr")
-
-
-def _layers(model: nn.Module) -> dict[str, nn.Module]:
-    return {
-        n: m
-        for n, m in model.named_modules()
-        if isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.groups == 1)
-    }
 
 
 def _repaired(method: str, pruned: nn.Module, dense: nn.Module, calib: list[torch.Tensor]) -> nn.Module:
@@ -67,7 +60,7 @@ def _repaired(method: str, pruned: nn.Module, dense: nn.Module, calib: list[torc
 def repair_table(name: str, dense: nn.Module, data, sparsities, scopes) -> list[dict]:
     rows = []
     for scope, excluded in scopes.items():
-        layers = {n: m for n, m in _layers(dense).items() if n not in excluded}
+        layers = {n: m for n, m in prunable_layers(dense).items() if n not in excluded}
         for sparsity in tqdm(sparsities, desc=f"{name} repair ({scope})", leave=False):
             masks = global_unstructured_masks(
                 {n: m.weight.detach().abs() for n, m in layers.items()}, sparsity
@@ -98,18 +91,6 @@ def repair_table(name: str, dense: nn.Module, data, sparsities, scopes) -> list[
     return rows
 
 
-def _masks_24(model: nn.Module) -> dict[str, torch.Tensor]:
-    pattern = Pattern.parse("2:4")
-    out = {}
-    for n, m in _layers(model).items():
-        try:
-            check_groupable(m.weight.shape, pattern, "rsc", n)
-        except ValueError:
-            continue
-        out[n] = nm_mask(m.weight.detach().abs(), pattern, name=n)
-    return out
-
-
 def _kept(model: nn.Module, masks: dict[str, torch.Tensor]) -> tuple[float, float]:
     layers = dict(model.named_modules())
     kept = sum(float((layers[n].weight.detach().abs() * m).double().sum()) for n, m in masks.items())
@@ -128,7 +109,7 @@ def permutation_table(name: str, dense: nn.Module, data) -> dict:
     out["skipped"] = {g.name: g.skip_reason for g in report.groups if not g.permuted}
     out["permuted_dense_accuracy"] = evaluate(report.model, data.x_test, data.y_test)
     for label, model in (("without", dense), ("with", report.model)):
-        masks = _masks_24(model)
+        masks, _ = magnitude_masks(model, "2:4")
         kept, total = _kept(model, masks)
         sparse = copy.deepcopy(model)
         apply_masks(sparse, masks)

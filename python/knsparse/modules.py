@@ -19,6 +19,7 @@ from torch import nn
 from . import backends
 from .backends import Backend, BackendUnavailableError, ConvSpec, LinearSpec
 from .compress import compress_nm, decompress_nm
+from .layers import ineligibility
 from .masks import ConvOrder, check_groupable, group_nonzeros
 from .pattern import Pattern
 
@@ -238,7 +239,7 @@ class SparseConv2d(_SparseLayer):
         """Build from ``conv`` keeping the weights where ``mask`` (``[Cout, Cin, R, S]``, k:n) is True."""
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"layer {name!r}: expected nn.Conv2d, got {type(conv).__name__}")
-        ineligible = conv_ineligibility(conv)
+        ineligible = ineligibility(conv)
         if ineligible:
             raise ValueError(f"layer {name!r}: {ineligible}")
         w = conv.weight
@@ -301,16 +302,6 @@ class SparseConv2d(_SparseLayer):
         )
 
 
-def conv_ineligibility(conv: nn.Conv2d) -> str | None:
-    """Why a Conv2d cannot become a SparseConv2d, or ``None``."""
-    if conv.groups != 1:
-        kind = "depthwise" if conv.groups == conv.in_channels else "grouped"
-        return f"{kind} convolution (groups={conv.groups}) is not eligible for k:n sparse GEMM"
-    if conv.padding_mode != "zeros":
-        return f"padding_mode={conv.padding_mode!r} is not supported (zeros only)"
-    return None
-
-
 @dataclass
 class SwapReport:
     """What :func:`swap_modules` did: swapped layers with their backend, skipped ones with the reason."""
@@ -333,10 +324,9 @@ def swap_ineligibility(
     name: str, module: nn.Module, mask: torch.Tensor, pattern: Pattern, conv_order: ConvOrder
 ) -> str | None:
     """Why a correctly-shaped request is not swapped (the layer then stays as it is)."""
-    if isinstance(module, nn.Conv2d):
-        reason = conv_ineligibility(module)
-        if reason:
-            return reason
+    reason = ineligibility(module)
+    if reason:
+        return reason
     try:
         check_groupable(module.weight.shape, pattern, conv_order, name)
     except ValueError as err:

@@ -14,9 +14,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .masks import check_groupable, nm_mask
+from .layers import pattern_layers
+from .masks import nm_mask
 from .models import DigitsSplit, calibration_batches, evaluate, train
-from .modules import SwapReport, conv_ineligibility, swap_modules
+from .modules import SwapReport, swap_modules
 from .pattern import Pattern
 from .prune import PruneResult, prune
 
@@ -50,34 +51,12 @@ class PruneOutcome:
         return ", then ".join(steps) + ", swapped to sparse modules"
 
 
-def prunable_layers(model: nn.Module, pattern: str | Pattern) -> tuple[dict[str, nn.Module], dict[str, str]]:
-    """``{name: Linear/Conv2d}`` whose shape can carry ``pattern`` (TensorRT's (R, S, C) conv
-    grouping), and ``{name: why not}`` for the other Linear/Conv2d layers. Shapes only."""
-    pattern = Pattern.parse(pattern)
-    layers: dict[str, nn.Module] = {}
-    skipped: dict[str, str] = {}
-    for name, module in model.named_modules():
-        if not isinstance(module, (nn.Linear, nn.Conv2d)):
-            continue
-        reason = conv_ineligibility(module) if isinstance(module, nn.Conv2d) else None
-        if reason is None:
-            try:
-                check_groupable(module.weight.shape, pattern, "rsc", name)
-            except ValueError as err:
-                reason = str(err)
-        if reason:
-            skipped[name] = reason
-        else:
-            layers[name] = module
-    return layers, skipped
-
-
 def magnitude_masks(
     model: nn.Module, pattern: str | Pattern
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """``{layer: k:n mask keeping the largest |w| per group}`` for every prunable layer, and
-    ``{layer: why not}`` for the others (see :func:`prunable_layers`)."""
-    layers, skipped = prunable_layers(model, pattern)
+    ``{layer: why not}`` for the others (see :func:`knsparse.layers.pattern_layers`)."""
+    layers, skipped = pattern_layers(model, pattern)
     masks = {n: nm_mask(m.weight.detach().abs(), pattern, name=n) for n, m in layers.items()}
     return masks, skipped
 

@@ -25,8 +25,8 @@ import torch
 from torch import nn
 
 from .calibration import check_reiterable, collect_input_stats, data_path_budgets
-from .layers import prunable_layers, reduction_weight
-from .masks import ConvOrder, check_groupable, from_reduction_view
+from .layers import pattern_layers, prunable_layers, reduction_weight
+from .masks import ConvOrder, from_reduction_view
 from .methods import METHODS, Decision, Layer
 from .pattern import Pattern
 from .permutation import PermutationReport
@@ -244,15 +244,7 @@ def prune(
             target, pat, calib, inplace=True, conv_order=conv_order, progress=progress
         )
     dense_twin = copy.deepcopy(target) if repair in ("asr", "layerwise") else None
-    layers: dict[str, nn.Module] = {}
-    skipped: dict[str, str] = {}
-    for name, mod in prunable_layers(target).items():
-        try:
-            check_groupable(mod.weight.shape, pat, conv_order, name)
-        except ValueError as err:
-            skipped[name] = str(err)
-        else:
-            layers[name] = mod
+    layers, skipped = pattern_layers(target, pat, conv_order)
     spectra = fit_weights({n: m.weight.detach() for n, m in layers.items()}, progress=progress)
     stats = {}
     if calib is not None and spec.calib != "unused" and layers:

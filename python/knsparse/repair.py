@@ -30,6 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .batches import input_batches, model_device
+from .layers import is_prunable
 
 Method = Literal["asr", "layerwise", "bn"]
 
@@ -48,10 +49,6 @@ class RepairReport:
 class _Stop(Exception):
     """Raised by a hook once the layer of interest has been seen: the rest of the forward pass
     is not needed."""
-
-
-def _is_layer(m: nn.Module) -> bool:
-    return isinstance(m, (nn.Linear, nn.Conv2d))
 
 
 def _channels_first(y: torch.Tensor, module: nn.Module) -> torch.Tensor:
@@ -126,10 +123,10 @@ def pruned_layers(model: nn.Module, dense_model: nn.Module) -> list[str]:
     dense = dict(dense_model.named_modules())
     names = []
     for name, m in model.named_modules():
-        if not _is_layer(m):
+        if not is_prunable(m):
             continue
         d = dense.get(name)
-        if not _is_layer(d) or d.weight.shape != m.weight.shape:
+        if not is_prunable(d) or d.weight.shape != m.weight.shape:
             got = (
                 "missing"
                 if d is None

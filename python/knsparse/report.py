@@ -23,12 +23,13 @@ from tqdm.auto import tqdm
 
 from .audit import AuditResult, audit, plot_speedup
 from .export import check, export_onnx
+from .layers import pattern_layers
 from .macs import MacReport, macs
 from .masks import from_reduction_view
 from .models import load_digits_split, pretrained, resnet50, vit_base_patch16_224
 from .modules import sparse_layers
 from .pattern import Pattern
-from .pipeline import PruneOutcome, magnitude_masks, prunable_layers, prune_and_swap
+from .pipeline import PruneOutcome, magnitude_masks, prune_and_swap
 from .provenance import environment
 from .spectral import LayerSpectrum, diagnose
 
@@ -105,9 +106,9 @@ def imagenet_macs(pattern: Pattern) -> dict[str, MacReport]:
     for name, build in IMAGENET_MODELS.items():
         with torch.device("meta"):
             model = build()
-        layers, _ = prunable_layers(model, pattern)
+        layers, _ = pattern_layers(model, pattern)
         masks = {n: _tiled_mask(m.weight.shape, pattern) for n, m in layers.items()}
-        # prunable_layers applied the swap's shape rules and the masks are k:n by construction,
+        # pattern_layers applied the swap's shape rules and the masks are k:n by construction,
         # so the (costly on 85 M weights) per-mask eligibility check can be skipped.
         options = {"masks": masks, "pattern": pattern, "eligible": _already_eligible}
         out[name] = macs(model, (1, 3, 224, 224), **options)

@@ -4,17 +4,20 @@
 (PyTorch's semi-structured 2:4 kernels, CUDA, Linear only) and ``knsparse-cuda`` (this
 project's CUTLASS 2:4 GEMM with im2col conv lowering, built from ``csrc/``).
 
-``backend="auto"`` is a documented rule, not a benchmark: on CUDA it takes the first of
-cuSPARSELt, PyTorch-CUTLASS, knsparse-cuda that is usable and accepts the layer (so convs go
-to knsparse-cuda, the only backend that lowers them); on CPU it takes the reference. On CUDA
-a layer no sparse backend executes is not swapped. knsparse-cuda comes last until
-``bench/bench_gemm.py`` has measured it on a GPU.
+``backend="auto"``: on CPU the reference. On CUDA, the sparse backends that are usable and
+accept the layer are the candidates (convs go to knsparse-cuda, the only backend that lowers
+them); with one candidate it runs, with several a cached micro-benchmark of the layer's shape
+picks the fastest (:mod:`knsparse.backends.autotune`). With ``KNSPARSE_AUTOTUNE=0`` the rule is
+the documented order cuSPARSELt, PyTorch-CUTLASS, knsparse-cuda (knsparse-cuda last until
+``bench/bench_gemm.py`` has measured it on a GPU). On CUDA a layer no sparse backend executes
+is not swapped.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from . import autotune
 from .base import Backend, BackendUnavailableError, ConvSpec, LinearSpec
 from .knsparse_cuda import KNSPARSE_CUDA
 from .reference import ReferenceBackend
@@ -75,14 +78,21 @@ def resolve(requested: str, spec: LinearSpec | ConvSpec) -> tuple[Backend | None
         return backend, "requested"
     if spec.device.type != "cuda":
         return REFERENCE, f"{spec.device.type} device: reference backend (no sparse tensor cores)"
-    reasons = []
+    candidates, reasons = [], []
     for name in _AUTO_ORDER_CUDA:
         backend = _REGISTRY[name]
         reason = backend.unavailable_reason() or _unsupported(backend, spec)
         if reason is None:
-            return backend, "auto"
-        reasons.append(f"{name}: {reason}")
-    return None, "; ".join(reasons)
+            candidates.append(backend)
+        else:
+            reasons.append(f"{name}: {reason}")
+    if not candidates:
+        return None, "; ".join(reasons)
+    if len(candidates) == 1 or not autotune.enabled():
+        return candidates[0], "auto (documented order)"
+    best, timings = autotune.fastest(candidates, spec)
+    measured = ", ".join(f"{n} {1e6 * t:.1f} us" for n, t in timings.items())
+    return best, f"auto (fastest by micro-benchmark: {measured})"
 
 
 __all__ = [

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..cache import cache_dir
 from .digits import DigitsSplit, load_digits_split, validation_split
 from .resnet import resnet_tiny_digits
 from .vit import vit_tiny_digits
@@ -102,10 +102,6 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     for xb, yb in zip(x.split(batch_size), y.split(batch_size), strict=True):
         correct += (model(xb).argmax(-1) == yb).sum().item()
     return correct / len(y)
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("KNSPARSE_CACHE", Path.home() / ".cache" / "knsparse"))
 
 
 def _checkpoint_path(name: str, seed: int, validation: float = 0.0) -> Path:

@@ -1,4 +1,4 @@
-"""Which weights get scored: every ``nn.Linear`` and ``nn.Conv2d`` of a model, or a dict of weights."""
+"""Which weights get scored: the prunable layers of a model (:mod:`knsparse.layers`) or a dict of weights."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ from collections.abc import Iterable, Mapping
 
 import torch
 from torch import nn
+
+from ..layers import prunable_layers
 
 ModelOrWeights = nn.Module | Mapping[str, torch.Tensor]
 
@@ -21,12 +23,8 @@ def prunable_weights(
     with NaN or Inf entries.
     """
     if isinstance(model_or_weights, nn.Module):
-        found = {
-            name: m.weight.detach()
-            for name, m in model_or_weights.named_modules()
-            if isinstance(m, (nn.Linear, nn.Conv2d))
-        }
-        kind = "Linear or Conv2d layer"
+        found = {name: m.weight.detach() for name, m in prunable_layers(model_or_weights).items()}
+        kind = "prunable Linear or Conv2d layer"
     elif isinstance(model_or_weights, Mapping):
         found = {}
         for name, w in model_or_weights.items():
