@@ -122,3 +122,18 @@ def test_pretrained_with_validation_trains_without_the_held_out_images(tmp_path,
 def test_unknown_model_name():
     with pytest.raises(ValueError, match="unknown built-in model"):
         pretrained("vit_huge")
+
+
+def test_training_gives_the_same_weights_whatever_the_thread_count():
+    data = load_digits_split(0)
+    states = []
+    before = torch.get_num_threads()
+    for threads in (2, 1):
+        torch.set_num_threads(threads)
+        torch.manual_seed(0)
+        model = resnet_tiny_digits()
+        train(model, data, epochs=1, seed=0, progress=False)
+        assert torch.get_num_threads() == threads  # restored after training
+        states.append(model.state_dict())
+    torch.set_num_threads(before)
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])

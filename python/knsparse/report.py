@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from .layers import pattern_layers
 from .macs import MacReport, macs
 from .masks import from_reduction_view
 from .models import load_digits_split, pretrained, resnet50, vit_base_patch16_224
+from .models.trainer import torch_threads
 from .modules import sparse_layers
 from .pattern import Pattern
 from .pipeline import PruneOutcome, magnitude_masks, prune_and_swap
@@ -126,18 +126,6 @@ def _zeros_per_layer(model: nn.Module) -> dict[str, float]:
         elif isinstance(module, (nn.Linear, nn.Conv2d)):
             out[name] = float((module.weight == 0).float().mean())
     return out
-
-
-@contextmanager
-def _torch_threads(n: int):
-    """Run the tiny digits models single-threaded: their matrices are too small for a second
-    thread to pay for its synchronisation, which costs several times the work on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _digits_section(
@@ -357,7 +345,7 @@ def build_report(
     for step in bar:
         bar.set_postfix_str(step)
         if step in DIGITS_MODELS:
-            with _torch_threads(1):
+            with torch_threads(1):  # tiny matrices: a second thread costs more than it gives
                 sections.append(_digits_section(step, seed, pattern, directory, batch_sizes, progress))
         elif step in IMAGENET_MODELS:
             gpu_audits.append(_gpu_audit(step, pattern, batch_sizes, directory, progress))

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -52,6 +53,21 @@ def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
             weight.mul_(mask.to(weight.device, weight.dtype))
 
 
+# Bump when train() changes what a seed produces (2: single-threaded, thread-count independent).
+TRAINER_VERSION = 2
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run the block with ``n`` torch intra-op threads, then restore the previous count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def train(
     model: nn.Module,
     data: DigitsSplit,
@@ -67,8 +83,26 @@ def train(
     """AdamW with a cosine schedule and label smoothing; returns ``model`` (trained in place).
 
     ``masks`` keeps a sparsity pattern fixed: pruned weights are zeroed before training and
-    after every optimiser step.
+    after every optimiser step. Training runs on one intra-op thread: float sums then add up in
+    one order whatever the machine's core count, so a seed gives the same weights on every
+    machine with the same torch build (the digits models are too small to gain from threads).
     """
+    with torch_threads(1):
+        return _train(model, data, epochs, lr, weight_decay, batch_size, masks, seed, progress, desc)
+
+
+def _train(
+    model: nn.Module,
+    data: DigitsSplit,
+    epochs: int,
+    lr: float,
+    weight_decay: float,
+    batch_size: int,
+    masks: Mapping[str, torch.Tensor] | None,
+    seed: int,
+    progress: bool,
+    desc: str,
+) -> nn.Module:
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
@@ -106,10 +140,15 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
 
 def _checkpoint_path(name: str, seed: int, validation: float = 0.0) -> Path:
     build, recipe = RECIPES[name]
-    # The file name carries a hash of the recipe and the parameter shapes, so a changed
-    # model definition or recipe never loads a stale checkpoint.
+    # The file name carries a hash of the recipe, the parameter shapes and the training
+    # procedure's version, so a changed model, recipe or trainer never loads a stale checkpoint.
     shapes = {k: list(v.shape) for k, v in build().state_dict().items()}
-    key: dict[str, object] = {"recipe": asdict(recipe), "shapes": shapes, "seed": seed}
+    key: dict[str, object] = {
+        "recipe": asdict(recipe),
+        "shapes": shapes,
+        "seed": seed,
+        "trainer": TRAINER_VERSION,
+    }
     tag = ""
     if validation:
         key["validation"] = validation
