@@ -1,5 +1,8 @@
 """Training time and test accuracy of the built-in models on the bundled digits.
 
+Training runs on one thread (``knsparse.models.train``), so the figures do not depend on the
+core count, but they do on what else the machine runs: the host load is recorded.
+
 Run on an otherwise idle machine:  .venv/bin/python bench/bench_train.py [--seeds 0 1 2]
 Writes bench/results/train.json.
 """
@@ -20,9 +23,7 @@ from knsparse.models.trainer import RECIPES
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
     rows = []
     for name, (build, recipe) in RECIPES.items():
         for seed in args.seeds:
