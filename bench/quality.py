@@ -58,19 +58,18 @@ TWINS = {
 Row = dict[str, object]
 
 EXPLORATION = [
-    "- Diagnosis of Hybrid vs global magnitude on the ViT (validation only): the MP budgets are almost "
-    "the per-layer sparsities a global magnitude threshold gives (the ViT layers have similar σ_l), apart "
-    "from the head and patch embedding, which stay dense; magnitude at the MP budgets (SER without data) "
-    "scores 0.9271/0.9062 (60/70%) vs global magnitude 0.9236/0.8993. The loss came from the restore "
-    "step: the unshrunk score |w|·‖x‖ lowers it to 0.9178/0.8935. Variants tried before the selection "
-    "below, in a scratch script with the same selection models, validation images and three calibration "
-    "draws (not in the repository): restore ranked per output row instead of over the layer (row counts "
-    "of the layer's magnitude mask), ViT 60/70%: reservoir 0.1 0.9167/0.8889, 0.2 0.9225/0.8854, "
-    "whole row 0.9190/0.8854; per row with shrinkage 0.5: 0.9259/0.9062; over the layer with shrinkage 0.5: "
-    "0.9259/0.9062 (ResNet 0.4988/0.2083 vs unshrunk 0.4896/0.2037 and without data 0.4826/0.1736). "
-    "The per-layer lost-mass ratios m/b are 0.25-0.36 (ViT) and 0.12-0.15 (ResNet) at 60%, so the "
-    "reservoir depth is the base 0.1 everywhere. Shrinking the score toward the mean column energy (the "
-    "diagonal of CAST's robust Gram) was then made a library option and α chosen below.",
+    "- Diagnosis of Hybrid vs global magnitude on the ViT, made on validation with the selection models "
+    "of the previous trainer (commit 2584edb; the trainer is now single-threaded, which changed every "
+    "checkpoint, so those figures are not this table's): the MP budgets are almost the per-layer "
+    "sparsities one global magnitude threshold gives (the ViT layers have similar σ_l), apart from the "
+    "head and patch embedding, which stay dense; magnitude at the MP budgets (SER without data) scored "
+    "0.9271/0.9062 (60/70%) vs global magnitude 0.9236/0.8993, and the unshrunk restore score |w|·‖x‖ "
+    "lowered it to 0.9178/0.8935. Variants tried then in a scratch script (not in the repository): the "
+    "restore ranked per output row (reservoir 0.1: 0.9167/0.8889, 0.2: 0.9225/0.8854, whole row: "
+    "0.9190/0.8854; with shrinkage 0.5: 0.9259/0.9062) and over the layer with shrinkage 0.5 "
+    "(0.9259/0.9062). The reservoir depth is the base 0.1 everywhere (lost-mass ratios m/b 0.25-0.36 on "
+    "the ViT, 0.12-0.15 on the ResNet at 60%). Shrinking the score toward the mean column energy (the "
+    "diagonal of CAST's robust Gram) became a library option, its α chosen below on today's models.",
 ]
 
 

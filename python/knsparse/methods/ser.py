@@ -37,7 +37,7 @@ from ..pattern import Pattern
 from .base import Decision, Layer, data_path_scores, mp_budgets
 from .magnitude import magnitude
 
-SER_SHRINKAGE = 0.25
+SER_SHRINKAGE = 0.5
 """Default ``α`` of the restore score: chosen on held-out training images of the built-in digits
 models by ``bench/quality_select.py`` (``bench/results/quality_select.json``)."""
 
