@@ -137,3 +137,16 @@ def test_training_gives_the_same_weights_whatever_the_thread_count():
         states.append(model.state_dict())
     torch.set_num_threads(before)
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def test_train_seed_changes_the_model_not_the_split(tmp_path, monkeypatch):
+    monkeypatch.setenv("KNSPARSE_CACHE", str(tmp_path))
+    recipe = trainer.Recipe(epochs=1, lr=2e-3)
+    monkeypatch.setitem(trainer.RECIPES, "one_epoch_resnet", (resnet_tiny_digits, recipe))
+    assert _checkpoint_path("one_epoch_resnet", 0, train_seed=0) == _checkpoint_path("one_epoch_resnet", 0)
+    assert "-train1-" in _checkpoint_path("one_epoch_resnet", 0, train_seed=1).name
+    other = pretrained("one_epoch_resnet", seed=0, progress=False, train_seed=1)
+    torch.manual_seed(1)
+    expected = train(resnet_tiny_digits(), load_digits_split(0), 1, seed=1, progress=False)
+    for a, b in zip(other.state_dict().values(), expected.state_dict().values(), strict=True):
+        assert torch.equal(a, b)

@@ -138,7 +138,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     return correct / len(y)
 
 
-def _checkpoint_path(name: str, seed: int, validation: float = 0.0) -> Path:
+def _checkpoint_path(name: str, seed: int, validation: float = 0.0, train_seed: int | None = None) -> Path:
     build, recipe = RECIPES[name]
     # The file name carries a hash of the recipe, the parameter shapes and the training
     # procedure's version, so a changed model, recipe or trainer never loads a stale checkpoint.
@@ -153,22 +153,30 @@ def _checkpoint_path(name: str, seed: int, validation: float = 0.0) -> Path:
     if validation:
         key["validation"] = validation
         tag = f"-val{round(validation * 100)}"
+    if train_seed is not None and train_seed != seed:
+        key["train_seed"] = train_seed
+        tag += f"-train{train_seed}"
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     return cache_dir() / f"{name}{tag}-seed{seed}-{digest}.safetensors"
 
 
-def pretrained(name: str, seed: int = 0, progress: bool = True, validation: float = 0.0) -> nn.Module:
+def pretrained(
+    name: str, seed: int = 0, progress: bool = True, validation: float = 0.0, train_seed: int | None = None
+) -> nn.Module:
     """A built-in model trained on the digits split of ``seed`` (cached after the first call).
 
     With ``validation > 0`` the model is trained only on the training images left after
     :func:`~knsparse.models.digits.validation_split` holds out that fraction (same ``seed``), so
     choices made on those held-out images never see the test split nor images it was trained on.
+    ``train_seed`` (default ``seed``) seeds the initialisation and the batch order alone: several
+    training seeds on one split measure the spread of a result over trained models on one test set.
     """
     if name not in RECIPES:
         raise ValueError(f"unknown built-in model {name!r}; choose from {sorted(RECIPES)}")
     build, recipe = RECIPES[name]
-    path = _checkpoint_path(name, seed, validation)
-    torch.manual_seed(seed)
+    path = _checkpoint_path(name, seed, validation, train_seed)
+    init_seed = seed if train_seed is None else train_seed
+    torch.manual_seed(init_seed)
     model = build()
     if path.exists():
         model.load_state_dict(load_file(str(path)))
@@ -181,7 +189,7 @@ def pretrained(name: str, seed: int = 0, progress: bool = True, validation: floa
         recipe.lr,
         recipe.weight_decay,
         recipe.batch_size,
-        seed=seed,
+        seed=init_seed,
         progress=progress,
         desc=f"train {name}",
     )
