@@ -117,3 +117,22 @@ def test_auto_on_cuda_benchmarks_the_candidates_it_has():
     backend, why = backends.resolve("auto", spec)
     assert backend is not None and backend.name in backends.names()
     assert "auto" in why
+
+
+class Failing(ReferenceBackend):
+    name = "failing"
+
+    def linear(self, x2d, operand, bias):
+        raise RuntimeError("kernel launch failed")
+
+
+def test_a_backend_that_fails_on_the_shape_loses_instead_of_failing_the_swap():
+    best, timings = autotune.fastest([Failing(), REFERENCE], LINEAR)
+    assert best is REFERENCE and timings["failing"] == float("inf")
+    autotune.clear_memory()
+    assert autotune.fastest([Failing(), REFERENCE], LINEAR)[0] is REFERENCE  # inf survives the disk cache
+
+
+def test_every_candidate_failing_is_an_error():
+    with pytest.raises(RuntimeError, match="every candidate backend failed"):
+        autotune.fastest([Failing()], LINEAR)

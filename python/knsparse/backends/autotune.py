@@ -13,6 +13,7 @@ torch version and the layer spec, so each shape is measured once per machine. Se
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 import time
@@ -133,7 +134,8 @@ def fastest(
     """The candidate with the lowest time for ``spec`` (measured by ``timer``) and ``{name: seconds}``.
 
     Cached timings are reused when they cover every candidate; otherwise all are measured and
-    the cache updated. Ties keep the earlier candidate. ``ValueError`` on no candidates.
+    the cache updated. A candidate whose run raises ``RuntimeError`` gets ``inf``. Ties keep the
+    earlier candidate. ``ValueError`` on no candidates, ``RuntimeError`` if every one fails.
     """
     if not candidates:
         raise ValueError(f"no backend to benchmark for {spec}")
@@ -141,11 +143,22 @@ def fastest(
     key = spec_key(spec)
     timings = _memory.get(key) or _load_disk().get(key) or {}
     if not all(isinstance(timings.get(n), (int, float)) for n in names):
-        timings = {b.name: float(timer(b, spec)) for b in candidates}
+        timings = {b.name: _time_or_inf(timer, b, spec) for b in candidates}
+        if all(math.isinf(t) for t in timings.values()):
+            raise RuntimeError(f"every candidate backend failed on {spec}: {', '.join(names)}")
         _save_disk(key, timings)
     _memory[key] = timings
     best = min(candidates, key=lambda b: timings[b.name])
     return best, {n: timings[n] for n in names}
+
+
+def _time_or_inf(timer: Timer, backend: Backend, spec: Spec) -> float:
+    """A backend whose kernel fails on this shape (a launch or packing error the shape checks
+    did not foresee) loses the race instead of failing the user's swap; its time is ``inf``."""
+    try:
+        return float(timer(backend, spec))
+    except RuntimeError:
+        return math.inf
 
 
 def clear_memory() -> None:
