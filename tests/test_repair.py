@@ -153,3 +153,24 @@ def test_bad_arguments() -> None:
     other = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 7))
     with pytest.raises(ValueError, match="layer '2'"):
         repair.asr(_pruned(dense), other, _calib())
+
+
+def test_bn_recalibration_undoes_a_per_channel_scale_of_the_conv_before_it() -> None:
+    """Why ASR+BN cannot beat BN-only where every pruned layer feeds a BatchNorm: after
+    recalibration the scaled channel is normalised again, so only BatchNorm's eps differs."""
+    torch.manual_seed(15)
+    dense = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.BatchNorm2d(8)
+    ).eval()
+    pruned = _pruned(dense, keep=0.3, seed=16)
+    calib = [torch.randn(8, 3, 6, 6) for _ in range(3)]
+    asr_bn, bn_only = copy.deepcopy(pruned), copy.deepcopy(pruned)
+    report = repair.apply(asr_bn, dense, calib, "asr")
+    repair.apply(bn_only, dense, calib, "bn")
+    assert any(not torch.allclose(g, torch.ones_like(g)) for g in report.gammas.values())
+    asr_only = copy.deepcopy(pruned)
+    repair.asr(asr_only, dense, calib)
+    x = torch.randn(4, 3, 6, 6)
+    with torch.no_grad():
+        assert torch.allclose(asr_bn(x), bn_only(x), atol=1e-3)
+        assert not torch.allclose(asr_only(x), bn_only(x), atol=1e-2)  # the recalibration did it
