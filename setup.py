@@ -56,6 +56,7 @@ setup(
         "tqdm",
         "matplotlib",
         "scikit-learn",
+        "scipy",
     ],
     extras_require={
         "onnx": ["onnx", "onnxruntime", "onnxscript"],

@@ -8,7 +8,8 @@ count have a ground truth. Conv weights are given to both tools as the same 2-D 
 slices — a different spectrum).
 
 Measured, in the same process:
-  * whole-model time: ``knsparse.spectral.fit_weights`` (batched SVD per shape + fit) vs
+  * whole-model time: ``knsparse.spectral.fit_weights`` (fp64 Gram eigenvalues per layer on
+    CPU + one batched fit per shape) vs
     ``WeightWatcher.analyze(mp_fit=True)`` on a model of the same matrices (its SVDs, MP grid
     fit and its other per-layer statistics);
   * fit-only time on the same eigenvalues: knsparse's batched fit vs WeightWatcher's ``mp_fit``;
