@@ -331,6 +331,9 @@ def markdown(
         f"- Resolution: one test image is {1 / 360:.2%} (360 test images); one validation image is "
         f"{1 / select['config']['validation_images']:.2%}.",
         *findings(rows, select),
+        "- Three trained models cannot resolve differences of a few test images. "
+        "`bench/quality_paired.py` (`quality_paired.md`) repeats the Hybrid-vs-magnitude rows on ten "
+        "trained models per architecture and reports paired differences with 95% intervals.",
         "- No choice in this table was made by looking at test accuracy. CAST's and Hybrid's shrinkage "
         "were chosen on held-out *training* images with models trained without them (section 'Selection "
         "on validation data' below, every candidate listed); calibration batches come from the training "
