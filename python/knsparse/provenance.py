@@ -32,24 +32,26 @@ def package_version(name: str = "knsparse") -> str:
         return "not installed"
 
 
-def git_commit() -> str:
-    """The commit of the checkout this package runs from (``"+dirty"`` with local changes)."""
-    root = Path(__file__).resolve().parent
+def git_commit(root: Path | None = None) -> str:
+    """The commit of the checkout at ``root`` (default: the one this package runs from),
+    ``"+dirty"`` when a tracked file is modified or an untracked ``*.py`` file exists (a new
+    script produced the result; untracked results and plots do not count, or every benchmark run
+    after the first would be dirty)."""
+    root = root or Path(__file__).resolve().parent
     try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True, timeout=10
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=root,
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=10,
-        ).stdout.strip()
+        commit = _git(root, "rev-parse", "HEAD")
+        dirty = _git(root, "status", "--porcelain", "--untracked-files=no") or _git(
+            root, "ls-files", "--others", "--exclude-standard", "--", ":/*.py"
+        )
     except (OSError, subprocess.SubprocessError):
         return "unknown (not a git checkout)"
     return commit + ("+dirty" if dirty else "")
+
+
+def _git(cwd: Path, *args: str) -> str:
+    return subprocess.run(
+        ["git", *args], cwd=cwd, capture_output=True, text=True, check=True, timeout=10
+    ).stdout.strip()
 
 
 def device_name(device: torch.device | str | None = None) -> str:
