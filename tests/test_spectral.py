@@ -178,3 +178,12 @@ def test_cuda_batched_fit_matches_cpu():
     for a, b in zip(cpu, gpu, strict=True):
         assert a.num_spikes == b.num_spikes == 2
         assert a.sigma2 == pytest.approx(b.sigma2, rel=1e-4)
+
+
+def test_cpu_eigenvalues_of_views_and_low_precision_weights():
+    w = torch.randn(48, 80)
+    expected = spectral.batch_eigenvalues([w.t().contiguous()])[0]
+    assert torch.allclose(spectral.batch_eigenvalues([w.t()])[0], expected, rtol=1e-12)
+    half = w.to(torch.bfloat16)
+    exact = (torch.linalg.svdvals(half.double()) ** 2 / 80).flip(0)
+    assert torch.allclose(spectral.batch_eigenvalues([half])[0], exact, rtol=1e-10)
