@@ -284,12 +284,11 @@ def _as_matrix(w: torch.Tensor, name: str | None = None) -> torch.Tensor:
 
 
 def _gram_eigenvalues(w: torch.Tensor) -> torch.Tensor:
-    """``[rows, cols]`` → ``[M]`` ascending eigenvalues of the fp64 Gram of the smaller side.
+    """CPU ``[rows, cols]`` → ``[M]`` ascending eigenvalues of the fp64 Gram of the smaller side.
 
     BLAS ``syrk`` forms one triangle of the ``M x M`` Gram (half a GEMM), LAPACK's symmetric
-    eigensolver returns its eigenvalues (no vectors). Products of fp32 entries are exact in fp64,
-    so an eigenvalue's error is ~``eps64·λmax``; an fp32 SVD's is ~``2·eps32·s_max·s_i`` in
-    ``s_i²``, larger for every eigenvalue with ``λmax/λ_i`` below ~1e12 (all that can be resolved).
+    eigensolver returns its eigenvalues (no vectors): 2x faster than torch's full fp64 GEMM and
+    eigensolver on the CPUs measured (``bench/results/spectral.json``).
     """
     x = w.detach().to(torch.float64).numpy().T  # Fortran-ordered [cols, rows] view, no copy
     tall = w.shape[0] >= w.shape[1]
@@ -304,9 +303,12 @@ def batch_eigenvalues(ws: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor
     on CPU).
 
     ``ws`` is a ``[B, rows, cols]`` tensor or a sequence of ``B`` ``[rows, cols]`` tensors on one
-    device. On CPU, per matrix from its fp64 Gram (:func:`_gram_eigenvalues`: more accurate than
-    an fp32 SVD and 2-10x faster on ViT-B/ResNet-50 shapes); on a GPU, one batched
-    ``torch.linalg.svdvals`` on the weights' device (fp32, or fp64 if given).
+    device. The eigenvalues are those of the fp64 Gram of the smaller side, on the weights'
+    device (CPU: BLAS/LAPACK per matrix, :func:`_gram_eigenvalues`; GPU: one batched GEMM and
+    ``torch.linalg.eigvalsh``). Products of fp32 entries are exact in fp64, so an eigenvalue's
+    error is ~``eps64·λmax``; an fp32 SVD's is ~``2·eps32·s_max·s_i`` in ``s_i²``, larger for
+    every eigenvalue with ``λmax/λ_i`` below ~1e12 (all that can be resolved), and on CPU the
+    Gram route is also 2-10x faster than an fp32 SVD on ViT-B/ResNet-50 shapes.
     """
     if isinstance(ws, torch.Tensor) and ws.dim() != 3:
         raise ValueError(f"expected a batch [B, rows, cols], got shape {tuple(ws.shape)}")
@@ -314,14 +316,14 @@ def batch_eigenvalues(ws: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor
     shapes = {tuple(w.shape) for w in mats}
     if not mats or len(shapes) != 1 or len(mats[0].shape) != 2:
         raise ValueError(f"expected one or more 2-D matrices of one shape, got shapes {sorted(shapes)}")
-    n = max(mats[0].shape)
+    rows, cols = mats[0].shape
     if mats[0].device.type == "cpu":
-        return torch.stack([_gram_eigenvalues(w) for w in mats]).clamp_min(0) / n
-    work = torch.stack([w.detach() if w.dtype == torch.float64 else w.detach().float() for w in mats])
-    if work.shape[1] < work.shape[2]:
-        work = work.transpose(1, 2)  # same singular values; LAPACK is several times faster on tall input
-    sv = torch.linalg.svdvals(work)
-    return (sv.double().cpu() ** 2 / n).flip(1)
+        eig = torch.stack([_gram_eigenvalues(w) for w in mats])
+    else:
+        x = torch.stack([w.detach().double() for w in mats])
+        gram = x.transpose(1, 2) @ x if rows >= cols else x @ x.transpose(1, 2)
+        eig = torch.linalg.eigvalsh(gram).cpu()
+    return eig.clamp_min(0) / max(rows, cols)
 
 
 def mp_fit(w: torch.Tensor, **options: object) -> MPFit:
@@ -345,8 +347,8 @@ def fit_weights(
     progress: bool = False,
     **options: object,
 ) -> dict[str, LayerSpectrum]:
-    """MP-fit many named weights: equal ``[rows, cols]`` shapes are stacked and fitted together
-    (one batched SVD on a GPU, see :func:`batch_eigenvalues`).
+    """MP-fit many named weights: equal ``[rows, cols]`` shapes are fitted together (one
+    batched eigensolve on a GPU, see :func:`batch_eigenvalues`).
 
     Batches are split so that no batch holds more than ``max_batch_elements`` weights.
     Returns ``{name: LayerSpectrum}`` in the order of ``weights``.
