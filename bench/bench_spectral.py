@@ -13,6 +13,9 @@ Measured, in the same process:
     ``WeightWatcher.analyze(mp_fit=True)`` on a model of the same matrices (its SVDs, MP grid
     fit and its other per-layer statistics);
   * fit-only time on the same eigenvalues: knsparse's batched fit vs WeightWatcher's ``mp_fit``;
+  * the eigenvalue step alone, per layer shape: knsparse's fp64 Gram (BLAS syrk + LAPACK), torch's
+    fp64 Gram + ``eigvalsh`` and an fp32 ``svdvals`` — time and largest relative error against an
+    fp64 SVD;
   * agreement: relative difference of the singular-value bulk edge ``σ+`` (ours ``√(N λ+)``,
     WeightWatcher ``√bulk_max``), each tool's edge error against the planted truth
     ``σ (√N + √M)``, and the share of layers whose spike count equals the planted count.
@@ -40,7 +43,7 @@ from tqdm.auto import tqdm
 
 from knsparse.layers import prunable_layers, reduction_weight
 from knsparse.models import resnet50, vit_base_patch16_224
-from knsparse.spectral import fit_eigenvalues, fit_weights
+from knsparse.spectral import batch_eigenvalues, fit_eigenvalues, fit_weights
 
 
 def planted_layers(model: nn.Module, max_spikes: int, seed: int) -> tuple[dict, dict, dict]:
@@ -116,6 +119,41 @@ def ww_fit_only(watcher, mats: dict[str, torch.Tensor], eigs: dict[str, torch.Te
     return edges
 
 
+def eigenvalue_routes(mats: dict[str, torch.Tensor], repeats: int) -> dict:
+    """Per distinct layer shape: time and accuracy of three ways to the eigenvalues of ``WᵀW/N``
+    (knsparse's fp64 Gram via BLAS/LAPACK, torch's fp64 Gram + ``eigvalsh``, the fp32 SVD knsparse
+    used before), against an fp64 SVD. ``whole_model_s`` weights each shape by its layer count."""
+    by_shape: dict[tuple[int, int], list[str]] = {}
+    for name, w in mats.items():
+        by_shape.setdefault(tuple(w.shape), []).append(name)
+
+    def torch_gram(w: torch.Tensor) -> torch.Tensor:
+        x = w.double()
+        return torch.linalg.eigvalsh(x.T @ x if x.shape[0] >= x.shape[1] else x @ x.T) / max(w.shape)
+
+    def fp32_svd(w: torch.Tensor) -> torch.Tensor:
+        tall = w if w.shape[0] >= w.shape[1] else w.T
+        return (torch.linalg.svdvals(tall).double() ** 2 / max(w.shape)).flip(0)
+
+    routes = {
+        "knsparse_fp64_gram_lapack": lambda w: batch_eigenvalues([w])[0],
+        "torch_fp64_gram_eigvalsh": torch_gram,
+        "torch_fp32_svdvals": fp32_svd,
+    }
+    rows, total = [], dict.fromkeys(routes, 0.0)
+    for shape, names in by_shape.items():
+        w = mats[names[0]]
+        truth = (torch.linalg.svdvals(w.double()) ** 2 / max(shape)).flip(0)
+        row = {"shape": list(shape), "layers": len(names)}
+        for route, fn in routes.items():
+            eig, times = timed(lambda fn=fn, w=w: fn(w), repeats)
+            row[f"{route}_s"] = float(np.median(times))
+            row[f"{route}_max_rel_err"] = float(((eig - truth).abs() / truth).max())
+            total[route] += len(names) * row[f"{route}_s"]
+        rows.append(row)
+    return {"whole_model_s": total, "per_shape": rows}
+
+
 def bench_family(name: str, model: nn.Module, args: argparse.Namespace) -> dict:
     import weightwatcher as ww
 
@@ -130,6 +168,8 @@ def bench_family(name: str, model: nn.Module, args: argparse.Namespace) -> dict:
     eigs = {n: s.eigenvalues for n, s in spectra.items()}
     _, t_fit_ours = timed(lambda: ours_fit_only(mats, eigs), args.repeats)
     ww_edges, t_fit_ww = timed(lambda: ww_fit_only(watcher, mats, eigs), args.ww_repeats)
+
+    routes = eigenvalue_routes(mats, args.repeats)
 
     rows = []
     for (lname, spec), (_, ww_row) in zip(spectra.items(), frame.iterrows(), strict=True):
@@ -171,6 +211,7 @@ def bench_family(name: str, model: nn.Module, args: argparse.Namespace) -> dict:
             "knsparse": float(np.mean([r["spikes_knsparse"] == r["spikes_true"] for r in rows])),
             "weightwatcher": float(np.mean([r["spikes_weightwatcher"] == r["spikes_true"] for r in rows])),
         },
+        "eigenvalue_routes": routes,
         "per_layer": rows,
     }
 

@@ -58,7 +58,7 @@ TW1_Q99 = 2.0234
 
 _BISECTION_STEPS = 45  # halvings of [0, π]: angular error π·2⁻⁴⁵ ≈ 1e-13
 _MAX_FIT_ROUNDS = 20
-_DEFAULT_BATCH_ELEMENTS = 1 << 26  # 64 Mi weights (256 MiB in fp32) per stacked batch
+_DEFAULT_BATCH_ELEMENTS = 1 << 26  # 64 Mi weights (256 MiB in fp32) per batch
 
 
 @dataclass(frozen=True)
@@ -287,8 +287,8 @@ def _gram_eigenvalues(w: torch.Tensor) -> torch.Tensor:
     """CPU ``[rows, cols]`` → ``[M]`` ascending eigenvalues of the fp64 Gram of the smaller side.
 
     BLAS ``syrk`` forms one triangle of the ``M x M`` Gram (half a GEMM), LAPACK's symmetric
-    eigensolver returns its eigenvalues (no vectors): 2x faster than torch's full fp64 GEMM and
-    eigensolver on the CPUs measured (``bench/results/spectral.json``).
+    eigensolver returns its eigenvalues (no vectors); ``bench/bench_spectral.py`` times it against
+    torch's full fp64 GEMM + ``eigvalsh`` and an fp32 SVD per layer shape.
     """
     x = w.detach().to(torch.float64).numpy().T  # Fortran-ordered [cols, rows] view, no copy
     tall = w.shape[0] >= w.shape[1]
@@ -307,8 +307,8 @@ def batch_eigenvalues(ws: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor
     device (CPU: BLAS/LAPACK per matrix, :func:`_gram_eigenvalues`; GPU: one batched GEMM and
     ``torch.linalg.eigvalsh``). Products of fp32 entries are exact in fp64, so an eigenvalue's
     error is ~``eps64·λmax``; an fp32 SVD's is ~``2·eps32·s_max·s_i`` in ``s_i²``, larger for
-    every eigenvalue with ``λmax/λ_i`` below ~1e12 (all that can be resolved), and on CPU the
-    Gram route is also 2-10x faster than an fp32 SVD on ViT-B/ResNet-50 shapes.
+    every eigenvalue with ``λmax/λ_i`` below ~1e12 (all that can be resolved); on CPU the Gram
+    route is also the faster one (``bench/results/spectral.json``, ``eigenvalue_routes``).
     """
     if isinstance(ws, torch.Tensor) and ws.dim() != 3:
         raise ValueError(f"expected a batch [B, rows, cols], got shape {tuple(ws.shape)}")
