@@ -308,7 +308,8 @@ def batch_eigenvalues(ws: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor
     ``torch.linalg.eigvalsh``). Products of fp32 entries are exact in fp64, so an eigenvalue's
     error is ~``eps64·λmax``; an fp32 SVD's is ~``2·eps32·s_max·s_i`` in ``s_i²``, larger for
     every eigenvalue with ``λmax/λ_i`` below ~1e12 (all that can be resolved); on CPU the Gram
-    route is also the faster one (``bench/results/spectral.json``, ``eigenvalue_routes``).
+    route is also about 2x faster over whole ViT-B/ResNet-50 models (``bench/results/spectral.json``,
+    ``eigenvalue_routes``).
     """
     if isinstance(ws, torch.Tensor) and ws.dim() != 3:
         raise ValueError(f"expected a batch [B, rows, cols], got shape {tuple(ws.shape)}")
