@@ -86,6 +86,24 @@ def test_every_backend_linear_within_2x_of_torch(name, dtype, out_f, in_f, token
 
 
 @pytest.mark.parametrize("name", list(BACKENDS))
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+def test_every_backend_linear_activation_within_2x_of_torch(name, activation):
+    """The activation a swapped fc1 carries after ``fuse_activations``: fused by knsparse-cuda,
+    applied after the GEMM by the others."""
+    dtype, out_f, in_f, tokens = torch.float16, 3072, 768, 197 * 2
+    backend = BACKENDS[name]
+    spec = LinearSpec(out_f, in_f, dtype, Pattern(2, 4), torch.device("cuda"))
+    skip_unless_usable(backend.unavailable_reason() or backend.linear_unsupported_reason(spec), name)
+    w = masked_weight(out_f, in_f, dtype, seed=1).cuda()
+    bias = torch.randn(out_f, device="cuda", dtype=dtype)
+    x = torch.randn(tokens, in_f, device="cuda", dtype=dtype)
+    act = F.relu if activation == "relu" else F.gelu
+    out = backend.linear(x, backend.prepare_linear(w), bias, activation)
+    ref32 = act(F.linear(x.float(), w.float(), bias.float()))
+    assert_within_2x_of_torch(out, ref32, act(F.linear(x, w, bias)), f"{name} linear+{activation}")
+
+
+@pytest.mark.parametrize("name", list(BACKENDS))
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
     ("c_in", "c_out", "kernel", "stride", "padding", "size"),

@@ -3,6 +3,7 @@
 from . import backends, budget, models, permutation, repair, score, spectral, tome
 from .audit import audit
 from .export import export_onnx
+from .fuse import fuse_activations
 from .io import load_sparse, save_sparse
 from .macs import macs
 from .masks import global_unstructured_masks, is_nm, nm_mask, unstructured_mask
@@ -22,6 +23,7 @@ __all__ = [
     "backends",
     "budget",
     "export_onnx",
+    "fuse_activations",
     "global_unstructured_masks",
     "is_nm",
     "load_sparse",

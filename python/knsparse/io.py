@@ -1,7 +1,8 @@
 """Save and load swapped models through safetensors (no pickle).
 
 The file holds the model's full ``state_dict`` plus, in the safetensors metadata, the
-description of every sparse layer (kind, pattern, conv order, requested backend). Loading
+description of every sparse layer (kind, pattern, conv order, requested backend, fused
+activation). Loading
 takes a dense model of the same architecture, swaps the listed layers for empty sparse
 twins, and loads the tensors strictly, so the round trip is exact.
 """
@@ -15,6 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from .fuse import absorb_activation, check_fusable
 from .modules import SparseConv2d, SparseLinear, set_submodule, sparse_layers
 
 _META_KEY = "knsparse.sparse_layers"
@@ -29,6 +31,7 @@ def save_sparse(model: nn.Module, path: str | Path) -> None:
             "pattern": str(layer.pattern),
             "conv_order": layer.conv_order,
             "backend": layer.backend_request,
+            "activation": layer.activation if isinstance(layer, SparseLinear) else "none",
         }
     tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     save_file(tensors, str(path), metadata={_META_KEY: json.dumps(layers)})
@@ -44,14 +47,18 @@ def load_sparse(model: nn.Module, path: str | Path, backend: str | None = None) 
             raise ValueError(f"{path} was not written by knsparse.save_sparse (no {_META_KEY!r} metadata)")
         tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no iterator)
     modules = dict(model.named_modules())
+    planned: dict[str, tuple[nn.Module, str]] = {}
     for name, info in json.loads(meta[_META_KEY]).items():
         dense = modules.get(name)
         wanted = nn.Linear if info["kind"] == "linear" else nn.Conv2d
         if not isinstance(dense, wanted):
             raise ValueError(f"{path}: layer {name!r} is a {info['kind']} there, but the model has {dense!r}")
         requested = backend or info["backend"]
+        activation = info.get("activation", "none")  # files from before fused activations lack it
         w = tensors[f"{name}.values"]
         if isinstance(dense, nn.Linear):
+            if activation != "none":
+                check_fusable(model, name, activation)
             new: nn.Module = SparseLinear(
                 dense.in_features,
                 dense.out_features,
@@ -59,6 +66,7 @@ def load_sparse(model: nn.Module, path: str | Path, backend: str | None = None) 
                 dense.bias is not None,
                 requested,
                 w.dtype,
+                activation=activation,
             )
         else:
             new = SparseConv2d(
@@ -74,7 +82,11 @@ def load_sparse(model: nn.Module, path: str | Path, backend: str | None = None) 
                 requested,
                 w.dtype,
             )
+        planned[name] = (new, activation)
+    for name, (new, activation) in planned.items():
         set_submodule(model, name, new)
+        if activation != "none":
+            absorb_activation(model, name, activation)
     model.load_state_dict(tensors, strict=True)
     return model
 

@@ -18,6 +18,7 @@ from torch import nn
 
 from . import backends
 from .backends import Backend, BackendUnavailableError, ConvSpec, LinearSpec
+from .backends.base import ACTIVATIONS
 from .compress import compress_nm, decompress_nm
 from .layers import ineligibility
 from .masks import ConvOrder, check_groupable, group_nonzeros
@@ -129,7 +130,9 @@ class _SparseLayer(nn.Module):
 
 
 class SparseLinear(_SparseLayer):
-    """A k:n sparse ``nn.Linear``: ``[..., in_features] -> [..., out_features]``."""
+    """A k:n sparse ``nn.Linear``: ``[..., in_features] -> [..., out_features]``, optionally
+    followed by an ``activation`` (``"relu"`` / ``"gelu"``) that the backend fuses into its GEMM
+    epilogue where it can (:func:`knsparse.fuse.fuse_activations` sets it)."""
 
     def __init__(
         self,
@@ -140,13 +143,27 @@ class SparseLinear(_SparseLayer):
         backend: str = "auto",
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
+        *,
+        activation: str = "none",
     ) -> None:
         super().__init__()
         pattern = Pattern.parse(pattern)
         check_groupable((out_features, in_features), pattern)
         self.in_features = in_features
         self.out_features = out_features
+        self.activation = activation
         self._init_storage((out_features, in_features), pattern, "rsc", backend, bias, dtype, device)
+
+    @property
+    def activation(self) -> str:
+        """One of ``"none"``, ``"relu"``, ``"gelu"`` (erf GELU, like ``nn.GELU()``)."""
+        return self._activation
+
+    @activation.setter
+    def activation(self, value: str) -> None:
+        if value not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {value!r}")
+        self._activation = value
 
     @classmethod
     def from_dense(
@@ -182,18 +199,21 @@ class SparseLinear(_SparseLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         backend, operand = self._prepared()
-        y = backend.linear(x.reshape(-1, self.in_features), operand, self.bias)
+        y = backend.linear(x.reshape(-1, self.in_features), operand, self.bias, self.activation)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def to_dense(self) -> nn.Linear:
-        """An equivalent ``nn.Linear`` holding the masked dense weight."""
+        """An ``nn.Linear`` holding the masked dense weight — without a fused activation, which
+        :func:`knsparse.densify.dense_copy` puts back where it was taken from."""
         lin = nn.Linear(
             self.in_features, self.out_features, self.bias is not None, self.values.device, self.values.dtype
         )
         return self._filled(lin)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, " + super().extra_repr()
+        act = f", activation={self.activation!r}" if self.activation != "none" else ""
+        shape = f"in_features={self.in_features}, out_features={self.out_features}, "
+        return shape + super().extra_repr() + act
 
 
 class SparseConv2d(_SparseLayer):

@@ -6,8 +6,24 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from ..pattern import Pattern
+
+ACTIVATIONS = ("none", "relu", "gelu")
+"""Activations a Linear backend applies to its output (``"gelu"`` is the erf GELU of
+``nn.GELU()``); a backend that can fuses them into its GEMM epilogue."""
+
+
+def activate(y: torch.Tensor, activation: str) -> torch.Tensor:
+    """``y`` through one of :data:`ACTIVATIONS` (the unfused path and the references)."""
+    if activation == "relu":
+        return F.relu(y)
+    if activation == "gelu":
+        return F.gelu(y)
+    if activation != "none":
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    return y
 
 
 class BackendUnavailableError(ValueError):
@@ -63,8 +79,11 @@ class Backend(ABC):
         """The backend's operand for the dense masked weight ``[out, in]``."""
 
     @abstractmethod
-    def linear(self, x2d: torch.Tensor, operand: object, bias: torch.Tensor | None) -> torch.Tensor:
-        """``x2d [M, in]`` times the operand, plus ``bias``: ``[M, out]``."""
+    def linear(
+        self, x2d: torch.Tensor, operand: object, bias: torch.Tensor | None, activation: str = "none"
+    ) -> torch.Tensor:
+        """``activation(x2d [M, in] times the operand + bias)``: ``[M, out]``; ``activation`` one
+        of :data:`ACTIVATIONS`, fused where the backend's kernel can."""
 
     @abstractmethod
     def conv_unsupported_reason(self, spec: ConvSpec) -> str | None:

@@ -27,11 +27,10 @@ import torch.nn.functional as F
 from ..im2col import conv_output_size, im2col_rsc, rows_to_nchw
 from ..masks import to_reduction_view
 from ..pack import Packed24, pack_24, unpack_24
-from .base import Backend, ConvSpec, LinearSpec
+from .base import ACTIVATIONS, Backend, ConvSpec, LinearSpec, activate
 from .cutlass_meta import prepare_meta, round_up, sm80_meta_from_sm90
 
 LIBRARY_ENV = "KNSPARSE_CUDA_LIBRARY"
-ACTIVATIONS = ("none", "relu", "gelu")
 # Output columns (tokens) are padded to this many elements by the kernels (16-byte rows).
 COLUMN_ALIGN = 8
 
@@ -148,14 +147,6 @@ def dense_weight(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
     return unpack_24(Packed24(values, meta, (rows, depth)))
 
 
-def _activate(y: torch.Tensor, activation: str) -> torch.Tensor:
-    if activation == "relu":
-        return F.relu(y)
-    if activation == "gelu":
-        return F.gelu(y)
-    return y
-
-
 def sparse_gemm_ref(
     values: torch.Tensor,
     meta: torch.Tensor,
@@ -168,7 +159,7 @@ def sparse_gemm_ref(
     _check_gemm_args(values, x, bias, activation)
     w = dense_weight(values, meta).float()
     y = F.linear(x.float(), w, None if bias is None else bias.float())
-    return _activate(y, activation).to(x.dtype)
+    return activate(y, activation).to(x.dtype)
 
 
 def sparse_gemm(
@@ -272,9 +263,11 @@ class KnsparseCudaBackend(Backend):
     def prepare_linear(self, dense_weight: torch.Tensor) -> SparseOperand:
         return self._prepare(dense_weight)
 
-    def linear(self, x2d: torch.Tensor, operand: object, bias: torch.Tensor | None) -> torch.Tensor:
+    def linear(
+        self, x2d: torch.Tensor, operand: object, bias: torch.Tensor | None, activation: str = "none"
+    ) -> torch.Tensor:
         assert isinstance(operand, SparseOperand)
-        return run_operand(operand, x2d, bias)
+        return run_operand(operand, x2d, bias, activation)  # fused in the epilogue
 
     def conv_unsupported_reason(self, spec: ConvSpec) -> str | None:
         if spec.groups != 1:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import Backend, ConvSpec, LinearSpec
+from .base import Backend, ConvSpec, LinearSpec, activate
 
 
 class ReferenceBackend(Backend):
@@ -20,9 +20,11 @@ class ReferenceBackend(Backend):
     def prepare_linear(self, dense_weight: torch.Tensor) -> torch.Tensor:
         return dense_weight
 
-    def linear(self, x2d: torch.Tensor, operand: object, bias: torch.Tensor | None) -> torch.Tensor:
+    def linear(
+        self, x2d: torch.Tensor, operand: object, bias: torch.Tensor | None, activation: str = "none"
+    ) -> torch.Tensor:
         assert isinstance(operand, torch.Tensor)
-        return F.linear(x2d, operand, bias)
+        return activate(F.linear(x2d, operand, bias), activation)
 
     def conv_unsupported_reason(self, spec: ConvSpec) -> str | None:
         return None

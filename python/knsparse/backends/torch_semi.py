@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import Backend, BackendUnavailableError, ConvSpec, LinearSpec
+from .base import Backend, BackendUnavailableError, ConvSpec, LinearSpec, activate
 
 
 class TorchSemiStructuredBackend(Backend):
@@ -56,8 +56,10 @@ class TorchSemiStructuredBackend(Backend):
     def prepare_linear(self, dense_weight: torch.Tensor) -> torch.Tensor:
         return self._tensor_class().from_dense(dense_weight.contiguous())
 
-    def linear(self, x2d: torch.Tensor, operand: object, bias: torch.Tensor | None) -> torch.Tensor:
-        return F.linear(x2d, operand, bias)
+    def linear(
+        self, x2d: torch.Tensor, operand: object, bias: torch.Tensor | None, activation: str = "none"
+    ) -> torch.Tensor:
+        return activate(F.linear(x2d, operand, bias), activation)  # torch's kernels fuse no activation
 
     def _no_conv(self) -> str:
         return f"{self.name} has no convolution lowering (the im2col path is knsparse-cuda's)"
