@@ -5,10 +5,13 @@ On CPU: the built-in digits models (trained or cached), float32 reference path, 
 thread (their matrices are too small for a second one) — this measures the code path only;
 no sparse tensor cores are involved.
 
-Run: python bench/bench_audit.py   → bench/results/audit_<cuda|cpu>.json (+ .md, .png beside it)
+Run: python bench/bench_audit.py   → bench/results/audit_<cuda|cpu>.json (+ .md, .png beside it);
+``--fuse-activations`` fuses the MLP activations of the sparse copy (``audit_<tag>_fused``).
 """
 
 from __future__ import annotations
+
+import argparse
 
 import torch
 from _meta import RESULTS, write_result
@@ -32,11 +35,26 @@ def _models() -> list[tuple[str, torch.nn.Module, tuple[int, int, int]]]:
 
 
 def main() -> None:
-    tag = "cuda" if torch.cuda.is_available() else "cpu"
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--fuse-activations",
+        action="store_true",
+        help="fuse MLP activations into the sparse fc1 (sparse copy only); writes audit_<tag>_fused",
+    )
+    args = parser.parse_args()
+    tag = ("cuda" if torch.cuda.is_available() else "cpu") + ("_fused" if args.fuse_activations else "")
     results = []
     for name, model, shape in _models():
         masks, _ = magnitude_masks(model, "2:4")
-        result = audit(model, shape, BATCH_SIZES, torch.float16, masks=masks, checkpoint=name)
+        result = audit(
+            model,
+            shape,
+            BATCH_SIZES,
+            torch.float16,
+            masks=masks,
+            checkpoint=name,
+            fuse_activations=args.fuse_activations,
+        )
         print(result.to_markdown(), end="\n\n")
         results.append(result)
     plot_speedup(results, RESULTS / f"audit_{tag}.png")

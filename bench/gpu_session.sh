@@ -7,7 +7,8 @@
 # Then, each call with carry [".cutlass"] and timeout_s 600 (a machine left idle is given back
 # after 30 s, so every stage builds what it needs itself):
 #   bash bench/gpu_session.sh test    # build knsparse-cuda, every @pytest.mark.gpu test
-#   bash bench/gpu_session.sh bench   # build, dense vs 2:4 GEMM/conv kernels and the model audit
+#   bash bench/gpu_session.sh bench   # build, dense vs 2:4 GEMM/conv kernels, the model audit
+#                                     # (also with MLP activations fused into the sparse fc1)
 #   bash bench/gpu_session.sh yopo    # YOPO on the GPU (Triton vs reference vs scikit-learn)
 # What comes back under $OUT: logs, and bench/results as one tarball (the tool returns at most
 # 8 files). Commit the JSONs from the tarball; never a figure that is not in one.
@@ -51,6 +52,7 @@ bench)
     status=0
     python3 bench/bench_gemm.py 2>&1 | tee "$out/bench_gemm.log" || status=1
     python3 bench/bench_audit.py 2>&1 | tee "$out/bench_audit.log" || status=1
+    python3 bench/bench_audit.py --fuse-activations 2>&1 | tee "$out/bench_audit_fused.log" || status=1
     tar czf "$out/results.tgz" bench/results
     exit $status
     ;;

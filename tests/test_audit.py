@@ -58,6 +58,14 @@ def test_cpu_audit_says_it_measured_the_reference_path(tmp_path):
     assert paths["png"].stat().st_size > 1000
 
 
+def test_fused_activations_in_the_sparse_copy_only():
+    model, masks = _model_and_masks()
+    result = audit(model, (1, 8, 8), batch_sizes=(2,), masks=masks, fuse_activations=True, **FAST)
+    assert any("fused into the sparse fc1 of 4 MLP block(s)" in n for n in result.notes)
+    assert result.max_abs_diff < 1e-6
+    assert not sparse_layers(model) and isinstance(model.blocks[0].mlp.act, nn.GELU)  # input untouched
+
+
 def test_swapped_and_zero_holding_models_are_audited_from_their_own_sparsity():
     model, masks = _model_and_masks("4:8")
     swap_modules(model, masks, pattern="4:8")

@@ -99,9 +99,10 @@ def test_prune_inspect_export_check_audit_round_trip(tmp_path, capsys):
 
     audit_dir = tmp_path / "audit"
     argv = ["audit", *base, "--weights", str(pruned), "--batch-sizes", "1,2", "--repeats", "2"]
-    assert main([*argv, "--out", str(audit_dir), "--quiet"]) == 0
+    assert main([*argv, "--out", str(audit_dir), "--quiet", "--fuse-activations"]) == 0
     out = capsys.readouterr().out
     assert "no sparse tensor cores were measured" in out
+    assert "activations fused into the sparse fc1 of 4 MLP block(s)" in out
     assert {p.name for p in audit_dir.iterdir()} == {
         "vit_tiny_digits.md",
         "vit_tiny_digits.json",

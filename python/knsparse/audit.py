@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from . import tome
 from .densify import dense_copy
+from .fuse import fuse_activations as fuse_mlp_activations
 from .masks import is_nm
 from .models.trainer import apply_masks
 from .modules import sparse_layers, swap_modules
@@ -354,6 +355,7 @@ def audit(
     repeats: int | None = None,
     min_time_s: float | None = None,
     progress: bool = True,
+    fuse_activations: bool = False,
 ) -> AuditResult:
     """Dense vs sparse throughput of the same weights at every batch size.
 
@@ -372,6 +374,9 @@ def audit(
         warmup, repeats, min_time_s: untimed calls, timed measurements per batch, and the
             least time one measurement spans (defaults: 10/20/0.05 on CUDA, 1/5/0.05 on CPU).
         progress: show a progress bar over the batch sizes.
+        fuse_activations: move each MLP's GELU/ReLU into its sparse ``fc1``
+            (:func:`knsparse.fuse.fuse_activations`) in the sparse copy only; the dense copy
+            keeps PyTorch's separate activation kernel, and a note says so.
 
     Returns:
         An :class:`AuditResult` (``.to_markdown()``, ``.save(dir)`` for markdown, JSON, PNG).
@@ -404,6 +409,13 @@ def audit(
     _check_identical(dense, sparse)
     if not report.swapped:
         notes.append("no layer was swapped: both copies run dense (see the layer table for why).")
+    if fuse_activations:
+        fused = fuse_mlp_activations(sparse)
+        notes.append(
+            f"activations fused into the sparse fc1 of {len(fused)} MLP block(s) (the dense copy runs "
+            "them as separate kernels); knsparse-cuda fuses them into its GEMM epilogue, other "
+            "backends apply them after the GEMM."
+        )
     if tome_r:
         tome.apply(dense, tome_r)
         tome.apply(sparse, tome_r)

@@ -279,6 +279,7 @@ def _cmd_audit(args: argparse.Namespace) -> int:
         checkpoint=args.model,
         repeats=args.repeats,
         progress=not args.quiet,
+        fuse_activations=args.fuse_activations,
     )
     print(result.to_markdown())
     paths = result.save(args.out, stem=args.model.replace(":", "_"))
@@ -429,6 +430,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tome-r", type=int, default=0, help="token merges per block for both copies (ViT)")
     p.add_argument(
         "--repeats", type=int, default=None, help="timed measurements per batch (default 20 GPU, 5 CPU)"
+    )
+    p.add_argument(
+        "--fuse-activations",
+        action="store_true",
+        help="fuse each ViT MLP's GELU/ReLU into its sparse fc1 in the sparse copy (dense copy unfused)",
     )
     p.add_argument("--out", default="knsparse-audit", help="output folder (default knsparse-audit)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
