@@ -45,13 +45,14 @@ def per_model(row: dict, runs_per_model: int, phase: str) -> list[float]:
     return [statistics.mean(values[i : i + runs_per_model]) for i in range(0, len(values), runs_per_model)]
 
 
-def paired(hybrid: list[float], baseline: list[float], test_images: int) -> dict:
-    """Paired differences ``hybrid − baseline`` in test images with a 95% t-interval."""
-    d = [(h - b) * test_images for h, b in zip(hybrid, baseline, strict=True)]
+def paired(method: list[float], baseline: list[float], test_images: int, name: str = "Hybrid") -> dict:
+    """Paired differences ``method − baseline`` (accuracies per trained model) in test images,
+    with a 95% t-interval and the verdict for the method called ``name``."""
+    d = [(h - b) * test_images for h, b in zip(method, baseline, strict=True)]
     mean = statistics.mean(d)
     half = stats.t.ppf(0.975, len(d) - 1) * statistics.stdev(d) / math.sqrt(len(d))
     lo, hi = mean - half, mean + half
-    verdict = "Hybrid better" if lo > 0 else "Hybrid worse" if hi < 0 else "no difference detected"
+    verdict = f"{name} better" if lo > 0 else f"{name} worse" if hi < 0 else "no difference detected"
     return {
         "differences_images": d,
         "mean_images": mean,
