@@ -64,6 +64,12 @@ def paired(method: list[float], baseline: list[float], test_images: int, name: s
     }
 
 
+def describe(p: dict) -> str:
+    """One line for a :func:`paired` result: mean difference, interval, verdict."""
+    lo, hi = p["ci95_images"]
+    return f"d = {p['mean_images']:+.2f} images [{lo:+.2f}, {hi:+.2f}] -> {p['verdict']}"
+
+
 def markdown(results: dict, config: dict, env: dict) -> str:
     out = [
         "# Hybrid vs magnitude, paired over trained models",
@@ -91,27 +97,23 @@ def markdown(results: dict, config: dict, env: dict) -> str:
     return "\n".join([*out, ""])
 
 
-def plot(results: dict, path) -> None:
+def plot_paired(comparisons: list[dict], labels: list[str], xlabel: str, path) -> None:
+    """One row per comparison: its per-model differences (dots), their mean and 95% CI (red)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    comps = results["comparisons"]
-    fig = Figure(figsize=(8, 0.32 * len(comps) + 1.2))
+    fig = Figure(figsize=(8, 0.32 * len(comparisons) + 1.2))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
-    for i, r in enumerate(comps):
+    for i, r in enumerate(comparisons):
         p = r["paired"]
         ax.scatter(p["differences_images"], [i] * len(p["differences_images"]), s=10, color="C0", alpha=0.5)
-        lo, hi = p["ci95_images"]
-        ax.plot([lo, hi], [i, i], color="C3", linewidth=2)
+        ax.plot(p["ci95_images"], [i, i], color="C3", linewidth=2)
         ax.plot([p["mean_images"]], [i], "o", color="C3")
     ax.axvline(0.0, color="k", linewidth=0.8)
-    labels = [
-        f"{r['model'].split('_')[0]} {r['sparsity']:.0%} vs {r['baseline']} {r['phase']}" for r in comps
-    ]
-    ax.set_yticks(range(len(comps)), labels, fontsize=7)
+    ax.set_yticks(range(len(comparisons)), labels, fontsize=7)
     ax.invert_yaxis()
-    ax.set_xlabel("Hybrid − magnitude (test images, per trained model); red: mean and 95% CI")
+    ax.set_xlabel(f"{xlabel} (test images, per trained model); red: mean and 95% CI")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 
@@ -148,11 +150,7 @@ def main() -> None:
                             "paired": paired(h, m, n_test),
                         }
                     )
-                    p = comparisons[-1]["paired"]
-                    tqdm.write(
-                        f"{name} {s:.0%} vs {mode} {phase}: d = {p['mean_images']:+.2f} images "
-                        f"[{p['ci95_images'][0]:+.2f}, {p['ci95_images'][1]:+.2f}] -> {p['verdict']}"
-                    )
+                    tqdm.write(f"{name} {s:.0%} vs {mode} {phase}: {describe(comparisons[-1]['paired'])}")
     config = {
         "train_seeds": args.train_seeds,
         "calib_seeds": args.calib_seeds,
@@ -170,7 +168,10 @@ def main() -> None:
     }
     json_path = write_result("quality_paired", payload)
     (RESULTS / "quality_paired.md").write_text(markdown(results, config, environment()))
-    plot(results, RESULTS / "quality_paired.png")
+    labels = [
+        f"{r['model'].split('_')[0]} {r['sparsity']:.0%} vs {r['baseline']} {r['phase']}" for r in comparisons
+    ]
+    plot_paired(comparisons, labels, "Hybrid − magnitude", RESULTS / "quality_paired.png")
     print(f"wrote {json_path}, {RESULTS / 'quality_paired.md'}, {RESULTS / 'quality_paired.png'}")
 
 

@@ -28,7 +28,7 @@ import time
 
 import torch
 from _meta import RESULTS, environment, write_result
-from quality_paired import paired
+from quality_paired import describe, paired, plot_paired
 from tqdm.auto import tqdm
 
 from knsparse import repair
@@ -86,27 +86,6 @@ def markdown(comparisons: list[dict], config: dict, env: dict) -> str:
     return "\n".join([*out, ""])
 
 
-def plot(comparisons: list[dict], path) -> None:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(8, 0.35 * len(comparisons) + 1.2))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    for i, r in enumerate(comparisons):
-        p = r["paired"]
-        ax.scatter(p["differences_images"], [i] * len(p["differences_images"]), s=10, color="C0", alpha=0.5)
-        ax.plot(p["ci95_images"], [i, i], color="C3", linewidth=2)
-        ax.plot([p["mean_images"]], [i], "o", color="C3")
-    ax.axvline(0.0, color="k", linewidth=0.8)
-    labels = [f"{r['model'].split('_')[0]} {r['sparsity']:.0%} ASR vs {r['baseline']}" for r in comparisons]
-    ax.set_yticks(range(len(comparisons)), labels, fontsize=7)
-    ax.invert_yaxis()
-    ax.set_xlabel("ASR − baseline (test images, per trained model); red: mean and 95% CI")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--train-seeds", type=int, nargs="+", default=list(range(10)))
@@ -137,11 +116,7 @@ def main() -> None:
                         "paired": paired(asr, base, len(data.y_test), "ASR"),
                     }
                 )
-                p = comparisons[-1]["paired"]
-                tqdm.write(
-                    f"{name} {s:.0%} ASR vs {baseline}: d = {p['mean_images']:+.2f} images "
-                    f"[{p['ci95_images'][0]:+.2f}, {p['ci95_images'][1]:+.2f}] -> {p['verdict']}"
-                )
+                tqdm.write(f"{name} {s:.0%} ASR vs {baseline}: {describe(comparisons[-1]['paired'])}")
     config = {
         "train_seeds": args.train_seeds,
         "calib_seeds": args.calib_seeds,
@@ -157,7 +132,8 @@ def main() -> None:
     }
     path = write_result("repair_paired", payload)
     (RESULTS / "repair_paired.md").write_text(markdown(comparisons, config, environment()))
-    plot(comparisons, RESULTS / "repair_paired.png")
+    labels = [f"{r['model'].split('_')[0]} {r['sparsity']:.0%} ASR vs {r['baseline']}" for r in comparisons]
+    plot_paired(comparisons, labels, "ASR − baseline", RESULTS / "repair_paired.png")
     print(f"wrote {path}, {RESULTS / 'repair_paired.md'}, {RESULTS / 'repair_paired.png'}")
 
 
