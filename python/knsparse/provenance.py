@@ -35,17 +35,20 @@ def package_version(name: str = "knsparse") -> str:
 def git_commit(root: Path | None = None) -> str:
     """The commit of the checkout at ``root`` (default: the one this package runs from),
     ``"+dirty"`` when a tracked file is modified or an untracked ``*.py`` file exists (a new
-    script produced the result; untracked results and plots do not count, or every benchmark run
-    after the first would be dirty)."""
+    script produced the result). Benchmark outputs (``bench/results/``, tracked or not) do not
+    count, or every benchmark run after the first would be dirty."""
     root = root or Path(__file__).resolve().parent
     try:
         commit = _git(root, "rev-parse", "HEAD")
-        dirty = _git(root, "status", "--porcelain", "--untracked-files=no") or _git(
+        dirty = _git(root, "status", "--porcelain", "--untracked-files=no", "--", ":/", _RESULTS) or _git(
             root, "ls-files", "--others", "--exclude-standard", "--", ":/*.py"
         )
     except (OSError, subprocess.SubprocessError):
         return "unknown (not a git checkout)"
     return commit + ("+dirty" if dirty else "")
+
+
+_RESULTS = ":(top,exclude)bench/results"
 
 
 def _git(cwd: Path, *args: str) -> str:
