@@ -8,7 +8,7 @@ from torch import nn
 import knsparse as ks
 from knsparse import backends
 from knsparse.backends import BackendUnavailableError
-from knsparse.models import resnet_tiny_digits, vit_tiny_digits
+from knsparse.models import VisionTransformer, resnet_tiny_digits, vit_tiny_digits
 from knsparse.modules import sparse_layers
 
 
@@ -153,6 +153,20 @@ def test_safetensors_round_trip_is_exact(tmp_path):
     x = torch.randn(2, 1, 8, 8)
     with torch.no_grad():
         assert torch.equal(model(x), loaded(x))
+
+
+def test_load_refuses_a_file_of_another_model_and_changes_nothing(tmp_path):
+    torch.manual_seed(0)
+    model = vit_tiny_digits().eval()
+    ks.swap_modules(model, magnitude_masks(model))
+    path = tmp_path / "vit.safetensors"
+    ks.save_sparse(model, path)
+    other = VisionTransformer(8, 2, 1, 10, 96, 4, 4, 2.0).eval()  # same layer names, width 96
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(ValueError, match="does not fit this model.*shape mismatches"):
+        ks.load_sparse(other, path)
+    assert not sparse_layers(other)
+    assert all(torch.equal(before[k], v) for k, v in other.state_dict().items())
 
 
 def test_load_refuses_foreign_file(tmp_path):

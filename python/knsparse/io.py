@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
@@ -39,7 +40,8 @@ def save_sparse(model: nn.Module, path: str | Path) -> None:
 
 def load_sparse(model: nn.Module, path: str | Path, backend: str | None = None) -> nn.Module:
     """Load a file written by :func:`save_sparse` into ``model`` (a dense model of the same
-    architecture), swapping its sparse layers in place; ``backend`` overrides the saved request."""
+    architecture), swapping its sparse layers in place; ``backend`` overrides the saved request.
+    A file that does not fit the model raises ``ValueError`` before anything is changed."""
     path = str(path)
     with safe_open(path, framework="pt") as f:
         meta = f.metadata() or {}
@@ -55,6 +57,8 @@ def load_sparse(model: nn.Module, path: str | Path, backend: str | None = None) 
             raise ValueError(f"{path}: layer {name!r} is a {info['kind']} there, but the model has {dense!r}")
         requested = backend or info["backend"]
         activation = info.get("activation", "none")  # files from before fused activations lack it
+        if f"{name}.values" not in tensors:
+            raise ValueError(f"{path}: no tensor {name}.values for sparse layer {name!r}")
         w = tensors[f"{name}.values"]
         if isinstance(dense, nn.Linear):
             if activation != "none":
@@ -83,12 +87,37 @@ def load_sparse(model: nn.Module, path: str | Path, backend: str | None = None) 
                 w.dtype,
             )
         planned[name] = (new, activation)
+    _check_fits(path, model, {n: new for n, (new, _) in planned.items()}, tensors)
     for name, (new, activation) in planned.items():
         set_submodule(model, name, new)
         if activation != "none":
             absorb_activation(model, name, activation)
     model.load_state_dict(tensors, strict=True)
     return model
+
+
+def _check_fits(
+    path: str, model: nn.Module, swaps: dict[str, nn.Module], tensors: dict[str, torch.Tensor]
+) -> None:
+    """``ValueError`` unless the file's tensors are exactly the state of ``model`` with ``swaps``
+    applied (same keys, same shapes), checked before the model is changed."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    for name, new in swaps.items():
+        for key in [k for k in expected if k.startswith(f"{name}.")]:
+            del expected[key]
+        expected.update({f"{name}.{k}": tuple(v.shape) for k, v in new.state_dict().items()})
+    missing = sorted(expected.keys() - tensors.keys())
+    unexpected = sorted(tensors.keys() - expected.keys())
+    shapes = [
+        f"{k}: file {tuple(tensors[k].shape)}, model {expected[k]}"
+        for k in sorted(expected.keys() & tensors.keys())
+        if tuple(tensors[k].shape) != expected[k]
+    ]
+    if missing or unexpected or shapes:
+        raise ValueError(
+            f"{path} does not fit this model (nothing was changed): missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}, shape mismatches {shapes[:5]}"
+        )
 
 
 __all__ = ["load_sparse", "save_sparse"]
