@@ -76,9 +76,11 @@ def test_prune_inspect_export_check_audit_round_trip(tmp_path, capsys):
     save_file({k: v.contiguous() for k, v in vit_tiny_digits().state_dict().items()}, str(init))
     pruned = tmp_path / "pruned.safetensors"
     base = ["--model", "vit_tiny_digits"]
-    assert main(["prune", *base, "--weights", str(init), "--out", str(pruned), "--quiet"]) == 0
+    argv = ["prune", *base, "--weights", str(init), "--out", str(pruned), "--quiet", "--fuse-activations"]
+    assert main(argv) == 0
     out = capsys.readouterr().out
     assert "swapped 17 layer(s)" in out and "patch_embed.proj" in out and pruned.is_file()
+    assert "fused the activation into 4 MLP fc1 layer(s)" in out
 
     assert main(["inspect", *base, "--weights", str(pruned), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)

@@ -126,6 +126,7 @@ _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torc
 
 
 def _cmd_prune(args: argparse.Namespace) -> int:
+    from .fuse import fuse_activations
     from .io import save_sparse
     from .models import load_digits_split
     from .pipeline import prune_and_swap
@@ -153,8 +154,11 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    fused = fuse_activations(loaded.model) if args.fuse_activations else {}
     save_sparse(loaded.model, out)
     print(f"{loaded.description}: {outcome.describe()}")
+    if args.fuse_activations:
+        print(f"fused the activation into {len(fused)} MLP fc1 layer(s): {', '.join(fused) or '-'}")
     if data is not None:
         print(
             f"test accuracy: dense {outcome.accuracy_dense:.2%}, pruned {outcome.accuracy_pruned:.2%}"
@@ -359,6 +363,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--exclude", action="append", metavar="GLOB", help="never swap layers matching (repeatable)"
+    )
+    p.add_argument(
+        "--fuse-activations",
+        action="store_true",
+        help="move each ViT MLP's GELU/ReLU into its sparse fc1 (fused in knsparse-cuda's GEMM "
+        "epilogue; the saved file carries it)",
     )
     p.add_argument("--out", required=True, help="output .safetensors file")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
