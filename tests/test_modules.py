@@ -140,12 +140,17 @@ def test_available_lists_every_backend_with_reason():
         assert s.reason
 
 
+def swapped_and_saved(model: nn.Module, path) -> nn.Module:
+    """``model`` (seeded init) swapped with 2:4 magnitude masks and saved to ``path``."""
+    ks.swap_modules(model, magnitude_masks(model))
+    ks.save_sparse(model, path)
+    return model
+
+
 def test_safetensors_round_trip_is_exact(tmp_path):
     torch.manual_seed(0)
-    model = resnet_tiny_digits().eval()
-    ks.swap_modules(model, magnitude_masks(model))
     path = tmp_path / "sparse.safetensors"
-    ks.save_sparse(model, path)
+    model = swapped_and_saved(resnet_tiny_digits().eval(), path)
     loaded = ks.load_sparse(resnet_tiny_digits().eval(), path)
     assert set(sparse_layers(loaded)) == set(sparse_layers(model))
     for (ka, va), (kb, vb) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
@@ -157,10 +162,8 @@ def test_safetensors_round_trip_is_exact(tmp_path):
 
 def test_load_refuses_a_file_of_another_model_and_changes_nothing(tmp_path):
     torch.manual_seed(0)
-    model = vit_tiny_digits().eval()
-    ks.swap_modules(model, magnitude_masks(model))
     path = tmp_path / "vit.safetensors"
-    ks.save_sparse(model, path)
+    swapped_and_saved(vit_tiny_digits().eval(), path)
     other = VisionTransformer(8, 2, 1, 10, 96, 4, 4, 2.0).eval()  # same layer names, width 96
     before = {k: v.clone() for k, v in other.state_dict().items()}
     with pytest.raises(ValueError, match="does not fit this model.*shape mismatches"):
