@@ -27,6 +27,7 @@ $(CUTLASS): $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 test: lint $(CUTLASS)
 	$(PY) -m pytest -q

@@ -60,7 +60,7 @@ setup(
     ],
     extras_require={
         "onnx": ["onnx", "onnxruntime", "onnxscript"],
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "ruff"],
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "ruff==0.17.6"],
         "timm": ["timm"],
         "cuda": ["nvidia-cutlass"],
         "bench": ["weightwatcher"],
