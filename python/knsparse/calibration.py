@@ -7,8 +7,8 @@ column ``j`` of a statistic lines up with column ``j`` of the reduction-view wei
 
 Nothing is stored per input: hooks fold every batch into fixed-size accumulators (``[K]`` column
 sums of squares, optionally ``[K/n, n, n]`` block Gram matrices), so memory does not grow with
-the calibration set. ``calib`` is any re-iterable of batches (a list of tensors, a DataLoader);
-a batch is either the model input or a tuple/list whose first element is.
+the calibration set. ``calib`` is any re-iterable of batches (a list, a DataLoader); a batch is
+a tensor, a mapping of keyword inputs or an ``(inputs, target)`` tuple (see :mod:`.batches`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .batches import input_batches
+from .batches import model_batches
 from .masks import ConvOrder
 
 RowsCallback = Callable[[str, torch.Tensor], None]
@@ -99,9 +99,9 @@ def stream_layer_inputs(
     try:
         model.eval()
         with torch.no_grad():
-            inputs = input_batches(calib, device)
-            for x in tqdm(inputs, desc=desc, unit="batch", disable=not progress, leave=False):
-                model(x)
+            inputs = model_batches(calib, device)
+            for batch in tqdm(inputs, desc=desc, unit="batch", disable=not progress, leave=False):
+                batch(model)
                 batches += 1
     finally:
         for h in handles:

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .batches import input_batches, model_device
+from .batches import Batch, model_batches, model_device
 from .layers import is_prunable
 
 Method = Literal["asr", "layerwise", "bn"]
@@ -60,7 +60,7 @@ def _channels_first(y: torch.Tensor, module: nn.Module) -> torch.Tensor:
 
 @torch.no_grad()
 def _channel_variances(
-    model: nn.Module, names: list[str], batches: list[torch.Tensor], stop_after: str | None = None
+    model: nn.Module, names: list[str], batches: list[Batch], stop_after: str | None = None
 ) -> dict[str, torch.Tensor]:
     """Per-output-channel variance (float64 ``[out]``) of the listed layers over all batches,
     and the zero-variance threshold scale (mean square) under key ``name + "/ms"``."""
@@ -83,9 +83,9 @@ def _channel_variances(
     was_training = model.training
     model.eval()
     try:
-        for x in batches:
+        for batch in batches:
             with contextlib.suppress(_Stop):
-                model(x)
+                batch(model)
     finally:
         for h in handles:
             h.remove()
@@ -98,7 +98,7 @@ def _channel_variances(
     return out
 
 
-def _execution_order(model: nn.Module, names: list[str], x: torch.Tensor) -> list[str]:
+def _execution_order(model: nn.Module, names: list[str], batch: Batch) -> list[str]:
     order: list[str] = []
     modules = dict(model.named_modules())
     handles = [
@@ -109,7 +109,7 @@ def _execution_order(model: nn.Module, names: list[str], x: torch.Tensor) -> lis
         with torch.no_grad():
             was_training = model.training
             model.eval()
-            model(x)
+            batch(model)
             model.train(was_training)
     finally:
         for h in handles:
@@ -169,7 +169,7 @@ def _repair(
     method: str,
     progress: bool,
 ) -> RepairReport:
-    batches = list(input_batches(calib, model_device(model)))
+    batches = list(model_batches(calib, model_device(model)))
     names = pruned_layers(model, dense_model)
     report = RepairReport(method, batches=len(batches))
     if not names:
@@ -240,7 +240,7 @@ def recalibrate_bn(model: nn.Module, calib: object, *, progress: bool = False) -
     """Reset every BatchNorm's running statistics and re-estimate them as a cumulative
     average over the calibration batches (other modules stay in eval mode, no gradients).
     Returns the number of batches; ``ValueError`` if there is none."""
-    batches = list(input_batches(calib, model_device(model)))  # an empty set raises before any change
+    batches = list(model_batches(calib, model_device(model)))  # an empty set raises before any change
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     saved = [(m.momentum, m.training) for m in bns]
     was_training = model.training
@@ -250,8 +250,8 @@ def recalibrate_bn(model: nn.Module, calib: object, *, progress: bool = False) -
         m.momentum = None  # cumulative moving average
         m.train()
     try:
-        for x in tqdm(batches, desc="recalibrate BN", disable=not progress):
-            model(x)
+        for batch in tqdm(batches, desc="recalibrate BN", disable=not progress):
+            batch(model)
     finally:
         for m, (momentum, training) in zip(bns, saved, strict=True):
             m.momentum = momentum

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..batches import input_batches, model_device
+from ..batches import Batch, model_batches, model_device, output_tensors
 from ..masks import ConvOrder
 from ..pattern import Pattern
 from .coupling_fx import fx_groups
@@ -119,11 +119,10 @@ def _search_group(
     return perm
 
 
-def _outputs(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+def _outputs(model: nn.Module, batch: Batch) -> list[torch.Tensor]:
     with torch.no_grad():
-        out = model(x)
-    items = out if isinstance(out, (tuple, list)) else [out]
-    return [t.detach().clone() for t in items if isinstance(t, torch.Tensor)]
+        out = batch(model)
+    return [t.detach().clone() for t in output_tensors(out)]
 
 
 def permute(
@@ -162,7 +161,7 @@ def permute(
     was_training = model.training
     model.eval()
     try:
-        probe = next(input_batches(calib, model_device(model))) if calib is not None else None
+        probe = next(model_batches(calib, model_device(model))) if calib is not None else None
         reference = _outputs(model, probe) if probe is not None else None
         backup = {k: v.detach().clone() for k, v in model.state_dict().items()} if probe is not None else None
         found = find_groups(model)
@@ -191,7 +190,7 @@ def permute(
 
 
 def _check_unchanged(
-    model: nn.Module, probe: torch.Tensor, reference: list[torch.Tensor], backup: dict[str, torch.Tensor]
+    model: nn.Module, probe: Batch, reference: list[torch.Tensor], backup: dict[str, torch.Tensor]
 ) -> None:
     for want, got in zip(reference, _outputs(model, probe), strict=True):
         err = (want - got).abs().max().item()
