@@ -60,8 +60,11 @@ setup(
     ],
     extras_require={
         "onnx": ["onnx", "onnxruntime", "onnxscript"],
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "ruff==0.17.6"],
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "ruff==0.17.6", "polygraphy"],
         "timm": ["timm"],
+        "torchvision": ["torchvision"],
+        "hf": ["transformers"],
+        "models": ["timm", "torchvision", "transformers"],
         "cuda": ["nvidia-cutlass"],
         "bench": ["weightwatcher"],
     },

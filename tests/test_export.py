@@ -288,3 +288,15 @@ def test_exported_weights_are_read_directly_by_their_operator(tmp_path):
     proto = onnx.load(_graph_file(tmp_path, nodes, {"w": w}))
     _read_initializers_directly(proto)
     assert [(n.op_type, list(n.input)) for n in proto.graph.node] == [("Gemm", ["x", "w"])]
+
+
+def test_conv_folded_with_a_zero_batchnorm_scale_is_still_found(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 8, 3), nn.BatchNorm2d(8), nn.Flatten(), nn.Linear(128, 4)).eval()
+    with torch.no_grad():
+        model[1].weight[:3] = 0  # as zero-init-last residual blocks start (timm's resnets)
+    apply_masks(model, {"0": nm_mask(model[0].weight.abs(), "2:4")})
+    result = export_onnx(model, torch.randn(2, 4, 6, 6), tmp_path / "zero_bn.onnx")
+    conv = next(r for r in result.layers if r.layer == "0")
+    assert conv.initializer is not None
+    assert {c.layer: c for c in check(result.path) if c.layer}["0"].is_24

@@ -190,7 +190,9 @@ def _match_initializer(
             denom = (rows * rows).sum(1)
             scale = np.divide((c * rows).sum(1), denom, out=np.ones_like(denom), where=denom > 0)
             tol = 1e-5 if arr.dtype == np.float32 else 1e-2
-            if np.allclose(c, rows * scale[:, None], rtol=tol, atol=1e-7) and ((c == 0) == (rows == 0)).all():
+            live = scale != 0  # a channel folded with a zero BatchNorm scale is all zeros
+            same_zeros = ((c == 0) == (rows == 0))[live].all()
+            if np.allclose(c, rows * scale[:, None], rtol=tol, atol=1e-7) and same_zeros:
                 return name, transposed
     return None, False
 
