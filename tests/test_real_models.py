@@ -146,7 +146,7 @@ def test_prune_swap_export_check(tmp_path, source):
     assert ours == _polygraphy_sparse(result.path)  # and NVIDIA's checker agrees, tensor by tensor
 
 
-@pytest.mark.parametrize("source", ["timm:resnet50", "hf:vit"])
+@pytest.mark.parametrize("source", ["timm:convnext_tiny", "hf:vit"])
 def test_float16_export_of_a_pruned_model(tmp_path, source):
     torch.manual_seed(0)
     model, example = MODELS[source]()
