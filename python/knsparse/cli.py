@@ -182,6 +182,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-check", action="store_true", help="skip the ONNX checker and the ONNX Runtime parity run"
     )
     p.add_argument(
+        "--dtype",
+        choices=tuple(commands.DTYPES),
+        default="float32",
+        help="weights and compute of the ONNX file: float16/bfloat16 for TensorRT 11's strongly typed "
+        "networks (its fp16 sparse kernels need fp16 weights in the file); default float32",
+    )
+    p.add_argument(
         "--exporter",
         choices=("auto", "torchscript", "dynamo"),
         default="auto",

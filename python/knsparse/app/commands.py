@@ -190,6 +190,7 @@ def export(args: argparse.Namespace) -> int:
         dynamic_batch=not args.static_batch,
         check=not args.no_check,
         exporter=args.exporter,
+        dtype=args.dtype,
     )
     print(f"wrote {result.path} ({result.exporter} exporter, opset {result.opset})")
     for provider, diff in result.max_abs_diff.items():
