@@ -8,15 +8,17 @@ are computed per layer afterwards from the stored activations. Both run in the s
 the same batches (random images; ViT-B/16 and ResNet-50 from ``knsparse.models``, timm's module
 names and shapes, random init), and their statistics are checked to agree.
 
-    python bench/bench_calibration.py --images 8 --batch 4
+    python bench/bench_calibration.py --images 8 --batch 4   # writes bench/results/calibration.json
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import torch
+from _meta import write_result
 from torch import nn
 
 from knsparse.calibration import InputStats, collect_input_stats, gemm_input_rows
@@ -98,7 +100,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--models", nargs="+", default=["vit_base_patch16_224", "resnet50"])
     args = parser.parse_args()
-    for model, r in run(args.models, args.images, args.batch)["models"].items():
+    load_start = list(os.getloadavg())
+    result = run(args.models, args.images, args.batch)
+    write_result("calibration", {"load_average_1_5_15min_start": load_start, **result})
+    for model, r in result["models"].items():
         print(
             f"{model}: knsparse {r['knsparse']['images_per_s']:.2f} img/s, hook reference "
             f"{r['hook_reference']['images_per_s']:.2f} img/s ({r['speedup_vs_reference']:.2f}x), "

@@ -134,9 +134,9 @@ def permute(
     *,
     conv_order: ConvOrder = "rsc",
     seed: int = 0,
-    max_iters: int = 0,
-    block_stripes: int = 64,
-    windows: bool = False,
+    max_iters: int = 100,
+    block_stripes: int = 32,
+    windows: bool = True,
     passes: int = 1,
     time_budget_s: float | None = None,
     progress: bool = False,
@@ -151,10 +151,7 @@ def permute(
         inplace: permute ``model`` itself, else a deep copy (``report.model``).
         conv_order: conv grouping of the masks (see :mod:`knsparse.masks`).
         seed, max_iters, block_stripes, windows, passes: passed to
-            :func:`~.stripe_search.search` for every group. The defaults (swap rounds over blocks
-            of 64 stripes, no tabu steps, no window rounds) keep more on whole models
-            than narrow blocks with tabu and window rounds, several times faster
-            (``bench/bench_permute.py --models``).
+            :func:`~.stripe_search.search` for every group.
         time_budget_s: wall-clock seconds per group (``None``: no limit).
         progress: show a tqdm bar over the groups.
 
