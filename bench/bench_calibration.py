@@ -26,7 +26,12 @@ from knsparse.models import resnet50, vit_base_patch16_224
 
 
 def prunable(model: nn.Module) -> dict[str, nn.Module]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+    """Linear / Conv2d layers whose reduction size 4 divides (the others are not 2:4-prunable)."""
+    return {
+        n: m
+        for n, m in model.named_modules()
+        if isinstance(m, (nn.Linear, nn.Conv2d)) and m.weight[0].numel() % 4 == 0
+    }
 
 
 def reference_stats(model: nn.Module, layers: dict[str, nn.Module], batches: list[torch.Tensor], group: int):
