@@ -135,6 +135,9 @@ def permute(
     conv_order: ConvOrder = "rsc",
     seed: int = 0,
     max_iters: int = 100,
+    block_stripes: int = 32,
+    windows: bool = True,
+    passes: int = 1,
     time_budget_s: float | None = None,
     progress: bool = False,
 ) -> PermutationReport:
@@ -147,7 +150,8 @@ def permute(
             (the model is restored and ``RuntimeError`` raised if they are not).
         inplace: permute ``model`` itself, else a deep copy (``report.model``).
         conv_order: conv grouping of the masks (see :mod:`knsparse.masks`).
-        seed, max_iters: passed to :func:`~.stripe_search.search` for every group.
+        seed, max_iters, block_stripes, windows, passes: passed to
+            :func:`~.stripe_search.search` for every group.
         time_budget_s: wall-clock seconds per group (``None``: no limit).
         progress: show a tqdm bar over the groups.
 
@@ -167,6 +171,9 @@ def permute(
                 "conv_order": conv_order,
                 "seed": seed,
                 "max_iters": max_iters,
+                "block_stripes": block_stripes,
+                "windows": windows,
+                "passes": passes,
                 "time_budget_s": time_budget_s,
             }
             reports = []
