@@ -1,45 +1,12 @@
 """knsparse: k:n (2:4) semi-structured sparse inference for vision models.
 
-The optional knsparse-cuda backend (csrc/) is built when ``KNSPARSE_BUILD_CUDA=1``: it needs
-nvcc matching ``torch.version.cuda``, a CUDA build of torch (``--no-build-isolation``) and the
-CUTLASS headers (``pip install --no-deps nvidia-cutlass``). See csrc/README.md.
+The CUDA kernels are a separate, torch-independent shared library: `make cuda` builds
+python/knsparse/ops/libknsparse_cuda.so (nvcc + the nvidia-cutlass headers, no GPU and no CUDA
+build of PyTorch needed); a wheel built afterwards carries it, as it carries kernels/nmf_cpu.c
+(compiled on first use). See csrc/README.md.
 """
 
-import glob
-import os
-import subprocess
-import sys
-
 from setuptools import find_packages, setup
-
-
-def cuda_extension() -> tuple[list, dict]:
-    if os.environ.get("KNSPARSE_BUILD_CUDA") != "1":
-        return [], {}
-    from torch.utils.cpp_extension import BuildExtension, CUDAExtension
-
-    found = subprocess.run([sys.executable, "csrc/find_cutlass.py"], capture_output=True, text=True)
-    if found.returncode:
-        sys.exit(found.stderr)
-    ext = CUDAExtension(
-        "knsparse._knsparse_cuda",
-        sources=[*sorted(glob.glob("csrc/*.cu")), "csrc/torch_ops.cpp"],
-        include_dirs=[os.path.abspath("csrc"), found.stdout.strip()],
-        extra_compile_args={
-            "cxx": ["-O3"],
-            "nvcc": [
-                "-O3",
-                "-DNDEBUG",  # device asserts make ptxas serialise Hopper WGMMA
-                "--expt-relaxed-constexpr",
-                "-gencode=arch=compute_80,code=sm_80",
-                "-gencode=arch=compute_90a,code=sm_90a",
-            ],
-        },
-    )
-    return [ext], {"build_ext": BuildExtension}
-
-
-ext_modules, cmdclass = cuda_extension()
 
 setup(
     name="knsparse",
@@ -62,10 +29,9 @@ setup(
         "onnx": ["onnx", "onnxruntime", "onnxscript"],
         "test": ["pytest", "pytest-benchmark", "hypothesis", "ruff==0.17.6"],
         "timm": ["timm"],
-        "cuda": ["nvidia-cutlass"],
+        "cuda": ["nvidia-cutlass==4.2.0.0"],  # the release csrc/ and its tests are checked against
         "bench": ["weightwatcher"],
     },
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
+    package_data={"knsparse.ops": ["libknsparse_cuda.so"], "knsparse.kernels": ["*.c"]},
     entry_points={"console_scripts": ["knsparse=knsparse.cli:main"]},
 )

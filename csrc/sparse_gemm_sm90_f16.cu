@@ -1,15 +1,4 @@
-// Hopper 2:4 sparse GEMM, fp16 in and out.
+// Hopper 2:4 sparse GEMM, fp16 in and out (both configurations, three epilogue activations).
 #include "sparse_gemm_sm90.cuh"
 
-namespace knsparse {
-
-size_t sparse_gemm_sm90_f16_workspace(const SparseGemmArgs& args, int device) {
-  return sm90::dispatch_workspace<cutlass::half_t>(args, device);
-}
-
-std::string sparse_gemm_sm90_f16(const SparseGemmArgs& args, void* workspace, int device,
-                                 cudaStream_t stream) {
-  return sm90::dispatch<cutlass::half_t>(args, workspace, device, stream);
-}
-
-}  // namespace knsparse
+KNSPARSE_SM90_ENTRY_POINTS(f16, cutlass::half_t)
