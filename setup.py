@@ -6,7 +6,25 @@ build of PyTorch needed); a wheel built afterwards carries it, as it carries ker
 (compiled on first use). See csrc/README.md.
 """
 
+from pathlib import Path
+
 from setuptools import find_packages, setup
+from setuptools.command.bdist_wheel import bdist_wheel
+
+CUDA_LIBRARY = Path(__file__).resolve().parent / "python" / "knsparse" / "ops" / "libknsparse_cuda.so"
+
+
+class Wheel(bdist_wheel):
+    """A wheel carrying the prebuilt CUDA library is platform-specific (any Python, any torch)."""
+
+    def finalize_options(self) -> None:
+        super().finalize_options()
+        self.root_is_pure = not CUDA_LIBRARY.is_file()
+
+    def get_tag(self) -> tuple[str, str, str]:
+        python, abi, platform = super().get_tag()
+        return (python, abi, platform) if self.root_is_pure else ("py3", "none", platform)
+
 
 setup(
     name="knsparse",
@@ -33,5 +51,6 @@ setup(
         "bench": ["weightwatcher"],
     },
     package_data={"knsparse.ops": ["libknsparse_cuda.so"], "knsparse.kernels": ["*.c"]},
+    cmdclass={"bdist_wheel": Wheel},
     entry_points={"console_scripts": ["knsparse=knsparse.cli:main"]},
 )

@@ -56,13 +56,13 @@ def test_calls_without_a_device_fail_cleanly():
     # Device pointers that were never allocated: the library must stop at the device check.
     args = gemm_args(64, 128, 8, 90, values=16, meta=32, x=48, out=64)
     with pytest.raises(native.NativeError, match="no CUDA device") as info:
-        native.gemm(args, 90, None, 0, 0, 0)
+        native.run_gemm(args, 90, None, 0, 0, 0)
     assert info.value.status == native.NO_DEVICE
     im2col = native.Im2colArgs(
         x=16, n=1, c=8, h=4, w=4, kernel_h=1, kernel_w=1, out_h=4, out_w=4, k_pad=8, out=32
     )
     with pytest.raises(native.NativeError, match="no CUDA device"):
-        native.im2col(im2col, 0, 0)
+        native.run_im2col(im2col, 0, 0)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the report of a machine without CUDA")

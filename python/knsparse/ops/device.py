@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from . import native
+from .native import LIBRARY_NAME, NativeError, device_info, load_error
 
 
 def unavailable_reason(device: torch.device | str | int | None = None) -> str | None:
@@ -14,15 +14,15 @@ def unavailable_reason(device: torch.device | str | int | None = None) -> str | 
     Says apart "not built", "built but no CUDA device" (asking the library itself, so a CPU
     machine with the library reports the driver's own reason) and "no kernels for this GPU".
     """
-    error = native.load_error()
+    error = load_error()
     if error is not None:
         return error
     if not torch.cuda.is_available():
         try:
-            native.device_info(0)
-        except native.NativeError as exc:
-            return f"{native.LIBRARY_NAME} built and loaded, but {exc}"
-        return f"{native.LIBRARY_NAME} built and loaded, but torch.cuda.is_available() is False"
+            device_info(0)
+        except NativeError as exc:
+            return f"{LIBRARY_NAME} built and loaded, but {exc}"
+        return f"{LIBRARY_NAME} built and loaded, but torch.cuda.is_available() is False"
     index = torch.device("cuda", torch.cuda.current_device()) if device is None else torch.device(device)
     if index.type != "cuda":
         return f"knsparse-cuda runs on CUDA devices, not {index}"

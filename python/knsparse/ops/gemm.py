@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 
 from ..pack import Packed24, unpack_24
-from . import native
 from .device import require_device
 from .meta import round_up, sm80_meta_from_sm90, sm90_meta_shape
+from .native import ACTIVATION_CODES, CONFIG_CODES, DTYPE_CODES, GemmArgs, gemm_workspace, run_gemm
 
 ACTIVATIONS = ("none", "relu", "gelu")
 """Activations a sparse GEMM applies to its output (``"gelu"`` is the erf GELU of
@@ -74,8 +74,8 @@ def check_kernel_args(
             f"{layouts[torch.uint8]} (Hopper layout, prepare_meta) for a [{rows}, {depth}] weight, "
             f"got {meta.dtype} {tuple(meta.shape)}"
         )
-    if config not in native.CONFIG_CODES:
-        raise ValueError(f"config must be one of {tuple(native.CONFIG_CODES)}, got {config!r}")
+    if config not in CONFIG_CODES:
+        raise ValueError(f"config must be one of {tuple(CONFIG_CODES)}, got {config!r}")
 
 
 def dense_weight(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
@@ -132,9 +132,9 @@ def gemm_args(
     ldo: int,
     activation: str,
     config: str = "auto",
-) -> native.GemmArgs:
+) -> GemmArgs:
     """The library's argument struct for tensors already laid out as it needs them."""
-    return native.GemmArgs(
+    return GemmArgs(
         rows=values.shape[0],
         cols=x.shape[0],
         depth=values.shape[1] * 2,
@@ -145,9 +145,9 @@ def gemm_args(
         bias=None if bias is None else bias.data_ptr(),
         out=out.data_ptr(),
         ldo=ldo,
-        dtype=native.DTYPE_CODES[str(values.dtype).removeprefix("torch.")],
-        activation=native.ACTIVATION_CODES[activation],
-        config=native.CONFIG_CODES[config],
+        dtype=DTYPE_CODES[str(values.dtype).removeprefix("torch.")],
+        activation=ACTIVATION_CODES[activation],
+        config=CONFIG_CODES[config],
     )
 
 
@@ -172,16 +172,16 @@ def _sparse_gemm_op(
         if cols == 0:
             return out
         args = gemm_args(values, meta, x, bias, out, rows, activation, config)
-        ws_bytes = native.gemm_workspace(args, arch, device)
+        ws_bytes = gemm_workspace(args, arch, device)
         workspace = torch.empty(ws_bytes, dtype=torch.uint8, device=x.device) if ws_bytes else None
-        native.gemm(args, arch, None if workspace is None else workspace.data_ptr(), ws_bytes, device, stream)
+        run_gemm(args, arch, None if workspace is None else workspace.data_ptr(), ws_bytes, device, stream)
         return out
     cols_pad = round_up(cols, COLUMN_ALIGN)
     x = _gemm_operand(F.pad(x, (0, 0, 0, cols_pad - cols)) if cols_pad != cols else x)
     feature_major = torch.empty((rows, cols_pad), dtype=x.dtype, device=x.device)
     if cols == 0:
         return feature_major.t()[:0].contiguous()
-    native.gemm(
+    run_gemm(
         gemm_args(values, meta, x, bias, feature_major, cols_pad, activation), arch, None, 0, device, stream
     )
     return feature_major[:, :cols].t().contiguous()

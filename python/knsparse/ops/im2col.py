@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from ..masks import to_reduction_view
-from . import native
 from .device import available, require_device
+from .native import Im2colArgs, run_im2col
 
 IntPair = int | tuple[int, int]
 
@@ -123,7 +123,7 @@ def _im2col_rsc_op(
     if out.numel() == 0:
         return out
     n, c, h, w = xc.shape
-    args = native.Im2colArgs(
+    args = Im2colArgs(
         x=xc.data_ptr(),
         n=n,
         c=c,
@@ -146,7 +146,7 @@ def _im2col_rsc_op(
         k_pad=k_pad,
         out=out.data_ptr(),
     )
-    native.im2col(args, x.device.index, torch.cuda.current_stream(x.device).cuda_stream)
+    run_im2col(args, x.device.index, torch.cuda.current_stream(x.device).cuda_stream)
     return out
 
 

@@ -222,7 +222,7 @@ def gemm_workspace(args: GemmArgs, arch: int, device: int) -> int:
     return size.value
 
 
-def gemm(
+def run_gemm(
     args: GemmArgs, arch: int, workspace: int | None, workspace_bytes: int, device: int, stream: int
 ) -> None:
     """Launch the sparse GEMM (asynchronous, on ``stream``, a ``cudaStream_t`` as an int)."""
@@ -233,7 +233,7 @@ def gemm(
     check(status, buffer)
 
 
-def im2col(args: Im2colArgs, device: int, stream: int) -> None:
+def run_im2col(args: Im2colArgs, device: int, stream: int) -> None:
     """Launch im2col (asynchronous, on ``stream``)."""
     buffer = message_buffer()
     check(library().knsparse_im2col_rsc(ctypes.byref(args), device, stream, buffer, _MSG_LEN), buffer)
