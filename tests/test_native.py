@@ -118,7 +118,9 @@ def test_small_problems_get_the_small_tile():
     ],
 )
 def test_refusals_name_the_condition(arch, fields, match):
-    args = gemm_args(64, 128, 8, arch if arch in (80, 90) else 90, **fields)
+    args = gemm_args(64, 128, 8, arch if arch in (80, 90) else 90)
+    for name, value in fields.items():
+        setattr(args, name, value)
     with pytest.raises(native.NativeArgumentError, match=match) as info:
         native.gemm_check(args, arch, H200_SMS)
     assert isinstance(info.value, ValueError) and info.value.status == native.INVALID_ARGUMENT
