@@ -47,7 +47,8 @@ NVCC_FLAGS = -std=c++17 -O3 -DNDEBUG --expt-relaxed-constexpr -Xcompiler=-fPIC -
 SM80 := -gencode=arch=compute_80,code=sm_80 -gencode=arch=compute_80,code=compute_80
 SM90 := -gencode=arch=compute_90a,code=sm_90a
 CSRC_HEADERS := $(wildcard csrc/*.h csrc/*.cuh)
-CUDA_OBJS := $(addprefix $(CUDA_OBJ)/,sparse_gemm_sm90_f16.o sparse_gemm_sm90_bf16.o \
+CUDA_OBJS := $(addprefix $(CUDA_OBJ)/,sparse_gemm_sm90_f16_large.o sparse_gemm_sm90_f16_small.o \
+	sparse_gemm_sm90_bf16_large.o sparse_gemm_sm90_bf16_small.o \
 	sparse_gemm_sm80_f16.o sparse_gemm_sm80_bf16.o im2col_rsc.o capi.o)
 
 $(CUDA_OBJ)/sparse_gemm_sm80_%.o: GENCODE = $(SM80)
@@ -68,7 +69,7 @@ $(CUDA_OBJ)/capi.o: csrc/capi.cpp $(CSRC_HEADERS)
 	$(NVCC) -std=c++17 -O2 -Xcompiler=-fPIC,-Wall,-Wextra -Icsrc -c $< -o $@
 
 $(CUDA_LIB): $(CUDA_OBJS)
-	$(NVCC) -shared -cudart static $(CUDA_OBJS) -o $@
+	$(NVCC) -shared -cudart static $(CUDA_OBJS) -o $@.tmp && mv $@.tmp $@  # atomic: a loaded copy stays intact
 	@ls -l $@
 
 cuda: $(CUDA_LIB)

@@ -101,13 +101,18 @@ int resolve_config(const SparseGemmArgs& a, int sm_count) {
   return large_tiles < sm_count ? KNSPARSE_CONFIG_SMALL : KNSPARSE_CONFIG_LARGE;
 }
 
+const knsparse::Sm90Kernels& sm90_kernels(const SparseGemmArgs& a, int config) {
+  const bool small = config == KNSPARSE_CONFIG_SMALL;
+  if (a.dtype == KNSPARSE_FP16) return small ? knsparse::kSm90F16Small : knsparse::kSm90F16Large;
+  return small ? knsparse::kSm90Bf16Small : knsparse::kSm90Bf16Large;
+}
+
 std::string can_implement(const SparseGemmArgs& a, int arch, int config, int sm_count) {
-  const bool f16 = a.dtype == KNSPARSE_FP16;
   if (arch == 80) {
-    return f16 ? knsparse::sparse_gemm_sm80_f16_can_implement(a) : knsparse::sparse_gemm_sm80_bf16_can_implement(a);
+    return a.dtype == KNSPARSE_FP16 ? knsparse::sparse_gemm_sm80_f16_can_implement(a)
+                                    : knsparse::sparse_gemm_sm80_bf16_can_implement(a);
   }
-  return f16 ? knsparse::sparse_gemm_sm90_f16_can_implement(a, config, sm_count)
-             : knsparse::sparse_gemm_sm90_bf16_can_implement(a, config, sm_count);
+  return sm90_kernels(a, config).can_implement(a, sm_count);
 }
 
 // Device, compute capability and SM count for a launch of `arch` on `device`.
@@ -185,9 +190,7 @@ int knsparse_sparse_gemm_workspace(const knsparse_gemm_args* args, int arch, int
   if (arch == 80 || args->cols == 0) return KNSPARSE_OK;
   int sm_count = 0;
   if (const int status = device_for(arch, device, &sm_count, msg, msg_len); status != KNSPARSE_OK) return status;
-  const int config = resolve_config(*args, sm_count);
-  *bytes = args->dtype == KNSPARSE_FP16 ? knsparse::sparse_gemm_sm90_f16_workspace(*args, config, device, sm_count)
-                                        : knsparse::sparse_gemm_sm90_bf16_workspace(*args, config, device, sm_count);
+  *bytes = sm90_kernels(*args, resolve_config(*args, sm_count)).workspace(*args, device, sm_count);
   return KNSPARSE_OK;
 }
 
@@ -206,21 +209,18 @@ int knsparse_sparse_gemm(const knsparse_gemm_args* args, int arch, void* workspa
   const DeviceGuard guard(device);
   if (!guard.ok()) return fail(KNSPARSE_CUDA_ERROR, "cudaSetDevice(" + num(device) + ") failed", msg, msg_len);
   std::string err;
-  const bool f16 = a.dtype == KNSPARSE_FP16;
   if (arch == 80) {
-    err = f16 ? knsparse::sparse_gemm_sm80_f16(a, stream) : knsparse::sparse_gemm_sm80_bf16(a, stream);
+    err = a.dtype == KNSPARSE_FP16 ? knsparse::sparse_gemm_sm80_f16(a, stream) : knsparse::sparse_gemm_sm80_bf16(a, stream);
   } else {
-    const int config = resolve_config(a, sm_count);
-    const size_t needed = f16 ? knsparse::sparse_gemm_sm90_f16_workspace(a, config, device, sm_count)
-                              : knsparse::sparse_gemm_sm90_bf16_workspace(a, config, device, sm_count);
+    const knsparse::Sm90Kernels& kernels = sm90_kernels(a, resolve_config(a, sm_count));
+    const size_t needed = kernels.workspace(a, device, sm_count);
     if (needed > workspace_bytes || (needed > 0 && workspace == nullptr)) {
       return fail(KNSPARSE_INVALID_ARGUMENT,
                   "sm90 sparse GEMM: workspace of " + num(int64_t(workspace_bytes)) + " bytes, needs " +
                       num(int64_t(needed)) + " (knsparse_sparse_gemm_workspace)",
                   msg, msg_len);
     }
-    err = f16 ? knsparse::sparse_gemm_sm90_f16(a, config, workspace, device, sm_count, stream)
-              : knsparse::sparse_gemm_sm90_bf16(a, config, workspace, device, sm_count, stream);
+    err = kernels.run(a, workspace, device, sm_count, stream);
   }
   return err.empty() ? KNSPARSE_OK : fail(KNSPARSE_CUTLASS_ERROR, err, msg, msg_len);
 }

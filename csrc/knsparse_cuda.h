@@ -23,15 +23,14 @@ std::string sparse_gemm_sm80_bf16_can_implement(const SparseGemmArgs& args);
 std::string sparse_gemm_sm80_f16(const SparseGemmArgs& args, cudaStream_t stream);
 std::string sparse_gemm_sm80_bf16(const SparseGemmArgs& args, cudaStream_t stream);
 
-// Hopper: the CUTLASS 3.x kernels (token-major output). `config` is LARGE or SMALL (resolved).
-std::string sparse_gemm_sm90_f16_can_implement(const SparseGemmArgs& args, int config, int sm_count);
-std::string sparse_gemm_sm90_bf16_can_implement(const SparseGemmArgs& args, int config, int sm_count);
-size_t sparse_gemm_sm90_f16_workspace(const SparseGemmArgs& args, int config, int device, int sm_count);
-size_t sparse_gemm_sm90_bf16_workspace(const SparseGemmArgs& args, int config, int device, int sm_count);
-std::string sparse_gemm_sm90_f16(const SparseGemmArgs& args, int config, void* workspace, int device,
-                                 int sm_count, cudaStream_t stream);
-std::string sparse_gemm_sm90_bf16(const SparseGemmArgs& args, int config, void* workspace, int device,
-                                  int sm_count, cudaStream_t stream);
+// Hopper: the CUTLASS 3.x kernels (token-major output), one table per element type and
+// configuration (KNSPARSE_CONFIG_LARGE / _SMALL).
+struct Sm90Kernels {
+  std::string (*can_implement)(const SparseGemmArgs& args, int sm_count);
+  size_t (*workspace)(const SparseGemmArgs& args, int device, int sm_count);
+  std::string (*run)(const SparseGemmArgs& args, void* workspace, int device, int sm_count, cudaStream_t stream);
+};
+extern const Sm90Kernels kSm90F16Large, kSm90F16Small, kSm90Bf16Large, kSm90Bf16Small;
 
 // For any 16-bit element type (fp16, bf16): im2col only moves 16-bit words.
 std::string im2col_rsc_16bit(const Im2colArgs& args, cudaStream_t stream);

@@ -2,12 +2,12 @@
 // kernels, sparse WGMMA) with the fused epilogue  y = act(acc + bias[row]),  D stored
 // ColumnMajor as in CUTLASS's example 62: the token-major [cols, rows] result of F.linear, so
 // any token count is aligned (only rows, a multiple of 32 after packing, is the contiguous
-// dimension). Two configurations, picked per call by sparse_gemm_sm90_config():
+// dimension). Two configurations, picked per call by the C ABI layer (capi.cpp):
 //   Large: 128x128x128 tile, cooperative (two consumer warp groups per tile), cluster 1x2;
 //   Small: 64x128x128 tile, ping-pong (one warp group per tile), cluster 1x1, for problems whose
 //          large tiles leave SMs idle (ViT-B at batch 1, 64-channel ResNet convolutions).
 // Tile K stays 128 in both: the metadata layout (kSm90MetaBlockK) depends on it.
-// Included by one .cu per element type.
+// Included by one .cu per element type and configuration.
 #pragma once
 
 // clang-format off
@@ -142,23 +142,19 @@ std::string run(const SparseGemmArgs& a, void* workspace, int device, int sm_cou
   return {};
 }
 
-// Calls f.template operator()<Kernel>() with the kernel type of (config, activation).
-template <class Element, class F>
-auto with_kernel(int config, int activation, F&& f) {
+// Calls f.template operator()<Kernel>() with the kernel type of `activation`.
+template <class Element, class Config, class F>
+auto with_kernel(int activation, F&& f) {
   using cutlass::epilogue::thread::GELU;
   using cutlass::epilogue::thread::Identity;
   using cutlass::epilogue::thread::ReLu;
-  const bool small = config == KNSPARSE_CONFIG_SMALL;
   switch (activation) {
     case KNSPARSE_ACT_RELU:
-      return small ? f.template operator()<SparseGemmKernel<Element, ReLu, SmallConfig>>()
-                   : f.template operator()<SparseGemmKernel<Element, ReLu, LargeConfig>>();
+      return f.template operator()<SparseGemmKernel<Element, ReLu, Config>>();
     case KNSPARSE_ACT_GELU:
-      return small ? f.template operator()<SparseGemmKernel<Element, GELU, SmallConfig>>()
-                   : f.template operator()<SparseGemmKernel<Element, GELU, LargeConfig>>();
+      return f.template operator()<SparseGemmKernel<Element, GELU, Config>>();
     default:
-      return small ? f.template operator()<SparseGemmKernel<Element, Identity, SmallConfig>>()
-                   : f.template operator()<SparseGemmKernel<Element, Identity, LargeConfig>>();
+      return f.template operator()<SparseGemmKernel<Element, Identity, Config>>();
   }
 }
 
@@ -187,19 +183,19 @@ struct Run {
 
 }  // namespace knsparse::sm90
 
-// The three entry points of knsparse_cuda.h for one element type.
-#define KNSPARSE_SM90_ENTRY_POINTS(suffix, Element)                                                          \
-  namespace knsparse {                                                                                     \
-  std::string sparse_gemm_sm90_##suffix##_can_implement(const SparseGemmArgs& a, int config, int sm_count) { \
-    return sm90::with_kernel<Element>(config, a.activation, sm90::CanImplement{a, sm_count});              \
-  }                                                                                                        \
-  size_t sparse_gemm_sm90_##suffix##_workspace(const SparseGemmArgs& a, int config, int device,            \
-                                               int sm_count) {                                             \
-    return sm90::with_kernel<Element>(config, a.activation, sm90::Workspace{a, device, sm_count});         \
-  }                                                                                                        \
-  std::string sparse_gemm_sm90_##suffix(const SparseGemmArgs& a, int config, void* workspace, int device,  \
-                                        int sm_count, cudaStream_t stream) {                               \
-    return sm90::with_kernel<Element>(config, a.activation,                                                \
-                                      sm90::Run{a, workspace, device, sm_count, stream});                  \
-  }                                                                                                        \
+// The Sm90Kernels table of knsparse_cuda.h for one element type and configuration (one
+// translation unit each: the units compile in parallel and each needs half the memory).
+#define KNSPARSE_SM90_KERNELS(name, Element, Config)                                                 \
+  namespace knsparse {                                                                             \
+  const Sm90Kernels name = {                                                                       \
+      [](const SparseGemmArgs& a, int sm_count) {                                                  \
+        return sm90::with_kernel<Element, sm90::Config>(a.activation, sm90::CanImplement{a, sm_count}); \
+      },                                                                                           \
+      [](const SparseGemmArgs& a, int device, int sm_count) {                                      \
+        return sm90::with_kernel<Element, sm90::Config>(a.activation, sm90::Workspace{a, device, sm_count}); \
+      },                                                                                           \
+      [](const SparseGemmArgs& a, void* workspace, int device, int sm_count, cudaStream_t stream) { \
+        return sm90::with_kernel<Element, sm90::Config>(a.activation,                              \
+                                                        sm90::Run{a, workspace, device, sm_count, stream}); \
+      }};                                                                                          \
   }
