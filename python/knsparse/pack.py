@@ -18,7 +18,6 @@ import torch
 
 from .compress import kept_slots
 from .masks import check_finite
-from .pattern import Pattern
 
 # dtype -> (meta dtype, meta bits, min rows, min cols): CUTLASS sparse GEMM constraints.
 _LAYOUT: dict[torch.dtype, tuple[torch.dtype, int, int, int]] = {
@@ -173,30 +172,3 @@ def unpack_24(p: Packed24) -> torch.Tensor:
     dense.scatter_(-1, hi.unsqueeze(-1), vals[..., 1:])
     m, k = p.shape
     return dense.reshape(rows, cols)[:m, :k]
-
-
-def to_semi_structured(w: torch.Tensor, backend: str = "auto") -> torch.Tensor:
-    """PyTorch's ``SparseSemiStructuredTensor`` of a 2:4 CUDA weight ``[m, k]`` (fp16/bf16).
-
-    ``backend``: ``"cusparselt"``, ``"cutlass"`` (compute capability 8.x only) or ``"auto"``
-    (cuSPARSELt where available, else CUTLASS). The weight is validated as for
-    :func:`pack_24` first, so a broken or non-2:4 weight is refused, never silently re-pruned.
-    """
-    from . import backends as _backends
-
-    check_24(w)
-    names = {"cusparselt": ("torch-cusparselt",), "cutlass": ("torch-cutlass",)}
-    candidates = names.get(backend, ("torch-cusparselt", "torch-cutlass") if backend == "auto" else None)
-    if candidates is None:
-        raise ValueError(f"backend must be 'cusparselt', 'cutlass' or 'auto', got {backend!r}")
-    reasons = []
-    for name in candidates:
-        impl = _backends.get(name)
-        spec = _backends.LinearSpec(w.shape[0], w.shape[1], w.dtype, Pattern(2, 4), w.device)
-        reason = impl.unavailable_reason() or impl.linear_unsupported_reason(spec)
-        if reason is None:
-            return impl.prepare_linear(w)
-        reasons.append(f"{name}: {reason}")
-    raise _backends.BackendUnavailableError(
-        "no semi-structured backend can take this weight: " + "; ".join(reasons)
-    )
