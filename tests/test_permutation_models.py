@@ -54,17 +54,45 @@ def test_hf_convnext_falls_back_block_by_block() -> None:
     torch.manual_seed(3)
     config = transformers.ConvNextConfig(depths=[1, 1, 1, 1], hidden_sizes=[16, 32, 32, 32], num_labels=4)
 
-    class Logits(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.m = transformers.ConvNextForImageClassification(config)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.m(x).logits
-
-    fraction, report = _reached(Logits(), torch.randn(2, 3, 32, 32))
+    model = _hf_logits(transformers.ConvNextForImageClassification(config))
+    fraction, report = _reached(model, torch.randn(2, 3, 32, 32))
     assert report.trace_error is not None  # the whole model does not trace
     assert {g.source for g in report.permuted} == {"fx-block"}
     pointwise = {f"m.convnext.encoder.stages.{i}.layers.0.pwconv2" for i in range(4)}
     assert pointwise <= {c for g in report.permuted for c in g.consumers}
     assert 0 < fraction < 1  # the streams between blocks stay (no graph crosses them)
+
+
+def _hf_logits(model: nn.Module) -> nn.Module:
+    """A Hugging Face classifier returning its logits tensor, so permute() can compare outputs."""
+
+    class Logits(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.m = model
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.m(x).logits
+
+    return Logits()
+
+
+def test_hf_vit_values_follow_the_family_registry() -> None:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(4)
+    config = transformers.ViTConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        image_size=32,
+        patch_size=8,
+        num_labels=4,
+    )
+    model = _hf_logits(transformers.ViTForImageClassification(config))
+    _, report = _reached(model, torch.randn(2, 3, 32, 32))
+    values = {g.name: g for g in report.groups if g.source == "family"}
+    assert set(values) == {
+        f"m.vit.layers.{i}.attention.v_proj -> m.vit.layers.{i}.attention.o_proj" for i in range(2)
+    }
+    assert all(g.permuted for g in values.values())
