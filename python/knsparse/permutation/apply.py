@@ -1,10 +1,12 @@
 """``permute(model, pattern)``: find channel groups, search their permutations, apply them.
 
 Every group's permutation is searched on the stacked input weights of its consumers (the
-layers that will be k:n masked) and applied to all its members, so the model computes the
-same function. A group is left alone, with the reason in the report, when it cannot be
-proven safe (see :mod:`.coupling_fx`), when its channels cannot be tiled by ``n``, or when
-the best shared permutation would make any one of its layers keep less than it does now.
+layers that will be k:n masked), each scaled by what it keeps now, and applied to all its
+members, so the model computes the same function. A group is left alone, with the reason in
+the report, when it cannot be proven safe (see :mod:`.coupling_fx`), when its channels cannot
+be tiled by ``n``, or when no permutation found raises the fraction its consumers keep on
+average (a residual stream read by many layers may trade a little in a few of them: the
+report names them).
 """
 
 from __future__ import annotations

@@ -4,7 +4,9 @@ The traced graph is interpreted abstractly: every tensor is either unrelated to 
 permutation, a model parameter, or a view of an *activation space* with a known channel
 dimension. Linear / Conv2d layers end one space (their input columns are consumers) and
 start another (their output rows are producers); per-channel modules, elementwise functions,
-pooling and shape bookkeeping that keeps the channel dimension intact pass the space on; an
+pooling and shape bookkeeping that keeps the channel dimension intact pass the space on
+(modules without state at every call: torchvision's ResNet calls one ``relu`` three times;
+``F.layer_norm`` over the channels adds its affine tensors to the space); an
 addition or multiplication of two spaces (a residual) merges them into one, so they share a
 permutation; a parameter added into a space joins it. Anything else that touches a space —
 an unknown module or function, a reshape that mixes channels, the model's inputs and
