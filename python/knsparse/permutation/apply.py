@@ -1,10 +1,12 @@
 """``permute(model, pattern)``: find channel groups, search their permutations, apply them.
 
 Every group's permutation is searched on the stacked input weights of its consumers (the
-layers that will be k:n masked) and applied to all its members, so the model computes the
-same function. A group is left alone, with the reason in the report, when it cannot be
-proven safe (see :mod:`.coupling_fx`), when its channels cannot be tiled by ``n``, or when
-the best shared permutation would make any one of its layers keep less than it does now.
+layers that will be k:n masked), each scaled by what it keeps now, and applied to all its
+members, so the model computes the same function. A group is left alone, with the reason in
+the report, when it cannot be proven safe (see :mod:`.coupling_fx`), when its channels cannot
+be tiled by ``n``, or when no permutation found raises the fraction its consumers keep on
+average (a residual stream read by many layers may trade a little in a few of them: the
+report names them).
 """
 
 from __future__ import annotations
@@ -21,17 +23,24 @@ from ..batches import Batch, model_batches, model_device, output_tensors
 from ..masks import ConvOrder
 from ..modes import evaluation
 from ..pattern import Pattern
-from .coupling_family import family_groups
+from .coupling_blocks import blockwise_groups
 from .coupling_fx import fx_groups
 from .groups import ChannelGroup, GroupList, apply_permutation, group_channels
-from .objective import efficacy, kept_score, search_matrix
+from .objective import efficacy, kept_score, optimal_kept, search_matrix
 from .stripe_search import search
+
+_TINY = 1e-30
 
 
 @dataclass
 class GroupReport:
     """What happened to one channel group. Kept scores are sums of ``|w|`` over the group's
-    consumers after k:n masking; ``layers`` maps each consumer to ``(before, after)``."""
+    consumers after k:n masking; ``layers`` maps each consumer to ``(before, after)``.
+
+    A group is permuted when its consumers keep more on average, each consumer counted by the
+    fraction of its own kept score it gains (:attr:`relative_gain` > 0). A permutation shared by
+    many layers (a residual stream) may lower what a few of them keep: :attr:`losers`.
+    """
 
     name: str
     consumers: list[str]
@@ -45,6 +54,17 @@ class GroupReport:
     efficacy: float = 0.0
     layers: dict[str, tuple[float, float]] = field(default_factory=dict)
     seconds: float = 0.0
+
+    @property
+    def relative_gain(self) -> float:
+        """Mean over the consumers of ``after / before - 1`` (0 with no consumers scored)."""
+        ratios = [a / b - 1 for b, a in self.layers.values() if b > 0]
+        return sum(ratios) / len(ratios) if ratios else 0.0
+
+    @property
+    def losers(self) -> list[str]:
+        """Consumers that keep less after the permutation than before."""
+        return [name for name, (b, a) in self.layers.items() if a < b]
 
 
 @dataclass
@@ -65,7 +85,8 @@ class PermutationReport:
             "| --- | ---: | ---: | ---: | ---: | --- |",
         ]
         for g in self.groups:
-            status = "permuted" if g.permuted else f"skipped: {g.skip_reason}"
+            traded = f" ({len(g.losers)} of {len(g.layers)} layers keep less)" if g.losers else ""
+            status = f"permuted{traded}" if g.permuted else f"skipped: {g.skip_reason}"
             lines.append(
                 f"| {g.name} | {g.channels or ''} | {g.kept_before:.4g} | {g.kept_after:.4g} | "
                 f"{g.efficacy:.1%} | {status} |"
@@ -74,10 +95,11 @@ class PermutationReport:
 
 
 def find_groups(model: nn.Module) -> GroupList:
-    """Channel groups from torch.fx, or from the family registry's blocks when tracing fails."""
+    """Channel groups from torch.fx, or block by block (:mod:`.coupling_blocks`) when the whole
+    model cannot be traced."""
     found = fx_groups(model)
     if found.trace_error is not None:
-        found.groups = family_groups(model)
+        found.groups = blockwise_groups(model)
     return found
 
 
@@ -97,24 +119,19 @@ def _search_group(
         report.skip_reason = f"{block} {what}, not a multiple of n={pattern.n}"
         return None
     weights = {name: model.get_submodule(name).weight.detach() for name in group.consumers}
-    result = search(
-        list(weights.values()), pattern, segment=group.block, names=list(weights), **search_kwargs
-    )
-    perm = result.perm
-    report.kept_optimal = result.kept_optimal
-    for name, w in weights.items():
-        m = search_matrix(w, search_kwargs["conv_order"], name)
-        before, after = kept_score(m, pattern), kept_score(m, pattern, perm.to(m.device))
-        report.layers[name] = (before, after)
-        report.kept_before += before
-        report.kept_after += after
+    matrices = {name: search_matrix(w, search_kwargs["conv_order"], name) for name, w in weights.items()}
+    before = {name: kept_score(m, pattern) for name, m in matrices.items()}
+    # Each consumer counts by the fraction it keeps, so one large layer cannot buy its gain
+    # with a small layer's loss.
+    scaled = [w / max(before[name], _TINY) for name, w in weights.items()]
+    perm = search(scaled, pattern, segment=group.block, names=list(weights), **search_kwargs).perm
+    after = {name: kept_score(m, pattern, perm.to(m.device)) for name, m in matrices.items()}
+    report.layers = {name: (before[name], after[name]) for name in weights}
+    report.kept_before, report.kept_after = sum(before.values()), sum(after.values())
+    report.kept_optimal = sum(optimal_kept(m, pattern) for m in matrices.values())
     report.efficacy = efficacy(report.kept_before, report.kept_after, report.kept_optimal)
-    losers = [name for name, (b, a) in report.layers.items() if a < b]
-    if losers:
-        report.skip_reason = f"the best shared permutation keeps less in {', '.join(losers)}"
-    elif torch.equal(perm.cpu(), torch.arange(channels)):
-        report.skip_reason = "no permutation keeps more than the current order"
-    if report.skip_reason:
+    if report.relative_gain <= 0:
+        report.skip_reason = "no permutation found raises the fraction its layers keep"
         report.kept_after, report.efficacy = report.kept_before, 0.0
         return None
     return perm
