@@ -71,7 +71,7 @@ class _SparseLayer(nn.Module):
         self.register_buffer("values", torch.zeros(rows, kept, dtype=dtype, device=device))
         self.register_buffer("slots", torch.zeros(rows, kept, dtype=torch.uint8, device=device))
         self.bias = nn.Parameter(torch.zeros(rows, dtype=dtype, device=device)) if bias else None
-        self._cache: tuple[tuple, Backend, object] | None = None
+        self._forget()
 
     def _store(
         self, weight: torch.Tensor, mask: torch.Tensor, bias: torch.Tensor | None, name: str | None
@@ -103,27 +103,64 @@ class _SparseLayer(nn.Module):
     def _spec(self) -> LinearSpec | ConvSpec:
         raise TypeError("subclass must define _spec")
 
-    def _resolve(self) -> Backend:
-        backend, _ = backends.resolve(self.backend_request, self._spec())
-        return backend if backend is not None else backends.REFERENCE
+    def _prepare(self, backend: Backend) -> object:
+        dense = self.dense_weight()
+        if isinstance(self, SparseLinear):
+            return backend.prepare_linear(dense)
+        return backend.prepare_conv(dense)
 
-    def _prepared(self) -> tuple[Backend, object]:
-        key = (self.values.device, self.values.dtype, self.values._version, self.slots._version)
-        if self._cache is None or self._cache[0] != key:
-            backend = self._resolve()
-            dense = self.dense_weight()
-            operand = (
-                backend.prepare_linear(dense)
-                if isinstance(self, SparseLinear)
-                else backend.prepare_conv(dense)
-            )
-            self._cache = (key, backend, operand)
-        return self._cache[1], self._cache[2]
+    def _forget(self) -> None:
+        """Drop the chosen backend and any cached operand; both follow the stored tensors."""
+        self._backend: Backend | None = None
+        self._backend_for: tuple[torch.device, torch.dtype] | None = None
+        self._cached: tuple[tuple, object] | None = None
+
+    def _stored_key(self) -> tuple | None:
+        """Identity of the stored values and slots (storage and in-place write count); None for
+        inference tensors, whose in-place writes are not counted, so they are never cached."""
+        if self.values.is_inference() or self.slots.is_inference():
+            return None
+        return tuple((t.data_ptr(), t._version) for t in (self.values, self.slots))
+
+    def _operand(self) -> tuple[Backend, object]:
+        """The backend for the current device/dtype and its operand for the stored tensors.
+
+        The reference backend derives the operand inside every forward (pure tensor math, so
+        ``torch.compile(fullgraph=True)`` traces it and nothing can go stale). Sparse backends
+        cache it in eager mode, keyed on the stored tensors' storage and version; module moves
+        (``_apply``) and state-dict loads drop the cache.
+        """
+        where = (self.values.device, self.values.dtype)
+        if self._backend is None or self._backend_for != where:
+            backend, _ = backends.resolve(self.backend_request, self._spec())
+            self._forget()
+            self._backend = backend if backend is not None else backends.REFERENCE
+            self._backend_for = where
+        backend = self._backend
+        if backend.prepares_in_forward:
+            return backend, self._prepare(backend)
+        if torch.compiler.is_compiling():  # a compiled graph holds the operand it was traced with
+            return backend, self._cached[1] if self._cached is not None else self._prepare(backend)
+        key = self._stored_key()
+        if key is None:
+            return backend, self._prepare(backend)
+        if self._cached is None or self._cached[0] != key:
+            self._cached = (key, self._prepare(backend))
+        return backend, self._cached[1]
+
+    def _apply(self, fn, recurse: bool = True):
+        out = super()._apply(fn, recurse)
+        self._forget()
+        return out
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._forget()
 
     @property
     def active_backend(self) -> str:
         """The backend that runs this layer at its current device and dtype."""
-        return self._prepared()[0].name
+        return self._operand()[0].name
 
     def extra_repr(self) -> str:
         return f"pattern={self.pattern}, backend={self.backend_request!r}"
@@ -189,7 +226,7 @@ class SparseLinear(_SparseLayer):
             w.device,
         )
         layer._store(w, mask, linear.bias, name)
-        layer._prepared()  # fails now, not at the first forward, if the backend rejects the layer
+        layer._operand()  # fails now, not at the first forward, if the backend rejects the layer
         return layer
 
     def _spec(self) -> LinearSpec:
@@ -198,7 +235,7 @@ class SparseLinear(_SparseLayer):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        backend, operand = self._prepared()
+        backend, operand = self._operand()
         y = backend.linear(x.reshape(-1, self.in_features), operand, self.bias, self.activation)
         return y.reshape(*x.shape[:-1], self.out_features)
 
@@ -279,7 +316,7 @@ class SparseConv2d(_SparseLayer):
             w.device,
         )
         layer._store(w, mask, conv.bias, name)
-        layer._prepared()
+        layer._operand()
         return layer
 
     def _spec(self) -> ConvSpec:
@@ -297,7 +334,7 @@ class SparseConv2d(_SparseLayer):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        backend, operand = self._prepared()
+        backend, operand = self._operand()
         return backend.conv2d(x, operand, self.bias, self._spec())
 
     def to_dense(self) -> nn.Conv2d:
