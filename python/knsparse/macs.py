@@ -29,7 +29,8 @@ import torch
 from torch import nn
 
 from . import tome
-from .modules import SparseConv2d, SparseLinear, swap_ineligibility
+from .layers import placement_reasons
+from .modules import SparseConv2d, SparseLinear, check_mask, swap_ineligibility
 from .pattern import Pattern
 
 # (layer name, module, mask) -> None if a sparse backend would run the layer, else the reason.
@@ -265,7 +266,13 @@ def macs(
     if unknown:
         raise ValueError(f"masks name layers the model does not have: {unknown[:5]}")
     rule = eligible or default_eligibility(pattern)
-    why_dense = {name: rule(name, named[name], mask) or "" for name, mask in masks.items()}
+    placement = placement_reasons(model)
+    why_dense = {}
+    for name, mask in masks.items():
+        module = named[name]
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            check_mask(module.weight, mask, name)
+        why_dense[name] = placement.get(name) or rule(name, module, mask) or ""
     x = _example_input(model, input_shape)
     with _eval_mode(model), torch.no_grad(), _merging(model, tome_r):
         rows = _count(model, x, why_dense, pattern)

@@ -20,12 +20,12 @@ from . import backends
 from .backends import Backend, BackendUnavailableError, ConvSpec, LinearSpec
 from .backends.base import ACTIVATIONS
 from .compress import compress_nm, decompress_nm
-from .layers import ineligibility
+from .layers import ineligibility, placement_reasons
 from .masks import ConvOrder, check_groupable, group_nonzeros
 from .pattern import Pattern
 
 
-def _check_mask(weight: torch.Tensor, mask: torch.Tensor, name: str | None) -> torch.Tensor:
+def check_mask(weight: torch.Tensor, mask: torch.Tensor, name: str | None) -> torch.Tensor:
     label = f"layer {name!r}" if name else "layer"
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"{label}: mask must be a torch.Tensor, got {type(mask).__name__}")
@@ -215,7 +215,7 @@ class SparseLinear(_SparseLayer):
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"layer {name!r}: expected nn.Linear, got {type(linear).__name__}")
         w = linear.weight
-        mask = _check_mask(w, mask, name)
+        mask = check_mask(w, mask, name)
         layer = cls(
             linear.in_features,
             linear.out_features,
@@ -300,7 +300,7 @@ class SparseConv2d(_SparseLayer):
         if ineligible:
             raise ValueError(f"layer {name!r}: {ineligible}")
         w = conv.weight
-        mask = _check_mask(w, mask, name)
+        mask = check_mask(w, mask, name)
         layer = cls(
             conv.in_channels,
             conv.out_channels,
@@ -432,10 +432,11 @@ def swap_modules(
     pattern = Pattern.parse(pattern)
     if pattern.is_unstructured:
         raise ValueError("swap_modules needs a k:n pattern; unstructured masks have no sparse backend")
-    modules = dict(model.named_modules())
+    modules = dict(model.named_modules(remove_duplicate=False))
     unknown = [n for n in masks if n not in modules]
     if unknown:
         raise ValueError(f"masks name layers the model does not have: {unknown[:5]}")
+    placement = placement_reasons(model)
     report = SwapReport()
     replacements: dict[str, nn.Module] = {}
     for name, module in modules.items():
@@ -443,14 +444,14 @@ def swap_modules(
             continue
         if not isinstance(module, (nn.Linear, nn.Conv2d)):
             raise TypeError(f"layer {name!r} is a {type(module).__name__}, not nn.Linear or nn.Conv2d")
-        mask = _check_mask(module.weight, masks[name], name)
+        mask = check_mask(module.weight, masks[name], name)
         if include is not None and not _matches(name, include):
             report.skipped[name] = "not matched by include"
             continue
         if _matches(name, exclude):
             report.skipped[name] = "matched by exclude"
             continue
-        reason = swap_ineligibility(name, module, mask, pattern, conv_order)
+        reason = placement.get(name) or swap_ineligibility(name, module, mask, pattern, conv_order)
         if reason is None and backend == "auto" and module.weight.device.type == "cuda":
             chosen, why = backends.resolve("auto", _spec_of(module, pattern))
             reason = None if chosen is not None else f"no sparse backend runs it: {why}"

@@ -18,6 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..batches import input_batches, model_device
+from ..layers import placement_reasons, shared_tensors
 from ..masks import ConvOrder
 from ..pattern import Pattern
 from .coupling_fx import fx_groups
@@ -119,6 +120,28 @@ def _search_group(
     return perm
 
 
+def placement_skip(
+    model: nn.Module, group: ChannelGroup, placement: dict[str, str], shared: dict[str, list[str]]
+) -> str | None:
+    """Why ``group`` must not move because of where its members sit (``placement`` and
+    ``shared`` from :mod:`knsparse.layers`): a layer its parent reads directly or registered
+    twice, or a tensor sharing storage with another name (a tied weight would follow the
+    permutation there too and change the function)."""
+    for member in group.members:
+        if member.name in placement:
+            return f"{member.name}: {placement[member.name]}"
+        if member.role == "parameter":
+            names = [member.name]
+        else:
+            module = model.get_submodule(member.name)
+            own = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
+            names = [f"{member.name}.{n}" for n, _ in own]
+        for name in names:
+            if name in shared:
+                return f"{name} shares its storage with {', '.join(shared[name])} (tied weights)"
+    return None
+
+
 def _outputs(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
     with torch.no_grad():
         out = model(x)
@@ -172,10 +195,12 @@ def permute(
             "max_iters": max_iters,
             "time_budget_s": time_budget_s,
         }
+        placement, shared = placement_reasons(model), shared_tensors(model)
         reports = []
         for group in tqdm(found.groups, desc="permute", disable=not progress):
             start = time.perf_counter()
-            report = GroupReport(group.name, group.consumers, group.source, skip_reason=group.skip_reason)
+            reason = group.skip_reason or placement_skip(model, group, placement, shared)
+            report = GroupReport(group.name, group.consumers, group.source, skip_reason=reason)
             if report.skip_reason is None:
                 perm = _search_group(model, group, report, pattern, search_kwargs)
                 if perm is not None:
