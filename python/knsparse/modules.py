@@ -58,6 +58,17 @@ class _SparseLayer(nn.Module):
         dtype: torch.dtype | None,
         device: torch.device | str | None,
     ) -> None:
+        if pattern.is_unstructured:
+            raise ValueError("pattern: sparse layers need a k:n pattern, got 'unstructured'")
+        bad = [d for d in weight_shape if isinstance(d, bool) or not isinstance(d, int) or d <= 0]
+        if bad:
+            raise ValueError(f"layer sizes must be positive ints, got weight shape {tuple(weight_shape)}")
+        if conv_order not in ("rsc", "crs"):
+            raise ValueError(f"conv_order must be 'rsc' or 'crs', got {conv_order!r}")
+        if not isinstance(backend, str):
+            raise TypeError(f"backend must be a str ('auto' or a backend name), got {type(backend).__name__}")
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
         if backend != "auto":
             reason = backends.get(backend).unavailable_reason()
             if reason:
