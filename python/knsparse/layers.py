@@ -63,7 +63,7 @@ def placement_reasons(model: nn.Module) -> dict[str, str]:
     names_of: dict[int, list[str]] = defaultdict(list)
     placed: dict[str, tuple[nn.Module, nn.Module]] = {}
     for parent_name, parent in model.named_modules(remove_duplicate=False):
-        for child_name, child in parent.named_children():
+        for child_name, child in parent._modules.items():  # named_children() hides second names
             name = f"{parent_name}.{child_name}" if parent_name else child_name
             if isinstance(child, (nn.Linear, nn.Conv2d)):
                 names_of[id(child)].append(name)

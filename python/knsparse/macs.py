@@ -261,7 +261,7 @@ def macs(
     if pattern.is_unstructured:
         raise ValueError("sparse execution needs a k:n pattern; 'unstructured' has no sparse kernel")
     masks = dict(masks or {})
-    named = dict(model.named_modules())
+    named = dict(model.named_modules(remove_duplicate=False))
     unknown = sorted(set(masks) - set(named))
     if unknown:
         raise ValueError(f"masks name layers the model does not have: {unknown[:5]}")
@@ -281,7 +281,8 @@ def macs(
         if any(merges):
             with _merging_removed(model):
                 unmerged = sum(r.dense for r in _count(model, x, why_dense, pattern))
-    never_ran = sorted(set(masks) - {r.name for r in rows})
+    # a layer its parent reads directly, or a second name of one module, never runs as itself
+    never_ran = sorted(set(masks) - {r.name for r in rows} - set(placement))
     if never_ran:
         raise ValueError(
             f"masked layers never ran in the forward pass (or are not Linear/Conv2d): {never_ran[:5]}"
