@@ -19,6 +19,13 @@ class Pattern:
     k: int
     n: int
 
+    def __post_init__(self) -> None:
+        for arg, value in (("k", self.k), ("n", self.n)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"Pattern {arg} must be an int, got {type(value).__name__} {value!r}")
+        if (self.k, self.n) != (0, 0) and not 0 < self.k < self.n:
+            raise ValueError(f"Pattern(k={self.k}, n={self.n}): need integers 0 < k < n (e.g. Pattern(2, 4))")
+
     @classmethod
     def parse(cls, spec: str | Pattern) -> Pattern:
         """Parse ``"k:n"`` (e.g. ``"2:4"``, ``"8:16"``) or ``"unstructured"``.
