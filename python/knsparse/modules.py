@@ -21,7 +21,7 @@ from .backends import Backend, BackendUnavailableError, ConvSpec, LinearSpec
 from .backends.base import ACTIVATIONS
 from .compress import compress_nm, decompress_nm
 from .layers import ineligibility, placement_reasons
-from .masks import ConvOrder, check_groupable, group_nonzeros
+from .masks import ConvOrder, check_conv_order, check_groupable, group_nonzeros
 from .pattern import Pattern
 
 
@@ -63,8 +63,7 @@ class _SparseLayer(nn.Module):
         bad = [d for d in weight_shape if isinstance(d, bool) or not isinstance(d, int) or d <= 0]
         if bad:
             raise ValueError(f"layer sizes must be positive ints, got weight shape {tuple(weight_shape)}")
-        if conv_order not in ("rsc", "crs"):
-            raise ValueError(f"conv_order must be 'rsc' or 'crs', got {conv_order!r}")
+        check_conv_order(conv_order)
         if not isinstance(backend, str):
             raise TypeError(f"backend must be a str ('auto' or a backend name), got {type(backend).__name__}")
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
@@ -384,7 +383,22 @@ class SwapReport:
         return "\n".join(lines)
 
 
-def _matches(name: str, patterns: Iterable[str] | None) -> bool:
+def _name_patterns(value: str | Iterable[str] | None, arg: str) -> tuple[str, ...] | None:
+    """``include``/``exclude`` as a tuple of glob patterns: a single str is one pattern."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return (value,)
+    if not isinstance(value, Iterable):
+        raise TypeError(f"{arg} must be a str or an iterable of str, got {type(value).__name__}")
+    value = tuple(value)
+    bad = [v for v in value if not isinstance(v, str)]
+    if bad:
+        raise TypeError(f"{arg} must hold str glob patterns, got {bad[:3]!r}")
+    return value
+
+
+def _matches(name: str, patterns: tuple[str, ...] | None) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns or ())
 
 
@@ -427,7 +441,7 @@ def swap_modules(
         pattern: the k:n pattern the masks follow.
         backend: ``"auto"`` or a backend name (see :func:`knsparse.backends.available`).
         include, exclude: glob patterns over module names (``"blocks.*.mlp.*"``) to restrict
-            which masked layers are swapped.
+            which masked layers are swapped; a single str is one pattern.
         conv_order: grouping of conv weights, ``"rsc"`` (TensorRT) or ``"crs"``.
 
     Returns:
@@ -440,9 +454,20 @@ def swap_modules(
             of the wrong shape or type, a NaN/Inf weight, or an explicitly requested backend
             that cannot run a layer. Nothing in the model is changed when this happens.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(masks, Mapping):
+        raise TypeError(f"masks must be a mapping {{layer name: bool mask}}, got {type(masks).__name__}")
     pattern = Pattern.parse(pattern)
     if pattern.is_unstructured:
         raise ValueError("swap_modules needs a k:n pattern; unstructured masks have no sparse backend")
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str ('auto' or a backend name), got {type(backend).__name__}")
+    if backend != "auto":
+        backends.get(backend)  # an unknown name raises, naming the known ones
+    check_conv_order(conv_order)
+    include = _name_patterns(include, "include")
+    exclude = _name_patterns(exclude, "exclude")
     modules = dict(model.named_modules(remove_duplicate=False))
     unknown = [n for n in masks if n not in modules]
     if unknown:

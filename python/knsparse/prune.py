@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from .calibration import check_reiterable, collect_input_stats, data_path_budgets
+from .checks import check_number
 from .layers import pattern_layers, prunable_layers, reduction_weight
 from .masks import ConvOrder, from_reduction_view
 from .methods import METHODS, Decision, Layer
@@ -133,8 +134,8 @@ def _resolve_pattern(method: str, pattern: str | Pattern | None, sparsity: float
         pat = Pattern.parse("unstructured" if sparsity is not None else "2:4")
     else:
         pat = Pattern.parse(pattern)
-    if sparsity is not None and not 0.0 <= sparsity < 1.0:
-        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+    if sparsity is not None:
+        check_number(sparsity, "sparsity", low=0.0, high=1.0, high_open=True)
     if pat.is_unstructured and sparsity is None:
         raise ValueError("an unstructured pattern needs sparsity=..., e.g. sparsity=0.5")
     if not spec.accepts(pat):
@@ -230,8 +231,10 @@ def prune(
             raise ValueError(f"repair={repair!r} needs a calibration set: pass calib=[batch, ...]")
     if conv_order not in ("rsc", "crs"):
         raise ValueError(f"conv_order must be 'rsc' or 'crs', got {conv_order!r}")
-    if lam1 < 0 or lam2 < 0:
-        raise ValueError(f"lam1 and lam2 must be >= 0, got {lam1}, {lam2}")
+    check_number(lam1, "lam1", low=0.0)
+    check_number(lam2, "lam2", low=0.0)
+    for layer, value in lipschitz.items() if isinstance(lipschitz, Mapping) else [(None, lipschitz)]:
+        check_number(value, "lipschitz" if layer is None else f"lipschitz[{layer!r}]", low=0.0, low_open=True)
     found = prunable_layers(model)
     _check_weights(found)
     if isinstance(lipschitz, Mapping) and set(lipschitz) - set(found):
