@@ -19,6 +19,7 @@ from torch import nn
 from . import backends
 from .backends import Backend, BackendUnavailableError, ConvSpec, LinearSpec
 from .backends.base import ACTIVATIONS
+from .checks import check_number
 from .compress import compress_nm, decompress_nm
 from .layers import ineligibility, placement_reasons
 from .masks import ConvOrder, check_conv_order, check_groupable, group_nonzeros
@@ -194,6 +195,8 @@ class SparseLinear(_SparseLayer):
         activation: str = "none",
     ) -> None:
         super().__init__()
+        check_number(in_features, "in_features", low=1, integer=True)
+        check_number(out_features, "out_features", low=1, integer=True)
         pattern = Pattern.parse(pattern)
         check_groupable((out_features, in_features), pattern)
         self.in_features = in_features
@@ -282,6 +285,8 @@ class SparseConv2d(_SparseLayer):
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
+        check_number(in_channels, "in_channels", low=1, integer=True)
+        check_number(out_channels, "out_channels", low=1, integer=True)
         pattern = Pattern.parse(pattern)
         shape = (out_channels, in_channels, *kernel_size)
         check_groupable(shape, pattern, conv_order)

@@ -208,8 +208,9 @@ def fit_eigenvalues(
         band: the central quantile range of the bulk used in the least-squares fit.
         eps: machine epsilon of the matrices' dtype. Eigenvalues below the numerical-rank
             tolerance ``λmax · (N · eps)²`` (singular values below ``σmax · N · eps``, as
-            ``numpy.linalg.matrix_rank`` judges) are rounding noise and count as exact zeros,
-            so a rank-``r`` matrix without noise has an all-zero bulk and ``r`` spikes.
+            ``numpy.linalg.matrix_rank`` judges), or below the fp64 eigensolver's own error
+            ``λmax · N · eps64``, are rounding noise and count as exact zeros, so a rank-``r``
+            matrix without noise has an all-zero bulk and ``r`` spikes.
 
     Returns:
         One :class:`MPFit` per matrix.
@@ -234,7 +235,8 @@ def fit_eigenvalues(
     if not 0.0 <= band[0] < band[1] <= 1.0:
         raise ValueError(f"band must satisfy 0 <= lo < hi <= 1, got {band}")
     lam = lam.clamp_min(0).sort(dim=1).values
-    lam = torch.where(lam <= lam[:, -1:] * (n * eps) ** 2, 0.0, lam)  # below numerical rank: zero
+    rank_tol = max((n * eps) ** 2, n * torch.finfo(torch.float64).eps)
+    lam = torch.where(lam <= lam[:, -1:] * rank_tol, 0.0, lam)  # below numerical rank: zero
     q = m / n
     sq = math.sqrt(q)
     up_std, low_std = _tw_scales(n, m)

@@ -18,8 +18,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..batches import input_batches, model_device
+from ..checks import check_number
 from ..layers import placement_reasons, shared_tensors
-from ..masks import ConvOrder
+from ..masks import ConvOrder, check_conv_order
 from ..pattern import Pattern
 from .coupling_fx import fx_groups
 from .coupling_timm import timm_groups
@@ -177,9 +178,16 @@ def permute(
     Returns:
         A :class:`PermutationReport` with the (permuted) model and one row per group.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     pattern = Pattern.parse(pattern)
     if pattern.is_unstructured:
-        raise ValueError("channel permutation needs a k:n pattern, got 'unstructured'")
+        raise ValueError("channel permutation needs a k:n pattern, got pattern 'unstructured'")
+    check_conv_order(conv_order)
+    check_number(seed, "seed", integer=True)
+    check_number(max_iters, "max_iters", low=1, integer=True)
+    if time_budget_s is not None:
+        check_number(time_budget_s, "time_budget_s", low=0.0, low_open=True)
     if not inplace:
         model = copy.deepcopy(model)
     was_training = model.training
