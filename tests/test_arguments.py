@@ -165,7 +165,7 @@ PROBES = [
     ("emp empty", lambda: budget.emp_keep(EMPTY), ValueError, "scores is empty"),
     ("permute model", lambda: ks.permute("model", "2:4"), TypeError, "model"),
     ("permute unstructured", lambda: ks.permute(mlp(), "unstructured"), ValueError, "pattern"),
-    ("permute max_iters", lambda: ks.permute(mlp(), "2:4", max_iters=0), ValueError, "max_iters"),
+    ("permute max_iters", lambda: ks.permute(mlp(), "2:4", max_iters=-1), ValueError, "max_iters"),
     (
         "permute time budget",
         lambda: ks.permute(mlp(), "2:4", time_budget_s=-1.0),

@@ -185,9 +185,9 @@ def permute(
         raise ValueError("channel permutation needs a k:n pattern, got pattern 'unstructured'")
     check_conv_order(conv_order)
     check_number(seed, "seed", integer=True)
-    check_number(max_iters, "max_iters", low=1, integer=True)
+    check_number(max_iters, "max_iters", low=0, integer=True)
     if time_budget_s is not None:
-        check_number(time_budget_s, "time_budget_s", low=0.0, low_open=True)
+        check_number(time_budget_s, "time_budget_s", low=0.0)
     if not inplace:
         model = copy.deepcopy(model)
     was_training = model.training
