@@ -52,10 +52,10 @@ def masks_of(model):
 
 # (id, call, exception type, regex naming the argument)
 PROBES = [
-    ("Pattern k<0", lambda: ks.Pattern(-1, 4), ValueError, "k=-1"),
-    ("Pattern k>=n", lambda: ks.Pattern(3, 2), ValueError, "k=3, n=2"),
-    ("Pattern float k", lambda: ks.Pattern(2.0, 4), TypeError, "Pattern k"),
-    ("Pattern bool n", lambda: ks.Pattern(1, True), TypeError, "Pattern n"),
+    ("Pattern k<0", lambda: ks.Pattern(-1, 4), ValueError, "-1:4"),
+    ("Pattern k>=n", lambda: ks.Pattern(3, 2), ValueError, "3:2"),
+    ("Pattern float k", lambda: ks.Pattern(2.0, 4), TypeError, "k=2.0"),
+    ("Pattern bool n", lambda: ks.Pattern(1, True), TypeError, "n=True"),
     ("parse int", lambda: ks.Pattern.parse(24), TypeError, "pattern"),
     ("parse 3:2", lambda: ks.Pattern.parse("3:2"), ValueError, "pattern"),
     ("nm_mask empty", lambda: ks.nm_mask(EMPTY, "2:4"), ValueError, "scores is empty"),
@@ -121,7 +121,7 @@ PROBES = [
         "prune lipschitz map",
         lambda: ks.prune(mlp(), "magnitude", lipschitz={"1": NAN}),
         ValueError,
-        r"lipschitz\['1'\]",
+        "lipschitz",
     ),
     (
         "macs mask shape",

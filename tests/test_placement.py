@@ -78,7 +78,7 @@ def test_prune_swap_macs_skip_with_reason(case, tmp_path):
     for name, why in skipped.items():
         assert why in reasons[name]
     assert sorted(prunable_layers(model)) == eligible
-    layers, why_not = pattern_layers(model, "2:4")
+    layers, why_not = pattern_layers(model, ks.Pattern(2, 4))
     assert sorted(layers) == eligible
     assert all(skipped[n] in why_not[n] for n in skipped if n in why_not)
 

@@ -128,8 +128,9 @@ def _layer_infos(path: str, meta: dict[str, str]) -> dict[str, _LayerInfo]:
             raise ValueError(f"{label}: fields {sorted(info)}, expected {sorted(_FIELDS)}")
         if info["kind"] not in _KINDS:
             raise ValueError(f"{label}: kind {info['kind']!r}, expected one of {sorted(_KINDS)}")
-        if info["conv_order"] not in ("rsc", "crs"):
-            raise ValueError(f"{label}: conv_order {info['conv_order']!r}, expected 'rsc' or 'crs'")
+        orders = ("rsc", "crs") if info["kind"] == "conv2d" else ("rsc",)  # a Linear has no conv order
+        if info["conv_order"] not in orders:
+            raise ValueError(f"{label}: conv_order {info['conv_order']!r}, expected one of {orders}")
         allowed = ACTIVATIONS if info["kind"] == "linear" else ("none",)
         if info["activation"] not in allowed:
             raise ValueError(f"{label}: activation {info['activation']!r} is not valid for a {info['kind']}")

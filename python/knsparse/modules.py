@@ -21,12 +21,15 @@ from .backends import Backend, BackendUnavailableError, ConvSpec, LinearSpec
 from .backends.base import ACTIVATIONS
 from .checks import check_number
 from .compress import compress_nm, decompress_nm
-from .layers import ineligibility, placement_reasons
-from .masks import ConvOrder, check_conv_order, check_groupable, group_nonzeros
+from .layers import placement_reasons, swap_ineligibility
+from .masks import ConvOrder, check_conv_order, check_finite, check_groupable
 from .pattern import Pattern
+from .plan import SparsityPlan, as_plan
 
 
-def check_mask(weight: torch.Tensor, mask: torch.Tensor, name: str | None) -> torch.Tensor:
+def _mask_tensor(name: str | None, weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``mask`` as a bool tensor on the weight's device, after checking its type, shape and
+    values, and that the weight is finite (``TypeError`` / ``ValueError`` naming the layer)."""
     label = f"layer {name!r}" if name else "layer"
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"{label}: mask must be a torch.Tensor, got {type(mask).__name__}")
@@ -38,9 +41,20 @@ def check_mask(weight: torch.Tensor, mask: torch.Tensor, name: str | None) -> to
                 f"{label}: mask must be bool (or 0/1), got other values in a {mask.dtype} tensor"
             )
         mask = mask.bool()
-    if weight.is_floating_point() and not torch.isfinite(weight).all():
-        raise ValueError(f"{label}: weight contains NaN or Inf; refusing to build a sparse layer from it")
+    check_finite(weight.detach(), label)
     return mask.to(weight.device)
+
+
+def _checked_mask(
+    name: str | None, module: nn.Module, mask: torch.Tensor, pattern: Pattern, conv_order: ConvOrder
+) -> torch.Tensor:
+    """:func:`_mask_tensor`, then the swap rule (:func:`knsparse.layers.swap_ineligibility`) as a
+    ``ValueError`` naming the layer: everything a sparse layer needs, checked once."""
+    mask = _mask_tensor(name, module.weight, mask)
+    reason = swap_ineligibility(name or "", module, mask, pattern, conv_order)
+    if reason:
+        raise ValueError(f"layer {name!r}: {reason}" if name and not reason.startswith("layer ") else reason)
+    return mask
 
 
 class _SparseLayer(nn.Module):
@@ -59,8 +73,8 @@ class _SparseLayer(nn.Module):
         dtype: torch.dtype | None,
         device: torch.device | str | None,
     ) -> None:
-        if pattern.is_unstructured:
-            raise ValueError("pattern: sparse layers need a k:n pattern, got 'unstructured'")
+        if not isinstance(pattern, Pattern):
+            raise TypeError(f"pattern must be a Pattern, got {type(pattern).__name__}")
         bad = [d for d in weight_shape if isinstance(d, bool) or not isinstance(d, int) or d <= 0]
         if bad:
             raise ValueError(f"layer sizes must be positive ints, got weight shape {tuple(weight_shape)}")
@@ -84,10 +98,10 @@ class _SparseLayer(nn.Module):
         self.bias = nn.Parameter(torch.zeros(rows, dtype=dtype, device=device)) if bias else None
         self._forget()
 
-    def _store(
-        self, weight: torch.Tensor, mask: torch.Tensor, bias: torch.Tensor | None, name: str | None
-    ) -> None:
-        values, slots = compress_nm(weight.detach(), mask, self.pattern, self.conv_order, name)
+    def _store(self, weight: torch.Tensor, mask: torch.Tensor, bias: torch.Tensor | None) -> None:
+        """Keep ``weight`` where the bool ``mask`` is True (:func:`compress_nm` refuses a mask that
+        is not k:n, whoever calls)."""
+        values, slots = compress_nm(weight.detach(), mask, self.pattern, self.conv_order)
         with torch.no_grad():
             self.values.copy_(values)
             self.slots.copy_(slots)
@@ -227,8 +241,12 @@ class SparseLinear(_SparseLayer):
         """Build from ``linear`` keeping the weights where ``mask`` (``[out, in]``, k:n) is True."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"layer {name!r}: expected nn.Linear, got {type(linear).__name__}")
+        pattern = Pattern.parse(pattern)
+        return cls._build(linear, _checked_mask(name, linear, mask, pattern, "rsc"), pattern, backend)
+
+    @classmethod
+    def _build(cls, linear: nn.Linear, mask: torch.Tensor, pattern: Pattern, backend: str) -> SparseLinear:
         w = linear.weight
-        mask = check_mask(w, mask, name)
         layer = cls(
             linear.in_features,
             linear.out_features,
@@ -238,7 +256,8 @@ class SparseLinear(_SparseLayer):
             w.dtype,
             w.device,
         )
-        layer._store(w, mask, linear.bias, name)
+        layer._store(w, mask, linear.bias)
+        layer.train(linear.training)
         layer._operand()  # fails now, not at the first forward, if the backend rejects the layer
         return layer
 
@@ -287,6 +306,7 @@ class SparseConv2d(_SparseLayer):
         super().__init__()
         check_number(in_channels, "in_channels", low=1, integer=True)
         check_number(out_channels, "out_channels", low=1, integer=True)
+        check_conv_order(conv_order)
         pattern = Pattern.parse(pattern)
         shape = (out_channels, in_channels, *kernel_size)
         check_groupable(shape, pattern, conv_order)
@@ -311,11 +331,16 @@ class SparseConv2d(_SparseLayer):
         """Build from ``conv`` keeping the weights where ``mask`` (``[Cout, Cin, R, S]``, k:n) is True."""
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"layer {name!r}: expected nn.Conv2d, got {type(conv).__name__}")
-        ineligible = ineligibility(conv)
-        if ineligible:
-            raise ValueError(f"layer {name!r}: {ineligible}")
+        pattern = Pattern.parse(pattern)
+        return cls._build(
+            conv, _checked_mask(name, conv, mask, pattern, conv_order), pattern, backend, conv_order
+        )
+
+    @classmethod
+    def _build(
+        cls, conv: nn.Conv2d, mask: torch.Tensor, pattern: Pattern, backend: str, conv_order: ConvOrder
+    ) -> SparseConv2d:
         w = conv.weight
-        mask = check_mask(w, mask, name)
         layer = cls(
             conv.in_channels,
             conv.out_channels,
@@ -330,7 +355,8 @@ class SparseConv2d(_SparseLayer):
             w.dtype,
             w.device,
         )
-        layer._store(w, mask, conv.bias, name)
+        layer._store(w, mask, conv.bias)
+        layer.train(conv.training)
         layer._operand()
         return layer
 
@@ -407,23 +433,6 @@ def _matches(name: str, patterns: tuple[str, ...] | None) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns or ())
 
 
-def swap_ineligibility(
-    name: str, module: nn.Module, mask: torch.Tensor, pattern: Pattern, conv_order: ConvOrder
-) -> str | None:
-    """Why a correctly-shaped request is not swapped (the layer then stays as it is)."""
-    reason = ineligibility(module)
-    if reason:
-        return reason
-    try:
-        check_groupable(module.weight.shape, pattern, conv_order, name)
-    except ValueError as err:
-        return str(err)
-    over = group_nonzeros(mask, pattern, conv_order) > pattern.k
-    if over.any():
-        return f"mask is not {pattern}: {int(over.sum())} of {over.numel()} groups keep more than {pattern.k}"
-    return None
-
-
 def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
@@ -431,23 +440,24 @@ def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
 
 def swap_modules(
     model: nn.Module,
-    masks: Mapping[str, torch.Tensor],
-    pattern: str | Pattern = "2:4",
+    masks: SparsityPlan | Mapping[str, torch.Tensor],
+    pattern: str | Pattern | None = None,
     backend: str = "auto",
     include: Iterable[str] | None = None,
     exclude: Iterable[str] | None = None,
-    conv_order: ConvOrder = "rsc",
+    conv_order: ConvOrder | None = None,
 ) -> SwapReport:
     """Replace every named Linear/Conv2d that has a mask by its sparse twin, in place.
 
     Args:
         model: the model to modify.
-        masks: ``{module name: bool mask of its weight}``.
-        pattern: the k:n pattern the masks follow.
+        masks: a :class:`~knsparse.plan.SparsityPlan` (``prune(...).plan``), or
+            ``{module name: bool mask of its weight}``.
+        pattern: the k:n pattern a mask dict follows (default ``"2:4"``; a plan has its own).
         backend: ``"auto"`` or a backend name (see :func:`knsparse.backends.available`).
         include, exclude: glob patterns over module names (``"blocks.*.mlp.*"``) to restrict
             which masked layers are swapped; a single str is one pattern.
-        conv_order: grouping of conv weights, ``"rsc"`` (TensorRT) or ``"crs"``.
+        conv_order: grouping of conv weights of a mask dict, ``"rsc"`` (TensorRT, default) or ``"crs"``.
 
     Returns:
         A :class:`SwapReport`. Layers that cannot carry the pattern (shape, grouped conv, a
@@ -461,16 +471,12 @@ def swap_modules(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    if not isinstance(masks, Mapping):
-        raise TypeError(f"masks must be a mapping {{layer name: bool mask}}, got {type(masks).__name__}")
-    pattern = Pattern.parse(pattern)
-    if pattern.is_unstructured:
-        raise ValueError("swap_modules needs a k:n pattern; unstructured masks have no sparse backend")
+    plan = as_plan(masks, pattern, conv_order)
+    masks, pattern, conv_order = plan.masks, plan.pattern, plan.conv_order
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str ('auto' or a backend name), got {type(backend).__name__}")
     if backend != "auto":
         backends.get(backend)  # an unknown name raises, naming the known ones
-    check_conv_order(conv_order)
     include = _name_patterns(include, "include")
     exclude = _name_patterns(exclude, "exclude")
     modules = dict(model.named_modules(remove_duplicate=False))
@@ -485,7 +491,7 @@ def swap_modules(
             continue
         if not isinstance(module, (nn.Linear, nn.Conv2d)):
             raise TypeError(f"layer {name!r} is a {type(module).__name__}, not nn.Linear or nn.Conv2d")
-        mask = check_mask(module.weight, masks[name], name)
+        mask = _mask_tensor(name, module.weight, masks[name])
         if include is not None and not _matches(name, include):
             report.skipped[name] = "not matched by include"
             continue
@@ -500,9 +506,9 @@ def swap_modules(
             report.skipped[name] = reason
             continue
         if isinstance(module, nn.Linear):
-            new: _SparseLayer = SparseLinear.from_dense(module, mask, pattern, backend, name)
+            new: _SparseLayer = SparseLinear._build(module, mask, pattern, backend)
         else:
-            new = SparseConv2d.from_dense(module, mask, pattern, backend, conv_order, name)
+            new = SparseConv2d._build(module, mask, pattern, backend, conv_order)
         replacements[name] = new
         report.swapped[name] = new.active_backend
     for name, new in replacements.items():

@@ -336,8 +336,6 @@ def yopo_nm_masks(
     ``ValueError`` naming the layer when the pattern cannot tile its reduction axis.
     """
     pattern = Pattern.parse(pattern)
-    if pattern.is_unstructured:
-        raise ValueError("yopo_nm_masks needs a k:n pattern; threshold yopo() scores for unstructured masks")
     _check_fit_args(rank, iters, seed, max_chunk_bytes, conv_order)
     weights = prunable_weights(model_or_weights, layers)
     for name, w in weights.items():
