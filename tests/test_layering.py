@@ -5,8 +5,9 @@ included, so a cycle or a wrong-way import cannot hide behind a function-level i
 
 Layers (bottom to top), as ``../shared/DESIGN.md`` draws them:
 
-* foundation: ``pattern``, ``masks``, ``compress``, ``pack``, ``ops/``,
-  ``backends/``, ``cache``, ``provenance`` and the Triton/C kernels (``knsparse.kernels``);
+* foundation: ``pattern``, ``masks``, ``compress``, ``pack``, ``ops/``, ``backends/``,
+  ``cache``, ``provenance``, ``checks`` (argument checks) and the Triton/C kernels
+  (``knsparse.kernels``);
 * stages: every other library module (score, budget, methods, permutation, repair, spectral,
   calibration, modules, io, export, macs, audit, tome, fuse, families, prune, ...);
 * app: ``knsparse.app``, ``knsparse.cli`` and ``knsparse.__main__``.
@@ -33,6 +34,7 @@ FOUNDATION = (
     "backends",
     "cache",
     "provenance",
+    "checks",
     "kernels",
 )
 APP = ("app", "cli", "__main__")

@@ -52,6 +52,9 @@ class Backend(ABC):
     """
 
     name: str = ""
+    prepares_in_forward: bool = False
+    """True when ``prepare_*`` is plain tensor math cheap enough to run inside every forward
+    (and traceable by ``torch.compile``): the module then caches no operand at all."""
 
     @abstractmethod
     def unavailable_reason(self) -> str | None:

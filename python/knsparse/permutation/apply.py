@@ -20,7 +20,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..batches import Batch, model_batches, model_device, output_tensors
-from ..masks import ConvOrder
+from ..checks import check_number
+from ..layers import placement_reasons, shared_tensors
+from ..masks import ConvOrder, check_conv_order
 from ..modes import evaluation
 from ..pattern import Pattern
 from .coupling_blocks import blockwise_groups
@@ -137,6 +139,28 @@ def _search_group(
     return perm
 
 
+def placement_skip(
+    model: nn.Module, group: ChannelGroup, placement: dict[str, str], shared: dict[str, list[str]]
+) -> str | None:
+    """Why ``group`` must not move because of where its members sit (``placement`` and
+    ``shared`` from :mod:`knsparse.layers`): a layer its parent reads directly or registered
+    twice, or a tensor sharing storage with another name (a tied weight would follow the
+    permutation there too and change the function)."""
+    for member in group.members:
+        if member.name in placement:
+            return f"{member.name}: {placement[member.name]}"
+        if member.role == "parameter":
+            names = [member.name]
+        else:
+            module = model.get_submodule(member.name)
+            own = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
+            names = [f"{member.name}.{n}" for n, _ in own]
+        for name in names:
+            if name in shared:
+                return f"{name} shares its storage with {', '.join(shared[name])} (tied weights)"
+    return None
+
+
 def _outputs(model: nn.Module, batch: Batch) -> list[torch.Tensor]:
     with torch.no_grad():
         out = batch(model)
@@ -175,7 +199,14 @@ def permute(
     Returns:
         A :class:`PermutationReport` with the (permuted) model and one row per group.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     pattern = Pattern.parse(pattern)
+    check_conv_order(conv_order)
+    check_number(seed, "seed", integer=True)
+    check_number(max_iters, "max_iters", low=0, integer=True)
+    if time_budget_s is not None:
+        check_number(time_budget_s, "time_budget_s", low=0.0)
     if not inplace:
         model = copy.deepcopy(model)
     backup = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -193,10 +224,12 @@ def permute(
                 "passes": passes,
                 "time_budget_s": time_budget_s,
             }
+            placement, shared = placement_reasons(model), shared_tensors(model)
             reports = []
             for group in tqdm(found.groups, desc="permute", disable=not progress):
                 start = time.perf_counter()
-                report = GroupReport(group.name, group.consumers, group.source, skip_reason=group.skip_reason)
+                reason = group.skip_reason or placement_skip(model, group, placement, shared)
+                report = GroupReport(group.name, group.consumers, group.source, skip_reason=reason)
                 if report.skip_reason is None:
                     perm = _search_group(model, group, report, pattern, search_kwargs)
                     if perm is not None:
