@@ -85,3 +85,31 @@ def test_prune_permute_and_repair_read_mapping_batches_and_dataloaders():
         assert set(plan.masks) == {"conv", "fc"} and ks.is_nm(plan.model.fc.weight, "2:4")
         assert plan.repair.batches == (2 if isinstance(calib, DataLoader) else 1)
     assert recalibrate_bn(model, DataLoader(TensorDataset(x, torch.zeros(8)), batch_size=3)) == 3
+
+
+@pytest.mark.parametrize(
+    ("bad", "expected"),
+    [
+        (torch.randn(4, 3, 8, 8), r"calibration batch \d \(tensor \[4, 3, 8, 8\] float32\)"),
+        (torch.randn(4, 1, 5, 5), r"calibration batch \d \(tensor \[4, 1, 5, 5\] float32\)"),
+        (torch.randint(0, 10, (4,)), r"integer values: labels instead of images\?"),
+    ],
+)
+def test_a_batch_the_model_cannot_run_is_named(bad, expected) -> None:
+    """Wrong channel count, wrong image size, labels instead of images: one clear error naming the
+    batch, what it holds and what the first layer takes; the model left as it was."""
+    from knsparse.models import vit_tiny_digits
+
+    torch.manual_seed(0)
+    model = vit_tiny_digits().eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    calib = [torch.randn(4, 1, 8, 8), bad]
+    for call in (
+        lambda: ks.prune(model, "cast", "2:4", calib=calib, inplace=True, progress=False),
+        lambda: ks.repair.recalibrate_bn(model, calib),
+        lambda: ks.permute(model, "2:4", calib=[bad], max_iters=1),
+    ):
+        with pytest.raises(ValueError, match=expected) as err:
+            call()
+        assert "its first layer 'patch_embed.proj' takes [B, 1, H, W]" in str(err.value)
+        assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -22,13 +22,35 @@ from torch import nn
 
 @dataclass(frozen=True)
 class Batch:
-    """One model call: ``model(*args, **kwargs)``."""
+    """One model call: ``model(*args, **kwargs)``; ``index`` is its place in the calibration set."""
 
     args: tuple[torch.Tensor, ...] = ()
     kwargs: dict[str, Any] = field(default_factory=dict)
+    index: int = 0
+    label: str = ""
+    """How errors name the batch (default ``calibration batch <index>``)."""
 
     def __call__(self, model: nn.Module) -> Any:
-        return model(*self.args, **self.kwargs)
+        """The model's output. A batch the model cannot run (wrong image size or channel count,
+        labels instead of images, a wrong keyword) is a ``ValueError`` saying which batch, what
+        it holds and what the model's first layer expects, instead of torch's error from deep
+        inside a hook."""
+        try:
+            return model(*self.args, **self.kwargs)
+        except (RuntimeError, TypeError, IndexError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            name = self.label or f"calibration batch {self.index}"
+            raise ValueError(
+                f"{name} ({self.describe()}) does not fit the model{_expectation(model)}: {first}"
+            ) from exc
+
+    def describe(self) -> str:
+        """What the batch holds, e.g. ``tensor [64, 1, 8, 8] float32``."""
+        parts = [_describe(v) for v in self.args] + [f"{k}={_describe(v)}" for k, v in self.kwargs.items()]
+        text = ", ".join(parts)
+        if any(not t.is_floating_point() for t in self.tensors()):
+            text += "; integer values: labels instead of images?"
+        return text
 
     def to(self, device: torch.device | None) -> Batch:
         """The batch with every tensor moved to ``device`` (itself when ``device`` is None)."""
@@ -38,7 +60,12 @@ class Batch:
         def move(v: Any) -> Any:
             return v.to(device) if isinstance(v, torch.Tensor) else v
 
-        return Batch(tuple(move(a) for a in self.args), {k: move(v) for k, v in self.kwargs.items()})
+        return Batch(
+            tuple(move(a) for a in self.args),
+            {k: move(v) for k, v in self.kwargs.items()},
+            self.index,
+            self.label,
+        )
 
     @property
     def size(self) -> int:
@@ -57,10 +84,10 @@ def as_batch(batch: object, index: int = 0) -> Batch:
     no input tensor."""
     item = batch[0] if isinstance(batch, (tuple, list)) and batch else batch
     if isinstance(item, torch.Tensor):
-        return Batch((item,))
+        return Batch((item,), index=index)
     if isinstance(item, Mapping):
         if any(isinstance(v, torch.Tensor) for v in item.values()):
-            return Batch(kwargs=dict(item))
+            return Batch(kwargs=dict(item), index=index)
         raise TypeError(f"calibration batch {index} is a mapping with no tensor (keys {list(item)[:5]})")
     raise TypeError(f"calibration batch {index} holds no tensor (got {type(item).__name__})")
 
@@ -100,3 +127,19 @@ def model_device(model: nn.Module) -> torch.device | None:
     for t in (*model.parameters(), *model.buffers()):
         return t.device
     return None
+
+
+def _describe(v: object) -> str:
+    if isinstance(v, torch.Tensor):
+        return f"tensor {list(v.shape)} {str(v.dtype).removeprefix('torch.')}"
+    return type(v).__name__
+
+
+def _expectation(model: nn.Module) -> str:
+    """`` (its first layer NAME takes ...)`` for the first Conv2d / Linear of ``model``, else ``""``."""
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv2d):
+            return f" (its first layer {name!r} takes [B, {m.in_channels}, H, W] floating-point images)"
+        if isinstance(m, nn.Linear):
+            return f" (its first layer {name!r} takes [..., {m.in_features}] floating-point inputs)"
+    return ""

@@ -100,15 +100,17 @@ def example_call(example_input: object) -> tuple[Batch, list[str]]:
     tuple/list of tensors (positional, ``"input_0"``...) or a mapping of tensors (keyword
     arguments, named by their keys, e.g. ``pixel_values``). ``TypeError`` otherwise."""
     if isinstance(example_input, torch.Tensor):
-        return Batch((example_input,)), ["input"]
+        return Batch((example_input,), label="the example input"), ["input"]
 
     def tensors(items: object) -> bool:
         return bool(items) and all(isinstance(t, torch.Tensor) for t in items)
 
     if isinstance(example_input, (tuple, list)) and tensors(example_input):
-        return Batch(tuple(example_input)), [f"input_{i}" for i in range(len(example_input))]
+        return Batch(tuple(example_input), label="the example input"), [
+            f"input_{i}" for i in range(len(example_input))
+        ]
     if isinstance(example_input, Mapping) and tensors(list(example_input.values())):
-        return Batch(kwargs=dict(example_input)), [str(k) for k in example_input]
+        return Batch(kwargs=dict(example_input), label="the example input"), [str(k) for k in example_input]
     raise TypeError(
         "example_input must be a tensor, a non-empty tuple of tensors or a mapping of tensors "
         f"(keyword inputs), got {type(example_input).__name__}"
