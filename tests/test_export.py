@@ -299,3 +299,28 @@ def test_conv_folded_with_a_zero_batchnorm_scale_is_still_found(tmp_path):
     conv = next(r for r in result.layers if r.layer == "0")
     assert conv.initializer is not None
     assert {c.layer: c for c in check(result.path) if c.layer}["0"].is_24
+
+
+def test_export_never_runs_the_users_model_and_leaves_no_partial_file(tmp_path, monkeypatch):
+    """A train-mode BatchNorm keeps its running statistics and mode; a late failure (here the
+    ONNX checker) leaves nothing at the target path."""
+    import onnx
+
+    from knsparse.models import resnet_tiny_digits
+
+    torch.manual_seed(0)
+    model = resnet_tiny_digits().train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(2, 1, 8, 8)
+    result = export_onnx(model, x, tmp_path / "ok.onnx")
+    assert result.path == str(tmp_path / "ok.onnx") and (tmp_path / "ok.onnx").is_file()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(m.training for m in model.modules())
+
+    def broken(*args, **kwargs):
+        raise onnx.checker.ValidationError("late failure")
+
+    monkeypatch.setattr(onnx.checker, "check_model", broken)
+    with pytest.raises(onnx.checker.ValidationError):
+        export_onnx(model, x, tmp_path / "late.onnx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ok.onnx"]

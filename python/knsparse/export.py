@@ -14,6 +14,7 @@ applied channel permutation in the model's ``metadata_props`` (key ``"knsparse"`
 
 from __future__ import annotations
 
+import shutil
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -391,8 +392,61 @@ def export_onnx(
         if exporter == "torchscript":
             raise ValueError("dtype='bfloat16' needs opset >= 22: use exporter='dynamo' or 'auto'")
         exporter, opset = "dynamo", max(opset, 22)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    # Written in a scratch folder beside the target and moved into place at the end: a failure
+    # leaves no partial file (and the file's external-data names stay those of the target).
+    scratch = final.parent / f".{final.name}.partial"
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir()
+    try:
+        result = _export(
+            model,
+            call,
+            inputs,
+            input_names,
+            scratch / final.name,
+            torch_dtype,
+            dtype_name,
+            opset,
+            dynamic_batch,
+            check,
+            permutations,
+            exporter,
+            tolerance,
+        )
+    except ParityError:
+        _move_into(scratch, final.parent)  # kept for inspection, as documented
+        raise
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
+    _move_into(scratch, final.parent)
+    result.path = str(final)
+    return result
+
+
+def _move_into(scratch: Path, folder: Path) -> None:
+    for item in scratch.iterdir():
+        item.replace(folder / item.name)
+    scratch.rmdir()
+
+
+def _export(
+    model: nn.Module,
+    call: Batch,
+    inputs: list[torch.Tensor],
+    input_names: list[str],
+    path: Path,
+    torch_dtype: torch.dtype,
+    dtype_name: str,
+    opset: int,
+    dynamic_batch: bool,
+    check: bool,
+    permutations: Mapping[str, Sequence[int]] | None,
+    exporter: str,
+    tolerance: float,
+) -> ExportResult:
     exported = _Flat(dense_copy(model).eval().to(torch_dtype), None if call.args else input_names)
     low_inputs = _cast(inputs, torch_dtype)
     with torch.no_grad():
@@ -421,16 +475,23 @@ def export_onnx(
         onnx.checker.check_model(str(path), full_check=True)
         result.checker_passed = True
         batch = int(inputs[0].shape[0])
+        reference = dense_copy(model).eval()  # fp32, in eval mode: the user's model never runs
         _parity(
-            model, exported, path, call, torch_dtype, [batch, batch + 2] if dynamic_batch else [batch], result
+            reference,
+            exported,
+            path,
+            call,
+            torch_dtype,
+            [batch, batch + 2] if dynamic_batch else [batch],
+            result,
         )
         bound = tolerance if torch_dtype == torch.float32 else max(tolerance, 2 * result.torch_dtype_error)
         result.tolerance = bound
         cpu = result.max_abs_diff.get("CPUExecutionProvider")
         if cpu is not None and not cpu <= bound:
             raise ParityError(
-                f"{path}: ONNX Runtime CPU differs from PyTorch (fp32) by {cpu:.3g} > {bound:.3g} (max abs; "
-                f"PyTorch in {dtype_name} differs by {result.torch_dtype_error:.3g})"
+                f"{path.name}: ONNX Runtime CPU differs from PyTorch (fp32) by {cpu:.3g} > {bound:.3g} "
+                f"(max abs; PyTorch in {dtype_name} differs by {result.torch_dtype_error:.3g})"
             )
     return result
 
