@@ -26,7 +26,7 @@ from torch import nn
 
 from .batches import Batch, output_tensors
 from .densify import dense_copy
-from .masks import is_nm
+from .masks import apply_masks, is_nm
 from .modules import SparseConv2d, SparseLinear
 from .onnx_check import (
     METADATA_KEY,
@@ -36,6 +36,7 @@ from .onnx_check import (
     initializer_arrays,
     read_metadata,
 )
+from .plan import SparsityPlan, as_plan
 from .provenance import package_version
 
 __all__ = [
@@ -329,6 +330,7 @@ def export_onnx(
     exporter: str = "auto",
     tolerance: float = 1e-4,
     dtype: str | torch.dtype = "float32",
+    plan: SparsityPlan | Mapping[str, torch.Tensor] | None = None,
 ) -> ExportResult:
     """Export ``model`` (dense, masked or swapped to sparse modules) to ONNX.
 
@@ -359,11 +361,18 @@ def export_onnx(
         dtype: ``"float32"``, ``"float16"`` or ``"bfloat16"`` (or the torch dtype): the weights
             and computation of the written file (TensorRT 11 builds engines in the file's types).
             bfloat16 is written by the dynamo exporter at opset >= 22 (ONNX's first bfloat16 Conv).
+        plan: a :class:`~knsparse.plan.SparsityPlan` (``prune(...).plan``) or ``{layer: mask}``
+            (2:4) to apply to the exported copy: a dense model and its plan give the k:n file
+            directly (the user's model keeps its weights).
 
     Returns:
         An :class:`ExportResult`. Raises :class:`ParityError` if the CPU difference exceeds the
         bound (the file is kept for inspection).
     """
+    if plan is not None:
+        plan = as_plan(plan)
+        model = dense_copy(model)
+        apply_masks(model, plan.masks)  # checks every name and shape first
     if opset < 17:
         raise ValueError(f"opset must be at least 17, got {opset}")
     if exporter not in ("auto", "torchscript", "dynamo"):
