@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..batches import input_batches, model_device
 from ..masks import ConvOrder
 from ..pattern import Pattern
@@ -119,6 +120,29 @@ def _search_group(
     return perm
 
 
+def _search_groups(
+    model: nn.Module, groups: list[ChannelGroup], pattern: Pattern, search_kwargs: dict, progress: bool
+) -> tuple[list[GroupReport], list[torch.Tensor | None]]:
+    """Every group's report and permutation (``None``: leave it alone), all searched on the
+    weights as they are before any permutation is applied, so the result does not depend on
+    how the groups are split. Under torch.distributed rank ``r`` searches groups ``r, r+N, ...``
+    and the results are gathered on every rank."""
+    found: dict[int, tuple[GroupReport, torch.Tensor | None]] = {}
+    mine = list(distributed.shard(range(len(groups))))
+    for i in tqdm(mine, desc="permute", disable=not progress):
+        group = groups[i]
+        start = time.perf_counter()
+        report = GroupReport(group.name, group.consumers, group.source, skip_reason=group.skip_reason)
+        perm = None
+        if report.skip_reason is None:
+            perm = _search_group(model, group, report, pattern, search_kwargs)
+        report.seconds = time.perf_counter() - start
+        found[i] = (report, None if perm is None else perm.cpu())
+    for part in distributed.all_gather_object(found):
+        found.update(part)
+    return [found[i][0] for i in range(len(groups))], [found[i][1] for i in range(len(groups))]
+
+
 def _outputs(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
     with torch.no_grad():
         out = model(x)
@@ -172,17 +196,11 @@ def permute(
             "max_iters": max_iters,
             "time_budget_s": time_budget_s,
         }
-        reports = []
-        for group in tqdm(found.groups, desc="permute", disable=not progress):
-            start = time.perf_counter()
-            report = GroupReport(group.name, group.consumers, group.source, skip_reason=group.skip_reason)
-            if report.skip_reason is None:
-                perm = _search_group(model, group, report, pattern, search_kwargs)
-                if perm is not None:
-                    apply_permutation(model, group, perm)
-                    report.permuted = True
-            report.seconds = time.perf_counter() - start
-            reports.append(report)
+        reports, perms = _search_groups(model, found.groups, pattern, search_kwargs, progress)
+        for group, report, perm in zip(found.groups, reports, perms, strict=True):
+            if perm is not None:
+                apply_permutation(model, group, perm.to(model_device(model)))
+                report.permuted = True
         if probe is not None:
             _check_unchanged(model, probe, reference, backup)
     finally:
