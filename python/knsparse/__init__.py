@@ -1,8 +1,9 @@
 """knsparse: k:n / 2:4 semi-structured sparse inference for vision models."""
 
-from . import backends, budget, models, permutation, repair, score, spectral, tome
+from . import backends, budget, distributed, models, permutation, repair, score, spectral, tome
 from .audit import audit
 from .export import export_onnx
+from .finetune import finetune
 from .fuse import fuse_activations
 from .io import load_sparse, save_sparse
 from .macs import macs
@@ -22,7 +23,9 @@ __all__ = [
     "audit",
     "backends",
     "budget",
+    "distributed",
     "export_onnx",
+    "finetune",
     "fuse_activations",
     "global_unstructured_masks",
     "is_nm",

@@ -1,8 +1,12 @@
-"""The ``knsparse`` command line: ``prune | inspect | export | audit | demo``.
+"""The ``knsparse`` command line: ``prune | finetune | inspect | export | audit | demo``.
 
 A thin shell over the library. A mistake on the user's side (a missing file, a bad pattern,
 an unknown model or layer) prints one line and exits with status 2, without a traceback
 (``KNSPARSE_DEBUG=1`` shows it).
+
+Under ``torchrun --nproc-per-node N -m knsparse ...`` ``prune`` and ``finetune`` run on every
+process (calibration and training split over them, rank 0 writes and prints); the other
+commands run on rank 0 alone.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from . import distributed
 
 MODELS_HELP = (
     "vit_tiny_digits and resnet_tiny_digits (trained on the bundled digits, cached), "
@@ -131,7 +137,8 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     from .models import load_digits_split
     from .pipeline import prune_and_swap
 
-    loaded = load_model(args.model, args.weights, args.seed)
+    with distributed.main_first():  # rank 0 trains/caches a built-in model once
+        loaded = load_model(args.model, args.weights, args.seed)
     digits = loaded.input_shape == (1, 8, 8)
     if (args.repair_epochs or args.repair or args.method != "magnitude") and not digits:
         raise UserError(
@@ -153,9 +160,11 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         progress=not args.quiet,
     )
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     fused = fuse_activations(loaded.model) if args.fuse_activations else {}
-    save_sparse(loaded.model, out)
+    if distributed.is_main():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        save_sparse(loaded.model, out)
+    distributed.barrier()
     print(f"{loaded.description}: {outcome.describe()}")
     if args.fuse_activations:
         print(f"fused the activation into {len(fused)} MLP fc1 layer(s): {', '.join(fused) or '-'}")
@@ -326,13 +335,17 @@ def _model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .app import finetune_cmd
+
     parser = argparse.ArgumentParser(
         prog="knsparse",
         description="k:n / 2:4 semi-structured sparse inference for vision models: prune, inspect, "
         "export to ONNX/TensorRT and audit dense vs sparse throughput.",
         epilog="Run 'knsparse <command> --help' for the options of each command.",
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{prune,inspect,export,audit,demo}")
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="{prune,finetune,inspect,export,audit,demo}"
+    )
 
     p = sub.add_parser(
         "prune",
@@ -372,7 +385,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", required=True, help="output .safetensors file")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=_cmd_prune)
+    p.set_defaults(func=_cmd_prune, distributed=True)
+
+    finetune_cmd.add_parser(sub, _model_args)
 
     p = sub.add_parser(
         "inspect",
@@ -476,6 +491,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .export import ParityError
 
     args = build_parser().parse_args(argv)
+    if distributed.launched() and not getattr(args, "distributed", False):
+        if int(os.environ["RANK"]) != 0:
+            return 0  # a one-process command: rank 0 runs it alone
+    elif distributed.init() and not distributed.is_main():
+        args.quiet, sys.stdout = True, open(os.devnull, "w")  # noqa: SIM115 - rank 0 prints
     handled: tuple[type[BaseException], ...] = (
         UserError,
         ValueError,
@@ -495,6 +515,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"knsparse {args.command}: interrupted", file=sys.stderr)
         return 130
+    except torch.distributed.DistError as err:  # a rank died or timed out: name it, no hang
+        print(
+            f"knsparse {args.command}: rank {distributed.rank()}: distributed error: {err}", file=sys.stderr
+        )
+        return 1
+    finally:
+        distributed.shutdown()
 
 
 if __name__ == "__main__":

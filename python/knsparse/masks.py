@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from typing import Literal
 
 import torch
+from torch import nn
 
 from .pattern import Pattern
 
@@ -207,3 +208,21 @@ def global_unstructured_masks(
 def sparsity_of(mask: torch.Tensor) -> float:
     """Fraction of False (pruned) entries."""
     return 1.0 - mask.float().mean().item()
+
+
+def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
+    """Zero the pruned weights in place: ``masks`` maps module names to bool masks of their weight.
+
+    Every name and shape is checked before any weight changes (``ValueError`` naming the layer)."""
+    modules = dict(model.named_modules())
+    for name, mask in masks.items():
+        if name not in modules or not isinstance(getattr(modules[name], "weight", None), torch.Tensor):
+            raise ValueError(f"mask given for {name!r}, which is not a module with a weight")
+        weight = modules[name].weight
+        if not isinstance(mask, torch.Tensor) or mask.shape != weight.shape:
+            shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise ValueError(f"layer {name!r}: mask shape {shape} != weight shape {tuple(weight.shape)}")
+    with torch.no_grad():
+        for name, mask in masks.items():
+            weight = modules[name].weight
+            weight.mul_(mask.to(weight.device, weight.dtype))

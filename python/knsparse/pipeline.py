@@ -2,24 +2,30 @@
 
 :func:`knsparse.prune.prune` chooses the k:n masks (any method, optionally with channel
 permutation before and ASR / BatchNorm repair after), optional masked fine-tuning on the
-bundled digits follows (pruned weights stay zero after every optimiser step), then
+bundled digits follows (distillation from the dense model with :func:`knsparse.finetune`;
+pruned weights stay zero after every optimiser step), then
 :func:`knsparse.swap_modules` puts the sparse modules in.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from .finetune import finetune
 from .layers import pattern_layers
 from .masks import nm_mask
-from .models import DigitsSplit, calibration_batches, evaluate, train
+from .models import DigitsSplit, calibration_batches, evaluate
 from .modules import SwapReport, swap_modules
 from .pattern import Pattern
 from .prune import PruneResult, prune
+
+REPAIR_LABEL_WEIGHT = 0.5
+"""Weight of the label cross-entropy beside distillation from the dense model in the repair."""
 
 
 @dataclass
@@ -95,6 +101,7 @@ def prune_and_swap(
         raise ValueError("repair by fine-tuning needs the training data")
     accuracy_dense = evaluate(model, data.x_test, data.y_test) if data is not None else None
     calib = calibration_batches(data, seed=seed) if data is not None else None
+    teacher = copy.deepcopy(model) if repair_epochs else None
     result = prune(
         model, method, pattern, calib=calib, permute=permute, repair=repair, inplace=True, progress=progress
     )
@@ -104,8 +111,16 @@ def prune_and_swap(
     if data is not None:
         outcome.accuracy_pruned = evaluate(model, data.x_test, data.y_test)
     if repair_epochs:
-        train(
-            model, data, repair_epochs, lr=repair_lr, masks=masks, seed=seed, progress=progress, desc="repair"
+        finetune(
+            model,
+            teacher,
+            (data.x_train, data.y_train),
+            repair_epochs,
+            masks=masks,
+            lr=repair_lr,
+            label_weight=REPAIR_LABEL_WEIGHT,
+            seed=seed,
+            progress=progress,
         )
         outcome.accuracy_repaired = evaluate(model, data.x_test, data.y_test)
     outcome.swap = swap_modules(

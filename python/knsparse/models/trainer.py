@@ -19,6 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..cache import cache_dir
+from ..masks import apply_masks
 from .digits import DigitsSplit, load_digits_split, validation_split
 from .resnet import resnet_tiny_digits
 from .vit import vit_tiny_digits
@@ -36,21 +37,6 @@ RECIPES: dict[str, tuple[Callable[[], nn.Module], Recipe]] = {
     "vit_tiny_digits": (vit_tiny_digits, Recipe(epochs=30, lr=2e-3)),
     "resnet_tiny_digits": (resnet_tiny_digits, Recipe(epochs=15, lr=3e-3, weight_decay=1e-4)),
 }
-
-
-def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
-    """Zero the pruned weights in place: ``masks`` maps module names to bool masks of their weight."""
-    modules = dict(model.named_modules())
-    with torch.no_grad():
-        for name, mask in masks.items():
-            if name not in modules or not hasattr(modules[name], "weight"):
-                raise ValueError(f"mask given for {name!r}, which is not a module with a weight")
-            weight = modules[name].weight
-            if mask.shape != weight.shape:
-                raise ValueError(
-                    f"layer {name!r}: mask shape {tuple(mask.shape)} != weight shape {tuple(weight.shape)}"
-                )
-            weight.mul_(mask.to(weight.device, weight.dtype))
 
 
 # Bump when train() changes what a seed produces (2: single-threaded, thread-count independent).
