@@ -10,7 +10,7 @@ The stages split their calibration batches with :func:`shard` (batch ``i`` goes 
 ``i mod N``), accumulate sums on their share and add them up with :func:`all_reduce_sum`:
 every rank then holds the statistics of the whole calibration set, and the masks and repaired
 weights are those of a one-process run (float64 sums, equal up to the order of the additions).
-Without a process group (or with one process) every helper is the identity.
+Without a process group every helper is the identity.
 """
 
 from __future__ import annotations
@@ -75,8 +75,9 @@ def shutdown() -> None:
 
 
 def active() -> bool:
-    """True when a process group with more than one rank is active."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    """True when a process group is active (also with one rank: the collectives then run
+    through the backend all the same)."""
+    return dist.is_available() and dist.is_initialized()
 
 
 def rank() -> int:
