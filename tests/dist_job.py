@@ -43,6 +43,8 @@ def run_job(device: torch.device | str = "cpu", kill_rank: int | None = None) ->
         out[f"stats/{name}/sum_sq"] = st.sum_sq.cpu()
         out[f"stats/{name}/block_gram"] = st.block_gram.cpu()
         out[f"stats/{name}/samples"] = torch.tensor(st.samples)
+    for name, st in collect_input_stats(resnet, layers, calib[:1]).items():  # rank 1 gets no batch
+        out[f"stats/one-batch/{name}/sum_sq"] = st.sum_sq.cpu()
     permuted = ks.permute(resnet, "2:4", calib, inplace=False, max_iters=2)
     for name, t in permuted.model.state_dict().items():
         out[f"permuted/{name}"] = t.cpu()
