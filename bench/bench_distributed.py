@@ -50,7 +50,7 @@ def worker(out: str) -> None:
     teacher = vit_base_patch16_224().eval()
     student = copy.deepcopy(teacher)
     masks = ks.prune(student, "magnitude", "2:4", inplace=True, progress=False).masks
-    layers, _ = pattern_layers(teacher, "2:4")
+    layers, _ = pattern_layers(teacher, ks.Pattern.parse("2:4"))
     g = torch.Generator().manual_seed(0)
     calib = list(torch.randn(CALIB_IMAGES, 3, 224, 224, generator=g).split(CALIB_BATCH))
     images = torch.randn(TUNE_IMAGES, 3, 224, 224, generator=g)
@@ -101,9 +101,10 @@ def scaling(tmp: Path) -> dict:
 
 
 def digits(tmp: Path) -> dict:
-    from knsparse.models import evaluate, load_digits_split, pretrained, train
-    from knsparse.pipeline import prune_and_swap
-    from knsparse.report import DEMO_METHOD, REPAIR_EPOCHS
+    from knsparse.app import evaluate, load_digits_split, pretrained, train
+    from knsparse.app.pipeline import prune_and_swap
+    from knsparse.app.report import DEMO_METHOD, REPAIR_EPOCHS
+    from knsparse.models import resnet_tiny_digits, vit_tiny_digits
 
     rows = {}
     for name, epochs in REPAIR_EPOCHS.items():
@@ -128,7 +129,7 @@ def digits(tmp: Path) -> dict:
         torchrun(2, ["-m", "knsparse", "finetune", "--model", name, "--weights", str(pruned), "--epochs",
                      str(epochs), "--out", str(tuned), "--quiet"], 1)  # fmt: skip
         seconds = time.perf_counter() - start
-        command = ks.models.vit_tiny_digits() if name.startswith("vit") else ks.models.resnet_tiny_digits()
+        command = vit_tiny_digits() if name.startswith("vit") else resnet_tiny_digits()
         ks.load_sparse(command, tuned)
         rows[name] = {
             "epochs": epochs,
@@ -145,7 +146,7 @@ def digits(tmp: Path) -> dict:
 
 
 def calibration(data):
-    from knsparse.models import calibration_batches
+    from knsparse.app import calibration_batches
 
     return calibration_batches(data, seed=0)
 

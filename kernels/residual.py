@@ -51,8 +51,6 @@ def _check(
 
 
 def _check_groups(sizes: torch.Tensor, pattern: Pattern, along_rows: bool) -> None:
-    if pattern.is_unstructured:
-        raise ValueError("a k:n pattern is needed for the fused mask, got 'unstructured'")
     axis, what = (0, "rows") if along_rows else (1, "columns")
     bad = (sizes[:, axis] % pattern.n != 0).nonzero()
     if len(bad):

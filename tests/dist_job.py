@@ -36,7 +36,7 @@ def run_job(device: torch.device | str = "cpu", kill_rank: int | None = None) ->
     calib = [x.to(device) for x in calibration()]
     torch.manual_seed(0)
     resnet = resnet_tiny_digits().to(device).eval()
-    layers, _ = pattern_layers(resnet, "2:4")
+    layers, _ = pattern_layers(resnet, ks.Pattern.parse("2:4"))
     if kill_rank is not None and distributed.rank() == kill_rank:
         resnet.register_forward_hook(lambda *_: os.kill(os.getpid(), signal.SIGKILL))
     for name, st in collect_input_stats(resnet, layers, calib, group=4).items():

@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 
 import knsparse as ks
 from knsparse import distributed
+from knsparse.models import vit_tiny_digits
 from knsparse.modules import sparse_layers
 
 JOB = Path(__file__).with_name("dist_job.py")
@@ -69,7 +70,7 @@ def test_cli_finetune_under_torchrun(tmp_path: Path) -> None:
     """``torchrun -m knsparse finetune`` on 2 processes: rank 0 alone prints and writes, the
     fine-tuned file keeps its 2:4 sparse layers, the metrics count every image once."""
     torch.manual_seed(0)
-    teacher = ks.models.vit_tiny_digits()
+    teacher = vit_tiny_digits()
     student = copy.deepcopy(teacher)
     masks = ks.prune(student, "magnitude", "2:4", inplace=True, progress=False).masks
     ks.swap_modules(student, masks)
@@ -93,7 +94,7 @@ def test_cli_finetune_under_torchrun(tmp_path: Path) -> None:
     epochs = json.loads(metrics.read_text())["epochs"]
     assert [e["processes"] for e in epochs] == [2, 2] and [e["images"] for e in epochs] == [64, 64]
     assert (tmp_path / "ckpt" / "epoch2.safetensors").is_file()
-    loaded = ks.models.vit_tiny_digits()
+    loaded = vit_tiny_digits()
     ks.load_sparse(loaded, tuned)
     layers = sparse_layers(loaded)
     assert set(layers) == set(masks)

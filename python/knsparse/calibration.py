@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from . import distributed
 from .batches import input_batches
 from .masks import ConvOrder
+from .modes import evaluation
 
 RowsCallback = Callable[[str, torch.Tensor], None]
 
@@ -98,11 +99,9 @@ def stream_layer_inputs(
         return hook
 
     handles = [m.register_forward_pre_hook(hook_for(nm, m)) for nm, m in layers.items()]
-    was_training = model.training
     batches = 0
     try:
-        model.eval()
-        with torch.no_grad():
+        with evaluation(model), torch.no_grad():
             inputs = distributed.shard(input_batches(calib))  # this rank's share of the batches
             for x in tqdm(inputs, desc=desc, unit="batch", disable=not progress, leave=False):
                 model(x.to(device))
@@ -110,7 +109,6 @@ def stream_layer_inputs(
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
     return batches
 
 

@@ -25,6 +25,9 @@ from ..finetune import FinetuneResult, evaluate, finetune
 from ..fuse import fuse_activations
 from ..io import save_sparse
 from ..modules import SparseLinear, sparse_layers, swap_modules
+from .commands import writable_file
+from .data import load_digits_split
+from .registry import UserError, load_model
 
 TensorData = tuple[torch.Tensor, ...]
 
@@ -54,8 +57,6 @@ def _data(args: argparse.Namespace, digits: bool) -> tuple[TensorData, TensorDat
         )
     if not digits:
         raise ValueError("--data is needed for a model that is not a *_digits model")
-    from ..models import load_digits_split
-
     split = load_digits_split(args.seed)
     return (split.x_train, split.y_train), (split.x_test, split.y_test), "digits (train; accuracy on test)"
 
@@ -74,8 +75,7 @@ def _reswap(model: nn.Module, layers: dict[str, nn.Module], result: FinetuneResu
 
 def run(args: argparse.Namespace) -> int:
     """The ``finetune`` command; returns the exit status."""
-    from ..cli import UserError, load_model
-
+    out = writable_file(args.out)
     device = distributed.device()
     with distributed.main_first():  # rank 0 trains/caches a built-in teacher once
         loaded = load_model(args.model, args.weights, args.seed)
@@ -123,7 +123,6 @@ def run(args: argparse.Namespace) -> int:
     if swapped:
         _reswap(student, swapped, result)
     if distributed.is_main():
-        out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         if swapped:
             save_sparse(student, out)

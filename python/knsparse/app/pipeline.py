@@ -10,19 +10,19 @@ pruned weights stay zero after every optimiser step), then
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
 
-from .finetune import finetune
-from .layers import pattern_layers
-from .masks import nm_mask
-from .models import DigitsSplit, calibration_batches, evaluate
-from .modules import SwapReport, swap_modules
-from .pattern import Pattern
-from .prune import PruneResult, prune
+from ..finetune import finetune
+from ..modules import SwapReport, swap_modules
+from ..pattern import Pattern
+from ..prune import PruneResult, prune
+from .data import DigitsSplit, calibration_batches
+from .trainer import evaluate
 
 REPAIR_LABEL_WEIGHT = 0.5
 """Weight of the label cross-entropy beside distillation from the dense model in the repair."""
@@ -57,16 +57,6 @@ class PruneOutcome:
         return ", then ".join(steps) + ", swapped to sparse modules"
 
 
-def magnitude_masks(
-    model: nn.Module, pattern: str | Pattern
-) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """``{layer: k:n mask keeping the largest |w| per group}`` for every prunable layer, and
-    ``{layer: why not}`` for the others (see :func:`knsparse.layers.pattern_layers`)."""
-    layers, skipped = pattern_layers(model, pattern)
-    masks = {n: nm_mask(m.weight.detach().abs(), pattern, name=n) for n, m in layers.items()}
-    return masks, skipped
-
-
 def prune_and_swap(
     model: nn.Module,
     pattern: str | Pattern = "2:4",
@@ -81,6 +71,8 @@ def prune_and_swap(
     backend: str = "auto",
     seed: int = 0,
     progress: bool = True,
+    calib: object = None,
+    evaluator: Callable[[nn.Module], float] | None = None,
 ) -> PruneOutcome:
     """Prune ``model`` in place and swap its prunable layers to sparse modules.
 
@@ -93,14 +85,16 @@ def prune_and_swap(
         method, permute, repair: as in :func:`knsparse.prune.prune` (``"cast"`` and
             ``repair`` need ``data`` for calibration).
         include, exclude: glob patterns over layer names, as in :func:`knsparse.swap_modules`.
+        calib, evaluator: without ``data``, the calibration batches (a user's images) and a
+            function giving the model's accuracy (top-1 on a user's validation folder).
     """
     pattern = Pattern.parse(pattern)
-    if pattern.is_unstructured:
-        raise ValueError("prune needs a k:n pattern such as '2:4'; unstructured masks have no sparse backend")
     if repair_epochs and data is None:
         raise ValueError("repair by fine-tuning needs the training data")
-    accuracy_dense = evaluate(model, data.x_test, data.y_test) if data is not None else None
-    calib = calibration_batches(data, seed=seed) if data is not None else None
+    if data is not None:
+        calib = calibration_batches(data, seed=seed)
+        evaluator = partial(_test_accuracy, data=data)
+    accuracy_dense = evaluator(model) if evaluator is not None else None
     teacher = copy.deepcopy(model) if repair_epochs else None
     result = prune(
         model, method, pattern, calib=calib, permute=permute, repair=repair, inplace=True, progress=progress
@@ -108,8 +102,8 @@ def prune_and_swap(
     masks = result.masks
     outcome = PruneOutcome(method, str(pattern), masks, SwapReport(), result.skipped, repair_epochs, result)
     outcome.accuracy_dense = accuracy_dense
-    if data is not None:
-        outcome.accuracy_pruned = evaluate(model, data.x_test, data.y_test)
+    if evaluator is not None:
+        outcome.accuracy_pruned = evaluator(model)
     if repair_epochs:
         finetune(
             model,
@@ -122,10 +116,12 @@ def prune_and_swap(
             seed=seed,
             progress=progress,
         )
-        outcome.accuracy_repaired = evaluate(model, data.x_test, data.y_test)
-    outcome.swap = swap_modules(
-        model, masks, pattern=pattern, backend=backend, include=include, exclude=exclude
-    )
-    if data is not None:
-        outcome.accuracy_swapped = evaluate(model, data.x_test, data.y_test)
+        outcome.accuracy_repaired = evaluator(model)
+    outcome.swap = swap_modules(model, result.plan, backend=backend, include=include, exclude=exclude)
+    if evaluator is not None:
+        outcome.accuracy_swapped = evaluator(model)
     return outcome
+
+
+def _test_accuracy(model: nn.Module, data: DigitsSplit) -> float:
+    return evaluate(model, data.x_test, data.y_test)

@@ -20,9 +20,8 @@ from tqdm.auto import tqdm
 
 from ..cache import cache_dir
 from ..masks import apply_masks
-from .digits import DigitsSplit, load_digits_split, validation_split
-from .resnet import resnet_tiny_digits
-from .vit import vit_tiny_digits
+from ..models import resnet_tiny_digits, vit_tiny_digits
+from .data import DigitsSplit, load_digits_split, validation_split
 
 
 @dataclass(frozen=True)
@@ -152,7 +151,7 @@ def pretrained(
     """A built-in model trained on the digits split of ``seed`` (cached after the first call).
 
     With ``validation > 0`` the model is trained only on the training images left after
-    :func:`~knsparse.models.digits.validation_split` holds out that fraction (same ``seed``), so
+    :func:`~knsparse.app.data.validation_split` holds out that fraction (same ``seed``), so
     choices made on those held-out images never see the test split nor images it was trained on.
     ``train_seed`` (default ``seed``) seeds the initialisation and the batch order alone: several
     training seeds on one split measure the spread of a result over trained models on one test set.
