@@ -1,9 +1,10 @@
 """knsparse: k:n / 2:4 semi-structured sparse inference for vision models."""
 
-from . import backends, budget, families, permutation, repair, score, spectral, tome
+from . import backends, budget, distributed, families, permutation, repair, score, spectral, tome
 from .audit import audit
 from .backends.torch_semi import to_semi_structured
 from .export import export_onnx
+from .finetune import finetune
 from .fuse import fuse_activations
 from .io import load_sparse, save_sparse
 from .macs import macs
@@ -24,8 +25,10 @@ __all__ = [
     "audit",
     "backends",
     "budget",
+    "distributed",
     "export_onnx",
     "families",
+    "finetune",
     "fuse_activations",
     "global_unstructured_masks",
     "is_nm",

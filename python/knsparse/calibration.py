@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import distributed
 from .batches import model_batches
 from .masks import ConvOrder
 from .modes import evaluation
@@ -83,6 +84,9 @@ def stream_layer_inputs(
     """Run ``model`` over ``calib`` (eval mode, no grad) and call ``on_rows(name, rows)`` with the
     ``[B, T, K]`` float32 GEMM input rows of every listed layer. Returns the number of batches.
 
+    Under torch.distributed each rank runs its share of the batches (see
+    :func:`knsparse.distributed.shard`); callers add up their sums over the ranks.
+
     The model's training flag is restored afterwards and the hooks are always removed.
     Raises ``ValueError`` if ``calib`` yields no batch.
     """
@@ -98,9 +102,9 @@ def stream_layer_inputs(
     batches = 0
     try:
         with evaluation(model), torch.no_grad():
-            inputs = model_batches(calib, device)
+            inputs = distributed.shard(model_batches(calib))  # this rank's share of the batches
             for batch in tqdm(inputs, desc=desc, unit="batch", disable=not progress, leave=False):
-                batch(model)
+                batch.to(device)(model)
                 batches += 1
     finally:
         for h in handles:
@@ -128,6 +132,29 @@ class InputStats:
         if self.block_gram is None:
             raise ValueError("these statistics were collected without block Gram matrices")
         return (self.block_gram / max(self.samples, 1)).float()
+
+
+def all_reduce_stats(stats: Mapping[str, InputStats]) -> dict[str, InputStats]:
+    """Every rank's statistics summed over the ranks (identity in one process): after it each
+    rank holds the statistics of the whole calibration set."""
+    if not distributed.active():
+        return dict(stats)
+    flat: dict[str, torch.Tensor] = {}
+    for name, st in stats.items():
+        flat[f"{name}\0samples"] = torch.tensor([st.samples], dtype=torch.float64, device=st.sum_sq.device)
+        flat[f"{name}\0sum_sq"] = st.sum_sq
+        if st.block_gram is not None:
+            flat[f"{name}\0block_gram"] = st.block_gram
+    summed = distributed.all_reduce_sum(flat)
+    names = {key.split("\0")[0] for key in summed}
+    return {
+        name: InputStats(
+            int(summed[f"{name}\0samples"].item()),
+            summed[f"{name}\0sum_sq"],
+            summed.get(f"{name}\0block_gram"),
+        )
+        for name in sorted(names)
+    }
 
 
 def collect_input_stats(
@@ -162,6 +189,7 @@ def collect_input_stats(
             st.block_gram += torch.einsum("tgi,tgj->gij", g, g).double()
 
     stream_layer_inputs(model, layers, calib, accumulate, conv_order=conv_order, progress=progress)
+    stats = all_reduce_stats(stats)
     missing = [nm for nm in layers if nm not in stats]
     if missing:
         raise ValueError(f"layers never ran during calibration (not on the forward path?): {missing}")
@@ -203,4 +231,5 @@ def data_path_budgets(
         progress=progress,
         desc="certificate",
     )
+    total, count = distributed.all_reduce_floats(total), distributed.all_reduce_floats(count)
     return {nm: 2.0 * lipschitz.get(nm, 1.0) * total[nm] / max(count[nm], 1) for nm in residuals}

@@ -1,8 +1,12 @@
-"""The ``knsparse`` command line: ``prune | inspect | export | audit | demo``.
+"""The ``knsparse`` command line: ``prune | finetune | inspect | export | audit | demo``.
 
 A thin shell over the library. A mistake on the user's side (a missing file, a bad pattern,
 an unknown model or layer) prints one line and exits with status 2, without a traceback
 (``KNSPARSE_DEBUG=1`` shows it).
+
+Under ``torchrun --nproc-per-node N -m knsparse ...`` ``prune`` and ``finetune`` run on every
+process (calibration and training split over them, rank 0 writes and prints); the other
+commands run on rank 0 alone.
 """
 
 from __future__ import annotations
@@ -13,7 +17,10 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
-from .app import commands
+import torch
+
+from . import distributed
+from .app import commands, finetune_cmd
 from .app.registry import MODELS_HELP, UserError
 from .methods import METHODS
 from .pattern import Pattern
@@ -79,7 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
         "export to ONNX/TensorRT and audit dense vs sparse throughput.",
         epilog="Run 'knsparse <command> --help' for the options of each command.",
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{prune,inspect,export,audit,demo}")
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="{prune,finetune,inspect,export,audit,demo}"
+    )
 
     p = sub.add_parser(
         "prune",
@@ -141,7 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", required=True, help="output .safetensors file")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=commands.prune)
+    p.set_defaults(func=commands.prune, distributed=True)
+
+    finetune_cmd.add_parser(sub, _model_args)
 
     p = sub.add_parser(
         "inspect",
@@ -266,6 +277,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .export import ParityError
 
     args = build_parser().parse_args(argv)
+    if distributed.launched() and not getattr(args, "distributed", False):
+        if int(os.environ["RANK"]) != 0:
+            return 0  # a one-process command: rank 0 runs it alone
+    elif distributed.init() and not distributed.is_main():
+        args.quiet, sys.stdout = True, open(os.devnull, "w")  # noqa: SIM115 - rank 0 prints
     handled: tuple[type[BaseException], ...] = (
         UserError,
         ValueError,
@@ -285,6 +301,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"knsparse {args.command}: interrupted", file=sys.stderr)
         return 130
+    except torch.distributed.DistError as err:  # a rank died or timed out: name it, no hang
+        rank = distributed.rank()
+        print(f"knsparse {args.command}: rank {rank}: distributed error: {err}", file=sys.stderr)
+        return 1
+    finally:
+        distributed.shutdown()
 
 
 if __name__ == "__main__":

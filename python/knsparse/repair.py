@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import distributed
 from .batches import Batch, model_batches, model_device
 from .layers import is_prunable
 from .modes import evaluation
@@ -89,8 +90,15 @@ def _channel_variances(
     finally:
         for h in handles:
             h.remove()
+    flat = {
+        f"{name}\0{i}": torch.as_tensor(v, dtype=torch.float64)
+        for name, acc in stats.items()
+        for i, v in enumerate(acc)
+    }
+    summed = distributed.all_reduce_sum(flat)  # every rank's share of the batches
     out = {}
-    for name, (total, squares, count) in stats.items():
+    for name in dict.fromkeys(key.split("\0")[0] for key in summed):
+        total, squares, count = (summed[f"{name}\0{i}"] for i in range(3))
         mean, mean_sq = total / count, squares / count
         out[name] = (mean_sq - mean * mean).clamp_min(0.0)
         out[name + "/ms"] = mean_sq
@@ -165,15 +173,18 @@ def _repair(
     method: str,
     progress: bool,
 ) -> RepairReport:
-    batches = list(model_batches(calib, model_device(model)))
+    device = model_device(model)
+    batches = list(model_batches(calib))
     names = pruned_layers(model, dense_model)
     report = RepairReport(method, batches=len(batches))
     if not names:
         return report
-    dense_stats = _channel_variances(dense_model, names, batches)
+    local = [x.to(device) for x in distributed.shard(batches)]  # this rank's share
+    dense_stats = _channel_variances(dense_model, names, local)
     modules = dict(model.named_modules())
-    for name in tqdm(_execution_order(model, names, batches[0]), desc=method, disable=not progress):
-        pruned = _channel_variances(model, [name], batches, stop_after=name)
+    order = _execution_order(model, names, batches[0].to(device))
+    for name in tqdm(order, desc=method, disable=not progress):
+        pruned = _channel_variances(model, [name], local, stop_after=name)
         gamma, lam = gamma_of(dense_stats[name], pruned[name], pruned[name + "/ms"])
         _fold(modules[name], gamma)
         report.gammas[name] = gamma.float()
@@ -236,7 +247,8 @@ def recalibrate_bn(model: nn.Module, calib: object, *, progress: bool = False) -
     """Reset every BatchNorm's running statistics and re-estimate them as a cumulative
     average over the calibration batches (other modules stay in eval mode, no gradients).
     Returns the number of batches; ``ValueError`` if there is none."""
-    batches = list(model_batches(calib, model_device(model)))  # an empty set raises before any change
+    batches = list(model_batches(calib))  # an empty set raises before any change
+    device = model_device(model)
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     saved = [(m.momentum, {k: v.clone() for k, v in m.state_dict().items()}) for m in bns]
     with evaluation(model):
@@ -245,8 +257,9 @@ def recalibrate_bn(model: nn.Module, calib: object, *, progress: bool = False) -
                 m.reset_running_stats()
                 m.momentum = None  # cumulative moving average
                 m.train()
-            for batch in tqdm(batches, desc="recalibrate BN", disable=not progress):
-                batch(model)
+            for batch in tqdm(distributed.shard(batches), desc="recalibrate BN", disable=not progress):
+                batch.to(device)(model)
+            _all_reduce_bn(bns)
         except BaseException:
             for m, (_, state) in zip(bns, saved, strict=True):
                 m.load_state_dict(state)  # a failed batch leaves the statistics as they were
@@ -255,6 +268,26 @@ def recalibrate_bn(model: nn.Module, calib: object, *, progress: bool = False) -
             for m, (momentum, _) in zip(bns, saved, strict=True):
                 m.momentum = momentum
     return len(batches)
+
+
+def _all_reduce_bn(bns: list[nn.Module]) -> None:
+    """Combine every rank's cumulative averages into the average over all batches:
+    ``Σ_r n_r · avg_r / Σ_r n_r`` with ``n_r`` the batches rank ``r`` ran."""
+    if not distributed.active():
+        return
+    bns = [m for m in bns if m.running_mean is not None]
+    flat = {}
+    for i, m in enumerate(bns):
+        n = m.num_batches_tracked.double()
+        flat[f"{i}\0n"] = n.reshape(1)
+        flat[f"{i}\0mean"] = m.running_mean.double() * n
+        flat[f"{i}\0var"] = m.running_var.double() * n
+    summed = distributed.all_reduce_sum(flat)
+    for i, m in enumerate(bns):
+        n = summed[f"{i}\0n"].clamp_min(1)
+        m.running_mean.copy_(summed[f"{i}\0mean"] / n)
+        m.running_var.copy_(summed[f"{i}\0var"] / n)
+        m.num_batches_tracked.copy_(summed[f"{i}\0n"].reshape(()).long())
 
 
 def apply(model: nn.Module, dense_model: nn.Module, calib: object, method: Method) -> RepairReport:

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..methods import METHODS
 from .images import ImageFolder, top1
 from .registry import DIGITS_MODELS, UserError, load_model
@@ -71,7 +72,8 @@ def prune(args: argparse.Namespace) -> int:
             "--repair-epochs fine-tunes on the bundled digits; fine-tune your own model on your "
             "images with 'knsparse finetune'"
         )
-    loaded = load_model(args.model, args.weights, args.seed)
+    with distributed.main_first():  # rank 0 trains/caches a built-in model once
+        loaded = load_model(args.model, args.weights, args.seed)
     data = load_digits_split(args.seed) if digits else None
     calib = None
     if images is not None:
@@ -100,9 +102,11 @@ def prune(args: argparse.Namespace) -> int:
         calib=calib,
         evaluator=evaluator,
     )
-    out.parent.mkdir(parents=True, exist_ok=True)
     fused = fuse_activations(loaded.model) if args.fuse_activations else {}
-    save_sparse(loaded.model, out)
+    if distributed.is_main():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        save_sparse(loaded.model, out)
+    distributed.barrier()
     print(f"{loaded.description}: {outcome.describe()}")
     if args.fuse_activations:
         print(f"fused the activation into {len(fused)} MLP fc1 layer(s): {', '.join(fused) or '-'}")

@@ -2,12 +2,14 @@
 
 :func:`knsparse.prune.prune` chooses the k:n masks (any method, optionally with channel
 permutation before and ASR / BatchNorm repair after), optional masked fine-tuning on the
-bundled digits follows (pruned weights stay zero after every optimiser step), then
+bundled digits follows (distillation from the dense model with :func:`knsparse.finetune`;
+pruned weights stay zero after every optimiser step), then
 :func:`knsparse.swap_modules` puts the sparse modules in.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import partial
@@ -15,11 +17,15 @@ from functools import partial
 import torch
 from torch import nn
 
+from ..finetune import finetune
 from ..modules import SwapReport, swap_modules
 from ..pattern import Pattern
 from ..prune import PruneResult, prune
 from .data import DigitsSplit, calibration_batches
-from .trainer import evaluate, train
+from .trainer import evaluate
+
+REPAIR_LABEL_WEIGHT = 0.5
+"""Weight of the label cross-entropy beside distillation from the dense model in the repair."""
 
 
 @dataclass
@@ -89,6 +95,7 @@ def prune_and_swap(
         calib = calibration_batches(data, seed=seed)
         evaluator = partial(_test_accuracy, data=data)
     accuracy_dense = evaluator(model) if evaluator is not None else None
+    teacher = copy.deepcopy(model) if repair_epochs else None
     result = prune(
         model, method, pattern, calib=calib, permute=permute, repair=repair, inplace=True, progress=progress
     )
@@ -98,8 +105,16 @@ def prune_and_swap(
     if evaluator is not None:
         outcome.accuracy_pruned = evaluator(model)
     if repair_epochs:
-        train(
-            model, data, repair_epochs, lr=repair_lr, masks=masks, seed=seed, progress=progress, desc="repair"
+        finetune(
+            model,
+            teacher,
+            (data.x_train, data.y_train),
+            repair_epochs,
+            masks=masks,
+            lr=repair_lr,
+            label_weight=REPAIR_LABEL_WEIGHT,
+            seed=seed,
+            progress=progress,
         )
         outcome.accuracy_repaired = evaluator(model)
     outcome.swap = swap_modules(model, result.plan, backend=backend, include=include, exclude=exclude)

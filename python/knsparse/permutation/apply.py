@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..batches import Batch, model_batches, model_device, output_tensors
 from ..checks import check_number
 from ..layers import placement_reasons, shared_tensors
@@ -161,6 +162,35 @@ def placement_skip(
     return None
 
 
+def _search_groups(
+    model: nn.Module,
+    groups: list[ChannelGroup],
+    pattern: Pattern,
+    search_kwargs: dict,
+    progress: bool,
+    skip: dict[int, str],
+) -> tuple[list[GroupReport], list[torch.Tensor | None]]:
+    """Every group's report and permutation (``None``: leave it alone), all searched on the
+    weights as they are before any permutation is applied, so the result does not depend on
+    how the groups are split; ``skip`` gives the reason a group must not move. Under
+    torch.distributed rank ``r`` searches groups ``r, r+N, ...`` and the results are gathered on
+    every rank."""
+    found: dict[int, tuple[GroupReport, torch.Tensor | None]] = {}
+    mine = list(distributed.shard(range(len(groups))))
+    for i in tqdm(mine, desc="permute", disable=not progress):
+        group = groups[i]
+        start = time.perf_counter()
+        report = GroupReport(group.name, group.consumers, group.source, skip_reason=skip.get(i))
+        perm = None
+        if report.skip_reason is None:
+            perm = _search_group(model, group, report, pattern, search_kwargs)
+        report.seconds = time.perf_counter() - start
+        found[i] = (report, None if perm is None else perm.cpu())
+    for part in distributed.all_gather_object(found):
+        found.update(part)
+    return [found[i][0] for i in range(len(groups))], [found[i][1] for i in range(len(groups))]
+
+
 def _outputs(model: nn.Module, batch: Batch) -> list[torch.Tensor]:
     with torch.no_grad():
         out = batch(model)
@@ -225,18 +255,16 @@ def permute(
                 "time_budget_s": time_budget_s,
             }
             placement, shared = placement_reasons(model), shared_tensors(model)
-            reports = []
-            for group in tqdm(found.groups, desc="permute", disable=not progress):
-                start = time.perf_counter()
-                reason = group.skip_reason or placement_skip(model, group, placement, shared)
-                report = GroupReport(group.name, group.consumers, group.source, skip_reason=reason)
-                if report.skip_reason is None:
-                    perm = _search_group(model, group, report, pattern, search_kwargs)
-                    if perm is not None:
-                        apply_permutation(model, group, perm)
-                        report.permuted = True
-                report.seconds = time.perf_counter() - start
-                reports.append(report)
+            skip = {
+                i: reason
+                for i, group in enumerate(found.groups)
+                if (reason := group.skip_reason or placement_skip(model, group, placement, shared))
+            }
+            reports, perms = _search_groups(model, found.groups, pattern, search_kwargs, progress, skip)
+            for group, report, perm in zip(found.groups, reports, perms, strict=True):
+                if perm is not None:
+                    apply_permutation(model, group, perm.to(model_device(model)))
+                    report.permuted = True
             if probe is not None:
                 _check_unchanged(model, probe, reference)
         except BaseException:
