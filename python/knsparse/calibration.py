@@ -6,13 +6,15 @@ same order as the weight's reduction view (``"rsc"`` by default, see :mod:`knspa
 column ``j`` of a statistic lines up with column ``j`` of the reduction-view weight.
 
 Nothing is stored per input: hooks fold every batch into fixed-size accumulators (``[K]`` column
-sums of squares, optionally ``[K/n, n, n]`` block Gram matrices), so memory does not grow with
-the calibration set. ``calib`` is any re-iterable of batches (a list of tensors, a DataLoader);
-a batch is either the model input or a tuple/list whose first element is.
+sums of squares, optionally ``[K/n, n, n]`` block Gram matrices or the full ``[K, K]`` Gram
+``XᵀX`` — the layer Hessian of SparseGPT/OBS), so memory does not grow with the calibration set.
+``calib`` is any re-iterable of batches (a list of tensors, a DataLoader); a batch is either the
+model input or a tuple/list whose first element is.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
@@ -25,6 +27,10 @@ from .batches import input_batches
 from .masks import ConvOrder
 
 RowsCallback = Callable[[str, torch.Tensor], None]
+
+
+class _AllSeen(Exception):
+    """Raised by a hook to end a forward pass early once every listed layer has run."""
 
 
 def check_reiterable(calib: object) -> None:
@@ -78,18 +84,27 @@ def stream_layer_inputs(
     conv_order: ConvOrder = "rsc",
     progress: bool = False,
     desc: str = "calibration",
+    stop_early: bool = False,
 ) -> int:
     """Run ``model`` over ``calib`` (eval mode, no grad) and call ``on_rows(name, rows)`` with the
     ``[B, T, K]`` float32 GEMM input rows of every listed layer. Returns the number of batches.
 
+    With ``stop_early`` each forward pass ends as soon as every listed layer has seen its input
+    (the rest of the model never runs; a layer called twice per forward is seen once).
     The model's training flag is restored afterwards and the hooks are always removed.
     Raises ``ValueError`` if ``calib`` yields no batch.
     """
     device = next(model.parameters()).device
+    seen: set[str] = set()
 
     def hook_for(name: str, module: nn.Module):
         def hook(_mod: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+            if stop_early and name in seen:
+                return
             on_rows(name, gemm_input_rows(module, inputs[0].detach(), conv_order).float())
+            seen.add(name)
+            if stop_early and len(seen) == len(layers):
+                raise _AllSeen
 
         return hook
 
@@ -101,7 +116,9 @@ def stream_layer_inputs(
         with torch.no_grad():
             inputs = input_batches(calib, device)
             for x in tqdm(inputs, desc=desc, unit="batch", disable=not progress, leave=False):
-                model(x)
+                seen.clear()
+                with contextlib.suppress(_AllSeen):
+                    model(x)
                 batches += 1
     finally:
         for h in handles:
@@ -120,6 +137,10 @@ class InputStats:
     """``[K]`` Σ over all rows of ``x_j²``."""
     block_gram: torch.Tensor | None
     """``[K/n, n, n]`` Σ over all rows of ``x_g x_gᵀ`` for each group ``g`` of ``n`` columns."""
+    gram: torch.Tensor | None = None
+    """``[K, K]`` Σ over all rows of ``x xᵀ`` (the full Gram ``XᵀX``), when collected."""
+    rows: int = 0
+    """GEMM input rows seen (tokens / conv output positions over all samples)."""
 
     def column_norms(self) -> torch.Tensor:
         """``‖x_j‖`` per sample: ``sqrt(Σ x_j² / samples)``, shape ``[K]`` float32."""
@@ -131,6 +152,23 @@ class InputStats:
             raise ValueError("these statistics were collected without block Gram matrices")
         return (self.block_gram / max(self.samples, 1)).float()
 
+    def hessian(self, name: str) -> torch.Tensor:
+        """Full Gram per sample, ``[K, K]`` float64: the layer-wise OBS Hessian up to a factor 2.
+
+        Raises ``ValueError`` naming layer ``name`` when it was not collected, or when fewer GEMM
+        rows than columns were seen (the Gram is then singular: the reconstruction would fit
+        the calibration set, not the layer).
+        """
+        if self.gram is None:
+            raise ValueError(f"layer {name!r}: statistics were collected without the full Gram matrix")
+        k = self.gram.shape[0]
+        if self.rows < k:
+            raise ValueError(
+                f"layer {name!r}: {self.rows} calibration rows for a {k}x{k} input Gram (rank < {k}); "
+                f"pass at least {k} GEMM input rows (more calibration samples)"
+            )
+        return self.gram / max(self.samples, 1)
+
 
 def collect_input_stats(
     model: nn.Module,
@@ -138,17 +176,30 @@ def collect_input_stats(
     calib: Iterable[object],
     *,
     group: int | None = None,
+    full_gram: bool = False,
     conv_order: ConvOrder = "rsc",
     progress: bool = False,
+    stop_early: bool = False,
 ) -> dict[str, InputStats]:
-    """Column sums of squares of every layer's GEMM inputs, and with ``group = n`` also the
+    """Column sums of squares of every layer's GEMM inputs, with ``group = n`` also the
     ``n × n`` Gram block of every group of ``n`` consecutive reduction columns (``K % n == 0``
-    is required for those layers). Memory: ``K`` (+ ``K·n``) float64 per layer."""
+    is required for those layers), with ``full_gram`` the whole ``K × K`` Gram (each batch's
+    product in float32, accumulated in float64). Memory: ``K`` (+ ``K·n``, + ``K²``) float64 per
+    layer; callers bound it by collecting a few layers per pass. ``stop_early`` as in
+    :func:`stream_layer_inputs`.
+
+    Raises ``ValueError`` naming the layer if its calibration inputs contain NaN or Inf.
+    """
     stats: dict[str, InputStats] = {}
 
     def accumulate(name: str, rows: torch.Tensor) -> None:
         b, _, k = rows.shape
         flat = rows.reshape(-1, k)
+        if not torch.isfinite(flat).all():
+            raise ValueError(
+                f"layer {name!r}: calibration inputs contain NaN or Inf "
+                "(check the calibration batches and the layers before it)"
+            )
         st = stats.get(name)
         if st is None:
             gram = None
@@ -156,14 +207,22 @@ def collect_input_stats(
                 if k % group:
                     raise ValueError(f"layer {name!r}: reduction size {k} is not a multiple of n={group}")
                 gram = torch.zeros(k // group, group, group, dtype=torch.float64, device=rows.device)
-            st = stats[name] = InputStats(0, torch.zeros(k, dtype=torch.float64, device=rows.device), gram)
+            full = torch.zeros(k, k, dtype=torch.float64, device=rows.device) if full_gram else None
+            st = stats[name] = InputStats(
+                0, torch.zeros(k, dtype=torch.float64, device=rows.device), gram, full
+            )
         st.samples += b
+        st.rows += flat.shape[0]
         st.sum_sq += flat.square().sum(0).double()
+        if st.gram is not None:
+            st.gram += (flat.T @ flat).double()
         if st.block_gram is not None:
             g = flat.reshape(flat.shape[0], -1, group)
             st.block_gram += torch.einsum("tgi,tgj->gij", g, g).double()
 
-    stream_layer_inputs(model, layers, calib, accumulate, conv_order=conv_order, progress=progress)
+    stream_layer_inputs(
+        model, layers, calib, accumulate, conv_order=conv_order, progress=progress, stop_early=stop_early
+    )
     missing = [nm for nm in layers if nm not in stats]
     if missing:
         raise ValueError(f"layers never ran during calibration (not on the forward path?): {missing}")

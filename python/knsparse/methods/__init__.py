@@ -18,6 +18,8 @@ from .cast import cast, greedy_group_select
 from .magnitude import magnitude
 from .rmt import rmt
 from .ser import hybrid, ser
+from .sparsegpt import sparsegpt
+from .wanda import wanda
 
 MethodFn = Callable[..., Mapping[str, Decision]]
 
@@ -32,6 +34,12 @@ class MethodSpec:
     """The method needs the ``n × n`` input Gram blocks of every group."""
     premask: bool = False
     """A k:n call may also take ``sparsity`` (an unstructured pre-mask)."""
+    full_gram: bool | str = False
+    """The method needs each layer's full ``K × K`` input Gram; a string names the boolean option
+    that asks for it (``cast``'s ``reconstruct``)."""
+    layerwise: bool = False
+    """Each layer's decision depends on that layer alone, so layers can be decided one after the
+    other on the outputs of the already pruned ones (``prune(sequential=True)``)."""
     fixed: Mapping[str, object] = field(default_factory=dict)
     """Options this registry entry pins (``cast-conv`` is ``cast`` with ``convs=True``)."""
 
@@ -41,6 +49,13 @@ class MethodSpec:
         params = inspect.signature(self.fn).parameters.values()
         names = {p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
         return frozenset(names - set(self.fixed))
+
+    def needs_full_gram(self, options: Mapping[str, object]) -> bool:
+        """Whether a call with ``options`` needs the full Gram (:attr:`full_gram`)."""
+        if isinstance(self.full_gram, str):
+            default = inspect.signature(self.fn).parameters[self.full_gram].default
+            return bool(options.get(self.full_gram, default))
+        return self.full_gram
 
     def __call__(
         self, layers: Mapping[str, Layer], pattern: Pattern, sparsity: float | None, **options: object
@@ -58,8 +73,21 @@ METHODS: dict[str, MethodSpec] = {
     "rmt": MethodSpec(rmt, "unused", "both"),
     "ser": MethodSpec(ser, "optional", "unstructured"),
     "hybrid": MethodSpec(hybrid, "optional", "unstructured"),
-    "cast": MethodSpec(cast, "required", "kn", group_gram=True, premask=True),
-    "cast-conv": MethodSpec(cast, "required", "kn", group_gram=True, premask=True, fixed={"convs": True}),
+    "wanda": MethodSpec(wanda, "required", "both", layerwise=True),
+    "sparsegpt": MethodSpec(sparsegpt, "required", "kn", full_gram=True, layerwise=True),
+    "cast": MethodSpec(
+        cast, "required", "kn", group_gram=True, premask=True, full_gram="reconstruct", layerwise=True
+    ),
+    "cast-conv": MethodSpec(
+        cast,
+        "required",
+        "kn",
+        group_gram=True,
+        premask=True,
+        full_gram="reconstruct",
+        layerwise=True,
+        fixed={"convs": True},
+    ),
 }
 
 __all__ = [
@@ -73,4 +101,6 @@ __all__ = [
     "magnitude",
     "rmt",
     "ser",
+    "sparsegpt",
+    "wanda",
 ]
