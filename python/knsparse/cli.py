@@ -125,6 +125,13 @@ _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torc
 # ------------------------------------------------------------------------------ commands
 
 
+def _kn_methods() -> list[str]:
+    """The registry's methods that produce k:n masks."""
+    from .methods import METHODS
+
+    return sorted(m for m, spec in METHODS.items() if spec.patterns != "unstructured")
+
+
 def _cmd_prune(args: argparse.Namespace) -> int:
     from .fuse import fuse_activations
     from .io import save_sparse
@@ -133,9 +140,11 @@ def _cmd_prune(args: argparse.Namespace) -> int:
 
     loaded = load_model(args.model, args.weights, args.seed)
     digits = loaded.input_shape == (1, 8, 8)
-    if (args.repair_epochs or args.repair or args.method != "magnitude") and not digits:
+    from .methods import METHODS
+
+    if (args.repair_epochs or args.repair or METHODS[args.method].calib == "required") and not digits:
         raise UserError(
-            "--repair-epochs, --repair and --method cast* calibrate on the bundled digits: "
+            f"--repair-epochs, --repair and --method {args.method} calibrate on the bundled digits: "
             "use them with a *_digits model"
         )
     data = load_digits_split(args.seed) if digits else None
@@ -346,8 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--method",
         default="magnitude",
-        choices=["magnitude", "cast", "cast-conv"],
-        help="mask method (cast/cast-conv calibrate on the digits; default magnitude)",
+        choices=_kn_methods(),
+        help="mask method from the registry (data-aware ones calibrate on the digits; default magnitude)",
     )
     p.add_argument("--permute", action="store_true", help="permute channels before masking (function kept)")
     p.add_argument(

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 
 from ..pattern import Pattern
 from .base import Decision, Layer, layer_hessian
-from .obs import BLOCKSIZE, DAMP, inverse_cholesky, relative_output_error, sparsegpt_sweep
+from .obs import BLOCKSIZE, DAMP, inverse_cholesky, refit_in_mask, relative_output_error, sparsegpt_sweep
 
 
 def sparsegpt(
@@ -24,12 +24,16 @@ def sparsegpt(
     *,
     damp: float = DAMP,
     blocksize: int = BLOCKSIZE,
+    refit: bool = False,
 ) -> dict[str, Decision]:
     """SparseGPT k:n masks and re-fitted weights for every layer.
 
     ``damp``: damping as a fraction of the mean diagonal of the Gram (default 1%);
-    ``blocksize``: columns per lazy-update block (speed only, same result). Each decision's
-    ``extra["output_error"]`` is the relative output error on the calibration set.
+    ``blocksize``: columns per lazy-update block (speed only, same result); ``refit``: after the
+    sweep, re-solve the kept weights exactly by least squares in SparseGPT's mask
+    (:func:`knsparse.methods.obs.refit_in_mask`; the sweep's kept weights left of a pruned one are
+    never updated again, the exact solution is never worse on the calibration set). Each
+    decision's ``extra["output_error"]`` is the relative output error on the calibration set.
     """
     if pattern.is_unstructured:
         raise ValueError("method 'sparsegpt' needs a k:n pattern (e.g. '2:4'), got 'unstructured'")
@@ -39,8 +43,9 @@ def sparsegpt(
     for name, lay in layers.items():
         h = layer_hessian(lay, "sparsegpt", damp)
         mask, new = sparsegpt_sweep(lay.weight, inverse_cholesky(h, name), pattern, blocksize=blocksize)
+        if refit:
+            new = refit_in_mask(lay.weight, h, mask)
         error = relative_output_error(lay.weight, new, h)
-        out[name] = Decision(
-            mask, f"sparsegpt {pattern}", pattern.sparsity, weight=new.float(), extra={"output_error": error}
-        )
+        rule = f"sparsegpt {pattern}" + (" + refit" if refit else "")
+        out[name] = Decision(mask, rule, pattern.sparsity, weight=new.float(), extra={"output_error": error})
     return out
