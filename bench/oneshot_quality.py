@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import random
 import re
 import statistics
@@ -48,6 +49,7 @@ from knsparse.models import calibration_batches, evaluate, load_digits_split, pr
 from knsparse.prune import prune
 
 PATTERNS = ("2:4", "8:16")
+PARTS = ("digits", "minilm")
 VALIDATION = 0.2
 # (label, method key, prune kwargs); method key "modelopt" is the peer, "{cast}" the model's CAST.
 CANDIDATES: list[tuple[str, str, dict]] = [
@@ -77,6 +79,9 @@ DEFAULT_CANDIDATES = (
 )
 """Candidates for knsparse's default k:n method (all reconstruct the kept weights)."""
 CAREFUL = "sparsegpt"
+MODELOPT_24_ONLY = (
+    "ModelOpt 0.47 sparsifies 2:4 only (its searcher's sanitize_search_config asserts n == 2 and m == 4)"
+)
 
 
 def layer_sparsity(model: nn.Module) -> float:
@@ -129,21 +134,29 @@ def digits_rows(name: str, cast: str, args: argparse.Namespace) -> list[dict]:
     ):
         method = method.format(cast=cast)
         row = {"model": name, "pattern": pattern, "label": label, "method": method, "args": kwargs}
+        if method == "modelopt" and pattern != "2:4":
+            rows.append({**row, "error": MODELOPT_24_ONLY})
+            continue
         draws = [0] if method == "magnitude" else args.calib_seeds
-        for phase, models, data in (("val", selection, val), ("test", trained, test)):
-            scores, seconds, sparsity = [], [], []
-            for model in models:
-                for seed in draws:
-                    calib = calibration_batches(data, 64, 4, seed=seed)
-                    pruned, took = run(model, method, pattern, calib, kwargs)
-                    scores.append(evaluate(pruned, data.x_test, data.y_test))
-                    seconds.append(took)
-                    sparsity.append(layer_sparsity(pruned))
-            row[phase] = statistics.mean(scores)
-            row[f"{phase}_std"] = statistics.pstdev(scores)
-            row[f"{phase}_all"] = scores
-            row["seconds"] = statistics.median(seconds)
-            row["sparsity"] = statistics.mean(sparsity)
+        try:
+            for phase, models, data in (("val", selection, val), ("test", trained, test)):
+                scores, seconds, sparsity = [], [], []
+                for model in models:
+                    for seed in draws:
+                        calib = calibration_batches(data, 64, 4, seed=seed)
+                        pruned, took = run(model, method, pattern, calib, kwargs)
+                        scores.append(evaluate(pruned, data.x_test, data.y_test))
+                        seconds.append(took)
+                        sparsity.append(layer_sparsity(pruned))
+                row[phase] = statistics.mean(scores)
+                row[f"{phase}_std"] = statistics.pstdev(scores)
+                row[f"{phase}_all"] = scores
+                row["seconds"] = statistics.median(seconds)
+                row["sparsity"] = statistics.mean(sparsity)
+        except Exception as err:  # a candidate that cannot run on this model is reported, not hidden
+            rows.append({**row, "error": f"{type(err).__name__}: {err}"})
+            tqdm.write(f"{name} {pattern} {label}: {rows[-1]['error']}")
+            continue
         tqdm.write(f"{name} {pattern} {label:26s} val {row['val']:.4f} test {row['test']:.4f}")
         rows.append(row)
     return rows
@@ -279,24 +292,32 @@ def columns(rows: list[dict]) -> list[tuple[str, str]]:
 
 
 def select(rows: list[dict]) -> dict:
-    """The two validation choices (module docstring). Ranks: 1 = best in a column."""
+    """The two validation choices (module docstring). Ranks: 1 = best in a column; a candidate
+    that could not run on some model cannot be the default."""
     by = {(r["model"], r["pattern"], r["label"]): r for r in rows if "val" in r}
-    cols = [c for c in columns(rows) if all((*c, lab) in by for lab in DEFAULT_CANDIDATES)]
-    refit_wins = [by[(*c, "cast + refit")]["val"] - by[(*c, "cast")]["val"] for c in cols]
-    ranks: dict[str, list[float]] = {lab: [] for lab in DEFAULT_CANDIDATES}
+    cols = columns(rows)
+    refit_wins = [
+        by[(*c, "cast + refit")]["val"] - by[(*c, "cast")]["val"]
+        for c in cols
+        if (*c, "cast + refit") in by and (*c, "cast") in by
+    ]
+    usable = [lab for lab in DEFAULT_CANDIDATES if all((*c, lab) in by for c in cols)]
+    ranks: dict[str, list[float]] = {lab: [] for lab in usable}
     for c in cols:
-        order = sorted(DEFAULT_CANDIDATES, key=lambda lab: -by[(*c, lab)]["val"])
-        for lab in DEFAULT_CANDIDATES:
-            ties = [i + 1 for i, o in enumerate(order) if by[(*c, o)]["val"] == by[(*c, lab)]["val"]]
-            ranks[lab].append(statistics.mean(ties))
+        for lab in usable:
+            better = sum(by[(*c, o)]["val"] > by[(*c, lab)]["val"] for o in usable)
+            ties = sum(by[(*c, o)]["val"] == by[(*c, lab)]["val"] for o in usable)
+            ranks[lab].append(better + (ties + 1) / 2)
     mean_rank = {lab: statistics.mean(r) for lab, r in ranks.items()}
-    best = min(DEFAULT_CANDIDATES, key=lambda lab: (mean_rank[lab], DEFAULT_CANDIDATES.index(lab)))
+    best = min(usable, key=lambda lab: (mean_rank[lab], DEFAULT_CANDIDATES.index(lab)))
+    gain = statistics.mean(refit_wins)
     return {
-        "cast_reconstruct": {
-            "mean_val_gain": statistics.mean(refit_wins),
-            "on": statistics.mean(refit_wins) > 0,
+        "cast_reconstruct": {"mean_val_gain": gain, "per_column": refit_wins, "on": gain > 0},
+        "default_kn": {
+            "mean_val_rank": mean_rank,
+            "chosen": best,
+            "unusable": sorted(set(DEFAULT_CANDIDATES) - set(usable)),
         },
-        "default_kn": {"mean_val_rank": mean_rank, "chosen": best},
         "columns": [list(c) for c in cols],
     }
 
@@ -321,17 +342,24 @@ def markdown(payload: dict) -> str:
     rows, sel = payload["rows"], payload["selection"]
     cols = columns(rows)
     by = {(r["model"], r["pattern"], r["label"]): r for r in rows}
-    env = payload["environment"]
+    env, cfg = payload["environment"], payload["config"]
+    mini = cfg["minilm"]["minilm"]
+    part_envs = payload["part_environments"]
     lines = [
         "# One-shot k:n quality (`bench/oneshot_quality.py`)",
         "",
-        f"Commit {env.get('git_commit', '?')}, torch {env.get('torch', '?')}, machine shared with other jobs "
-        f"(load average at write {env['load_average_1_5_15min_at_write']}). Digits: test top-1 accuracy, "
-        f"mean over training seeds {payload['config']['train_seeds']} x calibration draws "
-        f"{payload['config']['calib_seeds']} (magnitude: one draw, it uses none); dense "
+        f"Commit {env['commit']}, torch {env['versions'].get('torch')}, one torch thread per part. The "
+        "machine (2 cores) was shared with other agents' jobs; load averages (1/5/15 min) when each "
+        "part finished: "
+        + ", ".join(f"{p} {e['load_average_1_5_15min_at_write']}" for p, e in part_envs.items())
+        + ". Digits: test top-1 accuracy (360 images), "
+        f"mean over training seeds {cfg['digits']['train_seeds']} x calibration draws "
+        f"{cfg['digits']['calib_seeds']} of 4x64 training images (magnitude: one, it uses none); dense "
         + ", ".join(f"{m} {a:.4f}" for m, a in payload["dense"].items())
-        + ". MiniLM: mean cosine to the dense sentence embeddings on test sentences, mean over the "
-        "calibration draws. Cells: test mean ± std (validation mean in brackets; selection uses only those).",
+        + f". MiniLM: mean cosine to the dense sentence embeddings on {mini['sentences']['test']} test "
+        f"sentences, calibration draws {cfg['minilm']['calib_seeds']} of {mini['sentences']['per_draw']} "
+        f"sentences, validation {mini['sentences']['validation']} sentences ({mini['source']}). "
+        "Cells: test mean ± std (validation mean in brackets; selection uses only those).",
         "",
         "| method | " + " | ".join(f"{m} {p}" for m, p in cols) + " |",
         "| --- |" + " ---: |" * len(cols),
@@ -417,13 +445,60 @@ def plot(payload: dict, path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def run_part(part: str, args: argparse.Namespace) -> None:
+    """Measure one part (``digits`` or ``minilm``) into ``bench/results/oneshot_quality_<part>.json``."""
+    start = time.perf_counter()
+    rows, dense, info = [], {}, {}
+    if part == "digits":
+        for name, cast in (("vit_tiny_digits", "cast"), ("resnet_tiny_digits", "cast-conv")):
+            dense[name] = digits_dense(name, args.train_seeds)
+            rows += digits_rows(name, cast, args)
+    else:
+        args.calib_seeds = args.calib_seeds[: args.minilm_draws]
+        rows, info = minilm_rows(args)
+        dense["all-MiniLM-L6-v2"] = 1.0
+    config = {
+        "torch_threads": args.threads,
+        "train_seeds": args.train_seeds,
+        "calib_seeds": args.calib_seeds,
+        "patterns": PATTERNS,
+        "validation_fraction": VALIDATION,
+        "minilm": info,
+    }
+    payload = {"part": part, "config": config, "dense": dense, "rows": rows}
+    write_result(f"oneshot_quality_{part}", {**payload, "seconds": time.perf_counter() - start})
+
+
+def merge() -> None:
+    """Selection, goal check, table and plot from the measured parts."""
+    parts = [json.loads((RESULTS / f"oneshot_quality_{p}.json").read_text()) for p in PARTS]
+    rows = [r for p in parts for r in p["rows"]]
+    sel = select(rows)
+    payload = {
+        "benchmark": "one-shot k:n quality: knsparse methods vs NVIDIA ModelOpt sparsegpt",
+        "config": {p["part"]: p["config"] for p in parts},
+        "part_environments": {p["part"]: p["environment"] for p in parts},
+        "part_seconds": {p["part"]: p["seconds"] for p in parts},
+        "dense": {k: v for p in parts for k, v in p["dense"].items()},
+        "rows": rows,
+        "selection": sel,
+        "goal": goal(rows, sel["default_kn"]["chosen"]),
+    }
+    path = write_result("oneshot_quality", payload)
+    payload = json.loads(path.read_text())
+    (RESULTS / "oneshot_quality.md").write_text(markdown(payload))
+    plot(payload, RESULTS / "oneshot_quality.png")
+    print(markdown(payload))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--train-seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--calib-seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--minilm-draws", type=int, default=1, help="calibration draws for MiniLM")
     parser.add_argument("--minilm-sizes", type=int, nargs=3, default=[128, 256, 512])
-    parser.add_argument("--skip-digits", action="store_true")
-    parser.add_argument("--skip-minilm", action="store_true")
+    parser.add_argument("--part", choices=PARTS, help="measure one part only (run the parts in parallel)")
+    parser.add_argument("--merge", action="store_true", help="only merge the measured parts")
     parser.add_argument("--quick", action="store_true", help="one training seed, one draw, small MiniLM sets")
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads (1 is 15x faster than 2 on the shared machine)"
@@ -433,40 +508,11 @@ def main() -> None:
     if args.quick:
         args.train_seeds, args.calib_seeds, args.minilm_sizes = [0], [0], [96, 64, 64]
     torch.manual_seed(0)
-    start = time.perf_counter()
-    rows, dense, info = [], {}, {}
-    if not args.skip_digits:
-        for name, cast in (("vit_tiny_digits", "cast"), ("resnet_tiny_digits", "cast-conv")):
-            dense[name] = digits_dense(name, args.train_seeds)
-            rows += digits_rows(name, cast, args)
-    if not args.skip_minilm:
-        minilm, info = minilm_rows(args)
-        rows += minilm
-        dense["all-MiniLM-L6-v2"] = 1.0
-    sel = select(rows)
-    payload = {
-        "benchmark": "one-shot k:n quality: knsparse methods vs NVIDIA ModelOpt sparsegpt",
-        "config": {
-            "torch_threads": args.threads,
-            "train_seeds": args.train_seeds,
-            "calib_seeds": args.calib_seeds,
-            "patterns": PATTERNS,
-            "validation_fraction": VALIDATION,
-            "minilm": info,
-        },
-        "dense": dense,
-        "rows": rows,
-        "selection": sel,
-        "goal": goal(rows, sel["default_kn"]["chosen"]),
-        "seconds": time.perf_counter() - start,
-    }
-    path = write_result("oneshot_quality", payload)
-    import json
-
-    payload = json.loads(path.read_text())
-    (RESULTS / "oneshot_quality.md").write_text(markdown(payload))
-    plot(payload, RESULTS / "oneshot_quality.png")
-    print(markdown(payload))
+    if not args.merge:
+        for part in [args.part] if args.part else PARTS:
+            run_part(part, argparse.Namespace(**vars(args)))
+    if args.merge or not args.part:
+        merge()
 
 
 if __name__ == "__main__":

@@ -104,6 +104,8 @@ def test_sparsegpt_and_wanda_methods():
     # SparseGPT's reconstruction loses less output than Wanda's mask alone on the same data.
     assert output_error(w, d.weight.double(), x) < output_error(w, w * wd.mask, x)
     assert 0 < d.extra["output_error"] < 1
+    refit = sparsegpt({"fc": lay}, P24, refit=True)["fc"]
+    assert torch.equal(refit.mask, d.mask) and refit.extra["output_error"] <= d.extra["output_error"]
     per_row = wanda({"fc": lay}, Pattern.parse("unstructured"), 0.75)["fc"].mask
     assert bool((per_row.sum(1) == 8).all())
 
