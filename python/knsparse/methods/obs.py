@@ -56,15 +56,15 @@ def inverse_cholesky(h: torch.Tensor, name: str) -> torch.Tensor:
     return torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True)
 
 
-def _select(w: torch.Tensor, d: torch.Tensor, pattern: Pattern) -> torch.Tensor:
-    """Kept entries of a slice ``w [out, c]``: the ``k`` of every ``n`` columns with the largest
-    saliency ``w² / d²`` (``d`` = the diagonal of ``U`` over the slice's columns)."""
-    saliency = w.square() / d.square()
-    out, c = saliency.shape
-    grouped = saliency.reshape(out, c // pattern.n, pattern.n)
-    top = grouped.topk(pattern.k, dim=-1).indices
-    keep = torch.zeros_like(grouped, dtype=torch.bool).scatter_(-1, top, True)
-    return keep.reshape(out, c)
+def _select(wt: torch.Tensor, d: torch.Tensor, pattern: Pattern) -> torch.Tensor:
+    """Kept entries of one group, given transposed: ``wt [n, out]`` (column ``j`` of the group is
+    row ``j``), ``d [n]`` the diagonal of ``U`` over its columns. Keeps the ``k`` largest
+    saliencies ``w² / d²`` of every output row, ties to the lower column. Returns ``[n, out]``."""
+    sal = wt.square() / d.square().unsqueeze(1)
+    ahead = sal.unsqueeze(1) > sal.unsqueeze(0)  # [i, j, out]: entry i beats entry j
+    lower = torch.ones(pattern.n, pattern.n, dtype=torch.bool, device=wt.device).triu(1).unsqueeze(-1)
+    ahead |= (sal.unsqueeze(1) == sal.unsqueeze(0)) & lower
+    return ahead.sum(0) < pattern.k
 
 
 def sparsegpt_sweep(
@@ -85,28 +85,33 @@ def sparsegpt_sweep(
         blocksize: columns per lazy-update block (a multiple of ``n`` is used).
 
     Returns:
-        ``(mask, new_weight)``: ``[out, K]`` bool, ``[out, K]`` float64 (zero where pruned).
+        ``(mask, new_weight)``: ``[out, K]`` bool and ``[out, K]`` (zero where pruned), computed
+        in float64 for a float64 ``weight``, else in float32 (like SparseGPT's reference).
     """
-    w = weight.double().clone()
-    u = hinv_u.double()
-    out, k_dim = w.shape
+    dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    # Transposed ([K, out]) so that a column of the weight is a contiguous row.
+    wt = weight.to(dtype).t().contiguous()
+    u = hinv_u.to(dtype)
+    k_dim = wt.shape[0]
     n = pattern.n
     blocksize = max(n, blocksize - blocksize % n)
-    keep = torch.zeros(out, k_dim, dtype=torch.bool, device=w.device) if mask is None else mask.clone()
+    keep = torch.zeros_like(wt, dtype=torch.bool) if mask is None else mask.t().contiguous()
+    # Two levels of lazy updates: a pruned column updates the rest of its group at once, the
+    # group's errors update the rest of the block by one product, the block's the rest of the layer.
     for i1 in range(0, k_dim, blocksize):
         i2 = min(i1 + blocksize, k_dim)
-        block, u_blk = w[:, i1:i2], u[i1:i2, i1:i2]
+        block, u_blk, keep_blk = wt[i1:i2], u[i1:i2, i1:i2], keep[i1:i2]
         err = torch.zeros_like(block)
-        for j in range(i2 - i1):
-            if mask is None and j % n == 0:
-                cols = slice(j, j + n)
-                keep[:, i1 + j : i1 + j + n] = _select(block[:, cols], u_blk.diagonal()[cols], pattern)
-            col = block[:, j]
-            e = torch.where(keep[:, i1 + j], 0.0, col / u_blk[j, j])
-            block[:, j:] -= e.unsqueeze(1) * u_blk[j, j:].unsqueeze(0)
-            err[:, j] = e
-        w[:, i2:] -= err @ u[i1:i2, i2:]
-    return keep, w * keep
+        for g in range(0, i2 - i1, n):
+            if mask is None:
+                keep_blk[g : g + n] = _select(block[g : g + n], u_blk.diagonal()[g : g + n], pattern)
+            for j in range(g, g + n):
+                e = torch.where(keep_blk[j], 0.0, block[j] / u_blk[j, j])
+                block[j : g + n].addr_(u_blk[j, j : g + n], e, alpha=-1)
+                err[j] = e
+            block[g + n :].addmm_(u_blk[g : g + n, g + n :].t(), err[g : g + n], alpha=-1)
+        wt[i2:].addmm_(u[i1:i2, i2:].t(), err, alpha=-1)
+    return keep.t(), (wt * keep).t()
 
 
 def sparsegpt_sweep_ref(
@@ -125,7 +130,7 @@ def sparsegpt_sweep_ref(
     keep = torch.zeros(out, k_dim, dtype=torch.bool, device=w.device) if mask is None else mask.clone()
     for j in range(k_dim):
         if mask is None and j % n == 0:
-            keep[:, j : j + n] = _select(w[:, j : j + n], u.diagonal()[j : j + n], pattern)
+            keep[:, j : j + n] = _select(w[:, j : j + n].t(), u.diagonal()[j : j + n], pattern).t()
         e = torch.where(keep[:, j], 0.0, w[:, j] / u[j, j])
         w[:, j:] -= e.unsqueeze(1) * u[j, j:].unsqueeze(0)
     return keep, w * keep
