@@ -122,9 +122,10 @@ def sparsegpt_sweep_ref(
     mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain twin of :func:`sparsegpt_sweep`: one column at a time, every OBS update applied to
-    all remaining columns at once (no blocks)."""
-    w = weight.double().clone()
-    u = hinv_u.double()
+    all remaining columns at once (no blocks). Same precision rule."""
+    dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    w = weight.to(dtype).clone()
+    u = hinv_u.to(dtype)
     out, k_dim = w.shape
     n = pattern.n
     keep = torch.zeros(out, k_dim, dtype=torch.bool, device=w.device) if mask is None else mask.clone()
