@@ -50,6 +50,7 @@ from knsparse.prune import prune
 
 PATTERNS = ("2:4", "8:16")
 PARTS = ("digits", "minilm")
+DIGITS = {"vit_tiny_digits": "cast", "resnet_tiny_digits": "cast-conv"}
 VALIDATION = 0.2
 # (label, method key, prune kwargs); method key "modelopt" is the peer, "{cast}" the model's CAST.
 CANDIDATES: list[tuple[str, str, dict]] = [
@@ -446,7 +447,9 @@ def run_part(part: str, args: argparse.Namespace) -> None:
     start = time.perf_counter()
     rows, dense, info = [], {}, {}
     if part == "digits":
-        for name, cast in (("vit_tiny_digits", "cast"), ("resnet_tiny_digits", "cast-conv")):
+        for name, cast in DIGITS.items():
+            if name not in args.models:
+                continue
             seeds = args.resnet_train_seeds if name.startswith("resnet") else args.train_seeds
             dense[name] = digits_dense(name, seeds)
             rows += digits_rows(name, cast, args)
@@ -465,13 +468,18 @@ def run_part(part: str, args: argparse.Namespace) -> None:
         "minilm_patterns": args.minilm_patterns,
     }
     payload = {"part": part, "config": config, "dense": dense, "rows": rows}
-    write_result(f"oneshot_quality_{part}", {**payload, "seconds": time.perf_counter() - start})
+    write_result(f"oneshot_quality_{args.name or part}", {**payload, "seconds": time.perf_counter() - start})
 
 
 def merge() -> None:
     """Selection, goal check, table and plot from the measured parts."""
-    parts = [json.loads((RESULTS / f"oneshot_quality_{p}.json").read_text()) for p in PARTS]
-    rows = [r for p in parts for r in p["rows"]]
+    files = sorted(RESULTS.glob("oneshot_quality_*.json"), key=lambda f: f.stat().st_mtime)
+    parts = [json.loads(f.read_text()) for f in files]
+    for p, f in zip(parts, files, strict=True):
+        p["part"] = f.stem.removeprefix("oneshot_quality_")
+    # A later part's row replaces an earlier one of the same model, pattern and candidate.
+    latest = {(r["model"], r["pattern"], r["label"]): r for p in parts for r in p["rows"]}
+    rows = list(latest.values())
     sel = select(rows)
     payload = {
         "benchmark": "one-shot k:n quality: knsparse methods vs NVIDIA ModelOpt sparsegpt",
@@ -502,6 +510,8 @@ def main() -> None:
     )
     parser.add_argument("--part", choices=PARTS, help="measure one part only (run the parts in parallel)")
     parser.add_argument("--merge", action="store_true", help="only merge the measured parts")
+    parser.add_argument("--models", nargs="+", default=list(DIGITS), help="digits models to measure")
+    parser.add_argument("--name", help="result file suffix (default: the part)")
     parser.add_argument("--quick", action="store_true", help="one training seed, one draw, small MiniLM sets")
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads (1 is 15x faster than 2 on the shared machine)"

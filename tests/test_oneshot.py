@@ -111,9 +111,11 @@ def test_sparsegpt_and_wanda_methods():
 
 
 def test_bad_calibration_names_the_layer():
-    x, w = data(10, 32, 4)  # 10 rows for a 32x32 Gram
-    with pytest.raises(ValueError, match=r"layer 'fc'.*10 calibration rows"):
+    x, w = data(3, 32, 4)  # 3 rows for a 32x32 Gram (4 needed)
+    with pytest.raises(ValueError, match=r"layer 'fc': 3 calibration rows.*at least 4"):
         sparsegpt({"fc": layer_with_stats(x, w)}, P24)
+    x, w = data(12, 32, 4)  # singular but usable: damped
+    assert bool((sparsegpt({"fc": layer_with_stats(x, w)}, P24)["fc"].mask.sum(1) == 16).all())
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
     before = copy.deepcopy(model.state_dict())
     bad = [torch.full((4, 8), float("nan"))]

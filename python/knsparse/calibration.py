@@ -27,6 +27,8 @@ from .batches import input_batches
 from .masks import ConvOrder
 
 RowsCallback = Callable[[str, torch.Tensor], None]
+MIN_ROWS_DIVISOR = 8
+"""A full Gram needs at least ``K / 8`` calibration rows (:meth:`InputStats.hessian`)."""
 
 
 class _AllSeen(Exception):
@@ -155,17 +157,19 @@ class InputStats:
     def hessian(self, name: str) -> torch.Tensor:
         """Full Gram per sample, ``[K, K]`` float64: the layer-wise OBS Hessian up to a factor 2.
 
-        Raises ``ValueError`` naming layer ``name`` when it was not collected, or when fewer GEMM
-        rows than columns were seen (the Gram is then singular: the reconstruction would fit
-        the calibration set, not the layer).
+        Raises ``ValueError`` naming layer ``name`` when it was not collected, or when fewer than
+        ``K / MIN_ROWS_DIVISOR`` GEMM rows were seen. Between that and ``K`` rows the Gram is
+        singular but usable once damped (the re-fit is then a ridge regression that leaves the
+        unseen input directions alone: the last stage of a small-image ResNet sees one position
+        per image); below it the reconstruction would fit a handful of samples.
         """
         if self.gram is None:
             raise ValueError(f"layer {name!r}: statistics were collected without the full Gram matrix")
         k = self.gram.shape[0]
-        if self.rows < k:
+        if self.rows * MIN_ROWS_DIVISOR < k:
             raise ValueError(
-                f"layer {name!r}: {self.rows} calibration rows for a {k}x{k} input Gram (rank < {k}); "
-                f"pass at least {k} GEMM input rows (more calibration samples)"
+                f"layer {name!r}: {self.rows} calibration rows for a {k}x{k} input Gram; pass at least "
+                f"{-(-k // MIN_ROWS_DIVISOR)} GEMM input rows (more calibration samples)"
             )
         return self.gram / max(self.samples, 1)
 
