@@ -16,9 +16,10 @@ import argparse
 import torch
 from _meta import RESULTS, write_result
 
+from knsparse.app import pretrained
+from knsparse.app.pipeline import magnitude_masks
 from knsparse.audit import audit, plot_speedup
-from knsparse.models import pretrained, resnet50, vit_base_patch16_224
-from knsparse.pipeline import magnitude_masks
+from knsparse.models import resnet50, vit_base_patch16_224
 
 BATCH_SIZES = (1, 8, 32, 64, 128)
 

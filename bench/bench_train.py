@@ -1,6 +1,6 @@
 """Training time and test accuracy of the built-in models on the bundled digits.
 
-Training runs on one thread (``knsparse.models.train``), so the figures do not depend on the
+Training runs on one thread (``knsparse.app.train``), so the figures do not depend on the
 core count, but they do on what else the machine runs: the host load is recorded.
 
 Run on an otherwise idle machine:  .venv/bin/python bench/bench_train.py [--seeds 0 1 2]
@@ -16,8 +16,8 @@ import time
 import torch
 from _meta import write_result
 
-from knsparse.models import evaluate, load_digits_split, train
-from knsparse.models.trainer import RECIPES
+from knsparse.app import evaluate, load_digits_split, train
+from knsparse.app.trainer import RECIPES
 
 
 def main() -> None:

@@ -45,7 +45,7 @@ from _meta import RESULTS, write_result
 from torch import nn
 from tqdm.auto import tqdm
 
-from knsparse.models import calibration_batches, evaluate, load_digits_split, pretrained, validation_split
+from knsparse.app import calibration_batches, evaluate, load_digits_split, pretrained, validation_split
 from knsparse.prune import prune
 
 PATTERNS = ("2:4", "8:16")

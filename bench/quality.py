@@ -1,6 +1,6 @@
 """Accuracy evidence of the mask methods on the built-in models trained on the bundled digits.
 
-For the built-in ViT and ResNet (``knsparse.models.pretrained``), every row prunes the trained
+For the built-in ViT and ResNet (``knsparse.app.pretrained``), every row prunes the trained
 model one-shot with :func:`knsparse.prune`, measures test accuracy, then fine-tunes one short
 epoch with the mask held fixed (AdamW, a quarter of the model's training learning rate) and
 measures again. Rows:
@@ -35,16 +35,9 @@ from _meta import RESULTS, environment, write_result
 from torch import nn
 from tqdm.auto import tqdm
 
-from knsparse.models import (
-    ResNet,
-    VisionTransformer,
-    calibration_batches,
-    evaluate,
-    load_digits_split,
-    pretrained,
-    train,
-)
-from knsparse.models.trainer import RECIPES
+from knsparse.app import calibration_batches, evaluate, load_digits_split, pretrained, train
+from knsparse.app.trainer import RECIPES
+from knsparse.models import ResNet, VisionTransformer
 from knsparse.prune import prune
 from knsparse.spectral import diagnose
 

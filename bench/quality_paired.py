@@ -33,7 +33,7 @@ from quality import run_row, selected_shrinkage
 from scipy import stats
 from tqdm.auto import tqdm
 
-from knsparse.models import load_digits_split, pretrained
+from knsparse.app import load_digits_split, pretrained
 
 MODELS = ("vit_tiny_digits", "resnet_tiny_digits")
 PHASES = ("one_shot", "finetuned")

@@ -20,7 +20,7 @@ import time
 from _meta import write_result
 from tqdm.auto import tqdm
 
-from knsparse.models import calibration_batches, evaluate, load_digits_split, pretrained, validation_split
+from knsparse.app import calibration_batches, evaluate, load_digits_split, pretrained, validation_split
 from knsparse.prune import prune
 
 VALIDATION = 0.2

@@ -32,9 +32,9 @@ from quality_paired import describe, paired, plot_paired
 from tqdm.auto import tqdm
 
 from knsparse import repair
+from knsparse.app import calibration_batches, evaluate, load_digits_split, pretrained
 from knsparse.layers import prunable_layers
-from knsparse.masks import global_unstructured_masks
-from knsparse.models import apply_masks, calibration_batches, evaluate, load_digits_split, pretrained
+from knsparse.masks import apply_masks, global_unstructured_masks
 
 EDGES = {"vit_tiny_digits": ("patch_embed.proj", "head"), "resnet_tiny_digits": ("conv1", "fc")}
 METHODS = ("none", "layerwise", "asr")

@@ -2,7 +2,7 @@
 
 For each built-in digits model (``vit_tiny_digits``, ``resnet_tiny_digits``), seed and target
 sparsity, one freshly initialised model is pruned three ways and each copy is trained with its
-mask held fixed (``knsparse.models.train(masks=...)``):
+mask held fixed (``knsparse.app.train(masks=...)``):
 
 * ``yopo``: ``knsparse.score.yopo`` scores of the initial weights, thresholded to the target by
   ``knsparse.budget.mort(mode="global")`` (which sets each layer's sparsity; every output row keeps
@@ -36,9 +36,9 @@ import torch
 from _meta import RESULTS, write_result
 from tqdm.auto import tqdm
 
+from knsparse.app import evaluate, load_digits_split, train
+from knsparse.app.trainer import RECIPES
 from knsparse.budget import mort
-from knsparse.models import evaluate, load_digits_split, train
-from knsparse.models.trainer import RECIPES
 from knsparse.score import prunable_weights, yopo
 
 DENSE_LAYERS = {"vit_tiny_digits": ("patch_embed.proj", "head"), "resnet_tiny_digits": ("conv1", "fc")}

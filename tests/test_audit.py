@@ -14,8 +14,8 @@ from torch import nn
 from knsparse import swap_modules
 from knsparse.audit import CPU_NOTE, Spread, _check_identical, audit
 from knsparse.densify import dense_copy
-from knsparse.masks import nm_mask
-from knsparse.models import apply_masks, vit_tiny_digits
+from knsparse.masks import apply_masks, nm_mask
+from knsparse.models import vit_tiny_digits
 from knsparse.modules import sparse_layers
 
 FAST = {"repeats": 3, "warmup": 1, "min_time_s": 0.002, "progress": False}

@@ -110,3 +110,66 @@ def test_prune_inspect_export_check_audit_round_trip(tmp_path, capsys):
         "vit_tiny_digits.json",
         "vit_tiny_digits.png",
     }
+
+
+@pytest.mark.parametrize(
+    ("argv", "flag"),
+    [
+        (["export", "--model", "vit_tiny_digits", "--out", "m.onnx", "--batch", "0"], "--batch"),
+        (
+            ["prune", "--model", "vit_tiny_digits", "--out", "p.safetensors", "--repair-epochs", "-1"],
+            "--repair-epochs",
+        ),
+        (["audit", "--model", "vit_tiny_digits", "--repeats", "0"], "--repeats"),
+        (["export", "--model", "vit_tiny_digits", "--out", "m.onnx", "--opset", "12"], "--opset"),
+        (["inspect", "--model", "vit_tiny_digits", "--seed", "x"], "--seed"),
+    ],
+)
+def test_bad_numbers_are_one_line_argument_errors(argv, flag, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"argument {flag}" in err and "usage" not in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["prune", "--model", "vit_tiny_digits", "--out", "folder"], "is a folder"),
+        (["export", "--model", "vit_tiny_digits", "--out", "afile/m.onnx"], "is a file"),
+        (["audit", "--model", "vit_tiny_digits", "--out", "afile"], "is an existing file"),
+        (["demo", "--out", "afile"], "is an existing file"),
+    ],
+)
+def test_bad_outputs_are_refused_before_any_work(argv, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "afile").write_text("keep me")
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the command started working before checking --out")
+
+    monkeypatch.setattr("knsparse.app.commands.load_model", no_work)
+    monkeypatch.setattr("knsparse.app.report.build_report", no_work)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err
+    assert (tmp_path / "afile").read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "folder"]
+
+
+@pytest.mark.parametrize("damage", ["pickle", "truncated", "empty"])
+def test_unreadable_weights_are_one_clear_error(damage, tmp_path, capsys):
+    path = tmp_path / "w.safetensors"
+    good = {k: v.contiguous() for k, v in vit_tiny_digits().state_dict().items()}
+    save_file(good, str(path))
+    if damage == "pickle":
+        torch.save(good, path)
+    elif damage == "truncated":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    else:
+        path.write_bytes(b"")
+    assert main(["inspect", "--model", "vit_tiny_digits", "--weights", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(path) in err and "Traceback" not in err

@@ -11,9 +11,8 @@ from torch import nn
 
 from knsparse import tome
 from knsparse.export import ParityError, check, check_markdown, export_onnx, read_metadata
-from knsparse.masks import from_reduction_view, nm_mask
+from knsparse.masks import apply_masks, from_reduction_view, nm_mask
 from knsparse.models import vit_tiny_digits
-from knsparse.models.trainer import apply_masks
 
 
 def _masked(model: nn.Module) -> tuple[nn.Module, dict[str, torch.Tensor]]:

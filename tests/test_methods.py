@@ -9,7 +9,7 @@ from knsparse.masks import global_unstructured_masks, group_nonzeros, nm_mask, u
 from knsparse.methods import Layer, cast, greedy_group_select, hybrid, magnitude, rmt, ser
 from knsparse.methods.base import data_path_scores
 from knsparse.methods.cast import robust_gram
-from knsparse.pattern import UNSTRUCTURED, Pattern
+from knsparse.pattern import Pattern
 from knsparse.spectral import mp_fit
 
 P24 = Pattern.parse("2:4")
@@ -45,13 +45,13 @@ def test_magnitude_matches_the_mask_primitives():
     layers = {"a": layer("a", 16, 32), "b": layer("b", 8, 64, seed=1)}
     kn = magnitude(layers, P24, None)
     assert torch.equal(kn["a"].mask, nm_mask(layers["a"].weight.abs(), P24))
-    per_layer = magnitude(layers, UNSTRUCTURED, 0.6)
+    per_layer = magnitude(layers, None, 0.6)
     assert torch.equal(per_layer["b"].mask, unstructured_mask(layers["b"].weight.abs(), 0.6))
-    glob = magnitude(layers, UNSTRUCTURED, 0.6, mode="global")
+    glob = magnitude(layers, None, 0.6, mode="global")
     expect = global_unstructured_masks({n: lay.weight.abs() for n, lay in layers.items()}, 0.6)
     assert all(torch.equal(glob[n].mask, expect[n]) for n in layers)
     with pytest.raises(ValueError, match="mode"):
-        magnitude(layers, UNSTRUCTURED, 0.6, mode="rows")
+        magnitude(layers, None, 0.6, mode="rows")
 
 
 @pytest.mark.parametrize("spec", ["2:4", "6:12", "8:16"])
@@ -112,7 +112,7 @@ def test_cast_with_premask_counts_freely_restored_entries():
     result = cast(layers, P24, sparsity=0.8)
     for name, d in result.items():
         assert exactly_k_per_group(d.mask, P24)
-        pre = hybrid(layers, UNSTRUCTURED, 0.8)[name].mask
+        pre = hybrid(layers, None, 0.8)[name].mask
         assert d.freely_restored == int((d.mask & ~pre).sum()) > 0
         short = (group_nonzeros(pre, P24) < 2).sum()
         assert d.freely_restored >= int(short)
@@ -122,14 +122,14 @@ def test_cast_with_premask_counts_freely_restored_entries():
 
 def test_cast_needs_kn_and_statistics():
     with pytest.raises(ValueError, match="k:n"):
-        cast({"fc": layer("fc", 8, 16, x=inputs(32, 16))}, UNSTRUCTURED, 0.5)
+        cast({"fc": layer("fc", 8, 16, x=inputs(32, 16))}, None, 0.5)
     with pytest.raises(ValueError, match="calibration"):
         cast({"fc": layer("fc", 8, 16)}, P24)
 
 
 def test_ser_meets_each_mp_budget_and_reduces_to_magnitude_without_data():
     layers = {"a": layer("a", 32, 64), "b": layer("b", 64, 64, seed=1)}
-    no_data = ser(layers, UNSTRUCTURED, 0.7)
+    no_data = ser(layers, None, 0.7)
     numel = {n: lay.weight.numel() for n, lay in layers.items()}
     mean = sum((1 - no_data[n].mask.float().mean().item()) * numel[n] for n in layers) / sum(numel.values())
     assert mean == pytest.approx(0.7, abs=1e-3)
@@ -141,7 +141,7 @@ def test_ser_meets_each_mp_budget_and_reduces_to_magnitude_without_data():
 def test_ser_with_data_restores_entries_useful_on_the_data_path():
     x = inputs(256, 64, seed=7)
     lay = layer("fc", 32, 64, x=x)
-    d = ser({"fc": lay}, UNSTRUCTURED, 0.6, reservoir=0.2)["fc"]
+    d = ser({"fc": lay}, None, 0.6, reservoir=0.2)["fc"]
     mag = unstructured_mask(lay.weight.abs(), 0.6)
     assert d.mask.sum() == mag.sum()
     assert d.extra["restored"] > 0
@@ -162,9 +162,9 @@ def test_ser_restore_score_is_the_diagonal_of_the_robust_gram():
 def test_ser_shrinkage_moves_the_restore_from_the_data_path_to_magnitude():
     x = inputs(256, 64, seed=7)
     layers = {"a": layer("a", 32, 64, x=x), "b": layer("b", 64, 64, seed=1, x=x)}
-    no_data = ser({n: replace(lay, stats=None) for n, lay in layers.items()}, UNSTRUCTURED, 0.7)
-    magnitude_like = ser(layers, UNSTRUCTURED, 0.7, shrinkage=1.0)
-    wanda_like = ser(layers, UNSTRUCTURED, 0.7, shrinkage=0.0, reservoir=0.2)
+    no_data = ser({n: replace(lay, stats=None) for n, lay in layers.items()}, None, 0.7)
+    magnitude_like = ser(layers, None, 0.7, shrinkage=1.0)
+    wanda_like = ser(layers, None, 0.7, shrinkage=0.0, reservoir=0.2)
     for n in layers:
         assert torch.equal(magnitude_like[n].mask, no_data[n].mask)
         assert magnitude_like[n].extra["restored"] == 0
@@ -173,17 +173,17 @@ def test_ser_shrinkage_moves_the_restore_from_the_data_path_to_magnitude():
             layers[n].weight, no_data[n].mask, x
         )
     with pytest.raises(ValueError, match="shrinkage"):
-        ser(layers, UNSTRUCTURED, 0.7, shrinkage=-0.1)
+        ser(layers, None, 0.7, shrinkage=-0.1)
 
 
 def test_hybrid_switches_from_magnitude_to_ser():
     layers = {"a": layer("a", 32, 64, x=inputs(64, 64))}
-    low = hybrid(layers, UNSTRUCTURED, 0.4)["a"]
+    low = hybrid(layers, None, 0.4)["a"]
     assert low.rule == "hybrid/magnitude"
     assert torch.equal(low.mask, unstructured_mask(layers["a"].weight.abs(), 0.4))
-    high = hybrid(layers, UNSTRUCTURED, 0.7, switch=0.6)["a"]
+    high = hybrid(layers, None, 0.7, switch=0.6)["a"]
     assert high.rule == "hybrid/ser"
-    assert torch.equal(high.mask, ser(layers, UNSTRUCTURED, 0.7)["a"].mask)
+    assert torch.equal(high.mask, ser(layers, None, 0.7)["a"].mask)
     with pytest.raises(ValueError, match="cast"):
         hybrid(layers, P24, None)
 

@@ -2,21 +2,18 @@ import pytest
 import torch
 from torch import nn
 
-from knsparse.models import (
-    apply_masks,
+from knsparse.app import (
     calibration_batches,
     evaluate,
     load_digits_split,
     pretrained,
-    resnet50,
-    resnet_tiny_digits,
     train,
     trainer,
     validation_split,
-    vit_base_patch16_224,
-    vit_tiny_digits,
 )
-from knsparse.models.trainer import _checkpoint_path
+from knsparse.app.trainer import _checkpoint_path
+from knsparse.masks import apply_masks
+from knsparse.models import resnet50, resnet_tiny_digits, vit_base_patch16_224, vit_tiny_digits
 
 
 def n_params(m: nn.Module) -> int:

@@ -106,8 +106,8 @@ def test_sparsegpt_and_wanda_methods():
     assert 0 < d.extra["output_error"] < 1
     refit = sparsegpt({"fc": lay}, P24, refit=True)["fc"]
     assert torch.equal(refit.mask, d.mask) and refit.extra["output_error"] <= d.extra["output_error"]
-    per_row = wanda({"fc": lay}, Pattern.parse("unstructured"), 0.75)["fc"].mask
-    assert bool((per_row.sum(1) == 8).all())
+    unstructured = wanda({"fc": lay}, None, 0.75)["fc"].mask
+    assert int(unstructured.sum()) == 128
 
 
 def test_bad_calibration_names_the_layer():

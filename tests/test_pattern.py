@@ -1,6 +1,7 @@
 import pytest
 
 from knsparse import Pattern
+from knsparse.pattern import NOT_A_PATTERN
 
 
 @pytest.mark.parametrize(
@@ -13,11 +14,23 @@ def test_parse_kn(spec, k, n):
     assert str(p) == f"{k}:{n}"
 
 
-def test_parse_unstructured():
-    p = Pattern.parse("unstructured")
-    assert p.is_unstructured and str(p) == "unstructured"
-    with pytest.raises(ValueError):
-        _ = p.density
+def test_unstructured_is_not_a_pattern():
+    """Unstructured sparsity travels as a fraction; every k:n entry point refuses it with one message."""
+    with pytest.raises(ValueError, match="not a k:n pattern") as err:
+        Pattern.parse("unstructured")
+    assert str(err.value) == NOT_A_PATTERN
+
+
+@pytest.mark.parametrize("k,n", [(-1, 4), (3, 2), (0, 4), (4, 4), (0, 0), (2, 0)])
+def test_construction_validates(k, n):
+    with pytest.raises(ValueError, match=f"{k}:{n}"):
+        Pattern(k, n)
+
+
+@pytest.mark.parametrize("k,n", [(2.0, 4), ("2", 4), (True, 4)])
+def test_construction_needs_integers(k, n):
+    with pytest.raises(TypeError, match="integers"):
+        Pattern(k, n)
 
 
 @pytest.mark.parametrize("bad", ["4:4", "5:4", "0:4", "1:1", "2:0", "2.5:4", "a:b", "2-4", "", "2:4:8"])

@@ -112,14 +112,14 @@ class _Untraceable(nn.Module):
         return self.out(h + self.mlp(h))
 
 
-def test_untraceable_model_falls_back_to_timm_blocks() -> None:
+def test_untraceable_model_falls_back_to_family_blocks() -> None:
     torch.manual_seed(2)
     model = _Untraceable().eval()
     x = torch.randn(2, 6, 12)
     report = _check_permuted(model, x, max_iters=10)
     assert report.trace_error is not None
     assert {g.name for g in report.permuted} == {"attn.qkv -> attn.proj", "mlp.fc1 -> mlp.fc2"}
-    assert all(g.source == "timm" for g in report.groups)
+    assert all(g.source == "family" for g in report.groups)
 
 
 class _Awkward(nn.Module):

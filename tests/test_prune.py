@@ -215,7 +215,8 @@ def test_permute_and_repair_run_inside_prune():
     model = resnet_tiny_digits().eval()
     batches = [torch.randn(16, 1, 8, 8) for _ in range(2)]
     plain = prune(model, "magnitude", "2:4", progress=False)
-    result = prune(model, "magnitude", "2:4", calib=batches, permute=True, repair="asr", progress=False)
+    bounded = {"max_iters": 5}  # the search's options bound it (the default runs 100 iterations)
+    result = prune(model, "magnitude", "2:4", calib=batches, permute=bounded, repair="asr", progress=False)
     assert result.permutation is not None and result.repair is not None and result.repair.method == "asr"
     assert result.as_dict()["permuted"] and result.as_dict()["repair"] == "asr"
     for name, mask in result.masks.items():
@@ -223,7 +224,7 @@ def test_permute_and_repair_run_inside_prune():
         weight = result.model.get_submodule(name).weight
         assert not weight[~mask].any()  # repair folded gammas into kept weights only
     kept_plain = sum(float(plain.model.get_submodule(n).weight.detach().abs().sum()) for n in plain.masks)
-    permuted_dense = prune(model, "magnitude", "2:4", calib=batches, permute=True, progress=False)
+    permuted_dense = prune(model, "magnitude", "2:4", calib=batches, permute=bounded, progress=False)
     kept_permuted = sum(
         float(permuted_dense.model.get_submodule(n).weight.detach().abs().sum()) for n in plain.masks
     )

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from knsparse import report
+from knsparse.app import report
 from knsparse.cli import main
 from knsparse.models import resnet_tiny_digits, vit_tiny_digits
 

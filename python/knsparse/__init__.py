@@ -1,12 +1,12 @@
 """knsparse: k:n / 2:4 semi-structured sparse inference for vision models."""
 
-from . import backends, budget, models, permutation, repair, score, spectral, tome
+from . import backends, budget, families, permutation, repair, score, spectral, tome
 from .audit import audit
 from .export import export_onnx
 from .fuse import fuse_activations
 from .io import load_sparse, save_sparse
 from .macs import macs
-from .masks import global_unstructured_masks, is_nm, nm_mask, unstructured_mask
+from .masks import apply_masks, global_unstructured_masks, is_nm, nm_mask, unstructured_mask
 from .modules import SparseConv2d, SparseLinear, SwapReport, swap_modules
 from .pack import Packed24, pack_24, to_semi_structured, unpack_24
 from .pattern import Pattern
@@ -19,16 +19,17 @@ __all__ = [
     "SparseConv2d",
     "SparseLinear",
     "SwapReport",
+    "apply_masks",
     "audit",
     "backends",
     "budget",
     "export_onnx",
+    "families",
     "fuse_activations",
     "global_unstructured_masks",
     "is_nm",
     "load_sparse",
     "macs",
-    "models",
     "nm_mask",
     "pack_24",
     "permutation",

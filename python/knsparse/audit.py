@@ -30,10 +30,10 @@ from tqdm.auto import tqdm
 from . import tome
 from .densify import dense_copy
 from .fuse import fuse_activations as fuse_mlp_activations
-from .masks import is_nm
-from .models.trainer import apply_masks
+from .masks import apply_masks, is_nm
 from .modules import sparse_layers, swap_modules
 from .pattern import Pattern
+from .plan import SparsityPlan, as_plan
 from .provenance import environment
 
 CPU_NOTE = (
@@ -187,19 +187,20 @@ def plot_speedup(results: Sequence[AuditResult], path: str | Path) -> Path:
 
 
 def _masks_and_pattern(
-    model: nn.Module, masks: Mapping[str, torch.Tensor] | None, pattern: str | Pattern | None
+    model: nn.Module, masks: SparsityPlan | Mapping[str, torch.Tensor] | None, pattern: str | Pattern | None
 ) -> tuple[dict[str, torch.Tensor], Pattern]:
     """The masks to swap with: given, from the model's sparse layers, or from k:n zeros in its weights."""
     swapped = sparse_layers(model)
     if masks is not None:
-        return {n: m.bool() for n, m in masks.items()}, Pattern.parse(pattern or "2:4")
+        plan = as_plan(masks, pattern)
+        return dict(plan.masks), plan.pattern
     if swapped:
-        patterns = {str(layer.pattern) for layer in swapped.values()}
+        patterns = {layer.pattern for layer in swapped.values()}
         if len(patterns) > 1:
             raise ValueError(
-                f"the model mixes sparse patterns {sorted(patterns)}; audit one pattern at a time"
+                f"the model mixes sparse patterns {sorted(map(str, patterns))}; audit one pattern at a time"
             )
-        return {n: layer.mask() for n, layer in swapped.items()}, Pattern.parse(patterns.pop())
+        return {n: layer.mask() for n, layer in swapped.items()}, patterns.pop()
     found = Pattern.parse(pattern or "2:4")
     inferred = {
         n: m.weight != 0
@@ -346,7 +347,7 @@ def audit(
     dtype: torch.dtype = torch.float16,
     backends: str = "auto",
     tome_r: int | Sequence[int] = 0,
-    masks: Mapping[str, torch.Tensor] | None = None,
+    masks: SparsityPlan | Mapping[str, torch.Tensor] | None = None,
     pattern: str | Pattern | None = None,
     checkpoint: str | None = None,
     device: torch.device | str | None = None,
@@ -367,7 +368,8 @@ def audit(
         dtype: compute dtype on CUDA (sparse tensor cores need fp16/bf16); CPU runs float32.
         backends: ``"auto"`` or a backend name for the sparse copy (see ``knsparse.backends``).
         tome_r: token merges per block, applied to both copies.
-        masks: ``{layer: bool mask}`` for a dense model; ``pattern`` defaults to ``"2:4"``.
+        masks: a :class:`~knsparse.plan.SparsityPlan` (``prune(...).plan``) or ``{layer: bool mask}``
+            for a dense model; ``pattern`` (for a dict) defaults to ``"2:4"``.
         checkpoint: the name shown in the table (default: the model's class name).
         device: default CUDA when available, else CPU.
         cuda_graphs: replay CUDA graphs on GPU where capture works (else eager).

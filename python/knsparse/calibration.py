@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from .batches import input_batches
 from .masks import ConvOrder
+from .modes import evaluation
 
 RowsCallback = Callable[[str, torch.Tensor], None]
 MIN_ROWS_DIVISOR = 8
@@ -111,11 +112,9 @@ def stream_layer_inputs(
         return hook
 
     handles = [m.register_forward_pre_hook(hook_for(nm, m)) for nm, m in layers.items()]
-    was_training = model.training
     batches = 0
     try:
-        model.eval()
-        with torch.no_grad():
+        with evaluation(model), torch.no_grad():
             inputs = input_batches(calib, device)
             for x in tqdm(inputs, desc=desc, unit="batch", disable=not progress, leave=False):
                 seen.clear()
@@ -125,7 +124,6 @@ def stream_layer_inputs(
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
     return batches
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .masks import ConvOrder, check_groupable, from_reduction_view, group_nonzeros, to_reduction_view
+from .masks import ConvOrder, check_groupable, from_reduction_view, nm_violation, to_reduction_view
 from .pattern import Pattern
 
 
@@ -33,15 +33,14 @@ def compress_nm(
     conv_order: ConvOrder = "rsc",
     name: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(values, slots)`` of ``weight * mask`` for a k:n ``mask`` (checked)."""
+    """``(values, slots)`` of ``weight * mask`` for a k:n bool ``mask`` of the weight's shape.
+
+    Raises ``ValueError`` naming the layer when the pattern cannot tile the weight or a group of
+    the mask keeps more than ``k``."""
     check_groupable(weight.shape, pattern, conv_order, name)
-    label = f"layer {name!r}" if name else "weight"
-    counts = group_nonzeros(mask, pattern, conv_order)
-    if (counts > pattern.k).any():
-        bad = int((counts > pattern.k).sum())
-        raise ValueError(
-            f"{label}: mask is not {pattern}: {bad} of {counts.numel()} groups keep more than {pattern.k}"
-        )
+    violation = nm_violation(mask, pattern, conv_order)
+    if violation:
+        raise ValueError(f"{f'layer {name!r}' if name else 'weight'}: {violation}")
     w2 = to_reduction_view(weight * mask, conv_order)
     present = to_reduction_view(mask, conv_order).reshape(w2.shape[0], -1, pattern.n)
     slots = kept_slots(present, pattern.k)

@@ -8,31 +8,18 @@ accumulator, one pass); the other backends apply it right after their GEMM, so t
 computes the same on every backend.
 
 Only containers known to apply ``act`` to ``fc1``'s output and to nothing else are touched:
-knsparse's built-in ``Mlp`` (``fc2(act(fc1(x)))``) and timm's ``Mlp`` (``fc1 → act → drop1 →
-norm → fc2``), matched by exact type (a subclass may override ``forward``). The activation must
+the ``mlp`` role of :mod:`knsparse.families` (knsparse's built-in ``Mlp`` ``fc2(act(fc1(x)))``,
+timm's ``Mlp`` ``fc1 → act → drop1 → norm → fc2``), matched by exact type. The activation must
 be ``nn.GELU()`` (erf; ``approximate="tanh"`` is another function) or ``nn.ReLU``.
 :func:`knsparse.densify.dense_copy` and :func:`knsparse.io.load_sparse` undo / redo the move.
 """
 
 from __future__ import annotations
 
-import functools
-
 from torch import nn
 
+from . import families
 from .modules import SparseLinear
-
-
-@functools.cache
-def mlp_classes() -> tuple[type[nn.Module], ...]:
-    """The MLP container types whose ``act`` can be fused: knsparse's, and timm's if it imports."""
-    from .models.vit import Mlp
-
-    try:
-        from timm.layers import Mlp as TimmMlp
-    except Exception:  # timm is optional and fails to import with a CPU-only torch
-        return (Mlp,)
-    return (Mlp, TimmMlp)
 
 
 def activation_kind(act: nn.Module) -> str | None:
@@ -47,11 +34,10 @@ def activation_kind(act: nn.Module) -> str | None:
 def _container(model: nn.Module, fc1_name: str) -> nn.Module:
     parent_name, _, child = fc1_name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
-    if child != "fc1" or type(parent) not in mlp_classes():
+    if child != "fc1" or not families.is_mlp(parent):
         raise ValueError(
             f"layer {fc1_name!r}: an activation can only be fused into the fc1 of a known MLP "
-            f"container ({', '.join(c.__module__ + '.' + c.__name__ for c in mlp_classes())}), "
-            f"not a {type(parent).__name__}"
+            f"container ({families.known_classes('mlp')}), not a {type(parent).__name__}"
         )
     return parent
 
@@ -86,7 +72,7 @@ def fuse_activations(model: nn.Module) -> dict[str, str]:
     """
     fused = {}
     for name, module in model.named_modules():
-        if type(module) not in mlp_classes():
+        if not families.is_mlp(module):
             continue
         fc1, kind = getattr(module, "fc1", None), activation_kind(getattr(module, "act", nn.Identity()))
         if isinstance(fc1, SparseLinear) and fc1.activation == "none" and kind is not None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .masks import ConvOrder, check_groupable, to_reduction_view
+from .masks import ConvOrder, check_groupable, nm_violation, to_reduction_view
 from .pattern import Pattern
 
 
@@ -39,23 +39,41 @@ def prunable_layers(model: nn.Module) -> dict[str, nn.Module]:
     return {name: m for name, m in model.named_modules() if is_prunable(m)}
 
 
+def shape_ineligibility(
+    name: str, module: nn.Module, pattern: Pattern | None, conv_order: ConvOrder = "rsc"
+) -> str | None:
+    """Why ``module`` cannot carry ``pattern`` (its kind, or a reduction axis the groups cannot
+    tile), or ``None``; with ``pattern=None`` (unstructured masks) only its kind counts. Shapes only."""
+    reason = ineligibility(module)
+    if reason or pattern is None:
+        return reason
+    try:
+        check_groupable(module.weight.shape, pattern, conv_order, name)
+    except ValueError as err:
+        return str(err)
+    return None
+
+
+def swap_ineligibility(
+    name: str, module: nn.Module, mask: torch.Tensor, pattern: Pattern, conv_order: ConvOrder = "rsc"
+) -> str | None:
+    """Why a sparse module cannot replace ``module`` with ``mask`` (a bool tensor of the weight's
+    shape), or ``None``: :func:`shape_ineligibility`, then :func:`mask_ineligibility`."""
+    return shape_ineligibility(name, module, pattern, conv_order) or nm_violation(mask, pattern, conv_order)
+
+
 def pattern_layers(
-    model: nn.Module, pattern: str | Pattern, conv_order: ConvOrder = "rsc"
+    model: nn.Module, pattern: Pattern | None, conv_order: ConvOrder = "rsc"
 ) -> tuple[dict[str, nn.Module], dict[str, str]]:
     """The prunable layers whose weight shape can carry ``pattern`` (groups along the reduction
-    axis in ``conv_order``), and ``{name: why not}`` for every other Linear / Conv2d. Shapes only."""
-    pattern = Pattern.parse(pattern)
+    axis in ``conv_order``; any prunable layer for ``None``), and ``{name: why not}`` for every
+    other Linear / Conv2d. Shapes only."""
     layers: dict[str, nn.Module] = {}
     skipped: dict[str, str] = {}
     for name, module in model.named_modules():
         if not isinstance(module, (nn.Linear, nn.Conv2d)):
             continue
-        reason = ineligibility(module)
-        if reason is None:
-            try:
-                check_groupable(module.weight.shape, pattern, conv_order, name)
-            except ValueError as err:
-                reason = str(err)
+        reason = shape_ineligibility(name, module, pattern, conv_order)
         if reason:
             skipped[name] = reason
         else:

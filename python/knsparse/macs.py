@@ -28,9 +28,13 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from . import tome
-from .modules import SparseConv2d, SparseLinear, swap_ineligibility
+from . import families, tome
+from .layers import swap_ineligibility
+from .masks import ConvOrder
+from .modes import evaluation
+from .modules import SparseConv2d, SparseLinear
 from .pattern import Pattern
+from .plan import SparsityPlan, as_plan
 
 # (layer name, module, mask) -> None if a sparse backend would run the layer, else the reason.
 EligibilityRule = Callable[[str, nn.Module, torch.Tensor], "str | None"]
@@ -143,15 +147,6 @@ class MacReport:
         return "\n".join(lines)
 
 
-def _sparse_module_classes() -> tuple[type, ...]:
-    try:
-        from . import modules
-    except ImportError:
-        return ()
-
-    return tuple(getattr(modules, n) for n in ("SparseLinear", "SparseConv2d") if hasattr(modules, n))
-
-
 def _layer_kind(module: nn.Module) -> str | None:
     if hasattr(module, "in_features") and hasattr(module, "out_features"):
         return "linear"
@@ -167,31 +162,15 @@ def _weight_macs(kind: str, module: nn.Module, inputs: torch.Tensor, output: tor
     return output.numel() * (module.in_channels // groups) * math.prod(module.kernel_size)
 
 
-def _is_attention(module: nn.Module) -> bool:
-    return hasattr(module, "num_heads") and hasattr(module, "qkv") and hasattr(module, "head_dim")
-
-
-def default_eligibility(pattern: str | Pattern = "2:4") -> EligibilityRule:
+def default_eligibility(pattern: Pattern, conv_order: ConvOrder = "rsc") -> EligibilityRule:
     """:func:`knsparse.swap_modules`' rule: a ``Linear``/``Conv2d`` it would swap for this mask."""
-    pattern = Pattern.parse(pattern)
 
     def rule(name: str, module: nn.Module, mask: torch.Tensor) -> str | None:
         if not isinstance(module, (nn.Linear, nn.Conv2d)):
             return f"{type(module).__name__} is not a Linear or Conv2d"
-        return swap_ineligibility(name, module, mask.bool(), pattern, "rsc")
+        return swap_ineligibility(name, module, mask, pattern, conv_order)
 
     return rule
-
-
-@contextmanager
-def _eval_mode(model: nn.Module):
-    flags = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, flag in flags.items():
-            m.training = flag
 
 
 @contextmanager
@@ -236,9 +215,9 @@ def _example_input(model: nn.Module, input_shape: Sequence[int]) -> torch.Tensor
 def macs(
     model: nn.Module,
     input_shape: Sequence[int],
-    masks: Mapping[str, torch.Tensor] | None = None,
+    masks: SparsityPlan | Mapping[str, torch.Tensor] | None = None,
     tome_r: int | Sequence[int] = 0,
-    pattern: str | Pattern = "2:4",
+    pattern: str | Pattern | None = None,
     eligible: EligibilityRule | None = None,
 ) -> MacReport:
     """Count dense and sparse-execution MACs of one forward pass.
@@ -246,28 +225,32 @@ def macs(
     Args:
         model: any ``nn.Module`` (left unchanged; it runs once in eval mode without grad).
         input_shape: ``(B, C, H, W)`` or ``(C, H, W)`` (batch 1).
-        masks: ``{layer name: bool mask of its weight}`` for layers that *would* be swapped;
+        masks: a :class:`~knsparse.plan.SparsityPlan` (``prune(...).plan``) or
+            ``{layer name: bool mask of its weight}`` for layers that *would* be swapped;
             layers already swapped to sparse modules count from their own pattern.
         tome_r: token merges per block applied for this count (0: none, or the model's own
             patch if it is already patched).
-        pattern: the pattern a backend runs for ``masks`` (its density ``k / n`` is executed).
+        pattern: the pattern a backend runs for a mask dict (default ``"2:4"``; a plan has its own).
         eligible: the swap rule for masked layers (default :func:`default_eligibility`).
 
     Returns:
         A :class:`MacReport` with one row per weight layer and per attention block.
     """
-    pattern = Pattern.parse(pattern)
-    if pattern.is_unstructured:
-        raise ValueError("sparse execution needs a k:n pattern; 'unstructured' has no sparse kernel")
-    masks = dict(masks or {})
+    plan = as_plan(masks if masks is not None else {}, pattern)
+    pattern, masks = plan.pattern, dict(plan.masks)
     named = dict(model.named_modules())
     unknown = sorted(set(masks) - set(named))
     if unknown:
         raise ValueError(f"masks name layers the model does not have: {unknown[:5]}")
-    rule = eligible or default_eligibility(pattern)
+    for name, mask in masks.items():
+        weight = getattr(named[name], "weight", None)
+        if not isinstance(weight, torch.Tensor) or mask.shape != weight.shape:
+            shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else "no weight"
+            raise ValueError(f"layer {name!r}: mask shape {tuple(mask.shape)} != weight shape {shape}")
+    rule = eligible or default_eligibility(pattern, plan.conv_order)
     why_dense = {name: rule(name, named[name], mask) or "" for name, mask in masks.items()}
     x = _example_input(model, input_shape)
-    with _eval_mode(model), torch.no_grad(), _merging(model, tome_r):
+    with evaluation(model), torch.no_grad(), _merging(model, tome_r):
         rows = _count(model, x, why_dense, pattern)
         merges = tuple(tome.merges_per_block(model))
         unmerged = sum(r.dense for r in rows)
@@ -310,10 +293,10 @@ def _count(
 
         return hook
 
-    def attention_hook(name: str, attn: nn.Module):
+    def attention_hook(name: str, heads: int, head_dim: int):
         def hook(_module: nn.Module, _args: tuple, qkv_out: torch.Tensor) -> None:
             b, n = qkv_out.shape[0], qkv_out.shape[1]
-            count = 2 * b * n * n * attn.num_heads * attn.head_dim
+            count = 2 * b * n * n * heads * head_dim
             rows.append(LayerMacs(f"{name}.matmul", "attention", count, count, "dense"))
 
         return hook
@@ -327,8 +310,10 @@ def _count(
             if kind is not None and name:
                 counted.add(name)
                 handles.append(module.register_forward_hook(weight_hook(name, kind)))
-            if _is_attention(module):
-                handles.append(module.qkv.register_forward_hook(attention_hook(name, module)))
+            if (parts := families.attention_parts(module)) is not None:
+                qkv, proj, head_dim = parts
+                hook = attention_hook(name, proj.in_features // head_dim, head_dim)
+                handles.append(qkv.register_forward_hook(hook))
         model(x)
     finally:
         for h in handles:

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from typing import Literal
 
 import torch
+from torch import nn
 
 from .pattern import Pattern
 
@@ -21,6 +22,19 @@ ConvOrder = Literal["rsc", "crs"]
 
 def _label(name: str | None) -> str:
     return f"layer {name!r}" if name else "tensor"
+
+
+def check_finite(t: torch.Tensor, label: str) -> None:
+    """``ValueError`` "``label``: weight of shape ... contains NaN or Inf" unless every entry of a
+    floating-point ``t`` is finite: the one finite-weight check of the package."""
+    if not t.is_floating_point():
+        return
+    # A finite sum proves every entry finite (NaN and Inf propagate); only an overflowing or
+    # non-finite sum needs the entry-wise check.
+    if bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all()):
+        return
+    bad = "NaN" if bool(torch.isnan(t).any()) else "Inf"
+    raise ValueError(f"{label}: weight of shape {tuple(t.shape)} contains NaN or Inf (found {bad})")
 
 
 def to_reduction_view(t: torch.Tensor, conv_order: ConvOrder = "rsc") -> torch.Tensor:
@@ -56,8 +70,6 @@ def check_groupable(
     name: str | None = None,
 ) -> None:
     """Raise ``ValueError`` naming the shape if ``pattern`` cannot tile the reduction axis."""
-    if pattern.is_unstructured:
-        return
     if len(shape) == 4 and conv_order == "rsc":
         cin = shape[1]
         if cin % pattern.n:
@@ -105,8 +117,6 @@ def nm_mask(
         A bool mask of ``scores.shape``. Ties are broken towards the lowest index.
     """
     pattern = Pattern.parse(pattern)
-    if pattern.is_unstructured:
-        raise ValueError("nm_mask needs a k:n pattern, got 'unstructured'")
     if torch.isnan(scores).any():
         raise ValueError(f"{_label(name)}: scores contain NaN; cannot rank them")
     groups = _grouped(scores, pattern, conv_order, name)
@@ -123,14 +133,21 @@ def group_nonzeros(t: torch.Tensor, pattern: str | Pattern, conv_order: ConvOrde
     return (_grouped(t, pattern, conv_order, None) != 0).sum(-1)
 
 
+def nm_violation(mask: torch.Tensor, pattern: Pattern, conv_order: ConvOrder = "rsc") -> str | None:
+    """Why a bool ``mask`` of a groupable shape is not ``pattern`` (groups keeping more than
+    ``k``), or ``None`` when it is."""
+    over = group_nonzeros(mask, pattern, conv_order) > pattern.k
+    if over.any():
+        return f"mask is not {pattern}: {int(over.sum())} of {over.numel()} groups keep more than {pattern.k}"
+    return None
+
+
 def is_nm(t: torch.Tensor, pattern: str | Pattern, conv_order: ConvOrder = "rsc") -> bool:
     """True if every group of ``n`` holds at most ``k`` nonzeros (a bool mask: at most ``k`` True).
 
     A shape the pattern cannot tile is not k:n and gives False.
     """
     pattern = Pattern.parse(pattern)
-    if pattern.is_unstructured:
-        return True
     try:
         counts = group_nonzeros(t, pattern, conv_order)
     except ValueError:
@@ -207,3 +224,21 @@ def global_unstructured_masks(
 def sparsity_of(mask: torch.Tensor) -> float:
     """Fraction of False (pruned) entries."""
     return 1.0 - mask.float().mean().item()
+
+
+def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
+    """Zero the pruned weights in place: ``masks`` maps module names to bool masks of their weight.
+
+    Every name and shape is checked before any weight changes (``ValueError`` naming the layer)."""
+    modules = dict(model.named_modules())
+    for name, mask in masks.items():
+        if name not in modules or not isinstance(getattr(modules[name], "weight", None), torch.Tensor):
+            raise ValueError(f"mask given for {name!r}, which is not a module with a weight")
+        weight = modules[name].weight
+        if not isinstance(mask, torch.Tensor) or mask.shape != weight.shape:
+            shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise ValueError(f"layer {name!r}: mask shape {shape} != weight shape {tuple(weight.shape)}")
+    with torch.no_grad():
+        for name, mask in masks.items():
+            weight = modules[name].weight
+            weight.mul_(mask.to(weight.device, weight.dtype))

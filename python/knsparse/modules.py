@@ -20,12 +20,15 @@ from . import backends
 from .backends import Backend, BackendUnavailableError, ConvSpec, LinearSpec
 from .backends.base import ACTIVATIONS
 from .compress import compress_nm, decompress_nm
-from .layers import ineligibility
-from .masks import ConvOrder, check_groupable, group_nonzeros
+from .layers import swap_ineligibility
+from .masks import ConvOrder, check_finite, check_groupable
 from .pattern import Pattern
+from .plan import SparsityPlan, as_plan
 
 
-def _check_mask(weight: torch.Tensor, mask: torch.Tensor, name: str | None) -> torch.Tensor:
+def _mask_tensor(name: str | None, weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``mask`` as a bool tensor on the weight's device, after checking its type, shape and
+    values, and that the weight is finite (``TypeError`` / ``ValueError`` naming the layer)."""
     label = f"layer {name!r}" if name else "layer"
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"{label}: mask must be a torch.Tensor, got {type(mask).__name__}")
@@ -37,9 +40,20 @@ def _check_mask(weight: torch.Tensor, mask: torch.Tensor, name: str | None) -> t
                 f"{label}: mask must be bool (or 0/1), got other values in a {mask.dtype} tensor"
             )
         mask = mask.bool()
-    if weight.is_floating_point() and not torch.isfinite(weight).all():
-        raise ValueError(f"{label}: weight contains NaN or Inf; refusing to build a sparse layer from it")
+    check_finite(weight.detach(), label)
     return mask.to(weight.device)
+
+
+def _checked_mask(
+    name: str | None, module: nn.Module, mask: torch.Tensor, pattern: Pattern, conv_order: ConvOrder
+) -> torch.Tensor:
+    """:func:`_mask_tensor`, then the swap rule (:func:`knsparse.layers.swap_ineligibility`) as a
+    ``ValueError`` naming the layer: everything a sparse layer needs, checked once."""
+    mask = _mask_tensor(name, module.weight, mask)
+    reason = swap_ineligibility(name or "", module, mask, pattern, conv_order)
+    if reason:
+        raise ValueError(f"layer {name!r}: {reason}" if name and not reason.startswith("layer ") else reason)
+    return mask
 
 
 class _SparseLayer(nn.Module):
@@ -73,10 +87,10 @@ class _SparseLayer(nn.Module):
         self.bias = nn.Parameter(torch.zeros(rows, dtype=dtype, device=device)) if bias else None
         self._cache: tuple[tuple, Backend, object] | None = None
 
-    def _store(
-        self, weight: torch.Tensor, mask: torch.Tensor, bias: torch.Tensor | None, name: str | None
-    ) -> None:
-        values, slots = compress_nm(weight.detach(), mask, self.pattern, self.conv_order, name)
+    def _store(self, weight: torch.Tensor, mask: torch.Tensor, bias: torch.Tensor | None) -> None:
+        """Keep ``weight`` where the bool ``mask`` is True (:func:`compress_nm` refuses a mask that
+        is not k:n, whoever calls)."""
+        values, slots = compress_nm(weight.detach(), mask, self.pattern, self.conv_order)
         with torch.no_grad():
             self.values.copy_(values)
             self.slots.copy_(slots)
@@ -177,8 +191,12 @@ class SparseLinear(_SparseLayer):
         """Build from ``linear`` keeping the weights where ``mask`` (``[out, in]``, k:n) is True."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"layer {name!r}: expected nn.Linear, got {type(linear).__name__}")
+        pattern = Pattern.parse(pattern)
+        return cls._build(linear, _checked_mask(name, linear, mask, pattern, "rsc"), pattern, backend)
+
+    @classmethod
+    def _build(cls, linear: nn.Linear, mask: torch.Tensor, pattern: Pattern, backend: str) -> SparseLinear:
         w = linear.weight
-        mask = _check_mask(w, mask, name)
         layer = cls(
             linear.in_features,
             linear.out_features,
@@ -188,7 +206,8 @@ class SparseLinear(_SparseLayer):
             w.dtype,
             w.device,
         )
-        layer._store(w, mask, linear.bias, name)
+        layer._store(w, mask, linear.bias)
+        layer.train(linear.training)
         layer._prepared()  # fails now, not at the first forward, if the backend rejects the layer
         return layer
 
@@ -259,11 +278,16 @@ class SparseConv2d(_SparseLayer):
         """Build from ``conv`` keeping the weights where ``mask`` (``[Cout, Cin, R, S]``, k:n) is True."""
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"layer {name!r}: expected nn.Conv2d, got {type(conv).__name__}")
-        ineligible = ineligibility(conv)
-        if ineligible:
-            raise ValueError(f"layer {name!r}: {ineligible}")
+        pattern = Pattern.parse(pattern)
+        return cls._build(
+            conv, _checked_mask(name, conv, mask, pattern, conv_order), pattern, backend, conv_order
+        )
+
+    @classmethod
+    def _build(
+        cls, conv: nn.Conv2d, mask: torch.Tensor, pattern: Pattern, backend: str, conv_order: ConvOrder
+    ) -> SparseConv2d:
         w = conv.weight
-        mask = _check_mask(w, mask, name)
         layer = cls(
             conv.in_channels,
             conv.out_channels,
@@ -278,7 +302,8 @@ class SparseConv2d(_SparseLayer):
             w.dtype,
             w.device,
         )
-        layer._store(w, mask, conv.bias, name)
+        layer._store(w, mask, conv.bias)
+        layer.train(conv.training)
         layer._prepared()
         return layer
 
@@ -340,23 +365,6 @@ def _matches(name: str, patterns: Iterable[str] | None) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns or ())
 
 
-def swap_ineligibility(
-    name: str, module: nn.Module, mask: torch.Tensor, pattern: Pattern, conv_order: ConvOrder
-) -> str | None:
-    """Why a correctly-shaped request is not swapped (the layer then stays as it is)."""
-    reason = ineligibility(module)
-    if reason:
-        return reason
-    try:
-        check_groupable(module.weight.shape, pattern, conv_order, name)
-    except ValueError as err:
-        return str(err)
-    over = group_nonzeros(mask, pattern, conv_order) > pattern.k
-    if over.any():
-        return f"mask is not {pattern}: {int(over.sum())} of {over.numel()} groups keep more than {pattern.k}"
-    return None
-
-
 def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
@@ -364,23 +372,24 @@ def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
 
 def swap_modules(
     model: nn.Module,
-    masks: Mapping[str, torch.Tensor],
-    pattern: str | Pattern = "2:4",
+    masks: SparsityPlan | Mapping[str, torch.Tensor],
+    pattern: str | Pattern | None = None,
     backend: str = "auto",
     include: Iterable[str] | None = None,
     exclude: Iterable[str] | None = None,
-    conv_order: ConvOrder = "rsc",
+    conv_order: ConvOrder | None = None,
 ) -> SwapReport:
     """Replace every named Linear/Conv2d that has a mask by its sparse twin, in place.
 
     Args:
         model: the model to modify.
-        masks: ``{module name: bool mask of its weight}``.
-        pattern: the k:n pattern the masks follow.
+        masks: a :class:`~knsparse.plan.SparsityPlan` (``prune(...).plan``), or
+            ``{module name: bool mask of its weight}``.
+        pattern: the k:n pattern a mask dict follows (default ``"2:4"``; a plan has its own).
         backend: ``"auto"`` or a backend name (see :func:`knsparse.backends.available`).
         include, exclude: glob patterns over module names (``"blocks.*.mlp.*"``) to restrict
             which masked layers are swapped.
-        conv_order: grouping of conv weights, ``"rsc"`` (TensorRT) or ``"crs"``.
+        conv_order: grouping of conv weights of a mask dict, ``"rsc"`` (TensorRT, default) or ``"crs"``.
 
     Returns:
         A :class:`SwapReport`. Layers that cannot carry the pattern (shape, grouped conv, a
@@ -392,9 +401,8 @@ def swap_modules(
             of the wrong shape or type, a NaN/Inf weight, or an explicitly requested backend
             that cannot run a layer. Nothing in the model is changed when this happens.
     """
-    pattern = Pattern.parse(pattern)
-    if pattern.is_unstructured:
-        raise ValueError("swap_modules needs a k:n pattern; unstructured masks have no sparse backend")
+    plan = as_plan(masks, pattern, conv_order)
+    masks, pattern, conv_order = plan.masks, plan.pattern, plan.conv_order
     modules = dict(model.named_modules())
     unknown = [n for n in masks if n not in modules]
     if unknown:
@@ -406,7 +414,7 @@ def swap_modules(
             continue
         if not isinstance(module, (nn.Linear, nn.Conv2d)):
             raise TypeError(f"layer {name!r} is a {type(module).__name__}, not nn.Linear or nn.Conv2d")
-        mask = _check_mask(module.weight, masks[name], name)
+        mask = _mask_tensor(name, module.weight, masks[name])
         if include is not None and not _matches(name, include):
             report.skipped[name] = "not matched by include"
             continue
@@ -421,9 +429,9 @@ def swap_modules(
             report.skipped[name] = reason
             continue
         if isinstance(module, nn.Linear):
-            new: _SparseLayer = SparseLinear.from_dense(module, mask, pattern, backend, name)
+            new: _SparseLayer = SparseLinear._build(module, mask, pattern, backend)
         else:
-            new = SparseConv2d.from_dense(module, mask, pattern, backend, conv_order, name)
+            new = SparseConv2d._build(module, mask, pattern, backend, conv_order)
         replacements[name] = new
         report.swapped[name] = new.active_backend
     for name, new in replacements.items():

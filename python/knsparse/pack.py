@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from .compress import kept_slots
+from .masks import check_finite
 from .pattern import Pattern
 
 # dtype -> (meta dtype, meta bits, min rows, min cols): CUTLASS sparse GEMM constraints.
@@ -99,8 +100,7 @@ def check_24(w: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     if w.dim() != 2:
         raise ValueError(f"2:4 packing expects a 2-D weight [m, k], got shape {tuple(w.shape)}")
     _check_dtype(w.dtype)
-    if w.is_floating_point() and not torch.isfinite(w).all():
-        raise ValueError("weight contains NaN or Inf; refusing to pack a broken weight")
+    check_finite(w, "pack_24")
     m, k = w.shape
     if k % 4:
         raise ValueError(f"weight of shape {(m, k)}: k={k} is not a multiple of 4, so it cannot be 2:4")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 
@@ -27,11 +28,12 @@ from tqdm.auto import tqdm
 
 from .calibration import check_reiterable, collect_input_stats, data_path_budgets
 from .layers import pattern_layers, prunable_layers, reduction_weight
-from .masks import ConvOrder, from_reduction_view
+from .masks import ConvOrder, check_finite, from_reduction_view
 from .methods import METHODS, Decision, Layer, MethodSpec
 from .pattern import Pattern
 from .permutation import PermutationReport
 from .permutation import permute as permute_channels
+from .plan import SparsityPlan
 from .repair import RepairReport
 from .repair import apply as apply_repair
 from .spectral import MPFit, fit_weights
@@ -85,6 +87,8 @@ class PruneResult:
     """Per coupling group kept score before/after and efficacy, when ``permute=True``."""
     repair: RepairReport | None = None
     """The repair that ran (per-channel γ, λ, batches), when ``repair=...``."""
+    plan: SparsityPlan | None = None
+    """The k:n plan (pattern, conv order, masks, permutation); ``None`` for unstructured masks."""
 
     def overall_sparsity(self) -> float:
         """Parameter-weighted sparsity over the pruned layers."""
@@ -131,36 +135,70 @@ class PruneResult:
         return "\n".join(lines)
 
 
-def _resolve_pattern(method: str, pattern: str | Pattern | None, sparsity: float | None) -> Pattern:
+def _resolve_target(
+    method: str, pattern: str | Pattern | None, sparsity: float | None
+) -> tuple[Pattern | None, float | None]:
+    """The k:n pattern (``None`` for unstructured masks) and sparsity of a call: the one place
+    ``prune``'s pattern is parsed."""
     spec = METHODS[method]
-    if pattern is None:
-        pat = Pattern.parse("unstructured" if sparsity is not None else "2:4")
+    if sparsity is not None:
+        if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
+            raise TypeError(
+                f"sparsity must be a number in [0, 1), got {sparsity!r} ({type(sparsity).__name__})"
+            )
+        if not 0.0 <= sparsity < 1.0:  # also refuses NaN
+            raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+        sparsity = float(sparsity)
+    if isinstance(pattern, str) and pattern.strip().lower() == "unstructured":
+        if sparsity is None:
+            raise ValueError("an unstructured prune needs sparsity=..., e.g. sparsity=0.5")
+        pat = None
+    elif pattern is None:
+        pat = None if sparsity is not None else Pattern(2, 4)
     else:
         pat = Pattern.parse(pattern)
-    if sparsity is not None and not 0.0 <= sparsity < 1.0:
-        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
-    if pat.is_unstructured and sparsity is None:
-        raise ValueError("an unstructured pattern needs sparsity=..., e.g. sparsity=0.5")
     if not spec.accepts(pat):
         kind = (
-            "a k:n pattern such as '2:4'"
-            if spec.patterns == "kn"
-            else "pattern='unstructured' with sparsity="
+            "a k:n pattern such as '2:4'" if spec.patterns == "kn" else "sparsity=<fraction> and no pattern"
         )
-        raise ValueError(f"method {method!r} does not support pattern {pat}; it needs {kind}")
-    if not pat.is_unstructured and sparsity is not None and not spec.premask:
+        shown = "unstructured" if pat is None else str(pat)
+        raise ValueError(f"method {method!r} does not support {shown} masks; it needs {kind}")
+    if pat is not None and sparsity is not None and not spec.premask:
         raise ValueError(
             f"method {method!r} with pattern {pat} fixes the sparsity at {pat.sparsity:g}; "
             "pass either a k:n pattern or sparsity= (only 'cast'/'cast-conv' take both: an unstructured "
             "pre-mask followed by k:n with free restoration)"
         )
-    return pat
+    return pat, sparsity
+
+
+PERMUTE_OPTIONS = ("time_budget_s", "max_iters", "seed")
+
+
+def _permute_options(
+    permute: bool | Mapping[str, object], pattern: Pattern | None
+) -> dict[str, object] | None:
+    """``None`` for no permutation, else the keyword options of :func:`knsparse.permute`'s search."""
+    if isinstance(permute, bool):
+        options: dict[str, object] | None = {} if permute else None
+    elif isinstance(permute, Mapping):
+        unknown = sorted(set(permute) - set(PERMUTE_OPTIONS))
+        if unknown:
+            raise ValueError(f"unknown permute option(s) {unknown}; it takes {list(PERMUTE_OPTIONS)}")
+        options = dict(permute)
+    else:
+        raise TypeError(
+            f"permute must be True/False or a dict of search options {list(PERMUTE_OPTIONS)}, "
+            f"got {type(permute).__name__}"
+        )
+    if options is not None and pattern is None:
+        raise ValueError("permute needs a k:n pattern: unstructured masks do not depend on channel order")
+    return options
 
 
 def _check_weights(layers: Mapping[str, nn.Module]) -> None:
     for name, mod in layers.items():
-        if not torch.isfinite(mod.weight).all():
-            raise ValueError(f"layer {name!r}: weight of shape {tuple(mod.weight.shape)} contains NaN or Inf")
+        check_finite(mod.weight.detach(), f"layer {name!r}")
 
 
 def prune(
@@ -169,7 +207,7 @@ def prune(
     pattern: str | Pattern | None = None,
     sparsity: float | None = None,
     calib: Iterable[object] | None = None,
-    permute: bool = False,
+    permute: bool | Mapping[str, object] = False,
     repair: str | None = None,
     inplace: bool = False,
     *,
@@ -186,9 +224,9 @@ def prune(
     Args:
         model: the model; left untouched unless ``inplace=True``.
         method: one of ``knsparse.methods.METHODS``: ``magnitude``, ``wanda``, ``sparsegpt``,
-            ``rmt``, ``ser``, ``hybrid``, ``cast``, ``cast-conv``.
-        pattern: ``"2:4"``, ``"8:16"``, ... or ``"unstructured"``; default ``"2:4"``, or
-            unstructured when only ``sparsity`` is given.
+            ``yopo``, ``rmt``, ``ser``, ``hybrid``, ``cast``, ``cast-conv``.
+        pattern: ``"2:4"``, ``"8:16"``, ...; default ``"2:4"``, or unstructured masks when only
+            ``sparsity`` is given (``"unstructured"`` with ``sparsity`` says the same).
         sparsity: target fraction of pruned weights for unstructured masks (parameter-weighted
             over the pruned layers); with ``cast``/``cast-conv`` and a k:n pattern, the sparsity
             of the unstructured pre-mask that free restoration starts from.
@@ -197,9 +235,13 @@ def prune(
             for data-path scores, and by every method for the certificate in the report.
         permute: before scoring, permute channels (function-preserving, see
             :func:`knsparse.permutation.permute`) so the k:n masks keep more; k:n patterns only.
+            ``True``, or a dict of the search's options to bound it: ``time_budget_s`` (seconds
+            per coupling group), ``max_iters``, ``seed``.
         repair: after masking, ``"asr"`` or ``"layerwise"`` (each followed by BatchNorm
             recalibration) or ``"bn"`` (recalibration alone); needs ``calib``.
-        inplace: prune ``model`` itself instead of a deep copy.
+        inplace: prune ``model`` itself instead of a deep copy. The work still runs on a copy
+            whose values are written into ``model`` only when everything succeeded: on any error
+            ``model`` is exactly as it was (values, module types, training flags).
         conv_order: k:n grouping of conv weights, ``"rsc"`` (TensorRT) or ``"crs"``.
         lam1, lam2: elastic-net strengths ``λ₁``, ``λ₂`` of the certified objective.
         lipschitz: ``L_s`` of the certificate, one value or ``{layer: value}`` (default 1).
@@ -214,12 +256,18 @@ def prune(
 
     Returns:
         :class:`PruneResult` with the pruned model, ``{layer: bool mask}``, the per-layer report
-        (sparsity, MP fit, certificate, freely restored entries) and the skipped layers.
+        (sparsity, MP fit, certificate, freely restored entries), the skipped layers and, for a
+        k:n pattern, the :class:`~knsparse.plan.SparsityPlan` (``result.plan``) that
+        :func:`knsparse.swap_modules`, :func:`knsparse.macs`, :func:`knsparse.audit` and
+        :func:`knsparse.export_onnx` take.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {sorted(METHODS)}")
     spec = METHODS[method]
-    pat = _resolve_pattern(method, pattern, sparsity)
+    pat, sparsity = _resolve_target(method, pattern, sparsity)
+    permute_options = _permute_options(permute, pat)
     unknown = set(options) - spec.options
     if unknown:
         raise ValueError(
@@ -235,10 +283,6 @@ def prune(
             f"sequential=True needs a calibration set and a method that decides each layer on its own "
             f"(wanda, sparsegpt, cast/cast-conv without sparsity=); got method {method!r}"
         )
-    if permute and pat.is_unstructured:
-        raise ValueError(
-            "permute=True needs a k:n pattern: unstructured masks do not depend on channel order"
-        )
     if repair is not None:
         if repair not in REPAIRS:
             raise ValueError(f"unknown repair {repair!r}; choose one of {list(REPAIRS)}")
@@ -246,18 +290,21 @@ def prune(
             raise ValueError(f"repair={repair!r} needs a calibration set: pass calib=[batch, ...]")
     if conv_order not in ("rsc", "crs"):
         raise ValueError(f"conv_order must be 'rsc' or 'crs', got {conv_order!r}")
-    if lam1 < 0 or lam2 < 0:
-        raise ValueError(f"lam1 and lam2 must be >= 0, got {lam1}, {lam2}")
+    for label, value in (("lam1", lam1), ("lam2", lam2)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+            raise ValueError(f"{label} must be a number >= 0, got {value!r}")
     found = prunable_layers(model)
     _check_weights(found)
-    if isinstance(lipschitz, Mapping) and set(lipschitz) - set(found):
-        raise ValueError(f"lipschitz names unknown layers: {sorted(set(lipschitz) - set(found))}")
+    _check_lipschitz(lipschitz, found)
 
-    target = model if inplace else copy.deepcopy(model)
+    # Everything runs on a copy; with inplace=True its state is written back only at the end, so
+    # a failure anywhere (a bad calibration batch after the permutation, say) leaves the user's
+    # model exactly as it was.
+    target = copy.deepcopy(model)
     permutation = None
-    if permute:
+    if permute_options is not None:
         permutation = permute_channels(
-            target, pat, calib, inplace=True, conv_order=conv_order, progress=progress
+            target, pat, calib, inplace=True, conv_order=conv_order, progress=progress, **permute_options
         )
     dense_twin = copy.deepcopy(target) if repair in ("asr", "layerwise") else None
     layers, skipped = pattern_layers(target, pat, conv_order)
@@ -291,7 +338,37 @@ def prune(
                 _layer_report(name, mod, d, views[name], new_values[name], budgets.get(name), lam1, lam2)
             )
     repaired = apply_repair(target, dense_twin, calib, repair) if repair is not None else None
-    return PruneResult(target, masks, report, skipped, method, str(pat), sparsity, permutation, repaired)
+    if inplace:
+        _write_back(target, model)
+        target = model
+        if permutation is not None:
+            permutation.model = model
+    plan = None if pat is None else SparsityPlan(pat, masks, conv_order, permutation)
+    shown = "unstructured" if pat is None else str(pat)
+    return PruneResult(target, masks, report, skipped, method, shown, sparsity, permutation, repaired, plan)
+
+
+def _check_lipschitz(lipschitz: float | Mapping[str, float], layers: Mapping[str, nn.Module]) -> None:
+    values = lipschitz.values() if isinstance(lipschitz, Mapping) else [lipschitz]
+    if isinstance(lipschitz, Mapping) and set(lipschitz) - set(layers):
+        raise ValueError(f"lipschitz names unknown layers: {sorted(set(lipschitz) - set(layers))}")
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < math.inf:
+            raise ValueError(f"lipschitz must be a finite number >= 0 (or {{layer: number}}), got {v!r}")
+
+
+def _write_back(pruned: nn.Module, model: nn.Module) -> None:
+    """Copy every parameter and buffer of ``pruned`` (a pruned deep copy of ``model``) into
+    ``model`` in place: same tensors, module types and training flags, new values."""
+    source = dict(pruned.named_parameters(remove_duplicate=False)) | dict(
+        pruned.named_buffers(remove_duplicate=False)
+    )
+    with torch.no_grad():
+        for name, tensor in (
+            *model.named_parameters(remove_duplicate=False),
+            *model.named_buffers(remove_duplicate=False),
+        ):
+            tensor.copy_(source[name])
 
 
 def _units(layers: Mapping[str, nn.Module], views: Mapping[str, Layer], full_gram: bool) -> list[list[str]]:
@@ -316,7 +393,7 @@ def _decide(
     layers: Mapping[str, nn.Module],
     views: dict[str, Layer],
     spec: MethodSpec,
-    pat: Pattern,
+    pat: Pattern | None,
     sparsity: float | None,
     calib: Iterable[object] | None,
     options: Mapping[str, object],
@@ -348,7 +425,7 @@ def _decide(
             model,
             {n: mods[n] for n in unit},
             calib,
-            group=pat.n if spec.group_gram else None,
+            group=pat.n if spec.group_gram and pat is not None else None,
             full_gram=full_gram,
             conv_order=conv_order,
             progress=progress and len(units) == 1,

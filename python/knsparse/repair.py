@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from .batches import input_batches, model_device
 from .layers import is_prunable
+from .modes import evaluation
 
 Method = Literal["asr", "layerwise", "bn"]
 
@@ -80,16 +81,14 @@ def _channel_variances(
         return hook
 
     handles = [modules[n].register_forward_hook(hook_for(n)) for n in names]
-    was_training = model.training
-    model.eval()
     try:
-        for x in batches:
-            with contextlib.suppress(_Stop):
-                model(x)
+        with evaluation(model):
+            for x in batches:
+                with contextlib.suppress(_Stop):
+                    model(x)
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
     out = {}
     for name, (total, squares, count) in stats.items():
         mean, mean_sq = total / count, squares / count
@@ -106,11 +105,8 @@ def _execution_order(model: nn.Module, names: list[str], x: torch.Tensor) -> lis
         for n in names
     ]
     try:
-        with torch.no_grad():
-            was_training = model.training
-            model.eval()
+        with torch.no_grad(), evaluation(model):
             model(x)
-            model.train(was_training)
     finally:
         for h in handles:
             h.remove()
@@ -242,21 +238,22 @@ def recalibrate_bn(model: nn.Module, calib: object, *, progress: bool = False) -
     Returns the number of batches; ``ValueError`` if there is none."""
     batches = list(input_batches(calib, model_device(model)))  # an empty set raises before any change
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    saved = [(m.momentum, m.training) for m in bns]
-    was_training = model.training
-    model.eval()
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative moving average
-        m.train()
-    try:
-        for x in tqdm(batches, desc="recalibrate BN", disable=not progress):
-            model(x)
-    finally:
-        for m, (momentum, training) in zip(bns, saved, strict=True):
-            m.momentum = momentum
-            m.train(training)
-        model.train(was_training)
+    saved = [(m.momentum, {k: v.clone() for k, v in m.state_dict().items()}) for m in bns]
+    with evaluation(model):
+        try:
+            for m in bns:
+                m.reset_running_stats()
+                m.momentum = None  # cumulative moving average
+                m.train()
+            for x in tqdm(batches, desc="recalibrate BN", disable=not progress):
+                model(x)
+        except BaseException:
+            for m, (_, state) in zip(bns, saved, strict=True):
+                m.load_state_dict(state)  # a failed batch leaves the statistics as they were
+            raise
+        finally:
+            for m, (momentum, _) in zip(bns, saved, strict=True):
+                m.momentum = momentum
     return len(batches)
 
 

@@ -52,6 +52,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .layers import prunable_layers
+from .masks import check_finite
 
 TW1_Q99 = 2.0234
 """99% quantile of the Tracy–Widom law for real (β = 1) matrices."""
@@ -278,8 +279,7 @@ def _as_matrix(w: torch.Tensor, name: str | None = None) -> torch.Tensor:
         w = w.reshape(w.shape[0], -1)
     if w.dim() != 2:
         raise ValueError(f"{label}: expected a 2-D Linear or 4-D Conv2d weight, got shape {tuple(w.shape)}")
-    if not torch.isfinite(w).all():
-        raise ValueError(f"{label}: weight of shape {tuple(w.shape)} contains NaN or Inf")
+    check_finite(w, label)
     return w
 
 

@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import families
+
 _STATE_ATTR = "_knsparse_tome"
 
 
@@ -173,21 +175,12 @@ def _merging_block_forward(self: nn.Module, x: torch.Tensor, *args: object, **kw
     return x + _apply_if_present(self, "drop_path2", _apply_if_present(self, "ls2", mlp_out))
 
 
-def _is_supported_block(block: nn.Module) -> bool:
-    from .models.vit import Block
-
-    cls = type(block)
-    return cls is Block or (cls.__name__ == "Block" and cls.__module__.startswith("timm."))
-
-
 def _check_attention(name: str, attn: nn.Module) -> None:
-    cls = type(attn)
-    builtin = cls.__module__ == "knsparse.models.vit" and cls.__name__ == "Attention"
-    timm_plain = cls.__name__ == "Attention" and cls.__module__.startswith("timm.")
-    if not (builtin or timm_plain):
+    if families.attention_parts(attn, windowed=False) is None:
+        cls = type(attn)
         raise ValueError(
             f"block {name!r}: attention class {cls.__module__}.{cls.__name__} is not supported by "
-            "token merging (supported: the built-in ViT Attention and timm's fused-qkv Attention)"
+            f"token merging (supported: {families.known_classes('attention')})"
         )
     if getattr(attn, "gate", None) is not None:
         raise ValueError(f"block {name!r}: gated timm attention is not supported by token merging")
@@ -203,11 +196,11 @@ def _vit_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     out = []
     for i, block in enumerate(blocks):
         name = f"blocks.{i}"
-        if not _is_supported_block(block):
+        if not families.is_vit_block(block):
             cls = type(block)
             raise ValueError(
                 f"block {name!r} is a {cls.__module__}.{cls.__name__}; token merging supports the "
-                "pre-norm ViT Block of knsparse.models and timm only"
+                f"pre-norm ViT blocks {families.known_classes('vit_block')}"
             )
         _check_attention(name, block.attn)
         out.append((name, block))

@@ -1,8 +1,15 @@
 """Mask methods and their registry.
 
 Every method maps ``(layers, pattern, sparsity, **options)`` to one
-:class:`~knsparse.methods.base.Decision` per layer; :func:`knsparse.prune` validates a call
+:class:`~knsparse.methods.base.Decision` per layer (``pattern`` is a :class:`Pattern`, or
+``None`` for unstructured masks at ``sparsity``); :func:`knsparse.prune` validates a call
 against the method's :class:`MethodSpec` before it touches the model.
+
+A method is a scorer (:mod:`knsparse.score`, or the data-path scores of calibration) + a
+budget (the pattern, a sparsity, or :mod:`knsparse.budget`'s per-layer allocation) + a mask
+rule (:func:`~knsparse.methods.select.select` for score-based methods; CAST's group selection),
+optionally followed by new values for the kept weights (``rmt``; ``sparsegpt`` and
+``cast(reconstruct=True)`` re-fit them on the calibration Gram, :mod:`knsparse.methods.obs`).
 """
 
 from __future__ import annotations
@@ -17,9 +24,11 @@ from .base import Decision, Layer
 from .cast import cast, greedy_group_select
 from .magnitude import magnitude
 from .rmt import rmt
+from .select import select
 from .ser import hybrid, ser
 from .sparsegpt import sparsegpt
 from .wanda import wanda
+from .yopo import yopo
 
 MethodFn = Callable[..., Mapping[str, Decision]]
 
@@ -58,18 +67,20 @@ class MethodSpec:
         return self.full_gram
 
     def __call__(
-        self, layers: Mapping[str, Layer], pattern: Pattern, sparsity: float | None, **options: object
+        self, layers: Mapping[str, Layer], pattern: Pattern | None, sparsity: float | None, **options: object
     ) -> Mapping[str, Decision]:
         return self.fn(layers, pattern, sparsity, **self.fixed, **options)
 
-    def accepts(self, pattern: Pattern) -> bool:
+    def accepts(self, pattern: Pattern | None) -> bool:
+        """Whether the method makes k:n masks (``pattern``) or unstructured ones (``None``)."""
         if self.patterns == "both":
             return True
-        return pattern.is_unstructured == (self.patterns == "unstructured")
+        return (pattern is None) == (self.patterns == "unstructured")
 
 
 METHODS: dict[str, MethodSpec] = {
     "magnitude": MethodSpec(magnitude, "unused", "both"),
+    "yopo": MethodSpec(yopo, "unused", "both"),
     "rmt": MethodSpec(rmt, "unused", "both"),
     "ser": MethodSpec(ser, "optional", "unstructured"),
     "hybrid": MethodSpec(hybrid, "optional", "unstructured"),
@@ -100,7 +111,9 @@ __all__ = [
     "hybrid",
     "magnitude",
     "rmt",
+    "select",
     "ser",
     "sparsegpt",
     "wanda",
+    "yopo",
 ]

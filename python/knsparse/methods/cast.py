@@ -41,7 +41,7 @@ from collections.abc import Mapping
 
 import torch
 
-from ..pattern import UNSTRUCTURED, Pattern
+from ..pattern import Pattern
 from .base import Decision, Layer, layer_hessian
 from .obs import DAMP, refit_in_mask, relative_output_error
 from .ser import hybrid
@@ -99,7 +99,7 @@ def robust_gram(gram: torch.Tensor, shrinkage: float) -> torch.Tensor:
 
 def cast(
     layers: Mapping[str, Layer],
-    pattern: Pattern,
+    pattern: Pattern | None,
     sparsity: float | None = None,
     *,
     convs: bool = False,
@@ -119,13 +119,13 @@ def cast(
     weights on the calibration Gram damped by ``damp`` (module docstring).
     """
     method = "cast-conv" if convs else "cast"
-    if pattern.is_unstructured:
-        raise ValueError(f"method {method!r} needs a k:n pattern (e.g. '2:4'), got 'unstructured'")
+    if pattern is None:
+        raise ValueError(f"method {method!r} needs a k:n pattern (e.g. '2:4')")
     if not 0.0 <= shrinkage <= 1.0:
         raise ValueError(f"shrinkage must be in [0, 1], got {shrinkage}")
     premasks = None
     if sparsity is not None:
-        premasks = hybrid(layers, UNSTRUCTURED, sparsity, switch=switch, reservoir=reservoir)
+        premasks = hybrid(layers, None, sparsity, switch=switch, reservoir=reservoir)
     out = {}
     for name, lay in layers.items():
         data_path = convs or not lay.is_conv

@@ -13,9 +13,9 @@ from collections.abc import Mapping
 
 import torch
 
-from ..masks import nm_mask, unstructured_mask
 from ..pattern import Pattern
 from .base import Decision, Layer
+from .select import select
 
 
 def denoise(weight: torch.Tensor, rank: int) -> torch.Tensor:
@@ -25,16 +25,13 @@ def denoise(weight: torch.Tensor, rank: int) -> torch.Tensor:
 
 
 def rmt(
-    layers: Mapping[str, Layer], pattern: Pattern, sparsity: float | None, *, min_keep_row: int = 1
+    layers: Mapping[str, Layer], pattern: Pattern | None, sparsity: float | None, *, min_keep_row: int = 1
 ) -> dict[str, Decision]:
-    out = {}
-    for n, lay in layers.items():
-        rank = max(1, lay.fit.num_spikes)
-        clean = denoise(lay.weight, rank)
-        if pattern.is_unstructured:
-            assert sparsity is not None
-            mask, target = unstructured_mask(clean.abs(), sparsity, min_keep_row), sparsity
-        else:
-            mask, target = nm_mask(clean.abs(), pattern, name=n), pattern.sparsity
-        out[n] = Decision(mask, "rmt", target, weight=clean, extra={"rank": float(rank)})
-    return out
+    ranks = {n: max(1, lay.fit.num_spikes) for n, lay in layers.items()}
+    clean = {n: denoise(lay.weight, ranks[n]) for n, lay in layers.items()}
+    chosen = select(
+        {n: c.abs() for n, c in clean.items()}, pattern, sparsity, rule="rmt", min_keep_row=min_keep_row
+    )
+    for n, d in chosen.items():
+        d.rule, d.weight, d.extra = "rmt", clean[n], {"rank": float(ranks[n])}
+    return chosen

@@ -42,8 +42,8 @@ SER_SHRINKAGE = 0.5
 models by ``bench/quality_select.py`` (``bench/results/quality_select.json``)."""
 
 
-def _require_unstructured(pattern: Pattern, method: str) -> None:
-    if not pattern.is_unstructured:
+def _require_unstructured(pattern: Pattern | None, method: str) -> None:
+    if pattern is not None:
         raise ValueError(
             f"method {method!r} makes unstructured masks; for pattern {pattern} use 'cast' "
             "(optionally with sparsity= for an unstructured pre-mask with free restoration)"
@@ -83,7 +83,7 @@ def ser_layer(
 
 def ser(
     layers: Mapping[str, Layer],
-    pattern: Pattern,
+    pattern: Pattern | None,
     sparsity: float | None,
     *,
     reservoir: float = 0.1,
@@ -113,7 +113,7 @@ def ser(
 
 def hybrid(
     layers: Mapping[str, Layer],
-    pattern: Pattern,
+    pattern: Pattern | None,
     sparsity: float | None,
     *,
     switch: float = 0.5,

@@ -19,7 +19,7 @@ from .obs import BLOCKSIZE, DAMP, inverse_cholesky, refit_in_mask, relative_outp
 
 def sparsegpt(
     layers: Mapping[str, Layer],
-    pattern: Pattern,
+    pattern: Pattern | None,
     sparsity: float | None = None,
     *,
     damp: float = DAMP,
@@ -35,8 +35,8 @@ def sparsegpt(
     never updated again, the exact solution is never worse on the calibration set). Each
     decision's ``extra["output_error"]`` is the relative output error on the calibration set.
     """
-    if pattern.is_unstructured:
-        raise ValueError("method 'sparsegpt' needs a k:n pattern (e.g. '2:4'), got 'unstructured'")
+    if pattern is None:
+        raise ValueError("method 'sparsegpt' needs a k:n pattern (e.g. '2:4')")
     if blocksize < 1:
         raise ValueError(f"blocksize must be >= 1, got {blocksize}")
     out = {}

@@ -1,31 +1,21 @@
-"""Wanda (Sun et al., 2023): prune by ``|w_ij| · ‖x_j‖`` within each output row (``wanda``)."""
+"""Wanda (Sun et al., 2023): the data-path score ``|w_ij| · ‖x_j‖`` under the :func:`select`
+rule (``wanda``): k:n per group, or unstructured per layer / globally."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
-import torch
-
-from ..masks import nm_mask
 from ..pattern import Pattern
 from .base import Decision, Layer, data_path_scores
+from .select import Mode, select
 
 
-def wanda(layers: Mapping[str, Layer], pattern: Pattern, sparsity: float | None) -> dict[str, Decision]:
-    """k:n: the ``k`` largest scores of every group. Unstructured: the ``sparsity`` fraction of
-    smallest scores of every output row (Wanda's per-output comparison group)."""
-    out = {}
+def wanda(
+    layers: Mapping[str, Layer], pattern: Pattern | None, sparsity: float | None, *, mode: Mode = "layer"
+) -> dict[str, Decision]:
+    """Keep the highest ``|w_ij| · ‖x_j‖`` (CAST's data-path score without shrinkage)."""
     for name, lay in layers.items():
         if lay.stats is None:
             raise ValueError(f"method 'wanda' needs calibration statistics for layer {name!r}")
-        scores = data_path_scores(lay, 0.0)
-        if pattern.is_unstructured:
-            assert sparsity is not None
-            drop = int(scores.shape[1] * sparsity)
-            mask = torch.ones_like(scores, dtype=torch.bool)
-            mask.scatter_(1, scores.argsort(dim=1)[:, :drop], False)
-            target = sparsity
-        else:
-            mask, target = nm_mask(scores, pattern, name=name), pattern.sparsity
-        out[name] = Decision(mask, f"wanda {pattern}", target)
-    return out
+    scores = {n: data_path_scores(lay, 0.0) for n, lay in layers.items()}
+    return select(scores, pattern, sparsity, rule="wanda", mode=mode)

@@ -19,9 +19,10 @@ from tqdm.auto import tqdm
 
 from ..batches import input_batches, model_device
 from ..masks import ConvOrder
+from ..modes import evaluation
 from ..pattern import Pattern
+from .coupling_family import family_groups
 from .coupling_fx import fx_groups
-from .coupling_timm import timm_groups
 from .groups import ChannelGroup, GroupList, apply_permutation, group_channels
 from .objective import efficacy, kept_score, search_matrix
 from .stripe_search import search
@@ -73,10 +74,10 @@ class PermutationReport:
 
 
 def find_groups(model: nn.Module) -> GroupList:
-    """Channel groups from torch.fx, or from timm-shaped blocks when tracing fails."""
+    """Channel groups from torch.fx, or from the family registry's blocks when tracing fails."""
     found = fx_groups(model)
     if found.trace_error is not None:
-        found.groups = timm_groups(model)
+        found.groups = family_groups(model)
     return found
 
 
@@ -141,7 +142,7 @@ def permute(
     """Permute channels of ``model`` so that k:n masks keep more magnitude, function unchanged.
 
     Args:
-        model: any ``nn.Module``; traced with torch.fx, else matched by timm block names.
+        model: any ``nn.Module``; traced with torch.fx, else its blocks matched by :mod:`knsparse.families`.
         pattern: the k:n pattern the consumers will be masked with (``"2:4"``, ``"8:16"``...).
         calib: optional calibration batches; the first one checks that outputs are unchanged
             (the model is restored and ``RuntimeError`` raised if they are not).
@@ -155,49 +156,44 @@ def permute(
         A :class:`PermutationReport` with the (permuted) model and one row per group.
     """
     pattern = Pattern.parse(pattern)
-    if pattern.is_unstructured:
-        raise ValueError("channel permutation needs a k:n pattern, got 'unstructured'")
     if not inplace:
         model = copy.deepcopy(model)
-    was_training = model.training
-    model.eval()
-    try:
-        probe = next(input_batches(calib, model_device(model))) if calib is not None else None
-        reference = _outputs(model, probe) if probe is not None else None
-        backup = {k: v.detach().clone() for k, v in model.state_dict().items()} if probe is not None else None
-        found = find_groups(model)
-        search_kwargs = {
-            "conv_order": conv_order,
-            "seed": seed,
-            "max_iters": max_iters,
-            "time_budget_s": time_budget_s,
-        }
-        reports = []
-        for group in tqdm(found.groups, desc="permute", disable=not progress):
-            start = time.perf_counter()
-            report = GroupReport(group.name, group.consumers, group.source, skip_reason=group.skip_reason)
-            if report.skip_reason is None:
-                perm = _search_group(model, group, report, pattern, search_kwargs)
-                if perm is not None:
-                    apply_permutation(model, group, perm)
-                    report.permuted = True
-            report.seconds = time.perf_counter() - start
-            reports.append(report)
-        if probe is not None:
-            _check_unchanged(model, probe, reference, backup)
-    finally:
-        model.train(was_training)
+    backup = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    with evaluation(model):
+        try:
+            probe = next(input_batches(calib, model_device(model))) if calib is not None else None
+            reference = _outputs(model, probe) if probe is not None else None
+            found = find_groups(model)
+            search_kwargs = {
+                "conv_order": conv_order,
+                "seed": seed,
+                "max_iters": max_iters,
+                "time_budget_s": time_budget_s,
+            }
+            reports = []
+            for group in tqdm(found.groups, desc="permute", disable=not progress):
+                start = time.perf_counter()
+                report = GroupReport(group.name, group.consumers, group.source, skip_reason=group.skip_reason)
+                if report.skip_reason is None:
+                    perm = _search_group(model, group, report, pattern, search_kwargs)
+                    if perm is not None:
+                        apply_permutation(model, group, perm)
+                        report.permuted = True
+                report.seconds = time.perf_counter() - start
+                reports.append(report)
+            if probe is not None:
+                _check_unchanged(model, probe, reference)
+        except BaseException:
+            model.load_state_dict(backup)  # all or nothing: no half-permuted model
+            raise
     return PermutationReport(model, str(pattern), reports, found.trace_error)
 
 
-def _check_unchanged(
-    model: nn.Module, probe: torch.Tensor, reference: list[torch.Tensor], backup: dict[str, torch.Tensor]
-) -> None:
+def _check_unchanged(model: nn.Module, probe: torch.Tensor, reference: list[torch.Tensor]) -> None:
     for want, got in zip(reference, _outputs(model, probe), strict=True):
         err = (want - got).abs().max().item()
         scale = want.abs().max().item()
         if err > 1e-4 * max(scale, 1.0):
-            model.load_state_dict(backup)
             raise RuntimeError(
                 f"channel permutation changed the model's output by {err:.3g} (scale {scale:.3g}); "
                 "the model was restored. Please report the model: a coupling was misjudged."

@@ -30,8 +30,6 @@ def greedy_swap_search(
     """Best-single-swap hill climbing on the same objective as :func:`~.stripe_search.search`."""
     start = time.perf_counter()
     pattern = Pattern.parse(pattern)
-    if pattern.is_unstructured:
-        raise ValueError("a permutation search needs a k:n pattern, got 'unstructured'")
     m = stacked_search_matrix(weight, pattern, conv_order)
     channels, n, k = m.shape[1], pattern.n, pattern.k
     perm = torch.arange(channels, device=m.device)

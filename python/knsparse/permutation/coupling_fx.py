@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .groups import ELEMENTWISE_MODULES, ChannelGroup, GroupList, Member, attention_group, attention_parts
+from ..families import attention_parts
+from .groups import ELEMENTWISE_MODULES, ChannelGroup, GroupList, Member, attention_group
 
 _ELEMENTWISE_FUNCTIONS = {
     F.relu,

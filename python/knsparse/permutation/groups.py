@@ -24,6 +24,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from ..families import attention_parts
+
 # Modules that act on every channel alike, so they commute with a channel permutation.
 ELEMENTWISE_MODULES = (
     nn.ReLU,
@@ -84,27 +86,11 @@ class GroupList:
     trace_error: str | None = None
 
 
-def attention_parts(module: nn.Module) -> tuple[nn.Linear, nn.Linear, int] | None:
-    """``(qkv, proj, head_dim)`` for a timm-shaped attention module, else ``None``.
-
-    timm-shaped: a fused ``qkv`` Linear whose rows are ``(3, heads, head_dim)``, a ``proj``
-    Linear reading the concatenated heads, and a ``num_heads`` attribute.
-    """
-    qkv, proj = getattr(module, "qkv", None), getattr(module, "proj", None)
-    heads = getattr(module, "num_heads", None)
-    if not (isinstance(qkv, nn.Linear) and isinstance(proj, nn.Linear) and isinstance(heads, int)):
-        return None
-    dim = proj.in_features
-    if heads <= 0 or dim % heads or qkv.out_features != 3 * dim:
-        return None
-    return qkv, proj, dim // heads
-
-
 def attention_group(name: str, module: nn.Module, source: str) -> ChannelGroup:
     """Value rows of ``qkv`` and input columns of ``proj``, permuted within each head."""
     parts = attention_parts(module)
     if parts is None:
-        raise ValueError(f"module {name!r} is not a timm-shaped attention block")
+        raise ValueError(f"module {name!r} is not a registered fused-qkv attention (knsparse.families)")
     _, proj, head_dim = parts
     prefix = f"{name}." if name else ""
     members = [

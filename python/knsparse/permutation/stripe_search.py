@@ -419,8 +419,6 @@ def search(
     """
     start = time.perf_counter()
     pattern = Pattern.parse(pattern)
-    if pattern.is_unstructured:
-        raise ValueError("a permutation search needs a k:n pattern, got 'unstructured'")
     for label, value, least in (
         ("max_iters", max_iters, 0),
         ("passes", passes, 1),

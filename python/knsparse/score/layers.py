@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..layers import prunable_layers
+from ..masks import check_finite
 
 ModelOrWeights = nn.Module | Mapping[str, torch.Tensor]
 
@@ -51,11 +52,5 @@ def prunable_weights(
             )
         if not w.is_floating_point():
             raise TypeError(f"layer {name!r}: weight dtype {w.dtype} is not floating point")
-        # A finite sum proves every entry finite (NaN and Inf propagate); only an overflowing or
-        # non-finite sum needs the entry-wise check.
-        if not bool(torch.isfinite(w.sum())) and not bool(torch.isfinite(w).all()):
-            bad = "NaN" if bool(torch.isnan(w).any()) else "Inf"
-            raise ValueError(
-                f"layer {name!r}: weight of shape {tuple(w.shape)} contains {bad}; cannot score it"
-            )
+        check_finite(w, f"layer {name!r}")
     return found

@@ -320,8 +320,6 @@ def yopo_nm_masks(
     ``ValueError`` naming the layer when the pattern cannot tile its reduction axis.
     """
     pattern = Pattern.parse(pattern)
-    if pattern.is_unstructured:
-        raise ValueError("yopo_nm_masks needs a k:n pattern; threshold yopo() scores for unstructured masks")
     weights = prunable_weights(model_or_weights, layers)
     for name, w in weights.items():
         check_groupable(w.shape, pattern, conv_order, name)

@@ -14,12 +14,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .layers import pattern_layers
-from .masks import nm_mask
-from .models import DigitsSplit, calibration_batches, evaluate, train
-from .modules import SwapReport, swap_modules
-from .pattern import Pattern
-from .prune import PruneResult, prune
+from ..modules import SwapReport, swap_modules
+from ..pattern import Pattern
+from ..prune import PruneResult, prune
+from .data import DigitsSplit, calibration_batches
+from .trainer import evaluate, train
 
 
 @dataclass
@@ -51,16 +50,6 @@ class PruneOutcome:
         return ", then ".join(steps) + ", swapped to sparse modules"
 
 
-def magnitude_masks(
-    model: nn.Module, pattern: str | Pattern
-) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """``{layer: k:n mask keeping the largest |w| per group}`` for every prunable layer, and
-    ``{layer: why not}`` for the others (see :func:`knsparse.layers.pattern_layers`)."""
-    layers, skipped = pattern_layers(model, pattern)
-    masks = {n: nm_mask(m.weight.detach().abs(), pattern, name=n) for n, m in layers.items()}
-    return masks, skipped
-
-
 def prune_and_swap(
     model: nn.Module,
     pattern: str | Pattern = "2:4",
@@ -89,8 +78,6 @@ def prune_and_swap(
         include, exclude: glob patterns over layer names, as in :func:`knsparse.swap_modules`.
     """
     pattern = Pattern.parse(pattern)
-    if pattern.is_unstructured:
-        raise ValueError("prune needs a k:n pattern such as '2:4'; unstructured masks have no sparse backend")
     if repair_epochs and data is None:
         raise ValueError("repair by fine-tuning needs the training data")
     accuracy_dense = evaluate(model, data.x_test, data.y_test) if data is not None else None

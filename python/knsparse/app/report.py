@@ -20,18 +20,21 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .audit import AuditResult, audit, plot_speedup
-from .export import check, export_onnx
-from .layers import pattern_layers
-from .macs import MacReport, macs
-from .masks import from_reduction_view
-from .models import load_digits_split, pretrained, resnet50, vit_base_patch16_224
-from .models.trainer import torch_threads
-from .modules import sparse_layers
-from .pattern import Pattern
-from .pipeline import PruneOutcome, magnitude_masks, prune_and_swap
-from .provenance import environment
-from .spectral import LayerSpectrum, diagnose
+from .. import families
+from ..audit import AuditResult, audit, plot_speedup
+from ..export import check, export_onnx
+from ..layers import pattern_layers
+from ..macs import MacReport, macs
+from ..masks import from_reduction_view
+from ..methods.magnitude import magnitude_masks
+from ..models import resnet50, vit_base_patch16_224
+from ..modules import sparse_layers
+from ..pattern import Pattern
+from ..provenance import environment
+from ..spectral import LayerSpectrum, diagnose
+from .data import load_digits_split
+from .pipeline import PruneOutcome, prune_and_swap
+from .trainer import pretrained, torch_threads
 
 DIGITS_MODELS = ("vit_tiny_digits", "resnet_tiny_digits")
 REPAIR_EPOCHS = {"vit_tiny_digits": 4, "resnet_tiny_digits": 2}
@@ -112,7 +115,7 @@ def imagenet_macs(pattern: Pattern) -> dict[str, MacReport]:
         # so the (costly on 85 M weights) per-mask eligibility check can be skipped.
         options = {"masks": masks, "pattern": pattern, "eligible": _already_eligible}
         out[name] = macs(model, (1, 3, 224, 224), **options)
-        if name.startswith("vit"):
+        if families.has_vit_blocks(model):
             out[f"{name} + ToMe r={TOME_R}"] = macs(model, (1, 3, 224, 224), tome_r=TOME_R, **options)
     return out
 

@@ -19,9 +19,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..cache import cache_dir
-from .digits import DigitsSplit, load_digits_split, validation_split
-from .resnet import resnet_tiny_digits
-from .vit import vit_tiny_digits
+from ..masks import apply_masks
+from ..models import resnet_tiny_digits, vit_tiny_digits
+from .data import DigitsSplit, load_digits_split, validation_split
 
 
 @dataclass(frozen=True)
@@ -36,21 +36,6 @@ RECIPES: dict[str, tuple[Callable[[], nn.Module], Recipe]] = {
     "vit_tiny_digits": (vit_tiny_digits, Recipe(epochs=30, lr=2e-3)),
     "resnet_tiny_digits": (resnet_tiny_digits, Recipe(epochs=15, lr=3e-3, weight_decay=1e-4)),
 }
-
-
-def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
-    """Zero the pruned weights in place: ``masks`` maps module names to bool masks of their weight."""
-    modules = dict(model.named_modules())
-    with torch.no_grad():
-        for name, mask in masks.items():
-            if name not in modules or not hasattr(modules[name], "weight"):
-                raise ValueError(f"mask given for {name!r}, which is not a module with a weight")
-            weight = modules[name].weight
-            if mask.shape != weight.shape:
-                raise ValueError(
-                    f"layer {name!r}: mask shape {tuple(mask.shape)} != weight shape {tuple(weight.shape)}"
-                )
-            weight.mul_(mask.to(weight.device, weight.dtype))
 
 
 # Bump when train() changes what a seed produces (2: single-threaded, thread-count independent).
@@ -166,7 +151,7 @@ def pretrained(
     """A built-in model trained on the digits split of ``seed`` (cached after the first call).
 
     With ``validation > 0`` the model is trained only on the training images left after
-    :func:`~knsparse.models.digits.validation_split` holds out that fraction (same ``seed``), so
+    :func:`~knsparse.app.data.validation_split` holds out that fraction (same ``seed``), so
     choices made on those held-out images never see the test split nor images it was trained on.
     ``train_seed`` (default ``seed``) seeds the initialisation and the batch order alone: several
     training seeds on one split measure the spread of a result over trained models on one test set.

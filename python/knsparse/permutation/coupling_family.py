@@ -1,18 +1,18 @@
-"""Channel groups by matching timm-shaped blocks, for models torch.fx cannot trace.
+"""Channel groups from the family registry, for models torch.fx cannot trace.
 
-Without a graph only the couplings inside well-known blocks are used, recognised by timm's
-module names and types: ``Mlp`` (``fc1 -> act -> fc2``), attention (``qkv`` values ->
-``proj`` within each head), and ResNet ``Bottleneck`` / ``BasicBlock`` (``conv1 -> bn1 ->
-act -> conv2`` and ``conv2 -> bn2 -> act -> conv3``). Residual streams need the graph and
-are not permuted here; a block whose optional extras (normalisation, anti-aliasing, drop
-block) are anything but identity is reported as skipped.
+Without a graph only the couplings inside the blocks that :mod:`knsparse.families` recognises
+are used: MLPs (``fc1 -> act -> fc2``), attention (``qkv`` values -> ``proj`` within each head)
+and ResNet blocks (``conv1 -> bn1 -> act -> conv2`` and ``conv2 -> bn2 -> act -> conv3``).
+Residual streams need the graph and are not permuted here; a block whose optional extras
+(normalisation, anti-aliasing, drop block) are anything but identity is reported as skipped.
 """
 
 from __future__ import annotations
 
 from torch import nn
 
-from .groups import ELEMENTWISE_MODULES, ChannelGroup, Member, attention_group, attention_parts
+from .. import families
+from .groups import ELEMENTWISE_MODULES, ChannelGroup, Member, attention_group
 
 
 def _plain(module: nn.Module | None) -> bool:
@@ -32,7 +32,7 @@ def _mlp_group(name: str, m: nn.Module) -> ChannelGroup | None:
         reason = f"{name}.norm is a {type(norm).__name__}, not provably per-channel"
     if not _plain(getattr(m, "act", None)):
         reason = f"{name}.act is a {type(m.act).__name__}, not provably elementwise"
-    return ChannelGroup(members, skip_reason=reason, source="timm")
+    return ChannelGroup(members, skip_reason=reason, source="family")
 
 
 def _conv_block_groups(name: str, m: nn.Module) -> list[ChannelGroup]:
@@ -53,20 +53,18 @@ def _conv_block_groups(name: str, m: nn.Module) -> list[ChannelGroup]:
         extras = ("drop_block", "aa") if i == 1 else ()
         odd = [e for e in extras if not _plain(getattr(m, e, None))]
         reason = f"{name}.{odd[0]} sits between conv{i + 2} and its input" if odd else None
-        groups.append(ChannelGroup(members, skip_reason=reason, source="timm"))
+        groups.append(ChannelGroup(members, skip_reason=reason, source="family"))
     return groups
 
 
-def timm_groups(model: nn.Module) -> list[ChannelGroup]:
-    """Groups of every timm-shaped MLP, attention and ResNet block in ``model``."""
+def family_groups(model: nn.Module) -> list[ChannelGroup]:
+    """Groups of every registered attention, MLP and ResNet block in ``model``."""
     groups: list[ChannelGroup] = []
     for name, m in model.named_modules():
-        if attention_parts(m) is not None:
-            groups.append(attention_group(name, m, source="timm"))
-        elif (mlp := _mlp_group(name, m)) is not None:
+        if families.attention_parts(m) is not None:
+            groups.append(attention_group(name, m, source="family"))
+        elif families.is_mlp(m) and (mlp := _mlp_group(name, m)) is not None:
             groups.append(mlp)
-        elif isinstance(getattr(m, "conv1", None), nn.Conv2d) and isinstance(
-            getattr(m, "bn1", None), nn.BatchNorm2d
-        ):
+        elif families.is_conv_block(m):
             groups.extend(_conv_block_groups(name, m))
     return groups
