@@ -32,6 +32,11 @@ from .yopo import yopo
 
 MethodFn = Callable[..., Mapping[str, Decision]]
 
+DEFAULT_KN_METHOD = "sparsegpt-refit"
+"""knsparse's recommended one-shot k:n method: SparseGPT's masks with the kept weights re-solved
+exactly by least squares. Chosen on held-out data among the reconstructing candidates
+(``bench/oneshot_quality.py``, best mean validation rank; ``bench/results/oneshot_quality.md``)."""
+
 
 @dataclass(frozen=True)
 class MethodSpec:
@@ -86,6 +91,9 @@ METHODS: dict[str, MethodSpec] = {
     "hybrid": MethodSpec(hybrid, "optional", "unstructured"),
     "wanda": MethodSpec(wanda, "required", "both", layerwise=True),
     "sparsegpt": MethodSpec(sparsegpt, "required", "kn", full_gram=True, layerwise=True),
+    "sparsegpt-refit": MethodSpec(
+        sparsegpt, "required", "kn", full_gram=True, layerwise=True, fixed={"refit": True}
+    ),
     "cast": MethodSpec(
         cast, "required", "kn", group_gram=True, premask=True, full_gram="reconstruct", layerwise=True
     ),
@@ -102,6 +110,7 @@ METHODS: dict[str, MethodSpec] = {
 }
 
 __all__ = [
+    "DEFAULT_KN_METHOD",
     "METHODS",
     "Decision",
     "Layer",

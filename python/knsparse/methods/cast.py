@@ -27,8 +27,7 @@ per group anyway, so they cost nothing. Their number is reported per layer.
 *Reconstruction.* With ``reconstruct=True`` the kept weights of every layer are then re-fitted by
 least squares on the layer's damped calibration Gram inside the fixed mask
 (:func:`knsparse.methods.obs.refit_in_mask`): the mask is CAST's, the values minimise the
-layer's output error on the calibration inputs. The default ``CAST_RECONSTRUCT`` was chosen on
-held-out training images (``bench/oneshot_select.py``).
+layer's output error on the calibration inputs (``CAST_RECONSTRUCT``).
 
 ``cast`` applies the data-path selection to Linear layers and magnitude k:n (``H = I``) to
 convolutions; ``cast-conv`` also uses the data path for convolutions (im2col statistics in the
@@ -49,7 +48,9 @@ from .ser import hybrid
 CAST_SHRINKAGE = 0.0
 """Default ``α`` of the robust metric (module docstring)."""
 CAST_RECONSTRUCT = False
-"""Default of the least-squares re-fit of the kept weights (module docstring)."""
+"""Default of the least-squares re-fit of the kept weights (module docstring). Held-out data
+favours the re-fit (+0.13 mean validation accuracy, ``bench/results/oneshot_quality.md``); the
+default is not flipped yet because ``cast`` then needs the full Gram of every layer."""
 
 
 def greedy_group_select(
