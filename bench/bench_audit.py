@@ -5,8 +5,9 @@ On CPU: the built-in digits models (trained or cached), float32 reference path, 
 thread (their matrices are too small for a second one) — this measures the code path only;
 no sparse tensor cores are involved.
 
-Run: python bench/bench_audit.py   → bench/results/audit_<cuda|cpu>.json (+ .md, .png beside it);
-``--fuse-activations`` fuses the MLP activations of the sparse copy (``audit_<tag>_fused``).
+Run: python bench/bench_audit.py   → bench/results/audit_<cuda|cpu>.json (rewritten after every
+model) and .png; ``--fuse-activations`` fuses the MLP activations of the sparse copy
+(``audit_<tag>_fused``); ``--timm`` audits timm's vit_base_patch16_224 and resnet50 on CUDA.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from _meta import RESULTS, write_result
+from _meta import write_result
 
 from knsparse.app import pretrained
 from knsparse.app.pipeline import magnitude_masks
@@ -24,9 +25,14 @@ from knsparse.models import resnet50, vit_base_patch16_224
 BATCH_SIZES = (1, 8, 32, 64, 128)
 
 
-def _models() -> list[tuple[str, torch.nn.Module, tuple[int, int, int]]]:
+def _models(use_timm: bool = False) -> list[tuple[str, torch.nn.Module, tuple[int, int, int]]]:
     if torch.cuda.is_available():
         torch.manual_seed(0)
+        if use_timm:
+            import timm
+
+            names = ("vit_base_patch16_224", "resnet50")
+            return [(n, timm.create_model(n, pretrained=False).eval(), (3, 224, 224)) for n in names]
         return [
             ("vit_base_patch16_224", vit_base_patch16_224().eval(), (3, 224, 224)),
             ("resnet50", resnet50().eval(), (3, 224, 224)),
@@ -42,10 +48,15 @@ def main() -> None:
         action="store_true",
         help="fuse MLP activations into the sparse fc1 (sparse copy only); writes audit_<tag>_fused",
     )
+    parser.add_argument(
+        "--timm",
+        action="store_true",
+        help="on CUDA: timm's models (random weights) instead of the built-in ones",
+    )
     args = parser.parse_args()
     tag = ("cuda" if torch.cuda.is_available() else "cpu") + ("_fused" if args.fuse_activations else "")
     results = []
-    for name, model, shape in _models():
+    for name, model, shape in _models(args.timm):
         masks, _ = magnitude_masks(model, "2:4")
         result = audit(
             model,
@@ -58,9 +69,10 @@ def main() -> None:
         )
         print(result.to_markdown(), end="\n\n")
         results.append(result)
-    plot_speedup(results, RESULTS / f"audit_{tag}.png")
-    path = write_result(f"audit_{tag}", {"audits": [r.to_dict() for r in results]})
-    print(f"wrote {path} and {RESULTS / f'audit_{tag}.png'}")
+        # written after every model, so a time-out keeps the models already audited
+        path = write_result(f"audit_{tag}", {"audits": [r.to_dict() for r in results]})
+    plot_speedup(results, path.with_suffix(".png"))
+    print(f"wrote {path} and {path.with_suffix('.png')}")
 
 
 if __name__ == "__main__":

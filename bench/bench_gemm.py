@@ -4,7 +4,9 @@ Linear (M = batch * 197 tokens, ViT-B/16 qkv / proj / fc1 / fc2, bias, and fc1 +
     dense-cublas      F.linear on the dense masked weight
     torch-cusparselt  F.linear on to_sparse_semi_structured(weight) (cuSPARSELt)
     torch-cutlass     the same with torch's CUTLASS kernels (compute capability 8.x only)
-    knsparse-cuda     knsparse's CUTLASS kernel, bias / GELU fused in the epilogue
+    knsparse-cuda     knsparse's CUTLASS kernel, bias / GELU fused in the epilogue (on Hopper
+                      also -large / -small: each tile configuration forced, and -sm80ptx: the
+                      Ampere kernel through its compute_80 PTX)
 Conv (ResNet-50 bottleneck convolutions, bias + ReLU, channels-last fp16 input):
     dense-cudnn            F.conv2d
     dense-im2col-gemm      knsparse im2col (R,S,C) + F.linear (cuBLAS)
@@ -14,11 +16,14 @@ Conv (ResNet-50 bottleneck convolutions, bias + ReLU, channels-last fp16 input):
 
 Times are triton.testing.do_bench medians with 20% / 80% quantiles; every backend is checked
 against the dense result before it is timed. TFLOP/s = 2*M*N*K / median (dense-equivalent
-FLOPs for every backend, so TFLOP/s ratios equal speedups). Writes
-bench/results/bench_gemm_<device>.json (with bench/_meta.py's provenance block) and a PNG of
-the speedups over dense.
+FLOPs for every backend, so TFLOP/s ratios equal speedups). Every backend of every case runs in
+its own try/except (a failure is a row with its error), and the JSON
+bench/results/bench_gemm_<device>.json (bench/_meta.py's provenance block; "complete": false
+until the last case) is rewritten after every case, so a time-out keeps what was measured. A
+PNG of the speedups over dense follows at the end. Without a GPU every case is recorded as
+unavailable with the reason (the same plumbing, nothing timed).
 
-    python bench/bench_gemm.py                 # on a GPU machine
+    python bench/bench_gemm.py                 # on a GPU machine, fp16 and bf16
     python bench/bench_gemm.py --dry-run       # list the cases (no GPU needed)
 """
 
@@ -38,9 +43,11 @@ from tqdm import tqdm
 
 from knsparse import backends
 from knsparse.backends import LinearSpec
-from knsparse.backends import knsparse_cuda as kc
-from knsparse.im2col import conv_output_size, im2col_rsc
 from knsparse.masks import nm_mask, to_reduction_view
+from knsparse.ops import gemm
+from knsparse.ops.device import unavailable_reason
+from knsparse.ops.im2col import conv_output_size, im2col_rsc
+from knsparse.ops.meta import prepare_meta
 from knsparse.pack import pack_24
 from knsparse.pattern import Pattern
 
@@ -78,6 +85,7 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"none": lambda
 @dataclass
 class Row:
     kind: str  # "linear" | "conv"
+    dtype: str
     layer: str
     batch: int
     m: int
@@ -119,9 +127,17 @@ def masked(rows: int, depth: int, dtype: torch.dtype, seed: int) -> torch.Tensor
     return (w * nm_mask(w.abs(), "2:4")).to(dtype).cuda()
 
 
-def knsparse_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def knsparse_variants(w: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor, str]]:
+    """knsparse-cuda row name -> (values, meta, config): the default (this GPU's metadata, tile
+    configuration by SM count) and, on Hopper, each configuration forced and the Ampere kernel."""
     packed = pack_24(w)
-    return packed.values, kc.prepare_meta(packed.meta)
+    variants = {"knsparse-cuda": (packed.values, prepare_meta(packed.meta), "auto")}
+    if torch.cuda.get_device_capability(w.device) == (9, 0):
+        hopper = prepare_meta(packed.meta, "sm90")
+        variants["knsparse-cuda-large"] = (packed.values, hopper, "large")
+        variants["knsparse-cuda-small"] = (packed.values, hopper, "small")
+        variants["knsparse-cuda-sm80ptx"] = (packed.values, packed.meta, "auto")
+    return variants
 
 
 def linear_backends(w: torch.Tensor, bias: torch.Tensor, activation: str) -> dict[str, Callable | str]:
@@ -137,12 +153,12 @@ def linear_backends(w: torch.Tensor, bias: torch.Tensor, activation: str) -> dic
             out[name] = lambda x, b=backend, op=operand: act(b.linear(x, op, bias))
         else:
             out[name] = f"unavailable: {reason}"
-    reason = kc.unavailable_reason(w.device)
-    if reason is None:
-        values, meta = knsparse_weight(w)
-        out["knsparse-cuda"] = lambda x: kc.sparse_gemm(values, meta, x, bias, activation)
-    else:
+    reason = unavailable_reason(w.device)
+    if reason is not None:
         out["knsparse-cuda"] = f"unavailable: {reason}"
+        return out
+    for name, (values, meta, config) in knsparse_variants(w).items():
+        out[name] = lambda x, v=values, m=meta, c=config: gemm.sparse_gemm(v, m, x, bias, activation, c)
     return out
 
 
@@ -156,19 +172,19 @@ def conv_backends(
         "dense-cudnn": lambda x: F.relu(F.conv2d(x, weight, bias, stride, pad)),
         "dense-im2col-gemm": lambda x: F.relu(F.linear(im2col_rsc(x, kernel, stride, pad), w_rsc, bias)),
     }
-    reason = kc.unavailable_reason(weight.device)
+    reason = unavailable_reason(weight.device)
     if reason is not None:
         for name in ("sparse-im2col-gemm", "sparse-1x1-direct", "im2col-only"):
             out[name] = f"unavailable: {reason}"
         return out
-    values, meta = knsparse_weight(w_rsc)
-    out["sparse-im2col-gemm"] = lambda x: kc.sparse_gemm(
+    values, meta, _ = knsparse_variants(w_rsc)["knsparse-cuda"]
+    out["sparse-im2col-gemm"] = lambda x: gemm.sparse_gemm(
         values, meta, im2col_rsc(x, kernel, stride, pad), bias, "relu"
     )
     out["im2col-only"] = lambda x: im2col_rsc(x, kernel, stride, pad)
     if kernel == 1 and stride == 1:
         c = weight.shape[1]
-        out["sparse-1x1-direct"] = lambda x: kc.sparse_gemm(
+        out["sparse-1x1-direct"] = lambda x: gemm.sparse_gemm(
             values, meta, x.permute(0, 2, 3, 1).reshape(-1, c), bias, "relu"
         )
     else:
@@ -181,9 +197,21 @@ def as_rows(y: torch.Tensor) -> torch.Tensor:
     return y.permute(0, 2, 3, 1).reshape(-1, y.shape[1]) if y.dim() == 4 else y
 
 
+def error_text(exc: Exception) -> str:
+    return f"error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
+
+
 def run_case(
-    kind: str, layer: str, batch: int, mnk: tuple[int, int, int], fns: dict[str, Callable | str], x, args
+    kind: str,
+    dtype: str,
+    layer: str,
+    batch: int,
+    mnk: tuple[int, int, int],
+    fns: dict[str, Callable | str],
+    x,
+    args,
 ) -> list[Row]:
+    """Check every backend against dense, then time it; each backend in its own try/except."""
     m, n, k = mnk
     flops = 2.0 * m * n * k
     rows: list[Row] = []
@@ -191,25 +219,27 @@ def run_case(
     dense_out = as_rows(fns[dense_name](x)).float()
     dense_ms = None
     for name, fn in fns.items():
-        row = Row(kind, layer, batch, m, n, k, name, status="ok")
+        row = Row(kind, dtype, layer, batch, m, n, k, name, status="ok")
+        rows.append(row)
         if isinstance(fn, str):
             row.status = fn
-            rows.append(row)
             continue
-        if name != "im2col-only":
-            err = (as_rows(fn(x)).float() - dense_out).abs().max().item()
-            row.max_abs_err_vs_dense = err
-            scale = dense_out.abs().max().item()
-            if not err <= 0.05 * scale + 1e-3:
-                row.status = f"wrong result: max |err| {err:.3e} vs max |dense| {scale:.3e}"
-                rows.append(row)
-                continue
-        row.ms_q20, row.ms_median, row.ms_q80 = time_ms(lambda fn=fn: fn(x), args.warmup, args.rep)
+        try:
+            if name != "im2col-only":
+                err = (as_rows(fn(x)).float() - dense_out).abs().max().item()
+                row.max_abs_err_vs_dense = err
+                scale = dense_out.abs().max().item()
+                if not err <= 0.05 * scale + 1e-3:
+                    row.status = f"wrong result: max |err| {err:.3e} vs max |dense| {scale:.3e}"
+                    continue
+            row.ms_q20, row.ms_median, row.ms_q80 = time_ms(lambda fn=fn: fn(x), args.warmup, args.rep)
+        except Exception as exc:  # one failing backend must not cost the others' figures
+            row.status = error_text(exc)
+            continue
         if name != "im2col-only":
             row.tflops = flops / (row.ms_median * 1e-3) / 1e12
         if name == dense_name:
             dense_ms = row.ms_median
-        rows.append(row)
     for row in rows:
         if row.ms_median is not None and dense_ms is not None and row.backend != "im2col-only":
             row.speedup_vs_dense = dense_ms / row.ms_median
@@ -273,9 +303,35 @@ def plot(rows: list[Row], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def measure(kind: str, case: tuple, dtype_name: str, args) -> list[Row]:
+    """One case's rows: measured on a GPU, each backend marked unavailable without one."""
+    layer, batch, mnk, extra = case
+    m, n, k = mnk
+    if not torch.cuda.is_available():
+        reason = "unavailable: no CUDA device (torch.cuda.is_available() is False)"
+        return [Row(kind, dtype_name, layer, batch, m, n, k, "all", status=reason)]
+    dtype = getattr(torch, dtype_name)
+    try:
+        if kind == "linear":
+            w = masked(n, k, dtype, seed=n + k)
+            bias = torch.randn(n, device="cuda", dtype=dtype)
+            x = torch.randn(m, k, device="cuda", dtype=dtype)
+            return run_case(kind, dtype_name, layer, batch, mnk, linear_backends(w, bias, extra), x, args)
+        c_in, c_out, kernel, stride, size = extra
+        w = masked(c_out, c_in * kernel * kernel, dtype, seed=c_in + c_out + kernel)
+        weight = w.reshape(c_out, kernel, kernel, c_in).permute(0, 3, 1, 2).contiguous()  # RSC-masked
+        bias = torch.randn(c_out, device="cuda", dtype=dtype)
+        x = torch.randn(batch, c_in, size, size, device="cuda", dtype=dtype)
+        x = x.to(memory_format=torch.channels_last)
+        fns = conv_backends(weight, bias, kernel, stride)
+        return run_case(kind, dtype_name, layer, batch, mnk, fns, x, args)
+    except Exception as exc:  # the dense reference or the setup failed: record it, go on
+        return [Row(kind, dtype_name, layer, batch, m, n, k, "all", status=error_text(exc))]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dtype", choices=["float16", "bfloat16"], default="float16")
+    parser.add_argument("--dtypes", type=lambda s: s.split(","), default=["float16", "bfloat16"])
     parser.add_argument(
         "--linear-batches", type=lambda s: [int(v) for v in s.split(",")], default=LINEAR_BATCHES
     )
@@ -286,6 +342,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rep", type=int, default=100, help="do_bench measurement time (ms)")
     parser.add_argument("--dry-run", action="store_true", help="list the cases and exit (no GPU needed)")
     args = parser.parse_args(argv)
+    if unknown := set(args.dtypes) - {"float16", "bfloat16"}:
+        parser.error(f"--dtypes takes float16 and/or bfloat16, got {sorted(unknown)}")
 
     linear = [] if args.skip_linear else list(linear_cases(args.linear_batches))
     conv = [] if args.skip_conv else list(conv_cases(args.conv_batches))
@@ -297,46 +355,47 @@ def main(argv: list[str] | None = None) -> int:
                     f"{kind:6s} {layer:14s} batch {batch:4d}  M={m:6d} N={n:5d} K={k:5d}  GFLOP={gflop:9.2f}"
                 )
         return 0
-    if not torch.cuda.is_available():
-        print("bench_gemm: needs a CUDA device (torch.cuda.is_available() is False)")
-        return 1
 
-    dtype = getattr(torch, args.dtype)
-    device_name = torch.cuda.get_device_name()
+    cuda = torch.cuda.is_available()
+    device_name = torch.cuda.get_device_name() if cuda else "no CUDA device"
     torch.backends.cudnn.benchmark = True
-    rows: list[Row] = []
-    for layer, batch, mnk, activation in tqdm(linear, desc="linear"):
-        m, n, k = mnk
-        w = masked(n, k, dtype, seed=n + k)
-        bias = torch.randn(n, device="cuda", dtype=dtype)
-        x = torch.randn(m, k, device="cuda", dtype=dtype)
-        rows += run_case("linear", layer, batch, mnk, linear_backends(w, bias, activation), x, args)
-    for layer, batch, mnk, (c_in, c_out, kernel, stride, size) in tqdm(conv, desc="conv"):
-        w = masked(c_out, c_in * kernel * kernel, dtype, seed=c_in + c_out + kernel)
-        weight = w.reshape(c_out, kernel, kernel, c_in).permute(0, 3, 1, 2).contiguous()  # RSC-masked
-        bias = torch.randn(c_out, device="cuda", dtype=dtype)
-        x = torch.randn(batch, c_in, size, size, device="cuda", dtype=dtype).to(
-            memory_format=torch.channels_last
-        )
-        rows += run_case("conv", layer, batch, mnk, conv_backends(weight, bias, kernel, stride), x, args)
-
     slug = re.sub(r"[^a-z0-9]+", "_", device_name.lower()).strip("_")
-    path = write_result(
-        f"bench_gemm_{slug}",
-        {
-            "benchmark": "bench_gemm",
-            "compute_capability": ".".join(map(str, torch.cuda.get_device_capability())),
-            "dtype": args.dtype,
-            "library_versions": library_versions(),
-            "timing": {"method": "triton.testing.do_bench", "warmup_ms": args.warmup, "rep_ms": args.rep},
-            "flops_formula": "2*M*N*K dense-equivalent FLOPs for every backend (M tokens or N*P*Q, N out "
-            "features, K = in features or C*R*S); tflops = flops / median time",
-            "results": [asdict(r) for r in rows],
-        },
-    )
-    plot(rows, path.with_suffix(".png"), f"{device_name}, {args.dtype}")
-    print(f"bench_gemm: wrote {path} and {path.with_suffix('.png')}")
-    return 0
+    rows: list[Row] = []
+
+    def save(complete: bool) -> Path:
+        return write_result(
+            f"bench_gemm_{slug}",
+            {
+                "benchmark": "bench_gemm",
+                "complete": complete,
+                "compute_capability": ".".join(map(str, torch.cuda.get_device_capability()))
+                if cuda
+                else None,
+                "dtypes": args.dtypes,
+                "library_versions": library_versions(),
+                "timing": {"method": "triton.testing.do_bench", "warmup_ms": args.warmup, "rep_ms": args.rep},
+                "flops_formula": "2*M*N*K dense-equivalent FLOPs for every backend (M tokens or N*P*Q, N "
+                "out features, K = in features or C*R*S); tflops = flops / median time",
+                "results": [asdict(r) for r in rows],
+            },
+        )
+
+    cases = [
+        (kind, case, d)
+        for d in args.dtypes
+        for kind, cs in (("linear", linear), ("conv", conv))
+        for case in cs
+    ]
+    path = save(complete=False)
+    for kind, case, dtype_name in tqdm(cases, desc="bench_gemm"):
+        rows += measure(kind, case, dtype_name, args)
+        path = save(complete=False)
+    path = save(complete=True)
+    if cuda:
+        plot(rows, path.with_suffix(".png"), f"{device_name}, {', '.join(args.dtypes)}")
+    failed = [r for r in rows if r.status.startswith(("error", "wrong"))]
+    print(f"bench_gemm: wrote {path} ({len(rows)} rows, {len(failed)} failed)")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

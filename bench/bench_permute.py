@@ -9,10 +9,17 @@ Cases:
   convolutions (grouped in (R, S, C) order), Gaussian entries (no pretrained weights can be
   downloaded here), searched with a small tabu budget.
 
+* ``--models``: whole production models (timm ``resnet50`` and ``vit_base_patch16_224``, random
+  init; knsparse's built-in models of the same names and shapes where timm does not import),
+  ``permute(model, "2:4")`` with its defaults (blocks of 32 stripes, 100 tabu steps, window
+  rounds) against swap rounds only over blocks of 64 stripes, in the same run: groups permuted,
+  mean efficacy, wall and CPU seconds.
+
 apex's own figures are quoted from its documentation as *published*, never as measured here.
 Timings are wall-clock medians and quantiles of single-matrix searches.
 
     python bench/bench_permute.py            # writes bench/results/permute.json and .png
+    python bench/bench_permute.py --models   # writes bench/results/permute_models.json
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ import torch
 from _meta import RESULTS, write_result
 from tqdm.auto import tqdm
 
-from knsparse.permutation import search
+from knsparse.permutation import permute, search
 from knsparse.permutation.baseline import greedy_swap_search
 
 # NVIDIA apex, permutation_search_kernels / ChannelPermutations README (Pool & Yu, NeurIPS 2021):
@@ -102,6 +109,57 @@ def _compare(label: str, weights: list[torch.Tensor], pattern: str, max_iters: i
     return out
 
 
+SWAP_ROUNDS_WIDE = {"max_iters": 0, "block_stripes": 64, "windows": False}
+
+
+def build_model(name: str) -> tuple[torch.nn.Module, str]:
+    """timm's model (random init) when timm imports, else knsparse's model of that name."""
+    torch.manual_seed(0)
+    try:
+        import timm
+
+        return timm.create_model(name, pretrained=False), f"timm {timm.__version__}"
+    except ImportError:
+        from knsparse import models
+
+        return getattr(models, name)(), "knsparse.models (timm does not import here)"
+
+
+def permute_model(name: str, settings: dict) -> dict:
+    """One whole-model ``permute`` with ``settings``: groups, efficacy, wall and CPU seconds."""
+    model, source = build_model(name)
+    wall, cpu = time.perf_counter(), time.process_time()
+    report = permute(model, "2:4", **settings)
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    effs = [g.efficacy for g in report.permuted]
+    return {
+        "source": source,
+        "settings": settings,
+        "groups": len(report.groups),
+        "groups_permuted": len(effs),
+        "mean_efficacy": statistics.fmean(effs) if effs else 0.0,
+        "kept_gain": sum(g.kept_after - g.kept_before for g in report.permuted),
+        "seconds": wall,
+        "cpu_seconds": cpu,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def models_case(names: list[str]) -> dict:
+    """Each model with ``permute``'s defaults and with swap rounds only over wide blocks."""
+    out = {}
+    for name in tqdm(names, desc="models"):
+        entry = {
+            "defaults": permute_model(name, {}),
+            "swap_rounds_wide": permute_model(name, SWAP_ROUNDS_WIDE),
+        }
+        entry["cpu_time_ratio_defaults_over_swap_rounds_wide"] = (
+            entry["defaults"]["cpu_seconds"] / entry["swap_rounds_wide"]["cpu_seconds"]
+        )
+        out[name] = entry
+    return out
+
+
 def _uniform(rows: int, channels: int, seed: int) -> torch.Tensor:
     return torch.rand(rows, channels, generator=torch.Generator().manual_seed(seed))
 
@@ -156,7 +214,21 @@ def main() -> None:
     parser.add_argument("--max-iters", type=int, default=1000, help="knsparse tabu steps per block")
     parser.add_argument("--shape-iters", type=int, default=100, help="tabu steps per block, large shapes")
     parser.add_argument("--replot", action="store_true", help="only redraw the PNG from the JSON")
+    parser.add_argument("--models", action="store_true", help="whole ResNet-50 and ViT-B/16 only")
     args = parser.parse_args()
+    if args.models:
+        torch.set_num_threads(args.threads)
+        load_start = os.getloadavg()[0]
+        result = models_case(["resnet50", "vit_base_patch16_224"])
+        write_result("permute_models", {"load_average_1min_start": load_start, "models": result})
+        for name, r in result.items():
+            for key in ("defaults", "swap_rounds_wide"):
+                e = r[key]
+                print(
+                    f"{name} {key}: {e['groups_permuted']}/{e['groups']} groups, mean efficacy "
+                    f"{e['mean_efficacy']:.1%}, {e['seconds']:.1f} s wall, {e['cpu_seconds']:.1f} s CPU"
+                )
+        return
     if args.replot:
         _plot(json.loads((RESULTS / "permute.json").read_text())["apex_case"], RESULTS / "permute.png")
         return

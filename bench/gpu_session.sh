@@ -1,70 +1,83 @@
 #!/usr/bin/env bash
-# The first GPU session, as two calls of the device tool's `run` on the H200 image (torch 2.11,
-# Triton, ONNX Runtime, timm there; nothing can be downloaded, so the CUTLASS headers travel).
+# Everything the GPU machine should check, in ONE call of the device tool's `run` (<= 8 min).
+# Nothing is compiled there: libknsparse_cuda.so is built here (`make -j2 cuda`) and travels
+# with the working tree (carry ["python/knsparse/ops/libknsparse_cuda.so"]).
 #
-# Here, once (copies the headers of the nvidia-cutlass wheel, installing it into .venv if needed, ~27 MiB):
-#   bash bench/gpu_session.sh carry-cutlass
-# Then, each call with carry [".cutlass"] and timeout_s 600 (a machine left idle is given back
-# after 30 s, so every stage builds what it needs itself):
-#   bash bench/gpu_session.sh test    # build knsparse-cuda, every @pytest.mark.gpu test
-#   bash bench/gpu_session.sh bench   # build, dense vs 2:4 GEMM/conv kernels, the model audit
-#                                     # (also with MLP activations fused into the sparse fc1)
-#   bash bench/gpu_session.sh yopo    # YOPO on the GPU (Triton vs reference vs scikit-learn)
-# What comes back under $OUT: logs, and bench/results as one tarball (the tool returns at most
-# 8 files). Commit the JSONs from the tarball; never a figure that is not in one.
+#   run(command="bash bench/gpu_session.sh \$OUT", carry=["python/knsparse/ops/libknsparse_cuda.so"],
+#       timeout_s=540)
+#   bash bench/gpu_session.sh --dry-run [OUT]   # the same plumbing on a CPU machine (tests run it)
+#
+# Steps, most important first, each under its own time limit (seconds, overridable as
+# KNSPARSE_SESSION_<STEP>_S), each logged into OUT/session.log with its exit status:
+#   device    nvidia-smi (the GPU, driver, memory)
+#   install   editable install of this tree, no dependencies, nothing downloaded
+#   native    the library's build info and what knsparse.backends.available() reports
+#   correct   knsparse-cuda correctness first: tests/test_knsparse_cuda_gpu.py + tests/test_native.py
+#   gpu       every other @pytest.mark.gpu test
+# (limits add up to 475 s, so the call ends within 8 minutes even if every step times out)
+#   gemm      bench/bench_gemm.py: dense cuBLAS vs cuSPARSELt vs knsparse-cuda, ViT-B/16 and
+#             ResNet-50 shapes, fp16 and bf16 (JSON rewritten after every case)
+#   audit     bench/bench_audit.py --timm: timm vit_base_patch16_224 and resnet50, CUDA graphs
+#   yopo      bench/bench_yopo.py --quick on the GPU
+# A step that fails or times out is recorded and the next one runs. OUT (default
+# gpu-session-out/) ends with at most 8 files: session.log, bench_gemm_<device>.json/.png,
+# audit_cuda.json/.png, yopo_gpu.json/.png. Commit the JSON/PNG files (never a figure that is
+# not in one); in --dry-run nothing is timed and the GPU steps take their "no device" path.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-stage=${1:?usage: gpu_session.sh carry-cutlass|test|bench|yopo}
-out=${OUT:-$PWD/gpu-session-out}
-mkdir -p "$out"
-export PYTHONUNBUFFERED=1 KNSPARSE_CACHE=$PWD/.cache/knsparse
 
-install() {
-    # The editable install maps knsparse.kernels to kernels/; no dependency is fetched.
-    python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >"$out/install.log" 2>&1 \
-        || { tail -20 "$out/install.log"; return 1; }
+dry_run=0
+if [[ "${1:-}" == "--dry-run" ]]; then
+    dry_run=1
+    shift
+fi
+out=$(mkdir -p "${1:-gpu-session-out}" && cd "${1:-gpu-session-out}" && pwd)
+log=$out/session.log
+: >"$log"
+export PYTHONUNBUFFERED=1 KNSPARSE_RESULTS_DIR=$out KNSPARSE_CACHE=${KNSPARSE_CACHE:-$PWD/.cache/knsparse}
+export KNSPARSE_REQUIRE_CUDA_BACKEND=$((1 - dry_run)) KNSPARSE_REQUIRE_NATIVE=$((1 - dry_run)) MPLBACKEND=Agg
+py=python3
+[[ $dry_run == 1 && -x .venv/bin/python ]] && py=.venv/bin/python
+# A dry run shares a CPU machine with other jobs: its limits stretch (the GPU run's do not).
+scale=$((dry_run ? ${KNSPARSE_SESSION_DRY_SCALE:-4} : 1))
+session_start=$SECONDS
+
+# step NAME DEFAULT_LIMIT_S COMMAND...: run COMMAND under its time limit, log it, go on.
+step() {
+    local name=$1 limit=$2 start=$SECONDS rc
+    shift 2
+    local var="KNSPARSE_SESSION_${name^^}_S"
+    limit=${!var:-$((limit * scale))}
+    echo "=== $name (limit ${limit} s): $*" >>"$log"
+    timeout --signal=INT --kill-after=10 "$limit" "$@" >>"$log" 2>&1
+    rc=$?
+    echo "=== $name: exit $rc after $((SECONDS - start)) s$([[ $rc == 124 ]] && echo ' (TIME-OUT)')" >>"$log"
+    echo "$name: exit $rc after $((SECONDS - start)) s"
 }
 
-build() {
-    install || return 1
-    cmake -B build -DCMAKE_BUILD_TYPE=Release -DKNSPARSE_CUTLASS_INCLUDE="$PWD/.cutlass/include" \
-        -DPython3_EXECUTABLE="$(command -v python3)" >"$out/build.log" 2>&1 \
-        && cmake --build build -j "$(nproc)" >>"$out/build.log" 2>&1 \
-        || { tail -40 "$out/build.log"; return 1; }
-    python3 -c "import knsparse.backends as b; print(b.available())"
-}
-
-case "$stage" in
-carry-cutlass)
-    py=python3 && [ -x .venv/bin/python ] && py=.venv/bin/python
-    include=$("$py" csrc/find_cutlass.py 2>/dev/null) \
-        || { "$py" -m pip install -q --no-deps nvidia-cutlass && include=$("$py" csrc/find_cutlass.py); } || exit 1
-    rm -rf .cutlass && mkdir -p .cutlass && cp -r "$include" .cutlass/include
-    du -sh .cutlass
-    ;;
-test)
-    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/device.txt"
-    build || exit 1
-    python3 -m pytest -q -m gpu -p no:cacheprovider 2>&1 | tee "$out/gpu_tests.log"
-    ;;
-bench)
-    build || exit 1
-    status=0
-    python3 bench/bench_gemm.py 2>&1 | tee "$out/bench_gemm.log" || status=1
-    python3 bench/bench_audit.py 2>&1 | tee "$out/bench_audit.log" || status=1
-    python3 bench/bench_audit.py --fuse-activations 2>&1 | tee "$out/bench_audit_fused.log" || status=1
-    tar czf "$out/results.tgz" bench/results
-    exit $status
-    ;;
-yopo)
-    install || exit 1
-    python3 bench/bench_yopo.py --name yopo_gpu 2>&1 | tee "$out/bench_yopo.log"
-    status=$?
-    tar czf "$out/results.tgz" bench/results
-    exit $status
-    ;;
-*)
-    echo "unknown stage $stage: carry-cutlass|test|bench|yopo" >&2
-    exit 2
-    ;;
-esac
+if [[ $dry_run == 1 ]]; then
+    step device 10 echo "dry-run: no nvidia-smi (CPU machine)"
+    step install 10 echo "dry-run: the editable install of this tree is already there"
+else
+    step device 15 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
+    step install 45 "$py" -m pip install -q --no-deps --no-build-isolation --no-index -e .
+fi
+step native 30 "$py" -c "
+import torch, knsparse.backends as b
+from knsparse.ops import native
+print('torch', torch.__version__, 'cuda', torch.version.cuda, 'device', torch.cuda.is_available() and torch.cuda.get_device_name())
+print(native.load_error() or native.build_info())
+for s in b.available(): print(s)"
+pytest=("$py" -m pytest -q -rs -p no:cacheprovider)
+step correct 120 "${pytest[@]}" tests/test_knsparse_cuda_gpu.py tests/test_native.py
+step gpu 75 "${pytest[@]}" -m gpu tests --ignore=tests/test_knsparse_cuda_gpu.py --ignore=tests/test_native.py
+if [[ $dry_run == 1 ]]; then
+    step gemm 120 "$py" bench/bench_gemm.py --linear-batches 1 --skip-conv --dtypes float16
+    step audit 10 echo "dry-run: bench_audit.py --timm skipped (no CUDA device)"
+    step yopo 10 echo "dry-run: bench_yopo.py skipped (no CUDA device)"
+else
+    step gemm 100 "$py" bench/bench_gemm.py --warmup 10 --rep 40 --linear-batches 1,8,32,128,256 --conv-batches 1,8,64
+    step audit 60 "$py" bench/bench_audit.py --timm
+    step yopo 30 "$py" bench/bench_yopo.py --quick --name yopo_gpu --models resnet50
+fi
+echo "session: $((SECONDS - session_start)) s; $(find "$out" -maxdepth 1 -type f | wc -l) files in $out" | tee -a "$log"

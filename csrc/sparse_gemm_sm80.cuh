@@ -1,5 +1,7 @@
 // Ampere / Ada 2:4 sparse GEMM: CUTLASS 2.x SparseGemmWithVisitor with an epilogue visitor
-// tree  out = act(acc + bias[row])  stored row-major. Included by one .cu per element type.
+// tree  out = act(acc + bias[row])  stored row-major, i.e. feature-major [rows, cols]
+// (CUTLASS 2.x sparse GEMMs take the sparse operand as A and store D row-major only).
+// Included by one .cu per element type.
 #pragma once
 
 // clang-format off
@@ -61,10 +63,8 @@ struct SparseGemmKernel {
 };
 
 template <class Element, template <class> class ActivationFn>
-std::string run(const SparseGemmArgs& a, cudaStream_t stream) {
+typename SparseGemmKernel<Element, ActivationFn>::Gemm::Arguments make_arguments(const SparseGemmArgs& a) {
   using K = SparseGemmKernel<Element, ActivationFn>;
-  using Gemm = typename K::Gemm;
-
   const cutlass::gemm::GemmCoord problem(static_cast<int>(a.rows), static_cast<int>(a.cols),
                                          static_cast<int>(a.depth));
   const int meta_cols = static_cast<int>(a.depth / 16);
@@ -87,8 +87,21 @@ std::string run(const SparseGemmArgs& a, cudaStream_t stream) {
       },
       {static_cast<Element*>(a.out), {a.ldo, _1{}, 0}}  // out[row, col], leading dimension ldo
   };
-  typename Gemm::Arguments arguments(problem, ref_a, ref_b, ref_e, epilogue);
+  return typename K::Gemm::Arguments(problem, ref_a, ref_b, ref_e, epilogue);
+}
 
+template <class Element, template <class> class ActivationFn>
+std::string can_implement(const SparseGemmArgs& a) {
+  using Gemm = typename SparseGemmKernel<Element, ActivationFn>::Gemm;
+  KNSPARSE_CUTLASS_CHECK(Gemm::can_implement(make_arguments<Element, ActivationFn>(a)),
+                         "sm80 sparse GEMM can_implement");
+  return {};
+}
+
+template <class Element, template <class> class ActivationFn>
+std::string run(const SparseGemmArgs& a, cudaStream_t stream) {
+  using Gemm = typename SparseGemmKernel<Element, ActivationFn>::Gemm;
+  const auto arguments = make_arguments<Element, ActivationFn>(a);
   Gemm gemm;
   KNSPARSE_CUTLASS_CHECK(Gemm::can_implement(arguments), "sm80 sparse GEMM can_implement");
   KNSPARSE_CUTLASS_CHECK(gemm.initialize(arguments, nullptr, stream), "sm80 sparse GEMM initialize");
@@ -96,28 +109,31 @@ std::string run(const SparseGemmArgs& a, cudaStream_t stream) {
   return {};
 }
 
-inline std::string check_args(const SparseGemmArgs& a) {
-  if (a.rows % 32 || a.depth % 64 || a.cols % 8 || a.ldx % 8 || a.ldo % 8) {
-    return "sm80 sparse GEMM needs rows % 32 == 0, depth % 64 == 0, cols % 8 == 0 and leading "
-           "dimensions % 8 == 0; got rows=" +
-           std::to_string(a.rows) + " depth=" + std::to_string(a.depth) + " cols=" + std::to_string(a.cols) +
-           " ldx=" + std::to_string(a.ldx) + " ldo=" + std::to_string(a.ldo);
-  }
-  return {};
-}
-
+// `launch` false: CUTLASS's can_implement only (host, no device); true: run on `stream`.
 template <class Element>
-std::string dispatch(const SparseGemmArgs& a, cudaStream_t stream) {
-  if (std::string err = check_args(a); !err.empty()) return err;
+std::string dispatch(const SparseGemmArgs& a, bool launch, cudaStream_t stream) {
+  using cutlass::epilogue::thread::GELU;
+  using cutlass::epilogue::thread::Identity;
+  using cutlass::epilogue::thread::ReLu;
   switch (a.activation) {
-    case Activation::kNone:
-      return run<Element, cutlass::epilogue::thread::Identity>(a, stream);
-    case Activation::kRelu:
-      return run<Element, cutlass::epilogue::thread::ReLu>(a, stream);
-    case Activation::kGelu:
-      return run<Element, cutlass::epilogue::thread::GELU>(a, stream);
+    case KNSPARSE_ACT_RELU:
+      return launch ? run<Element, ReLu>(a, stream) : can_implement<Element, ReLu>(a);
+    case KNSPARSE_ACT_GELU:
+      return launch ? run<Element, GELU>(a, stream) : can_implement<Element, GELU>(a);
+    default:
+      return launch ? run<Element, Identity>(a, stream) : can_implement<Element, Identity>(a);
   }
-  return "unknown activation code " + std::to_string(static_cast<int>(a.activation));
 }
 
 }  // namespace knsparse::sm80
+
+// The two entry points of knsparse_cuda.h for one element type.
+#define KNSPARSE_SM80_ENTRY_POINTS(suffix, Element)                                               \
+  namespace knsparse {                                                                          \
+  std::string sparse_gemm_sm80_##suffix##_can_implement(const SparseGemmArgs& a) {              \
+    return sm80::dispatch<Element>(a, false, nullptr);                                          \
+  }                                                                                             \
+  std::string sparse_gemm_sm80_##suffix(const SparseGemmArgs& a, cudaStream_t stream) {         \
+    return sm80::dispatch<Element>(a, true, stream);                                            \
+  }                                                                                             \
+  }

@@ -1,10 +1,4 @@
-// Ampere / Ada 2:4 sparse GEMM, bf16 in and out.
+// Ampere / Ada 2:4 sparse GEMM, bf16 in and out (three epilogue activations).
 #include "sparse_gemm_sm80.cuh"
 
-namespace knsparse {
-
-std::string sparse_gemm_sm80_bf16(const SparseGemmArgs& args, cudaStream_t stream) {
-  return sm80::dispatch<cutlass::bfloat16_t>(args, stream);
-}
-
-}  // namespace knsparse
+KNSPARSE_SM80_ENTRY_POINTS(bf16, cutlass::bfloat16_t)

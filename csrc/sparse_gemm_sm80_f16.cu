@@ -1,10 +1,4 @@
-// Ampere / Ada 2:4 sparse GEMM, fp16 in and out.
+// Ampere / Ada 2:4 sparse GEMM, fp16 in and out (three epilogue activations).
 #include "sparse_gemm_sm80.cuh"
 
-namespace knsparse {
-
-std::string sparse_gemm_sm80_f16(const SparseGemmArgs& args, cudaStream_t stream) {
-  return sm80::dispatch<cutlass::half_t>(args, stream);
-}
-
-}  // namespace knsparse
+KNSPARSE_SM80_ENTRY_POINTS(f16, cutlass::half_t)

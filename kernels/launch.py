@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import torch
+from torch._C._functorch import is_functorch_wrapped_tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 from triton.runtime.interpreter import InterpretedFunction
 
 
@@ -23,3 +25,20 @@ def for_device(kernel, t: torch.Tensor):
 
 def next_pow2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
+
+
+def eager(*tensors: torch.Tensor) -> bool:
+    """True for a plain eager call: no ``torch.compile`` / ``torch.export`` tracing, no dispatch or
+    torch-function mode, only ordinary tensors (no fake, functional or functorch-wrapped ones).
+
+    The public op wrappers then call the kernel directly and use their ``torch.library`` custom op
+    only when a graph is being captured: torch wraps every custom-op kernel in
+    ``torch._dynamo.disable``, whose first call imports ``torch._dynamo`` (about 1-2 s on a 2-core
+    CPU), a fixed cost a single eager call would otherwise pay.
+    """
+    return (
+        not torch.compiler.is_compiling()
+        and _get_current_dispatch_mode() is None
+        and not torch._C._is_torch_function_mode_enabled()
+        and all(type(t) is torch.Tensor and not is_functorch_wrapped_tensor(t) for t in tensors)
+    )

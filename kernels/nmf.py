@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import for_device, next_pow2
+from .launch import eager, for_device, next_pow2
 from .nmf_cpu import fit_native_
 
 EPS = 1e-8
@@ -320,4 +320,7 @@ def nmf_mu(
     check_nmf_inputs(x, v0, h0, sizes)
     if iters < 0 or not math.isfinite(eps) or eps <= 0:
         raise ValueError(f"need iters >= 0 and eps > 0, got iters={iters}, eps={eps}")
-    return _nmf_mu_op(x, v0, h0, sizes.to(x.device), iters, eps)
+    sizes = sizes.to(x.device)
+    if eager(x, v0, h0, sizes):
+        return (nmf_triton if x.is_cuda else nmf_cpu)(x, v0, h0, sizes, iters, eps)
+    return _nmf_mu_op(x, v0, h0, sizes, iters, eps)

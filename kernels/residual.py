@@ -21,7 +21,7 @@ import triton.language as tl
 from knsparse.masks import nm_mask
 from knsparse.pattern import Pattern
 
-from .launch import for_device, next_pow2
+from .launch import eager, for_device, next_pow2
 from .nmf import valid_masks
 
 _MAX_FUSED_GROUP = 16  # larger or non-power-of-two groups take the scores-then-nm_mask path
@@ -51,8 +51,6 @@ def _check(
 
 
 def _check_groups(sizes: torch.Tensor, pattern: Pattern, along_rows: bool) -> None:
-    if pattern.is_unstructured:
-        raise ValueError("a k:n pattern is needed for the fused mask, got 'unstructured'")
     axis, what = (0, "rows") if along_rows else (1, "columns")
     bad = (sizes[:, axis] % pattern.n != 0).nonzero()
     if len(bad):
@@ -287,7 +285,10 @@ def _residual_nm_fake(
 def residual_scores(x: torch.Tensor, v: torch.Tensor, h: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
     """``|X - V H|`` for a bucket, ``[B, mp, np]`` float32, zero outside ``sizes``."""
     _check(x, v, h, sizes)
-    return _residual_op(x, v, h, sizes.to(x.device))
+    sizes = sizes.to(x.device)
+    if eager(x, v, h, sizes):
+        return (residual_triton if x.is_cuda else residual_ref)(x, v, h, sizes)
+    return _residual_op(x, v, h, sizes)
 
 
 def residual_nm_mask(
@@ -303,4 +304,7 @@ def residual_nm_mask(
     pattern = Pattern.parse(pattern)
     _check(x, v, h, sizes)
     _check_groups(sizes, pattern, along_rows)
-    return _residual_nm_op(x, v, h, sizes.to(x.device), pattern.k, pattern.n, along_rows)
+    sizes = sizes.to(x.device)
+    if eager(x, v, h, sizes):
+        return (residual_nm_triton if x.is_cuda else residual_nm_ref)(x, v, h, sizes, pattern, along_rows)
+    return _residual_nm_op(x, v, h, sizes, pattern.k, pattern.n, along_rows)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -40,7 +41,15 @@ def test_conv_cases_use_the_rsc_reduction_length():
         assert (m, n, k) == (batch * p * p, c_out, c_in * kernel * kernel)
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
-def test_without_cuda_the_benchmark_says_so(capsys):
-    assert load_bench().main(["--skip-conv", "--linear-batches", "1"]) == 1
-    assert "needs a CUDA device" in capsys.readouterr().out
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the record of a machine without CUDA")
+def test_without_cuda_every_case_is_recorded_as_unavailable(monkeypatch, tmp_path):
+    monkeypatch.setenv("KNSPARSE_RESULTS_DIR", str(tmp_path))
+    bench = load_bench()
+    assert bench.main(["--skip-conv", "--linear-batches", "1,2"]) == 0
+    (path,) = tmp_path.glob("bench_gemm_*.json")
+    result = json.loads(path.read_text())
+    assert result["complete"] and result["dtypes"] == ["float16", "bfloat16"]
+    assert len(result["results"]) == 2 * 2 * len(bench.VIT_LINEARS)
+    assert {r["status"] for r in result["results"]} == {
+        "unavailable: no CUDA device (torch.cuda.is_available() is False)"
+    }

@@ -249,3 +249,14 @@ def test_swapped_modules_take_the_replaced_layers_mode(vit: nn.Module) -> None:
     masks, _ = magnitude_masks(vit, ks.Pattern(2, 4))
     ks.swap_modules(vit, masks)
     assert not any(m.training for m in vit.modules())
+
+
+def test_export_takes_the_plan(vit: nn.Module, tmp_path) -> None:
+    """A dense model and its plan give the k:n ONNX file directly; the model keeps its weights."""
+    pytest.importorskip("onnxruntime")
+    plan = ks.prune(vit, "magnitude", "2:4", progress=False).plan
+    before = _state(vit)
+    result = ks.export_onnx(vit, torch.randn(2, 1, 8, 8), tmp_path / "v.onnx", plan=plan)
+    assert _same_state(before, _state(vit))
+    kn = {r.layer for r in result.layers if r.pattern == "2:4"}
+    assert set(plan.masks) <= kn

@@ -10,7 +10,7 @@ import torch
 from native_probes import build_probe
 from weights24 import packed
 
-from knsparse.backends import cutlass_meta as cm
+from knsparse.ops import meta as cm
 
 SHAPES = [(32, 64), (64, 128), (96, 256), (128, 576), (160, 384)]
 

@@ -11,14 +11,14 @@ import torch
 import torch.nn.functional as F
 from native_probes import build_probe
 
-from knsparse.im2col import (
+from knsparse.masks import to_reduction_view
+from knsparse.ops.im2col import (
     conv2d_via_im2col_ref,
     conv_output_size,
     im2col_rsc,
     im2col_rsc_ref,
     rows_to_nchw,
 )
-from knsparse.masks import to_reduction_view
 
 # (kernel, stride, padding, dilation)
 GEOMETRIES = [

@@ -1,6 +1,6 @@
 """knsparse-cuda on CPU: the sparse GEMM reference twin, the backend's Linear/Conv lowering
-(padding, im2col, 1x1 direct) run through the reference twin, argument errors, availability
-reporting and the fake implementation's strides."""
+(padding, im2col, 1x1 direct) run through the reference twin, argument errors and availability
+reporting. The native library itself: tests/test_native.py."""
 
 from __future__ import annotations
 
@@ -12,11 +12,14 @@ from weights24 import packed, random_24
 from knsparse.backends import ConvSpec, LinearSpec
 from knsparse.backends import knsparse_cuda as kc
 from knsparse.masks import nm_mask
+from knsparse.ops import gemm, native
+from knsparse.ops.device import available, unavailable_reason
+from knsparse.ops.meta import prepare_meta
 from knsparse.pack import pack_24
 from knsparse.pattern import Pattern
 
 
-@pytest.mark.parametrize("activation", kc.ACTIVATIONS)
+@pytest.mark.parametrize("activation", gemm.ACTIVATIONS)
 @pytest.mark.parametrize("arch", ["sm80", "sm90"])
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_sparse_gemm_ref_is_the_dense_linear(activation, arch, with_bias):
@@ -25,7 +28,7 @@ def test_sparse_gemm_ref_is_the_dense_linear(activation, arch, with_bias):
     values, meta = p.values, p.meta
     x = torch.randn(3, 5, 128)
     bias = torch.randn(64) if with_bias else None
-    got = kc.sparse_gemm_ref(values, kc.prepare_meta(meta, arch=arch), x, bias, activation)
+    got = gemm.sparse_gemm_ref(values, prepare_meta(meta, arch=arch), x, bias, activation)
     linear = F.linear(x, dense.float(), bias)
     want = {"none": linear, "relu": F.relu(linear), "gelu": F.gelu(linear)}[activation]
     assert got.shape == (3, 5, 64)
@@ -35,13 +38,13 @@ def test_sparse_gemm_ref_is_the_dense_linear(activation, arch, with_bias):
 def test_float32_values_are_refused():
     values = torch.zeros(32, 32)
     with pytest.raises(TypeError, match="float16 or bfloat16"):
-        kc.sparse_gemm_ref(values, torch.zeros(32, 4, dtype=torch.int16), torch.randn(4, 64))
+        gemm.sparse_gemm_ref(values, torch.zeros(32, 4, dtype=torch.int16), torch.randn(4, 64))
 
 
 def test_sparse_gemm_ref_returns_the_input_dtype():
     values, meta = packed(32, 64, torch.bfloat16)
     x = torch.randn(4, 64, dtype=torch.bfloat16)
-    assert kc.sparse_gemm_ref(values, meta, x).dtype == torch.bfloat16
+    assert gemm.sparse_gemm_ref(values, meta, x).dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize(
@@ -55,48 +58,43 @@ def test_sparse_gemm_ref_returns_the_input_dtype():
 def test_sparse_gemm_rejects_bad_arguments(x, bias, activation, match):
     values, meta = packed(32, 64)
     with pytest.raises(ValueError, match=match):
-        kc.sparse_gemm_ref(values, meta, x, bias, activation)
+        gemm.sparse_gemm_ref(values, meta, x, bias, activation)
     with pytest.raises(ValueError, match=match):
-        kc.sparse_gemm(values, meta, x, bias, activation)
+        gemm.sparse_gemm(values, meta, x, bias, activation)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the report of a machine without CUDA")
 def test_unavailable_backend_says_why():
-    reason = kc.unavailable_reason()
-    assert reason is not None and "CUDA" in reason
-    assert not kc.available()
+    reason = unavailable_reason()
+    assert reason is not None and ("CUDA" in reason or "not built" in reason)
+    assert not available() and kc.KNSPARSE_CUDA.unavailable_reason() == reason
     values, meta = packed(32, 64)
-    with pytest.raises(RuntimeError, match="knsparse-cuda backend unavailable: no CUDA device"):
-        kc.sparse_gemm(values, meta, torch.randn(4, 64, dtype=torch.float16))
+    with pytest.raises(RuntimeError, match="knsparse-cuda kernels unavailable: "):
+        gemm.sparse_gemm(values, meta, torch.randn(4, 64, dtype=torch.float16))
 
 
 def test_missing_library_is_reported_with_the_build_command(monkeypatch, tmp_path):
-    monkeypatch.setenv(kc.LIBRARY_ENV, str(tmp_path / "absent.so"))
-    kc._load_error.cache_clear()
+    monkeypatch.setenv(native.LIBRARY_ENV, str(tmp_path / "absent.so"))
+    native._load.cache_clear()
     try:
-        assert kc._load_error() == f"{kc.LIBRARY_ENV}={tmp_path / 'absent.so'} does not exist"
+        error = native.load_error()
+        assert error.startswith(f"libknsparse_cuda.so not built (no {tmp_path / 'absent.so'})")
+        assert "make cuda" in error and unavailable_reason() == error
     finally:
         monkeypatch.undo()
-        kc._load_error.cache_clear()
+        native._load.cache_clear()
 
 
 def test_unloadable_library_is_reported(monkeypatch, tmp_path):
-    broken = tmp_path / "_knsparse_cuda.so"
+    broken = tmp_path / "libknsparse_cuda.so"
     broken.write_bytes(b"not an ELF file")
-    monkeypatch.setenv(kc.LIBRARY_ENV, str(broken))
-    kc._load_error.cache_clear()
+    monkeypatch.setenv(native.LIBRARY_ENV, str(broken))
+    native._load.cache_clear()
     try:
-        assert kc._load_error().startswith(f"failed to load {broken}: ")
+        assert native.load_error().startswith(f"failed to load {broken}: ")
     finally:
         monkeypatch.undo()
-        kc._load_error.cache_clear()
-
-
-def test_fake_output_matches_the_kernel_output_layout():
-    values = torch.empty(96, 64, dtype=torch.float16, device="meta")
-    x = torch.empty(197, 128, dtype=torch.float16, device="meta")
-    out = kc.sparse_gemm_output_like(values, x)
-    assert out.shape == (96, 197) and out.stride() == (200, 1)
+        native._load.cache_clear()
 
 
 # --- the registry backend, with the kernel replaced by its reference twin ------------------------
@@ -105,7 +103,7 @@ def test_fake_output_matches_the_kernel_output_layout():
 @pytest.fixture
 def backend_on_reference(monkeypatch):
     """KNSPARSE_CUDA with sparse_gemm -> sparse_gemm_ref: checks the lowering on CPU."""
-    monkeypatch.setattr(kc, "sparse_gemm", kc.sparse_gemm_ref)
+    monkeypatch.setattr(gemm, "sparse_gemm", gemm.sparse_gemm_ref)
     return kc.KNSPARSE_CUDA
 
 
@@ -175,3 +173,72 @@ def test_backend_reports_what_it_cannot_run():
     same_even = ConvSpec(64, 64, (2, 2), (1, 1), "same", (1, 1), 1, torch.float16, Pattern(2, 4), cpu)
     assert "asymmetrically" in b.conv_unsupported_reason(same_even)
     assert b.name == "knsparse-cuda"
+
+
+# --- the custom ops' fake implementations (no kernel runs: shapes and strides only) -----------
+
+
+def _traced_outputs(fn, *args):
+    """The fake outputs of ``fn``'s graph, traced by torch.compile with fullgraph=True (a graph
+    break would raise). The backend records them and stops: no kernel runs on CPU."""
+    seen = []
+
+    class Traced(Exception):
+        pass
+
+    def backend(gm, example_inputs):
+        seen.extend(node.meta["example_value"] for node in gm.graph.output_node().args[0])
+        raise Traced
+
+    torch._dynamo.reset()
+    with pytest.raises(torch._dynamo.exc.BackendCompilerFailed) as info:
+        torch.compile(fn, fullgraph=True, backend=backend)(*args)
+    assert isinstance(info.value.inner_exception, Traced)
+    return seen
+
+
+@pytest.mark.parametrize("arch", ["sm80", "sm90"])
+@pytest.mark.parametrize("tokens", [197, 5, 1])
+def test_sparse_gemm_fake_is_token_major_under_torch_compile(arch, tokens):
+    values, meta = packed(96, 128)
+    meta = prepare_meta(meta, arch=arch)
+    x = torch.randn(2, tokens, 128, dtype=torch.float16)
+    (out,) = _traced_outputs(lambda t: gemm.sparse_gemm(values, meta, t, None, "gelu"), x)
+    assert tuple(out.shape) == (2, tokens, 96) and out.stride() == (tokens * 96, 96, 1)
+    assert out.dtype == torch.float16
+
+
+def test_im2col_fake_under_torch_compile():
+    from knsparse.ops.im2col import im2col_rsc_cuda
+
+    x = torch.randn(2, 8, 9, 11, dtype=torch.float16)
+    with pytest.raises(RuntimeError, match="knsparse-cuda kernels unavailable"):
+        im2col_rsc_cuda(x, 3, 2, 1, 1, 80)  # eager on CPU: refused with the reason
+    (out,) = _traced_outputs(lambda t: im2col_rsc_cuda(t, 3, 2, 1, 1, 80), x)
+    assert tuple(out.shape) == (2 * 5 * 6, 80) and out.stride() == (80, 1)
+
+
+def test_sparse_gemm_fake_under_torch_export():
+    values, meta = packed(64, 128)
+
+    class Layer(torch.nn.Module):
+        def forward(self, t):
+            return gemm.sparse_gemm(values, meta, t, None, "relu")
+
+    program = torch.export.export(Layer(), (torch.randn(9, 128, dtype=torch.float16),))
+    (node,) = [n for n in program.graph.nodes if n.target is torch.ops.knsparse.sparse_gemm.default]
+    assert tuple(node.meta["val"].shape) == (9, 64) and node.meta["val"].stride() == (64, 1)
+
+
+@pytest.mark.parametrize(
+    ("meta", "match"),
+    [
+        (torch.zeros(64, 8, dtype=torch.int32), "meta must be int16 \\(64, 8\\)"),
+        (torch.zeros(64, 4, dtype=torch.int16), "got torch.int16 \\(64, 4\\)"),
+        (torch.zeros(64, 8, dtype=torch.uint8), "uint8 \\(64, 16\\)"),
+    ],
+)
+def test_sparse_gemm_refuses_metadata_of_another_shape(meta, match):
+    values = torch.zeros(64, 64, dtype=torch.float16)
+    with pytest.raises(ValueError, match=match):
+        gemm.sparse_gemm(values, meta, torch.zeros(4, 128, dtype=torch.float16))

@@ -5,8 +5,9 @@ included, so a cycle or a wrong-way import cannot hide behind a function-level i
 
 Layers (bottom to top), as ``../shared/DESIGN.md`` draws them:
 
-* foundation: ``pattern``, ``masks``, ``compress``, ``pack``, ``im2col``, ``ops/``,
-  ``backends/``, ``cache``, ``provenance`` and the Triton/C kernels (``knsparse.kernels``);
+* foundation: ``pattern``, ``masks``, ``compress``, ``pack``, ``ops/``, ``backends/``,
+  ``cache``, ``provenance``, ``checks`` (argument checks) and the Triton/C kernels
+  (``knsparse.kernels``);
 * stages: every other library module (score, budget, methods, permutation, repair, spectral,
   calibration, modules, io, export, macs, audit, tome, fuse, families, prune, ...);
 * app: ``knsparse.app``, ``knsparse.cli`` and ``knsparse.__main__``.
@@ -29,11 +30,11 @@ FOUNDATION = (
     "masks",
     "compress",
     "pack",
-    "im2col",
     "ops",
     "backends",
     "cache",
     "provenance",
+    "checks",
     "kernels",
 )
 APP = ("app", "cli", "__main__")
@@ -158,9 +159,6 @@ def test_the_walker_sees_lazy_and_relative_imports() -> None:
     assert len(MODULES) > 60
 
 
-@pytest.mark.xfail(
-    strict=True, reason="pack -> backends -> knsparse_cuda -> pack: the ops/ layer (issue 18) removes it"
-)
 def test_no_import_cycle() -> None:
     assert _cycles() == []
 

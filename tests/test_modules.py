@@ -166,7 +166,7 @@ def test_load_refuses_a_file_of_another_model_and_changes_nothing(tmp_path):
     swapped_and_saved(vit_tiny_digits().eval(), path)
     other = VisionTransformer(8, 2, 1, 10, 96, 4, 4, 2.0).eval()  # same layer names, width 96
     before = {k: v.clone() for k, v in other.state_dict().items()}
-    with pytest.raises(ValueError, match="does not fit this model.*shape mismatches"):
+    with pytest.raises(ValueError, match="does not fit this model.*shape/dtype mismatches"):
         ks.load_sparse(other, path)
     assert not sparse_layers(other)
     assert all(torch.equal(before[k], v) for k, v in other.state_dict().items())

@@ -158,3 +158,21 @@ def test_custom_op_schema_and_fake_kernel():
         (x, v0, h0, sizes, 3, EPS),
         test_utils=("test_schema", "test_faketensor"),
     )
+
+
+def test_eager_calls_skip_the_custom_op_and_tracing_uses_it():
+    """Eager calls run the kernel directly (no first-call import of torch._dynamo) with the custom
+    op's results; fake tensors (what torch.compile / torch.export trace with) are not eager."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from knsparse.kernels.launch import eager
+
+    x, v0, h0, sizes = ragged_bucket()
+    assert eager(x, v0, h0, sizes)
+    v, h = nmf_mu(x, v0, h0, sizes, iters=3)
+    v_op, h_op = torch.ops.knsparse.nmf_mu(x, v0, h0, sizes, 3, EPS)
+    torch.testing.assert_close((v, h), (v_op, h_op), rtol=0, atol=0)
+    with FakeTensorMode() as mode:
+        fx, fv, fh, fs = (mode.from_tensor(t) for t in (x, v0, h0, sizes))
+        assert not eager(fx, fv, fh, fs)
+    assert not eager(x.requires_grad_().as_subclass(torch.nn.Parameter))

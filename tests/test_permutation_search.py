@@ -174,6 +174,14 @@ def test_blocks_and_passes_cover_wide_matrices() -> None:
     assert one.kept_before < one.kept <= two.kept
 
 
+def test_swap_rounds_only_never_lose_and_windows_add() -> None:
+    w = _rand(32, 64, seed=9)
+    swaps = search(w, "2:4", max_iters=0, windows=False)
+    both = search(w, "2:4", max_iters=0)
+    assert sorted(swaps.perm.tolist()) == list(range(64))
+    assert swaps.kept_before < swaps.kept <= both.kept
+
+
 def test_segments_confine_the_permutation() -> None:
     w = _rand(16, 96, seed=14)
     result = search(w, "2:4", max_iters=20, segment=32)

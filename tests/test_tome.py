@@ -172,7 +172,7 @@ def test_timm_vit_fused_and_unfused_attention():
 
 def test_works_with_sparse_linear_inside_the_blocks():
     from knsparse import nm_mask, swap_modules
-    from knsparse.models import apply_masks
+    from knsparse.masks import apply_masks
 
     masked = _vit()
     masks = {

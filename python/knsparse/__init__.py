@@ -2,13 +2,14 @@
 
 from . import backends, budget, families, permutation, repair, score, spectral, tome
 from .audit import audit
+from .backends.torch_semi import to_semi_structured
 from .export import export_onnx
 from .fuse import fuse_activations
 from .io import load_sparse, save_sparse
 from .macs import macs
 from .masks import apply_masks, global_unstructured_masks, is_nm, nm_mask, unstructured_mask
 from .modules import SparseConv2d, SparseLinear, SwapReport, swap_modules
-from .pack import Packed24, pack_24, to_semi_structured, unpack_24
+from .pack import Packed24, pack_24, unpack_24
 from .pattern import Pattern
 from .permutation import permute
 from .prune import prune

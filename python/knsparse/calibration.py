@@ -8,8 +8,8 @@ column ``j`` of a statistic lines up with column ``j`` of the reduction-view wei
 Nothing is stored per input: hooks fold every batch into fixed-size accumulators (``[K]`` column
 sums of squares, optionally ``[K/n, n, n]`` block Gram matrices or the full ``[K, K]`` Gram
 ``XᵀX`` — the layer Hessian of SparseGPT/OBS), so memory does not grow with the calibration set.
-``calib`` is any re-iterable of batches (a list of tensors, a DataLoader); a batch is either the
-model input or a tuple/list whose first element is.
+``calib`` is any re-iterable of batches (a list, a DataLoader); a batch is a tensor, a mapping of
+keyword inputs or an ``(inputs, target)`` tuple (see :mod:`.batches`).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .batches import input_batches
+from .batches import model_batches
 from .masks import ConvOrder
 from .modes import evaluation
 
@@ -115,11 +115,11 @@ def stream_layer_inputs(
     batches = 0
     try:
         with evaluation(model), torch.no_grad():
-            inputs = input_batches(calib, device)
-            for x in tqdm(inputs, desc=desc, unit="batch", disable=not progress, leave=False):
+            inputs = model_batches(calib, device)
+            for batch in tqdm(inputs, desc=desc, unit="batch", disable=not progress, leave=False):
                 seen.clear()
                 with contextlib.suppress(_AllSeen):
-                    model(x)
+                    batch(model)
                 batches += 1
     finally:
         for h in handles:

@@ -98,6 +98,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--permute", action="store_true", help="permute channels before masking (function kept)")
     p.add_argument(
+        "--data",
+        metavar="DIR",
+        help="calibration images: a folder with class subfolders, or a flat folder of images, "
+        "preprocessed as the model expects (not for the *_digits models, which use the bundled digits)",
+    )
+    p.add_argument(
+        "--calib-images",
+        type=_at_least(1),
+        default=128,
+        help="images drawn from --data (seeded; default 128)",
+    )
+    p.add_argument("--calib-batch", type=_at_least(1), default=16, help="calibration batch size (default 16)")
+    p.add_argument(
+        "--val",
+        metavar="DIR",
+        help="a folder with one subfolder per class (sorted names are classes 0, 1, ...): top-1 "
+        "before and after pruning",
+    )
+    p.add_argument(
         "--repair",
         choices=["asr", "layerwise", "bn"],
         help="post-pruning repair on the digits calibration set",
@@ -161,6 +180,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--static-batch", action="store_true", help="fix the batch size instead of a dynamic axis")
     p.add_argument(
         "--no-check", action="store_true", help="skip the ONNX checker and the ONNX Runtime parity run"
+    )
+    p.add_argument(
+        "--dtype",
+        choices=tuple(commands.DTYPES),
+        default="float32",
+        help="weights and compute of the ONNX file: float16/bfloat16 for TensorRT 11's strongly typed "
+        "networks (its fp16 sparse kernels need fp16 weights in the file); default float32",
     )
     p.add_argument(
         "--exporter",

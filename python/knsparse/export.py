@@ -1,14 +1,12 @@
-"""ONNX export of (sparse) models and the TensorRT 2:4 eligibility check of an ONNX file.
+"""ONNX export of (sparse) models for TensorRT 11 and ONNX Runtime.
 
-ONNX has no N:M layout: a k:n layer travels as a dense initializer that holds the exact
-zeros, consumed by a standard ``MatMul``/``Gemm``/``Conv``. TensorRT (and ONNX Runtime's
-TensorRT provider with ``trt_sparsity_enable``) then picks sparse tensor-core kernels for the
-initializers that are 2:4 along its reduction axis:
-
-- ``Gemm`` B operand: K as stored (``[N, K]`` with ``transB=1``, ``[K, N]`` without);
-- ``MatMul`` constant operand ``[..., K, N]``: K is the second-to-last axis;
-- ``Conv`` weight ``[Cout, Cin, R, S]``: 4 consecutive input channels at each kernel
-  position ``(r, s)`` — the (R, S, C) order of :func:`knsparse.masks.to_reduction_view`.
+ONNX has no N:M layout: a k:n layer travels as a dense initializer holding the exact zeros,
+consumed directly by a standard ``MatMul``/``Gemm``/``Conv`` (the exporter removes the
+``Identity`` nodes torch sometimes puts between an initializer and its reader, which would hide
+it from TensorRT's sparsity detection). TensorRT 11 networks are strongly typed: a float16 or
+bfloat16 engine needs an ONNX file that carries float16/bfloat16 weights and compute itself,
+which ``dtype=`` writes. Eligibility of the written weights is checked by
+:func:`knsparse.onnx_check.check` (re-exported here as ``check``).
 
 ``export_onnx`` records which initializer each PyTorch layer became, its pattern and its
 applied channel permutation in the model's ``metadata_props`` (key ``"knsparse"``).
@@ -16,7 +14,7 @@ applied channel permutation in the model's ``metadata_props`` (key ``"knsparse"`
 
 from __future__ import annotations
 
-import json
+import shutil
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -26,18 +24,35 @@ import numpy as np
 import torch
 from torch import nn
 
+from .batches import Batch, output_tensors
 from .densify import dense_copy
-from .masks import check_groupable, group_nonzeros, is_nm
+from .masks import apply_masks, is_nm
 from .modules import SparseConv2d, SparseLinear
-from .pattern import Pattern
+from .onnx_check import (
+    METADATA_KEY,
+    InitializerCheck,
+    check,
+    check_markdown,
+    initializer_arrays,
+    read_metadata,
+)
+from .plan import SparsityPlan, as_plan
 from .provenance import package_version
 
-METADATA_KEY = "knsparse"
-_PASS_THROUGH_OPS = ("Identity", "Cast")
-# The operand positions that hold a weight: Gemm A/B, MatMul either side, Conv W (not biases).
-_WEIGHT_OPERANDS = {"Gemm": (0, 1), "MatMul": (0, 1), "Conv": (1,)}
+__all__ = [
+    "METADATA_KEY",
+    "ExportResult",
+    "InitializerCheck",
+    "LayerRecord",
+    "ParityError",
+    "check",
+    "check_markdown",
+    "export_onnx",
+    "read_metadata",
+]
+
 _TWO_GB = 2**31
-_TENSORRT_PATTERN = Pattern(2, 4)
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 class ParityError(RuntimeError):
@@ -63,9 +78,15 @@ class ExportResult:
     exporter: str
     opset: int
     layers: list[LayerRecord]
+    dtype: str = "float32"
+    input_names: list[str] = field(default_factory=list)
+    output_names: list[str] = field(default_factory=list)
     checker_passed: bool | None = None
-    # provider -> max |ORT - PyTorch| over the checked batch sizes
+    # provider -> max |ORT - fp32 PyTorch| over the checked batch sizes and outputs
     max_abs_diff: dict[str, float] = field(default_factory=dict)
+    # max |PyTorch in `dtype` - fp32 PyTorch|: the low-precision error the ONNX file may double
+    torch_dtype_error: float = 0.0
+    tolerance: float = 0.0  # the bound applied to the CPU provider's difference
     batch_sizes_checked: list[int] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -73,17 +94,67 @@ class ExportResult:
         return asdict(self)
 
 
-@dataclass(frozen=True)
-class InitializerCheck:
-    """TensorRT 2:4 eligibility of one ONNX initializer."""
+# ----------------------------------------------------------------------------- inputs
 
-    name: str
-    shape: tuple[int, ...]
-    consumer: str | None  # "Gemm", "MatMul", "Conv" or None when it is not a GEMM/Conv weight
-    reduction_axis: str | None  # human-readable, e.g. "K = axis 1 (transB=1)"
-    is_24: bool
-    reason: str  # why it is not 2:4 ("" when it is)
-    layer: str | None = None  # PyTorch layer, from the file's knsparse metadata
+
+def example_call(example_input: object) -> tuple[Batch, list[str]]:
+    """The model call and ONNX input names for ``example_input``: a tensor (``"input"``), a
+    tuple/list of tensors (positional, ``"input_0"``...) or a mapping of tensors (keyword
+    arguments, named by their keys, e.g. ``pixel_values``). ``TypeError`` otherwise."""
+    if isinstance(example_input, torch.Tensor):
+        return Batch((example_input,), label="the example input"), ["input"]
+
+    def tensors(items: object) -> bool:
+        return bool(items) and all(isinstance(t, torch.Tensor) for t in items)
+
+    if isinstance(example_input, (tuple, list)) and tensors(example_input):
+        return Batch(tuple(example_input), label="the example input"), [
+            f"input_{i}" for i in range(len(example_input))
+        ]
+    if isinstance(example_input, Mapping) and tensors(list(example_input.values())):
+        return Batch(kwargs=dict(example_input), label="the example input"), [str(k) for k in example_input]
+    raise TypeError(
+        "example_input must be a tensor, a non-empty tuple of tensors or a mapping of tensors "
+        f"(keyword inputs), got {type(example_input).__name__}"
+    )
+
+
+class _Flat(nn.Module):
+    """Positional tensors in, a tuple of tensors out: what both ONNX exporters take."""
+
+    def __init__(self, model: nn.Module, keywords: Sequence[str] | None) -> None:
+        super().__init__()
+        self.model, self.keywords = model, list(keywords or [])
+
+    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = (
+            self.model(**dict(zip(self.keywords, inputs, strict=True)))
+            if self.keywords
+            else self.model(*inputs)
+        )
+        return tuple(output_tensors(out))
+
+
+def _flat_inputs(call: Batch) -> tuple[torch.Tensor, ...]:
+    return call.args if call.args else tuple(call.kwargs.values())
+
+
+def _cast(inputs: Sequence[torch.Tensor], dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """Floating inputs in ``dtype``; integer inputs (token ids, masks) unchanged."""
+    return tuple(t.to(dtype) if t.is_floating_point() else t for t in inputs)
+
+
+def _other_batch(inputs: Sequence[torch.Tensor], size: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """Inputs with batch ``size``: rows of the example (cycled), floating ones plus noise."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for t in inputs:
+        rows = t[torch.arange(size, device=t.device) % t.shape[0]]
+        if t.is_floating_point():
+            noise = torch.randn(rows.shape, generator=g).to(rows)
+            rows = rows + 0.1 * noise * rows.float().std().clamp_min(1e-3).to(rows.dtype)
+        out.append(rows)
+    return tuple(out)
 
 
 # ----------------------------------------------------------------------------- export
@@ -108,7 +179,8 @@ def _match_initializer(
 ) -> tuple[str | None, bool]:
     """The initializer holding ``weight`` as-is or transposed, up to a per-output-channel scale.
 
-    The scale allows exporters that fold BatchNorm into the preceding Conv.
+    The scale allows exporters that fold BatchNorm into the preceding Conv. ``weight`` is in the
+    exported dtype, so the comparison is at that dtype's resolution.
     """
     rows = weight.reshape(weight.shape[0], -1).astype(np.float64)
     for name, arr in inits.items():
@@ -121,47 +193,59 @@ def _match_initializer(
             c = cand.reshape(rows.shape).astype(np.float64)
             denom = (rows * rows).sum(1)
             scale = np.divide((c * rows).sum(1), denom, out=np.ones_like(denom), where=denom > 0)
-            if np.allclose(c, rows * scale[:, None], rtol=1e-5, atol=1e-7):
+            tol = 1e-5 if arr.dtype == np.float32 else 1e-2
+            live = scale != 0  # a channel folded with a zero BatchNorm scale is all zeros
+            same_zeros = ((c == 0) == (rows == 0))[live].all()
+            if np.allclose(c, rows * scale[:, None], rtol=tol, atol=1e-7) and same_zeros:
                 return name, transposed
     return None, False
 
 
-def _load_initializers(proto) -> dict[str, np.ndarray]:
-    from onnx import numpy_helper
-
-    return {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
-
-
 def _torch_export(
-    model: nn.Module, x: torch.Tensor, path: Path, opset: int, dynamic_batch: bool, exporter: str
-) -> tuple[str, int]:
-    """Run one of torch's exporters; returns (exporter used, opset written)."""
-    names = {"input_names": ["input"], "output_names": ["output"]}
+    model: nn.Module,
+    inputs: tuple[torch.Tensor, ...],
+    path: Path,
+    names: tuple[list[str], list[str]],
+    opset: int,
+    dynamic_batch: bool,
+    exporter: str,
+) -> int:
+    """Run one of torch's exporters; returns the opset written."""
+    input_names, output_names = names
     if exporter == "torchscript":
-        axes = {"input": {0: "batch"}, "output": {0: "batch"}} if dynamic_batch else None
+        axes = {n: {0: "batch"} for n in (*input_names, *output_names)} if dynamic_batch else None
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the TorchScript exporter announces its deprecation
             torch.onnx.export(
-                model, (x,), str(path), opset_version=opset, dynamo=False, dynamic_axes=axes, **names
+                model,
+                inputs,
+                str(path),
+                opset_version=opset,
+                dynamo=False,
+                dynamic_axes=axes,
+                input_names=input_names,
+                output_names=output_names,
             )
-        return exporter, opset
+        return opset
     # torch's dynamo exporter implements opset >= 18 and converts down only on request.
     opset = max(opset, 18)
-    shapes = ({0: torch.export.Dim("batch", min=1)},) if dynamic_batch else None
+    batch = torch.export.Dim("batch", min=1)
+    shapes = tuple({0: batch} for _ in inputs) if dynamic_batch else None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
             model,
-            (x,),
+            inputs,
             str(path),
             opset_version=opset,
             dynamo=True,
-            dynamic_shapes=shapes,
+            dynamic_shapes=(shapes,) if shapes else None,
             verbose=False,
             external_data=False,
-            **names,
+            input_names=input_names,
+            output_names=output_names,
         )
-    return exporter, opset
+    return opset
 
 
 def _run_providers(path: Path) -> list[tuple[str, list]]:
@@ -181,28 +265,63 @@ def _run_providers(path: Path) -> list[tuple[str, list]]:
     return runs
 
 
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    """A tensor as numpy; bfloat16 (no numpy dtype) as ml_dtypes' bfloat16, which onnx ships."""
+    if t.dtype == torch.bfloat16:
+        import ml_dtypes
+
+        return t.detach().float().cpu().numpy().astype(ml_dtypes.bfloat16)
+    return t.detach().cpu().numpy()
+
+
+def _max_diff(got: Sequence[torch.Tensor | np.ndarray], want: Sequence[torch.Tensor]) -> float:
+    def as_float(g: torch.Tensor | np.ndarray) -> torch.Tensor:
+        if isinstance(g, torch.Tensor):
+            return g.detach().float().cpu()
+        return torch.from_numpy(np.asarray(g, dtype=np.float32))
+
+    diffs = [float((as_float(g) - w.float().cpu()).abs().max()) for g, w in zip(got, want, strict=True)]
+    return max(diffs, default=0.0)
+
+
 def _parity(
-    model: nn.Module, path: Path, x: torch.Tensor, batch_sizes: Sequence[int], result: ExportResult
+    model: nn.Module,
+    exported: nn.Module,
+    path: Path,
+    call: Batch,
+    dtype: torch.dtype,
+    batch_sizes: Sequence[int],
+    result: ExportResult,
 ) -> None:
+    """Compare ONNX Runtime and PyTorch in ``dtype`` with the fp32 model on the same inputs."""
     import onnxruntime as ort
 
-    g = torch.Generator().manual_seed(0)
-    inputs = [x] + [torch.randn((b, *x.shape[1:]), generator=g).to(x.device) for b in batch_sizes[1:]]
+    first = _flat_inputs(call)
+    runs = [first] + [_other_batch(first, b) for b in batch_sizes[1:]]
+    flat_fp32 = _Flat(model, None if call.args else list(call.kwargs))
     with torch.no_grad():
-        expected = [model(xi).float().cpu().numpy() for xi in inputs]
+        expected = [flat_fp32(*xs) for xs in runs]
+        low = [exported(*_cast(xs, dtype)) for xs in runs]
+    result.torch_dtype_error = max(_max_diff(lo, ex) for lo, ex in zip(low, expected, strict=True))
+    result.batch_sizes_checked = [int(xs[0].shape[0]) for xs in runs]
     for label, providers in _run_providers(path):
-        session = ort.InferenceSession(str(path), providers=providers)
+        try:
+            session = ort.InferenceSession(str(path), providers=providers)
+        except Exception as exc:  # e.g. no bfloat16 kernels on the CPU provider
+            result.notes.append(
+                f"{label} cannot run the {result.dtype} file: {str(exc).splitlines()[0][:200]}"
+            )
+            continue
         diff = 0.0
-        for xi, ref in zip(inputs, expected, strict=True):
-            out = session.run(None, {"input": xi.detach().float().cpu().numpy()})[0]
-            diff = max(diff, float(np.abs(out - ref).max()))
+        for xs, want in zip(runs, expected, strict=True):
+            feed = {n: _numpy(t) for n, t in zip(result.input_names, _cast(xs, dtype), strict=True)}
+            diff = max(diff, _max_diff(session.run(None, feed), want))
         result.max_abs_diff[label] = diff
-    result.batch_sizes_checked = [int(xi.shape[0]) for xi in inputs]
 
 
 def export_onnx(
     model: nn.Module,
-    example_input: torch.Tensor,
+    example_input: object,
     path: str | Path,
     opset: int = 17,
     dynamic_batch: bool = True,
@@ -210,87 +329,236 @@ def export_onnx(
     permutations: Mapping[str, Sequence[int]] | None = None,
     exporter: str = "auto",
     tolerance: float = 1e-4,
+    dtype: str | torch.dtype = "float32",
+    plan: SparsityPlan | Mapping[str, torch.Tensor] | None = None,
 ) -> ExportResult:
     """Export ``model`` (dense, masked or swapped to sparse modules) to ONNX.
 
     Args:
         model: an fp32 ``nn.Module`` (left untouched; a deep copy in eval mode is exported,
             with SparseLinear/SparseConv2d turned into Linear/Conv2d holding the exact zeros).
-        example_input: ``[B, C, H, W]`` fp32 tensor on the model's device.
+        example_input: fp32 input(s) on the model's device: a tensor of any rank (ONNX input
+            ``"input"``), a tuple of tensors (positional, ``"input_0"``...), or a mapping of
+            tensors passed as keyword arguments (e.g. ``{"pixel_values": x}`` for a Hugging Face
+            model; the inputs are named by the keys). Axis 0 of every input is the batch.
+            Outputs: every tensor of the model's output (a tensor, tuple or ``ModelOutput``),
+            named ``"output"`` or ``"output_0"``...
         path: the ``.onnx`` file to write (parent directories are created).
         opset: ONNX opset, at least 17 (the dynamo exporter writes at least 18).
-        dynamic_batch: export the batch dimension as symbolic ``"batch"``.
-        check: run the ONNX checker and compare ONNX Runtime with PyTorch on every available
-            provider (CPU always; CUDA, and TensorRT with ``trt_sparsity_enable``, when
-            installed) on ``example_input`` and, with ``dynamic_batch``, a second batch size.
+        dynamic_batch: export axis 0 of every input and output as symbolic ``"batch"``.
+        check: run the ONNX checker and compare ONNX Runtime with the fp32 PyTorch model on
+            every available provider (CPU always; CUDA, and TensorRT with
+            ``trt_sparsity_enable``, when installed) on ``example_input`` and, with
+            ``dynamic_batch``, a second batch size. A provider that cannot load the file (ONNX
+            Runtime's CPU provider has no bfloat16 kernels) is said in ``notes``.
         permutations: ``{layer: input-channel permutation applied to it}`` to record; layers
             with a ``permutation`` attribute are recorded from it.
         exporter: ``"torchscript"``, ``"dynamo"`` or ``"auto"`` (TorchScript, then dynamo
             if TorchScript fails).
-        tolerance: largest allowed max-abs difference on the CPU provider.
+        tolerance: largest allowed max-abs difference on the CPU provider for float32; for
+            float16/bfloat16 the bound is ``max(tolerance, 2 x torch_dtype_error)``, twice the
+            error of PyTorch's own computation in that dtype against fp32.
+        dtype: ``"float32"``, ``"float16"`` or ``"bfloat16"`` (or the torch dtype): the weights
+            and computation of the written file (TensorRT 11 builds engines in the file's types).
+            bfloat16 is written by the dynamo exporter at opset >= 22 (ONNX's first bfloat16 Conv).
+        plan: a :class:`~knsparse.plan.SparsityPlan` (``prune(...).plan``) or ``{layer: mask}``
+            (2:4) to apply to the exported copy: a dense model and its plan give the k:n file
+            directly (the user's model keeps its weights).
 
     Returns:
-        An :class:`ExportResult`. Raises :class:`ParityError` if the CPU difference exceeds
-        ``tolerance`` (the file is kept for inspection).
+        An :class:`ExportResult`. Raises :class:`ParityError` if the CPU difference exceeds the
+        bound (the file is kept for inspection).
     """
+    if plan is not None:
+        plan = as_plan(plan)
+        model = dense_copy(model)
+        apply_masks(model, plan.masks)  # checks every name and shape first
     if opset < 17:
         raise ValueError(f"opset must be at least 17, got {opset}")
     if exporter not in ("auto", "torchscript", "dynamo"):
         raise ValueError(f"exporter must be 'auto', 'torchscript' or 'dynamo', got {exporter!r}")
-    if not isinstance(example_input, torch.Tensor) or example_input.dim() != 4:
-        shape = tuple(example_input.shape) if isinstance(example_input, torch.Tensor) else type(example_input)
-        raise ValueError(f"example_input must be a [B, C, H, W] tensor, got {shape}")
+    dtype_name = next((k for k, v in DTYPES.items() if dtype in (k, v)), None)
+    if dtype_name is None:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    call, input_names = example_call(example_input)
+    inputs = _flat_inputs(call)
     bad = [n for n, p in model.named_parameters() if p.is_floating_point() and p.dtype != torch.float32]
-    if bad or example_input.dtype != torch.float32:
+    low_input = [
+        n
+        for n, t in zip(input_names, inputs, strict=True)
+        if t.is_floating_point() and t.dtype != torch.float32
+    ]
+    if bad or low_input:
         raise TypeError(
-            f"export an fp32 model and input (found {bad[0] if bad else 'input'} in a lower precision); "
-            "TensorRT builds fp16 engines from an fp32 ONNX file itself"
+            f"export an fp32 model and input (found {(bad or low_input)[0]} in a lower precision); "
+            "pass dtype='float16' or 'bfloat16' to write a low-precision file"
         )
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    export_model = dense_copy(model).eval()
+    if any(t.dim() == 0 for t in inputs):
+        raise ValueError("example_input: every input needs a batch axis 0 (got a 0-d tensor)")
+    torch_dtype = DTYPES[dtype_name]
+    if torch_dtype == torch.bfloat16:
+        # ONNX Conv/Gemm take bfloat16 from opset 22, which only the dynamo exporter writes.
+        if exporter == "torchscript":
+            raise ValueError("dtype='bfloat16' needs opset >= 22: use exporter='dynamo' or 'auto'")
+        exporter, opset = "dynamo", max(opset, 22)
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    # Written in a scratch folder beside the target and moved into place at the end: a failure
+    # leaves no partial file (and the file's external-data names stay those of the target).
+    scratch = final.parent / f".{final.name}.partial"
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir()
+    try:
+        result = _export(
+            model,
+            call,
+            inputs,
+            input_names,
+            scratch / final.name,
+            torch_dtype,
+            dtype_name,
+            opset,
+            dynamic_batch,
+            check,
+            permutations,
+            exporter,
+            tolerance,
+        )
+    except ParityError:
+        _move_into(scratch, final.parent)  # kept for inspection, as documented
+        raise
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
+    _move_into(scratch, final.parent)
+    result.path = str(final)
+    return result
+
+
+def _move_into(scratch: Path, folder: Path) -> None:
+    for item in scratch.iterdir():
+        item.replace(folder / item.name)
+    scratch.rmdir()
+
+
+def _export(
+    model: nn.Module,
+    call: Batch,
+    inputs: list[torch.Tensor],
+    input_names: list[str],
+    path: Path,
+    torch_dtype: torch.dtype,
+    dtype_name: str,
+    opset: int,
+    dynamic_batch: bool,
+    check: bool,
+    permutations: Mapping[str, Sequence[int]] | None,
+    exporter: str,
+    tolerance: float,
+) -> ExportResult:
+    exported = _Flat(dense_copy(model).eval().to(torch_dtype), None if call.args else input_names)
+    low_inputs = _cast(inputs, torch_dtype)
+    with torch.no_grad():
+        n_out = len(exported(*low_inputs))
+    output_names = ["output"] if n_out == 1 else [f"output_{i}" for i in range(n_out)]
     order = ["torchscript", "dynamo"] if exporter == "auto" else [exporter]
     notes: list[str] = []
     for i, name in enumerate(order):
         try:
-            used, written_opset = _torch_export(export_model, example_input, path, opset, dynamic_batch, name)
+            written_opset = _torch_export(
+                exported, low_inputs, path, (input_names, output_names), opset, dynamic_batch, name
+            )
+            used = name
             break
         except Exception as exc:  # any exporter failure: try the next one, then report them all
             notes.append(f"{name} exporter failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
             if i == len(order) - 1:
                 raise RuntimeError("ONNX export failed: " + "; ".join(notes)) from exc
-    layers = _record_layers(model, export_model, path, dict(permutations or {}))
-    result = ExportResult(str(path), used, written_opset, layers, notes=notes)
+    layers = _finish_file(model, exported.model, path, dict(permutations or {}))
+    result = ExportResult(
+        str(path), used, written_opset, layers, dtype_name, input_names, output_names, notes=notes
+    )
     if check:
         import onnx
 
         onnx.checker.check_model(str(path), full_check=True)
         result.checker_passed = True
-        batches = (
-            [example_input.shape[0], example_input.shape[0] + 2]
-            if dynamic_batch
-            else [example_input.shape[0]]
+        batch = int(inputs[0].shape[0])
+        reference = dense_copy(model).eval()  # fp32, in eval mode: the user's model never runs
+        _parity(
+            reference,
+            exported,
+            path,
+            call,
+            torch_dtype,
+            [batch, batch + 2] if dynamic_batch else [batch],
+            result,
         )
-        _parity(model, path, example_input, batches, result)
-        cpu = result.max_abs_diff["CPUExecutionProvider"]
-        if not cpu <= tolerance:
+        bound = tolerance if torch_dtype == torch.float32 else max(tolerance, 2 * result.torch_dtype_error)
+        result.tolerance = bound
+        cpu = result.max_abs_diff.get("CPUExecutionProvider")
+        if cpu is not None and not cpu <= bound:
             raise ParityError(
-                f"{path}: ONNX Runtime CPU differs from PyTorch by {cpu:.3g} > {tolerance:g} (max abs)"
+                f"{path.name}: ONNX Runtime CPU differs from PyTorch (fp32) by {cpu:.3g} > {bound:.3g} "
+                f"(max abs; PyTorch in {dtype_name} differs by {result.torch_dtype_error:.3g})"
             )
     return result
 
 
-def _record_layers(
+def _read_initializers_directly(proto) -> None:
+    """Drop every ``Identity`` whose input is an initializer (or another such Identity) and let
+    its readers read the initializer itself; graph outputs keep theirs."""
+    graph = proto.graph
+    source = {i.name: i.name for i in graph.initializer}
+    outputs = {o.name for o in graph.output}
+    kept = []
+    for node in graph.node:  # nodes are topologically sorted
+        if node.op_type == "Identity" and node.input[0] in source and node.output[0] not in outputs:
+            source[node.output[0]] = source[node.input[0]]
+        else:
+            kept.append(node)
+    renamed = {k: v for k, v in source.items() if k != v}
+    if not renamed:
+        return
+    for node in kept:
+        for i, name in enumerate(node.input):
+            if name in renamed:
+                node.input[i] = renamed[name]
+    del graph.node[:]
+    graph.node.extend(kept)
+
+
+def _strip_wrapper_prefix(proto, prefix: str = "model.") -> None:
+    """Name initializers after the user's model (``blocks.0.fc1.weight``), not after the export
+    wrapper that holds it (``model.blocks.0.fc1.weight``)."""
+    graph = proto.graph
+    taken = {i.name for i in graph.initializer}
+    renamed = {n: n[len(prefix) :] for n in taken if n.startswith(prefix) and n[len(prefix) :] not in taken}
+    for init in graph.initializer:
+        init.name = renamed.get(init.name, init.name)
+    for value in (*graph.input, *graph.value_info):
+        value.name = renamed.get(value.name, value.name)
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            node.input[i] = renamed.get(name, name)
+
+
+def _finish_file(
     model: nn.Module, exported: nn.Module, path: Path, permutations: dict[str, Sequence[int]]
 ) -> list[LayerRecord]:
-    """Find each weight layer's initializer and write the knsparse metadata into ``path``.
+    """Make weights read directly, find each weight layer's initializer and write the knsparse
+    metadata into ``path``.
 
-    ``exported`` is ``model``'s dense export copy (same layer names).
+    ``exported`` is ``model``'s dense export copy (same layer names, exported dtype).
     """
+    import json
+
     import onnx
 
     proto = onnx.load(str(path))
-    inits = _load_initializers(proto)
+    _strip_wrapper_prefix(proto)
+    _read_initializers_directly(proto)
+    inits = initializer_arrays(proto)
     layers = _weight_layers(model)
     dense_layers = dict(exported.named_modules())
     unknown = sorted(set(permutations) - set(layers))
@@ -314,144 +582,3 @@ def _record_layers(
     else:
         onnx.save(proto, str(path))
     return records
-
-
-def read_metadata(path: str | Path) -> dict:
-    """The ``"knsparse"`` metadata of an exported file (``{}`` if it has none)."""
-    import onnx
-
-    proto = onnx.load(str(path), load_external_data=False)
-    for entry in proto.metadata_props:
-        if entry.key == METADATA_KEY:
-            return json.loads(entry.value)
-    return {}
-
-
-# ------------------------------------------------------------------------------ check
-
-
-def _consumers(graph) -> dict[str, list[tuple[object, int, list[int] | None]]]:
-    """initializer name -> [(GEMM/Conv node, input index, axes permutation applied on the way)]."""
-    by_input: dict[str, list[tuple[object, int]]] = {}
-    for node in graph.node:
-        for idx, name in enumerate(node.input):
-            by_input.setdefault(name, []).append((node, idx))
-    found: dict[str, list] = {}
-    for init in graph.initializer:
-        frontier: list[tuple[str, list[int] | None]] = [(init.name, None)]
-        while frontier:
-            tensor, perm = frontier.pop()
-            for node, idx in by_input.get(tensor, []):
-                if idx in _WEIGHT_OPERANDS.get(node.op_type, ()):
-                    found.setdefault(init.name, []).append((node, idx, perm))
-                elif node.op_type == "Transpose":
-                    attr = {a.name: list(a.ints) for a in node.attribute}
-                    step = attr.get("perm") or list(range(len(init.dims)))[::-1]
-                    frontier.append((node.output[0], step if perm is None else [perm[i] for i in step]))
-                elif node.op_type in _PASS_THROUGH_OPS:
-                    frontier.append((node.output[0], perm))
-    return found
-
-
-def _reduction_rows(arr: np.ndarray, node, idx: int) -> tuple[torch.Tensor, str] | str:
-    """``[rows, K]`` view with the reduction axis last and its description, or why there is none."""
-    t = torch.from_numpy(np.array(arr, copy=True))
-    attrs = {a.name: a.i for a in node.attribute}
-    if node.op_type == "Conv":
-        if t.dim() != 4:
-            return f"Conv weight of rank {t.dim()} (only 2-D convolutions are checked)"
-        return t, "Cin, 4 consecutive input channels at each (r, s)"
-    if node.op_type == "Gemm":
-        flag = "transB" if idx == 1 else "transA"
-        trans = attrs.get(flag, 0)
-        # B is [K, N] (K first) unless transposed; A is [M, K] (K last) unless transposed.
-        k_axis = int(trans) if idx == 1 else 1 - int(trans)
-        return (t if k_axis == 1 else t.T), f"K = axis {k_axis} ({flag}={trans})"
-    if t.dim() < 2:
-        return "1-D MatMul operand"
-    if idx == 1:
-        return t.transpose(-1, -2).reshape(-1, t.shape[-2]), f"K = axis {t.dim() - 2} ([..., K, N])"
-    return t.reshape(-1, t.shape[-1]), f"K = axis {t.dim() - 1} ([..., M, K])"
-
-
-def _check_one(name: str, arr: np.ndarray, uses: list) -> InitializerCheck:
-    shape = tuple(int(d) for d in arr.shape)
-    if not uses:
-        return InitializerCheck(name, shape, None, None, False, "not a Gemm/MatMul/Conv weight")
-    verdicts = []
-    for node, idx, perm in uses:
-        stored = arr if perm is None else np.transpose(arr, perm)
-        view = _reduction_rows(stored, node, idx)
-        if isinstance(view, str):
-            verdicts.append(InitializerCheck(name, shape, node.op_type, None, False, view))
-            continue
-        tensor, axis = view
-        verdicts.append(InitializerCheck(name, shape, node.op_type, axis, *_verdict_24(tensor)))
-    # An initializer used twice is eligible only if every use is.
-    return next((v for v in verdicts if not v.is_24), verdicts[0])
-
-
-def _verdict_24(t: torch.Tensor) -> tuple[bool, str]:
-    """(is 2:4, why not) for a ``[rows, K]`` view or a 4-D conv weight grouped (R, S, C)."""
-    pattern = _TENSORRT_PATTERN
-    try:
-        check_groupable(t.shape, pattern)
-    except ValueError:
-        what = "Cin" if t.dim() == 4 else "K"
-        return False, f"{what}={t.shape[1]} is not a multiple of {pattern.n}"
-    if is_nm(t, pattern):
-        return True, ""
-    counts = group_nonzeros(t, pattern)
-    bad = float((counts > pattern.k).float().mean())
-    if not bool((t == 0).any()):
-        return False, "dense: no zeros"
-    zeros = float((t == 0).float().mean())
-    return (
-        False,
-        f"{100 * bad:.1f}% of groups of {pattern.n} keep more than {pattern.k} ({100 * zeros:.1f}% zeros)",
-    )
-
-
-def check(path: str | Path) -> list[InitializerCheck]:
-    """Every initializer of the ONNX file at ``path`` and whether TensorRT sees it as 2:4.
-
-    Raises ``FileNotFoundError`` if ``path`` does not exist and ``ValueError`` if it is not a
-    readable ONNX model.
-    """
-    import onnx
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no ONNX file at {path}")
-    try:
-        proto = onnx.load(str(path))
-    except Exception as exc:  # onnx raises DecodeError and others on a corrupt file
-        raise ValueError(f"{path} is not a readable ONNX model: {exc}") from exc
-    owners = {
-        r["initializer"]: r["layer"] for r in read_metadata(path).get("layers", []) if r.get("initializer")
-    }
-    uses = _consumers(proto.graph)
-    out = []
-    for name, arr in _load_initializers(proto).items():
-        verdict = _check_one(name, arr, uses.get(name, []))
-        out.append(InitializerCheck(**{**asdict(verdict), "layer": owners.get(name)}))
-    return out
-
-
-def check_markdown(checks: Sequence[InitializerCheck], weights_only: bool = True) -> str:
-    """A markdown table of :func:`check` results (GEMM/Conv weights only by default)."""
-    rows = [c for c in checks if c.consumer is not None or not weights_only]
-    n24 = sum(c.is_24 for c in rows)
-    kind = "weight initializers" if weights_only else "initializers"
-    lines = [
-        f"{n24} of {len(rows)} {kind} are 2:4 along TensorRT's reduction axis",
-        "",
-        "| initializer | layer | shape | op | reduction axis | 2:4 | why not |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for c in rows:
-        lines.append(
-            f"| {c.name} | {c.layer or ''} | {list(c.shape)} | {c.consumer or ''} | {c.reduction_axis or ''} "
-            f"| {'yes' if c.is_24 else 'no'} | {c.reason} |"
-        )
-    return "\n".join(lines)

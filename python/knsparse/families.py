@@ -16,6 +16,9 @@ The roles and what they promise:
 * ``attention``: global multi-head self-attention with a fused ``qkv`` Linear whose output rows
   are ``(3, heads, head_dim)``, a ``proj`` Linear reading the concatenated heads and an int
   ``num_heads``.
+* ``split_attention``: global multi-head self-attention with separate ``q_proj``/``k_proj``/
+  ``v_proj`` Linears whose output rows are ``(heads, head_dim)``, an ``o_proj`` Linear reading
+  the concatenated heads, and int ``num_attention_heads`` and ``head_dim`` (Hugging Face).
 * ``window_attention``: the same projections inside windows (Swin): its value/``proj`` coupling
   holds, but tokens cannot be merged across it.
 * ``mlp``: ``fc2(... act(fc1(x)))`` where ``act`` reads ``fc1``'s output and nothing else
@@ -55,6 +58,7 @@ class Family:
     vit_block: tuple[ClassRef, ...] = ()
     attention: tuple[ClassRef, ...] = ()
     window_attention: tuple[ClassRef, ...] = ()
+    split_attention: tuple[ClassRef, ...] = ()
     mlp: tuple[ClassRef, ...] = ()
     conv_block: tuple[ClassRef, ...] = ()
 
@@ -74,6 +78,10 @@ FAMILIES: tuple[Family, ...] = (
         window_attention=(ClassRef("timm", "WindowAttention"),),
         mlp=(ClassRef("timm", "Mlp"),),
         conv_block=(ClassRef("timm", "Bottleneck"), ClassRef("timm", "BasicBlock")),
+    ),
+    Family(
+        "huggingface",
+        split_attention=(ClassRef("transformers.models.vit.modeling_vit", "ViTAttention"),),
     ),
 )
 
@@ -129,6 +137,21 @@ def attention_parts(module: nn.Module, *, windowed: bool = True) -> tuple[nn.Lin
     if heads <= 0 or dim % heads or qkv.out_features != 3 * dim:
         return None
     return qkv, proj, dim // heads
+
+
+def split_attention_parts(module: nn.Module) -> tuple[str, str, int] | None:
+    """``("v_proj", "o_proj", head_dim)`` of a registered ``split_attention`` module whose
+    projections have the promised shapes, else ``None``."""
+    if family_of(module, "split_attention") is None:
+        return None
+    heads, head_dim = getattr(module, "num_attention_heads", None), getattr(module, "head_dim", None)
+    projections = [getattr(module, f"{p}_proj", None) for p in "qkvo"]
+    if not (isinstance(heads, int) and isinstance(head_dim, int) and all(map(_linear_like, projections))):
+        return None
+    width = heads * head_dim
+    if any(p.out_features != width for p in projections[:3]) or projections[3].in_features != width:
+        return None
+    return "v_proj", "o_proj", head_dim
 
 
 def has_vit_blocks(model: nn.Module) -> bool:

@@ -2,11 +2,18 @@
 
 A prunable layer is an ``nn.Linear`` or an ungrouped ``nn.Conv2d`` (``groups == 1``) with zero
 padding: those are the layers a k:n sparse GEMM executes. Grouped and depthwise convolutions have
-no shared reduction axis across output channels and are left alone. This module is the one place
-that rule lives; masking, pruning, swapping and reporting all ask it.
+no shared reduction axis across output channels and are left alone. A layer's place in the model
+can rule it out too: a parent that reads its weight directly instead of calling it
+(``nn.MultiheadAttention.out_proj``), a layer registered under several names, or a weight tied to
+another tensor — swapping, masking or permuting one name would silently change the other. This
+module is the one place those rules live; masking, pruning, swapping, permuting and reporting
+all ask it.
 """
 
 from __future__ import annotations
+
+import contextlib
+from collections import defaultdict
 
 import torch
 from torch import nn
@@ -29,14 +36,79 @@ def ineligibility(module: nn.Module) -> str | None:
     return None
 
 
+# Parents that read the weights of their child layers directly instead of calling them
+# (F.multi_head_attention_forward takes out_proj.weight; the encoder layer's fast path takes
+# linear1/linear2 weights): a swapped child would break the parent, a masked one is bypassed.
+_READS_CHILD_WEIGHTS = (nn.MultiheadAttention, nn.TransformerEncoderLayer)
+
+
+def shared_tensors(model: nn.Module) -> dict[str, list[str]]:
+    """``{tensor name: the other names whose tensors share its storage}`` over every parameter
+    and buffer of ``model`` (a tensor registered twice, a tied weight, a view of another)."""
+    named = list(model.named_parameters(remove_duplicate=False))
+    named += list(model.named_buffers(remove_duplicate=False))
+    owners: dict[object, list[str]] = defaultdict(list)
+    for name, t in named:
+        key: object = id(t)
+        if t.device.type != "meta" and t.numel() > 0:
+            with contextlib.suppress(RuntimeError, NotImplementedError):  # subclasses without storage
+                key = (t.device, t.untyped_storage().data_ptr())
+        owners[key].append(name)
+    return {n: [o for o in names if o != n] for names in owners.values() if len(names) > 1 for n in names}
+
+
+def placement_reasons(model: nn.Module) -> dict[str, str]:
+    """``{module name: why}`` for every Linear / Conv2d name whose place in ``model`` rules it
+    out of k:n sparsity and channel permutation (every name of a module registered twice)."""
+    names_of: dict[int, list[str]] = defaultdict(list)
+    placed: dict[str, tuple[nn.Module, nn.Module]] = {}
+    for parent_name, parent in model.named_modules(remove_duplicate=False):
+        for child_name, child in parent._modules.items():  # named_children() hides second names
+            name = f"{parent_name}.{child_name}" if parent_name else child_name
+            if isinstance(child, (nn.Linear, nn.Conv2d)):
+                names_of[id(child)].append(name)
+                placed[name] = (parent, child)
+    shared = shared_tensors(model)
+    reasons: dict[str, str] = {}
+    for name, (parent, module) in placed.items():
+        aliases = names_of[id(module)]
+        own = (f"{name}.weight", f"{name}.bias")
+        tied = [f"{t} is tied to {', '.join(shared[t])}" for t in own if t in shared]
+        if isinstance(parent, _READS_CHILD_WEIGHTS):
+            reasons[name] = (
+                f"{type(parent).__name__} reads this layer's weight directly instead of calling it "
+                "(a sparse or permuted twin would be bypassed or break it)"
+            )
+        elif len(aliases) > 1:
+            reasons[name] = f"one module registered under several names ({', '.join(aliases)})"
+        elif tied:
+            reasons[name] = f"shared weights: {'; '.join(tied)}"
+    return reasons
+
+
+def layer_reasons(model: nn.Module) -> dict[str, str | None]:
+    """``{name: why not, or None}`` for every Linear / Conv2d of ``model`` (``named_modules``
+    order): the module's kind (:func:`ineligibility`) first, then its place in the model."""
+    placement = placement_reasons(model)
+    return {
+        name: ineligibility(m) or placement.get(name)
+        for name, m in model.named_modules()
+        if isinstance(m, (nn.Linear, nn.Conv2d))
+    }
+
+
 def is_prunable(module: nn.Module) -> bool:
-    """True for ``nn.Linear`` and for zero-padded ``nn.Conv2d`` with ``groups == 1``."""
+    """True for ``nn.Linear`` and for zero-padded ``nn.Conv2d`` with ``groups == 1`` (the module
+    alone; :func:`prunable_layers` also applies the model-placement rules)."""
     return ineligibility(module) is None
 
 
 def prunable_layers(model: nn.Module) -> dict[str, nn.Module]:
     """``{qualified module name: module}`` for every prunable layer, in ``named_modules`` order."""
-    return {name: m for name, m in model.named_modules() if is_prunable(m)}
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    reasons = layer_reasons(model)
+    return {name: m for name, m in model.named_modules() if name in reasons and reasons[name] is None}
 
 
 def shape_ineligibility(
@@ -67,13 +139,16 @@ def pattern_layers(
 ) -> tuple[dict[str, nn.Module], dict[str, str]]:
     """The prunable layers whose weight shape can carry ``pattern`` (groups along the reduction
     axis in ``conv_order``; any prunable layer for ``None``), and ``{name: why not}`` for every
-    other Linear / Conv2d. Shapes only."""
+    other Linear / Conv2d (its kind, its place in the model, its shape)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     layers: dict[str, nn.Module] = {}
     skipped: dict[str, str] = {}
+    reasons = layer_reasons(model)
     for name, module in model.named_modules():
-        if not isinstance(module, (nn.Linear, nn.Conv2d)):
+        if name not in reasons:
             continue
-        reason = shape_ineligibility(name, module, pattern, conv_order)
+        reason = reasons[name] or shape_ineligibility(name, module, pattern, conv_order)
         if reason:
             skipped[name] = reason
         else:

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from . import families, tome
-from .layers import swap_ineligibility
+from .layers import placement_reasons, swap_ineligibility
 from .masks import ConvOrder
 from .modes import evaluation
 from .modules import SparseConv2d, SparseLinear
@@ -238,7 +238,7 @@ def macs(
     """
     plan = as_plan(masks if masks is not None else {}, pattern)
     pattern, masks = plan.pattern, dict(plan.masks)
-    named = dict(model.named_modules())
+    named = dict(model.named_modules(remove_duplicate=False))
     unknown = sorted(set(masks) - set(named))
     if unknown:
         raise ValueError(f"masks name layers the model does not have: {unknown[:5]}")
@@ -248,7 +248,10 @@ def macs(
             shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else "no weight"
             raise ValueError(f"layer {name!r}: mask shape {tuple(mask.shape)} != weight shape {shape}")
     rule = eligible or default_eligibility(pattern, plan.conv_order)
-    why_dense = {name: rule(name, named[name], mask) or "" for name, mask in masks.items()}
+    placement = placement_reasons(model)
+    why_dense = {
+        name: placement.get(name) or rule(name, named[name], mask) or "" for name, mask in masks.items()
+    }
     x = _example_input(model, input_shape)
     with evaluation(model), torch.no_grad(), _merging(model, tome_r):
         rows = _count(model, x, why_dense, pattern)
@@ -257,7 +260,8 @@ def macs(
         if any(merges):
             with _merging_removed(model):
                 unmerged = sum(r.dense for r in _count(model, x, why_dense, pattern))
-    never_ran = sorted(set(masks) - {r.name for r in rows})
+    # a layer its parent reads directly, or a second name of one module, never runs as itself
+    never_ran = sorted(set(masks) - {r.name for r in rows} - set(placement))
     if never_ran:
         raise ValueError(
             f"masked layers never ran in the forward pass (or are not Linear/Conv2d): {never_ran[:5]}"

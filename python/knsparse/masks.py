@@ -15,6 +15,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from .checks import check_number, check_tensor
 from .pattern import Pattern
 
 ConvOrder = Literal["rsc", "crs"]
@@ -93,7 +94,14 @@ def check_groupable(
         )
 
 
+def check_conv_order(conv_order: object) -> None:
+    """``ValueError`` naming ``conv_order`` unless it is ``"rsc"`` or ``"crs"``."""
+    if conv_order not in ("rsc", "crs"):
+        raise ValueError(f"conv_order must be 'rsc' or 'crs', got {conv_order!r}")
+
+
 def _grouped(t: torch.Tensor, pattern: Pattern, conv_order: ConvOrder, name: str | None) -> torch.Tensor:
+    check_conv_order(conv_order)
     check_groupable(t.shape, pattern, conv_order, name)
     view = to_reduction_view(t, conv_order)
     return view.reshape(view.shape[0], -1, pattern.n)
@@ -116,6 +124,7 @@ def nm_mask(
     Returns:
         A bool mask of ``scores.shape``. Ties are broken towards the lowest index.
     """
+    check_tensor(scores, "scores", floating=False, dims=(2, 4))
     pattern = Pattern.parse(pattern)
     if torch.isnan(scores).any():
         raise ValueError(f"{_label(name)}: scores contain NaN; cannot rank them")
@@ -129,6 +138,7 @@ def nm_mask(
 
 def group_nonzeros(t: torch.Tensor, pattern: str | Pattern, conv_order: ConvOrder = "rsc") -> torch.Tensor:
     """Number of nonzero (or True) entries in every group: ``[rows, K / n]`` int64."""
+    check_tensor(t, "t", floating=False)
     pattern = Pattern.parse(pattern)
     return (_grouped(t, pattern, conv_order, None) != 0).sum(-1)
 
@@ -147,6 +157,8 @@ def is_nm(t: torch.Tensor, pattern: str | Pattern, conv_order: ConvOrder = "rsc"
 
     A shape the pattern cannot tile is not k:n and gives False.
     """
+    check_tensor(t, "t", floating=False)
+    check_conv_order(conv_order)
     pattern = Pattern.parse(pattern)
     try:
         counts = group_nonzeros(t, pattern, conv_order)
@@ -155,9 +167,9 @@ def is_nm(t: torch.Tensor, pattern: str | Pattern, conv_order: ConvOrder = "rsc"
     return bool((counts <= pattern.k).all())
 
 
-def _check_sparsity(sparsity: float) -> None:
-    if not 0.0 <= sparsity < 1.0:
-        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+def _check_sparsity(sparsity: float, min_keep_row: int) -> None:
+    check_number(sparsity, "sparsity", low=0.0, high=1.0, high_open=True)
+    check_number(min_keep_row, "min_keep_row", low=0, integer=True)
 
 
 def _keep_top(flat: torch.Tensor, n_keep: int) -> torch.Tensor:
@@ -186,7 +198,8 @@ def unstructured_mask(scores: torch.Tensor, sparsity: float, min_keep_row: int =
     Exactly ``round(sparsity * numel)`` entries are dropped, then each output row is topped
     up to ``min_keep_row`` kept entries (its best ones), which can only lower the sparsity.
     """
-    _check_sparsity(sparsity)
+    _check_sparsity(sparsity, min_keep_row)
+    check_tensor(scores, "scores", floating=False)
     if torch.isnan(scores).any():
         raise ValueError("scores contain NaN; cannot rank them")
     n_keep = scores.numel() - round(sparsity * scores.numel())
@@ -202,7 +215,11 @@ def global_unstructured_masks(
     Scores must be comparable across layers (e.g. magnitudes). Rows are topped up to
     ``min_keep_row`` kept entries so no output channel is cut off entirely.
     """
-    _check_sparsity(sparsity)
+    _check_sparsity(sparsity, min_keep_row)
+    if not isinstance(scores, Mapping):
+        raise TypeError(f"scores must be a mapping {{layer name: tensor}}, got {type(scores).__name__}")
+    for name, t in scores.items():
+        check_tensor(t, f"scores[{name!r}]", floating=False)
     names = list(scores)
     if not names:
         return {}

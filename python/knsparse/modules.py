@@ -19,9 +19,10 @@ from torch import nn
 from . import backends
 from .backends import Backend, BackendUnavailableError, ConvSpec, LinearSpec
 from .backends.base import ACTIVATIONS
+from .checks import check_number
 from .compress import compress_nm, decompress_nm
-from .layers import swap_ineligibility
-from .masks import ConvOrder, check_finite, check_groupable
+from .layers import placement_reasons, swap_ineligibility
+from .masks import ConvOrder, check_conv_order, check_finite, check_groupable
 from .pattern import Pattern
 from .plan import SparsityPlan, as_plan
 
@@ -72,6 +73,16 @@ class _SparseLayer(nn.Module):
         dtype: torch.dtype | None,
         device: torch.device | str | None,
     ) -> None:
+        if not isinstance(pattern, Pattern):
+            raise TypeError(f"pattern must be a Pattern, got {type(pattern).__name__}")
+        bad = [d for d in weight_shape if isinstance(d, bool) or not isinstance(d, int) or d <= 0]
+        if bad:
+            raise ValueError(f"layer sizes must be positive ints, got weight shape {tuple(weight_shape)}")
+        check_conv_order(conv_order)
+        if not isinstance(backend, str):
+            raise TypeError(f"backend must be a str ('auto' or a backend name), got {type(backend).__name__}")
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
         if backend != "auto":
             reason = backends.get(backend).unavailable_reason()
             if reason:
@@ -85,7 +96,7 @@ class _SparseLayer(nn.Module):
         self.register_buffer("values", torch.zeros(rows, kept, dtype=dtype, device=device))
         self.register_buffer("slots", torch.zeros(rows, kept, dtype=torch.uint8, device=device))
         self.bias = nn.Parameter(torch.zeros(rows, dtype=dtype, device=device)) if bias else None
-        self._cache: tuple[tuple, Backend, object] | None = None
+        self._forget()
 
     def _store(self, weight: torch.Tensor, mask: torch.Tensor, bias: torch.Tensor | None) -> None:
         """Keep ``weight`` where the bool ``mask`` is True (:func:`compress_nm` refuses a mask that
@@ -117,27 +128,64 @@ class _SparseLayer(nn.Module):
     def _spec(self) -> LinearSpec | ConvSpec:
         raise TypeError("subclass must define _spec")
 
-    def _resolve(self) -> Backend:
-        backend, _ = backends.resolve(self.backend_request, self._spec())
-        return backend if backend is not None else backends.REFERENCE
+    def _prepare(self, backend: Backend) -> object:
+        dense = self.dense_weight()
+        if isinstance(self, SparseLinear):
+            return backend.prepare_linear(dense)
+        return backend.prepare_conv(dense)
 
-    def _prepared(self) -> tuple[Backend, object]:
-        key = (self.values.device, self.values.dtype, self.values._version, self.slots._version)
-        if self._cache is None or self._cache[0] != key:
-            backend = self._resolve()
-            dense = self.dense_weight()
-            operand = (
-                backend.prepare_linear(dense)
-                if isinstance(self, SparseLinear)
-                else backend.prepare_conv(dense)
-            )
-            self._cache = (key, backend, operand)
-        return self._cache[1], self._cache[2]
+    def _forget(self) -> None:
+        """Drop the chosen backend and any cached operand; both follow the stored tensors."""
+        self._backend: Backend | None = None
+        self._backend_for: tuple[torch.device, torch.dtype] | None = None
+        self._cached: tuple[tuple, object] | None = None
+
+    def _stored_key(self) -> tuple | None:
+        """Identity of the stored values and slots (storage and in-place write count); None for
+        inference tensors, whose in-place writes are not counted, so they are never cached."""
+        if self.values.is_inference() or self.slots.is_inference():
+            return None
+        return tuple((t.data_ptr(), t._version) for t in (self.values, self.slots))
+
+    def _operand(self) -> tuple[Backend, object]:
+        """The backend for the current device/dtype and its operand for the stored tensors.
+
+        The reference backend derives the operand inside every forward (pure tensor math, so
+        ``torch.compile(fullgraph=True)`` traces it and nothing can go stale). Sparse backends
+        cache it in eager mode, keyed on the stored tensors' storage and version; module moves
+        (``_apply``) and state-dict loads drop the cache.
+        """
+        where = (self.values.device, self.values.dtype)
+        if self._backend is None or self._backend_for != where:
+            backend, _ = backends.resolve(self.backend_request, self._spec())
+            self._forget()
+            self._backend = backend if backend is not None else backends.REFERENCE
+            self._backend_for = where
+        backend = self._backend
+        if backend.prepares_in_forward:
+            return backend, self._prepare(backend)
+        if torch.compiler.is_compiling():  # a compiled graph holds the operand it was traced with
+            return backend, self._cached[1] if self._cached is not None else self._prepare(backend)
+        key = self._stored_key()
+        if key is None:
+            return backend, self._prepare(backend)
+        if self._cached is None or self._cached[0] != key:
+            self._cached = (key, self._prepare(backend))
+        return backend, self._cached[1]
+
+    def _apply(self, fn, recurse: bool = True):
+        out = super()._apply(fn, recurse)
+        self._forget()
+        return out
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._forget()
 
     @property
     def active_backend(self) -> str:
         """The backend that runs this layer at its current device and dtype."""
-        return self._prepared()[0].name
+        return self._operand()[0].name
 
     def extra_repr(self) -> str:
         return f"pattern={self.pattern}, backend={self.backend_request!r}"
@@ -161,6 +209,8 @@ class SparseLinear(_SparseLayer):
         activation: str = "none",
     ) -> None:
         super().__init__()
+        check_number(in_features, "in_features", low=1, integer=True)
+        check_number(out_features, "out_features", low=1, integer=True)
         pattern = Pattern.parse(pattern)
         check_groupable((out_features, in_features), pattern)
         self.in_features = in_features
@@ -208,7 +258,7 @@ class SparseLinear(_SparseLayer):
         )
         layer._store(w, mask, linear.bias)
         layer.train(linear.training)
-        layer._prepared()  # fails now, not at the first forward, if the backend rejects the layer
+        layer._operand()  # fails now, not at the first forward, if the backend rejects the layer
         return layer
 
     def _spec(self) -> LinearSpec:
@@ -217,7 +267,7 @@ class SparseLinear(_SparseLayer):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        backend, operand = self._prepared()
+        backend, operand = self._operand()
         y = backend.linear(x.reshape(-1, self.in_features), operand, self.bias, self.activation)
         return y.reshape(*x.shape[:-1], self.out_features)
 
@@ -254,6 +304,9 @@ class SparseConv2d(_SparseLayer):
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
+        check_number(in_channels, "in_channels", low=1, integer=True)
+        check_number(out_channels, "out_channels", low=1, integer=True)
+        check_conv_order(conv_order)
         pattern = Pattern.parse(pattern)
         shape = (out_channels, in_channels, *kernel_size)
         check_groupable(shape, pattern, conv_order)
@@ -304,7 +357,7 @@ class SparseConv2d(_SparseLayer):
         )
         layer._store(w, mask, conv.bias)
         layer.train(conv.training)
-        layer._prepared()
+        layer._operand()
         return layer
 
     def _spec(self) -> ConvSpec:
@@ -322,7 +375,7 @@ class SparseConv2d(_SparseLayer):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        backend, operand = self._prepared()
+        backend, operand = self._operand()
         return backend.conv2d(x, operand, self.bias, self._spec())
 
     def to_dense(self) -> nn.Conv2d:
@@ -361,7 +414,22 @@ class SwapReport:
         return "\n".join(lines)
 
 
-def _matches(name: str, patterns: Iterable[str] | None) -> bool:
+def _name_patterns(value: str | Iterable[str] | None, arg: str) -> tuple[str, ...] | None:
+    """``include``/``exclude`` as a tuple of glob patterns: a single str is one pattern."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return (value,)
+    if not isinstance(value, Iterable):
+        raise TypeError(f"{arg} must be a str or an iterable of str, got {type(value).__name__}")
+    value = tuple(value)
+    bad = [v for v in value if not isinstance(v, str)]
+    if bad:
+        raise TypeError(f"{arg} must hold str glob patterns, got {bad[:3]!r}")
+    return value
+
+
+def _matches(name: str, patterns: tuple[str, ...] | None) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns or ())
 
 
@@ -388,7 +456,7 @@ def swap_modules(
         pattern: the k:n pattern a mask dict follows (default ``"2:4"``; a plan has its own).
         backend: ``"auto"`` or a backend name (see :func:`knsparse.backends.available`).
         include, exclude: glob patterns over module names (``"blocks.*.mlp.*"``) to restrict
-            which masked layers are swapped.
+            which masked layers are swapped; a single str is one pattern.
         conv_order: grouping of conv weights of a mask dict, ``"rsc"`` (TensorRT, default) or ``"crs"``.
 
     Returns:
@@ -401,12 +469,21 @@ def swap_modules(
             of the wrong shape or type, a NaN/Inf weight, or an explicitly requested backend
             that cannot run a layer. Nothing in the model is changed when this happens.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     plan = as_plan(masks, pattern, conv_order)
     masks, pattern, conv_order = plan.masks, plan.pattern, plan.conv_order
-    modules = dict(model.named_modules())
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str ('auto' or a backend name), got {type(backend).__name__}")
+    if backend != "auto":
+        backends.get(backend)  # an unknown name raises, naming the known ones
+    include = _name_patterns(include, "include")
+    exclude = _name_patterns(exclude, "exclude")
+    modules = dict(model.named_modules(remove_duplicate=False))
     unknown = [n for n in masks if n not in modules]
     if unknown:
         raise ValueError(f"masks name layers the model does not have: {unknown[:5]}")
+    placement = placement_reasons(model)
     report = SwapReport()
     replacements: dict[str, nn.Module] = {}
     for name, module in modules.items():
@@ -421,7 +498,7 @@ def swap_modules(
         if _matches(name, exclude):
             report.skipped[name] = "matched by exclude"
             continue
-        reason = swap_ineligibility(name, module, mask, pattern, conv_order)
+        reason = placement.get(name) or swap_ineligibility(name, module, mask, pattern, conv_order)
         if reason is None and backend == "auto" and module.weight.device.type == "cuda":
             chosen, why = backends.resolve("auto", _spec_of(module, pattern))
             reason = None if chosen is not None else f"no sparse backend runs it: {why}"

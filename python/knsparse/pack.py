@@ -16,9 +16,9 @@ from dataclasses import dataclass
 
 import torch
 
+from .checks import check_tensor
 from .compress import kept_slots
 from .masks import check_finite
-from .pattern import Pattern
 
 # dtype -> (meta dtype, meta bits, min rows, min cols): CUTLASS sparse GEMM constraints.
 _LAYOUT: dict[torch.dtype, tuple[torch.dtype, int, int, int]] = {
@@ -63,7 +63,7 @@ def min_shape(dtype: torch.dtype) -> tuple[int, int]:
 def _check_dtype(dtype: torch.dtype) -> None:
     if dtype not in _LAYOUT:
         raise ValueError(
-            f"2:4 packing supports float16, bfloat16 and int8, got {dtype}; cast the weight first"
+            f"w: 2:4 packing supports float16, bfloat16 and int8, got {dtype}; cast the weight first"
         )
 
 
@@ -97,8 +97,9 @@ def check_24(w: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     wrong shape or with nonzeros of ``w`` outside it, and groups breaking 2:4 (with the count
     and the first offender).
     """
-    if w.dim() != 2:
-        raise ValueError(f"2:4 packing expects a 2-D weight [m, k], got shape {tuple(w.shape)}")
+    check_tensor(w, "w", floating=False, dims=(2,))
+    if mask is not None:
+        check_tensor(mask, "mask", floating=False)
     _check_dtype(w.dtype)
     check_finite(w, "pack_24")
     m, k = w.shape
@@ -131,6 +132,8 @@ def pack_24(w: torch.Tensor, mask: torch.Tensor | None = None, pad: bool = False
         ValueError: non-2-D input, unsupported dtype, NaN/Inf, a group breaking 2:4 (with the
             count and the first offender), or a shape off the CUTLASS multiples without ``pad``.
     """
+    if not isinstance(pad, bool):
+        raise TypeError(f"pad must be a bool, got {type(pad).__name__}")
     present = check_24(w, mask)
     m, k = w.shape
     meta_dtype, meta_bits, row_mult, col_mult = _LAYOUT[w.dtype]
@@ -159,7 +162,13 @@ def pack_24(w: torch.Tensor, mask: torch.Tensor | None = None, pad: bool = False
 
 
 def unpack_24(p: Packed24) -> torch.Tensor:
-    """The dense ``[m, k]`` matrix of a :class:`Packed24` (exact inverse of :func:`pack_24`)."""
+    """The dense ``[m, k]`` matrix of a :class:`Packed24` (exact inverse of :func:`pack_24`).
+
+    Raises ``ValueError`` naming ``p`` for values/meta of inconsistent dtypes or shapes, and for
+    metadata whose group names the same slot twice or out of order (a corrupted meta word, which
+    would otherwise silently drop one of the group's two values).
+    """
+    _check_packed(p)
     rows, cols = p.padded_shape
     meta_bits = p.meta.element_size() * 8
     flat = p.meta.reshape(-1)[cutlass_meta_offsets(rows, p.meta.shape[1], meta_bits, p.meta.device)]
@@ -167,6 +176,13 @@ def unpack_24(p: Packed24) -> torch.Tensor:
     shifts = torch.arange(0, meta_bits, 4, device=words.device)
     nibbles = ((words.reshape(rows, -1, 1) >> shifts) & 0xF).reshape(rows, cols // 4)
     lo, hi = nibbles & 3, nibbles >> 2
+    if (lo >= hi).any():
+        row, group = (lo >= hi).nonzero()[0].tolist()
+        raise ValueError(
+            f"p.meta is corrupted: {int((lo >= hi).sum())} groups name slots that are not two distinct "
+            f"ascending positions (first: row {row}, columns {4 * group}..{4 * group + 3}, "
+            f"slots {int(lo[row, group])}, {int(hi[row, group])})"
+        )
     dense = torch.zeros(rows, cols // 4, 4, dtype=p.values.dtype, device=p.values.device)
     vals = p.values.reshape(rows, cols // 4, 2)
     dense.scatter_(-1, lo.unsqueeze(-1), vals[..., :1])
@@ -175,28 +191,22 @@ def unpack_24(p: Packed24) -> torch.Tensor:
     return dense.reshape(rows, cols)[:m, :k]
 
 
-def to_semi_structured(w: torch.Tensor, backend: str = "auto") -> torch.Tensor:
-    """PyTorch's ``SparseSemiStructuredTensor`` of a 2:4 CUDA weight ``[m, k]`` (fp16/bf16).
-
-    ``backend``: ``"cusparselt"``, ``"cutlass"`` (compute capability 8.x only) or ``"auto"``
-    (cuSPARSELt where available, else CUTLASS). The weight is validated as for
-    :func:`pack_24` first, so a broken or non-2:4 weight is refused, never silently re-pruned.
-    """
-    from . import backends as _backends
-
-    check_24(w)
-    names = {"cusparselt": ("torch-cusparselt",), "cutlass": ("torch-cutlass",)}
-    candidates = names.get(backend, ("torch-cusparselt", "torch-cutlass") if backend == "auto" else None)
-    if candidates is None:
-        raise ValueError(f"backend must be 'cusparselt', 'cutlass' or 'auto', got {backend!r}")
-    reasons = []
-    for name in candidates:
-        impl = _backends.get(name)
-        spec = _backends.LinearSpec(w.shape[0], w.shape[1], w.dtype, Pattern(2, 4), w.device)
-        reason = impl.unavailable_reason() or impl.linear_unsupported_reason(spec)
-        if reason is None:
-            return impl.prepare_linear(w)
-        reasons.append(f"{name}: {reason}")
-    raise _backends.BackendUnavailableError(
-        "no semi-structured backend can take this weight: " + "; ".join(reasons)
-    )
+def _check_packed(p: object) -> None:
+    """``TypeError``/``ValueError`` naming ``p`` unless its parts fit together."""
+    if not isinstance(p, Packed24):
+        raise TypeError(f"p must be a Packed24 (from pack_24), got {type(p).__name__}")
+    check_tensor(p.values, "p.values", floating=False, dims=(2,))
+    check_tensor(p.meta, "p.meta", floating=False, dims=(2,))
+    _check_dtype(p.values.dtype)
+    meta_dtype, meta_bits = _LAYOUT[p.values.dtype][:2]
+    rows, cols = p.padded_shape
+    if p.meta.dtype != meta_dtype or p.meta.shape != (rows, cols // meta_bits):
+        raise ValueError(
+            f"p.meta must be {meta_dtype} of shape {(rows, cols // meta_bits)} for {p.values.dtype} "
+            f"values of shape {tuple(p.values.shape)}, got {p.meta.dtype} {tuple(p.meta.shape)}"
+        )
+    if cols % meta_bits or rows % (32 if meta_bits == 16 else 16):
+        raise ValueError(f"p.values shape {tuple(p.values.shape)} is off the CUTLASS multiples")
+    m, k = p.shape
+    if not (0 < m <= rows and 0 < k <= cols):
+        raise ValueError(f"p.shape {p.shape} does not fit the padded shape {(rows, cols)}")

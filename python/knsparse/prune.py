@@ -230,7 +230,8 @@ def prune(
         sparsity: target fraction of pruned weights for unstructured masks (parameter-weighted
             over the pruned layers); with ``cast``/``cast-conv`` and a k:n pattern, the sparsity
             of the unstructured pre-mask that free restoration starts from.
-        calib: re-iterable of input batches (tensors or tuples starting with the input);
+        calib: re-iterable of batches: tensors, ``(inputs, target)`` tuples, mappings called as
+            ``model(**batch)`` (Hugging Face), or a ``DataLoader`` of those (:mod:`.batches`);
             required by ``wanda``/``sparsegpt``/``cast``/``cast-conv``, used by ``ser``/``hybrid``
             for data-path scores, and by every method for the certificate in the report.
         permute: before scoring, permute channels (function-preserving, see

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .batches import input_batches, model_device
+from .batches import Batch, model_batches, model_device
 from .layers import is_prunable
 from .modes import evaluation
 
@@ -61,7 +61,7 @@ def _channels_first(y: torch.Tensor, module: nn.Module) -> torch.Tensor:
 
 @torch.no_grad()
 def _channel_variances(
-    model: nn.Module, names: list[str], batches: list[torch.Tensor], stop_after: str | None = None
+    model: nn.Module, names: list[str], batches: list[Batch], stop_after: str | None = None
 ) -> dict[str, torch.Tensor]:
     """Per-output-channel variance (float64 ``[out]``) of the listed layers over all batches,
     and the zero-variance threshold scale (mean square) under key ``name + "/ms"``."""
@@ -83,9 +83,9 @@ def _channel_variances(
     handles = [modules[n].register_forward_hook(hook_for(n)) for n in names]
     try:
         with evaluation(model):
-            for x in batches:
+            for batch in batches:
                 with contextlib.suppress(_Stop):
-                    model(x)
+                    batch(model)
     finally:
         for h in handles:
             h.remove()
@@ -97,7 +97,7 @@ def _channel_variances(
     return out
 
 
-def _execution_order(model: nn.Module, names: list[str], x: torch.Tensor) -> list[str]:
+def _execution_order(model: nn.Module, names: list[str], batch: Batch) -> list[str]:
     order: list[str] = []
     modules = dict(model.named_modules())
     handles = [
@@ -106,7 +106,7 @@ def _execution_order(model: nn.Module, names: list[str], x: torch.Tensor) -> lis
     ]
     try:
         with torch.no_grad(), evaluation(model):
-            model(x)
+            batch(model)
     finally:
         for h in handles:
             h.remove()
@@ -165,7 +165,7 @@ def _repair(
     method: str,
     progress: bool,
 ) -> RepairReport:
-    batches = list(input_batches(calib, model_device(model)))
+    batches = list(model_batches(calib, model_device(model)))
     names = pruned_layers(model, dense_model)
     report = RepairReport(method, batches=len(batches))
     if not names:
@@ -236,7 +236,7 @@ def recalibrate_bn(model: nn.Module, calib: object, *, progress: bool = False) -
     """Reset every BatchNorm's running statistics and re-estimate them as a cumulative
     average over the calibration batches (other modules stay in eval mode, no gradients).
     Returns the number of batches; ``ValueError`` if there is none."""
-    batches = list(input_batches(calib, model_device(model)))  # an empty set raises before any change
+    batches = list(model_batches(calib, model_device(model)))  # an empty set raises before any change
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     saved = [(m.momentum, {k: v.clone() for k, v in m.state_dict().items()}) for m in bns]
     with evaluation(model):
@@ -245,8 +245,8 @@ def recalibrate_bn(model: nn.Module, calib: object, *, progress: bool = False) -
                 m.reset_running_stats()
                 m.momentum = None  # cumulative moving average
                 m.train()
-            for x in tqdm(batches, desc="recalibrate BN", disable=not progress):
-                model(x)
+            for batch in tqdm(batches, desc="recalibrate BN", disable=not progress):
+                batch(model)
         except BaseException:
             for m, (_, state) in zip(bns, saved, strict=True):
                 m.load_state_dict(state)  # a failed batch leaves the statistics as they were

@@ -51,6 +51,7 @@ from scipy.linalg import blas
 from torch import nn
 from tqdm.auto import tqdm
 
+from .checks import check_number, check_tensor
 from .layers import prunable_layers
 from .masks import check_finite
 
@@ -59,6 +60,7 @@ TW1_Q99 = 2.0234
 
 _BISECTION_STEPS = 45  # halvings of [0, π]: angular error π·2⁻⁴⁵ ≈ 1e-13
 _MAX_FIT_ROUNDS = 20
+_FLOAT32_EPS = float(torch.finfo(torch.float32).eps)
 _DEFAULT_BATCH_ELEMENTS = 1 << 26  # 64 Mi weights (256 MiB in fp32) per batch
 
 
@@ -195,6 +197,7 @@ def fit_eigenvalues(
     *,
     tw_quantile: float = TW1_Q99,
     band: tuple[float, float] = (0.05, 0.95),
+    eps: float = _FLOAT32_EPS,
 ) -> list[MPFit]:
     """Fit MP laws to a batch of spectra of matrices of one ``shape``.
 
@@ -204,11 +207,22 @@ def fit_eigenvalues(
         shape: ``(rows, cols)`` of the matrices.
         tw_quantile: multiplier of the Tracy–Widom scale added to ``λ+`` to call a spike.
         band: the central quantile range of the bulk used in the least-squares fit.
+        eps: machine epsilon of the matrices' dtype. Eigenvalues below the numerical-rank
+            tolerance ``λmax · (N · eps)²`` (singular values below ``σmax · N · eps``, as
+            ``numpy.linalg.matrix_rank`` judges), or below the fp64 eigensolver's own error
+            ``λmax · N · eps64``, are rounding noise and count as exact zeros, so a rank-``r``
+            matrix without noise has an all-zero bulk and ``r`` spikes.
 
     Returns:
         One :class:`MPFit` per matrix.
     """
+    check_number(tw_quantile, "tw_quantile", low=0)
+    check_number(eps, "eps", low=0, high=1, low_open=True, high_open=True)
+    if not (isinstance(band, tuple) and len(band) == 2):
+        raise TypeError(f"band must be a (lo, hi) tuple, got {band!r}")
     rows, cols = int(shape[0]), int(shape[1])
+    if rows < 1 or cols < 1:
+        raise ValueError(f"shape must be positive (rows, cols), got {shape}")
     n, m = max(rows, cols), min(rows, cols)
     lam = torch.as_tensor(eigenvalues).detach().to("cpu", torch.float64)
     if lam.dim() == 1:
@@ -222,6 +236,8 @@ def fit_eigenvalues(
     if not 0.0 <= band[0] < band[1] <= 1.0:
         raise ValueError(f"band must satisfy 0 <= lo < hi <= 1, got {band}")
     lam = lam.clamp_min(0).sort(dim=1).values
+    rank_tol = max((n * eps) ** 2, n * torch.finfo(torch.float64).eps)
+    lam = torch.where(lam <= lam[:, -1:] * rank_tol, 0.0, lam)  # below numerical rank: zero
     q = m / n
     sq = math.sqrt(q)
     up_std, low_std = _tw_scales(n, m)
@@ -332,12 +348,20 @@ def mp_fit(w: torch.Tensor, **options: object) -> MPFit:
 
     Options are those of :func:`fit_eigenvalues` (``tw_quantile``, ``band``).
     """
-    mat = _as_matrix(w)
+    mat = _as_matrix(check_tensor(w, "w", dims=(2, 4)))
+    options.setdefault("eps", _eps_of(mat.dtype))
     return fit_eigenvalues(batch_eigenvalues(mat.unsqueeze(0)), tuple(mat.shape), **options)[0]
+
+
+def _eps_of(dtype: torch.dtype) -> float:
+    """The rounding scale of weights stored in ``dtype`` (never finer than float64's)."""
+    return max(torch.finfo(dtype).eps, torch.finfo(torch.float64).eps)
 
 
 def mp_fit_batch(ws: torch.Tensor, **options: object) -> list[MPFit]:
     """MP fits of ``B`` matrices of one shape ``[B, rows, cols]`` (one batched fit)."""
+    check_tensor(ws, "ws", dims=(3,))
+    options.setdefault("eps", _eps_of(ws.dtype))
     return fit_eigenvalues(batch_eigenvalues(ws), (ws.shape[1], ws.shape[2]), **options)
 
 
@@ -357,7 +381,7 @@ def fit_weights(
     groups: dict[tuple[int, int, torch.device, torch.dtype], list[str]] = defaultdict(list)
     mats = {}
     for name, w in weights.items():
-        m = mats[name] = _as_matrix(w, name)
+        m = mats[name] = _as_matrix(check_tensor(w, f"weights[{name!r}]", dims=(2, 4)), name)
         groups[(m.shape[0], m.shape[1], m.device, m.dtype)].append(name)
     chunks = []
     for (rows, cols, _, _), names in groups.items():
@@ -366,7 +390,8 @@ def fit_weights(
     out: dict[str, LayerSpectrum] = {}
     for names in tqdm(chunks, desc="MP fit", unit="batch", disable=not progress):
         eigs = batch_eigenvalues([mats[nm] for nm in names])
-        fits = fit_eigenvalues(eigs, tuple(mats[names[0]].shape), **options)
+        eps = options.get("eps", _eps_of(mats[names[0]].dtype))
+        fits = fit_eigenvalues(eigs, tuple(mats[names[0]].shape), **{**options, "eps": eps})
         for i, nm in enumerate(names):
             out[nm] = LayerSpectrum(nm, tuple(weights[nm].shape), fits[i], eigs[i])
     return {nm: out[nm] for nm in weights}

@@ -20,7 +20,7 @@ int main(int argc, char** argv) {
   int64_t v[13];
   for (int i = 0; i < 13; ++i) v[i] = std::atoll(argv[i + 1]);
   const bool nhwc = std::strcmp(argv[14], "nhwc") == 0;
-  knsparse::Im2colArgs a;
+  knsparse::Im2colArgs a{};
   a.n = v[0], a.c = v[1], a.h = v[2], a.w = v[3];
   a.kernel_h = v[4], a.kernel_w = v[5];
   a.conv_stride_h = v[6], a.conv_stride_w = v[7];

@@ -5,13 +5,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from functools import partial
 from pathlib import Path
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..methods import METHODS
-from .registry import UserError, load_model
+from .images import ImageFolder, top1
+from .registry import DIGITS_MODELS, UserError, load_model
 
 
 def _creatable(folder: Path, flag: str) -> None:
@@ -53,15 +56,35 @@ def prune(args: argparse.Namespace) -> int:
     from .pipeline import prune_and_swap
 
     out = writable_file(args.out)
-    loaded = load_model(args.model, args.weights, args.seed)
-    digits = loaded.input_shape == (1, 8, 8)
+    images = ImageFolder.scan(args.data) if args.data else None
+    val = ImageFolder.scan(args.val, labelled=True) if args.val else None
+    digits = args.model in DIGITS_MODELS
     calibrates = METHODS[args.method].calib != "unused"
-    if (args.repair_epochs or args.repair or calibrates) and not digits:
+    if digits and (images or val):
         raise UserError(
-            f"--repair-epochs, --repair and --method {args.method} calibrate on the bundled digits: "
-            "use them with a *_digits model"
+            f"--data / --val are for models that take images; {args.model} uses the bundled digits"
         )
+    if not digits and images is None and (args.repair or calibrates):
+        raise UserError(f"--method {args.method} and --repair calibrate on images: give --data DIR")
+    if not digits and args.repair_epochs:
+        raise UserError(
+            "--repair-epochs fine-tunes on the bundled digits; fine-tune your own model on your "
+            "images with 'knsparse finetune'"
+        )
+    loaded = load_model(args.model, args.weights, args.seed)
     data = load_digits_split(args.seed) if digits else None
+    calib = None
+    if images is not None:
+        chosen = images.sample(args.calib_images, seed=args.seed)
+        calib = list(
+            tqdm(
+                chosen.batches(loaded.preprocess, args.calib_batch),
+                desc="read images",
+                disable=args.quiet,
+                total=-(-len(chosen) // args.calib_batch),
+            )
+        )
+    evaluator = None if val is None else partial(top1, folder=val, preprocess=loaded.preprocess)
     outcome = prune_and_swap(
         loaded.model,
         args.pattern,
@@ -74,6 +97,8 @@ def prune(args: argparse.Namespace) -> int:
         exclude=args.exclude,
         seed=args.seed,
         progress=not args.quiet,
+        calib=calib,
+        evaluator=evaluator,
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     fused = fuse_activations(loaded.model) if args.fuse_activations else {}
@@ -81,9 +106,10 @@ def prune(args: argparse.Namespace) -> int:
     print(f"{loaded.description}: {outcome.describe()}")
     if args.fuse_activations:
         print(f"fused the activation into {len(fused)} MLP fc1 layer(s): {', '.join(fused) or '-'}")
-    if data is not None:
+    if outcome.accuracy_dense is not None:
+        where = "test" if data is not None else f"top-1 on {val.root} ({len(val)} images)"
         print(
-            f"test accuracy: dense {outcome.accuracy_dense:.2%}, pruned {outcome.accuracy_pruned:.2%}"
+            f"{where} accuracy: dense {outcome.accuracy_dense:.2%}, pruned {outcome.accuracy_pruned:.2%}"
             + (f", repaired {outcome.accuracy_repaired:.2%}" if args.repair_epochs else "")
             + f", swapped {outcome.accuracy_swapped:.2%}"
         )
@@ -164,6 +190,7 @@ def export(args: argparse.Namespace) -> int:
         dynamic_batch=not args.static_batch,
         check=not args.no_check,
         exporter=args.exporter,
+        dtype=args.dtype,
     )
     print(f"wrote {result.path} ({result.exporter} exporter, opset {result.opset})")
     for provider, diff in result.max_abs_diff.items():
@@ -183,16 +210,19 @@ def export(args: argparse.Namespace) -> int:
 
 def audit(args: argparse.Namespace) -> int:
     from ..audit import audit
+    from ..masks import is_nm
     from ..methods.magnitude import magnitude_masks
     from ..modules import sparse_layers
 
     writable_folder(args.out)
     loaded = load_model(args.model, args.weights, args.seed)
     masks = None
-    has_zeros = any(
-        bool((m.weight == 0).any()) for m in loaded.model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))
+    pruned = any(
+        bool((m.weight == 0).any()) and is_nm(m.weight, args.pattern)
+        for m in loaded.model.modules()
+        if isinstance(m, (nn.Linear, nn.Conv2d))
     )
-    if not sparse_layers(loaded.model) and not has_zeros:
+    if not sparse_layers(loaded.model) and not pruned:
         masks, _ = magnitude_masks(loaded.model, args.pattern)
         print(f"{args.model} has no sparse layers: auditing {args.pattern} magnitude masks of its weights")
     result = audit(

@@ -8,8 +8,9 @@ bundled digits follows (pruned weights stay zero after every optimiser step), th
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
@@ -64,6 +65,8 @@ def prune_and_swap(
     backend: str = "auto",
     seed: int = 0,
     progress: bool = True,
+    calib: object = None,
+    evaluator: Callable[[nn.Module], float] | None = None,
 ) -> PruneOutcome:
     """Prune ``model`` in place and swap its prunable layers to sparse modules.
 
@@ -76,28 +79,34 @@ def prune_and_swap(
         method, permute, repair: as in :func:`knsparse.prune.prune` (``"cast"`` and
             ``repair`` need ``data`` for calibration).
         include, exclude: glob patterns over layer names, as in :func:`knsparse.swap_modules`.
+        calib, evaluator: without ``data``, the calibration batches (a user's images) and a
+            function giving the model's accuracy (top-1 on a user's validation folder).
     """
     pattern = Pattern.parse(pattern)
     if repair_epochs and data is None:
         raise ValueError("repair by fine-tuning needs the training data")
-    accuracy_dense = evaluate(model, data.x_test, data.y_test) if data is not None else None
-    calib = calibration_batches(data, seed=seed) if data is not None else None
+    if data is not None:
+        calib = calibration_batches(data, seed=seed)
+        evaluator = partial(_test_accuracy, data=data)
+    accuracy_dense = evaluator(model) if evaluator is not None else None
     result = prune(
         model, method, pattern, calib=calib, permute=permute, repair=repair, inplace=True, progress=progress
     )
     masks = result.masks
     outcome = PruneOutcome(method, str(pattern), masks, SwapReport(), result.skipped, repair_epochs, result)
     outcome.accuracy_dense = accuracy_dense
-    if data is not None:
-        outcome.accuracy_pruned = evaluate(model, data.x_test, data.y_test)
+    if evaluator is not None:
+        outcome.accuracy_pruned = evaluator(model)
     if repair_epochs:
         train(
             model, data, repair_epochs, lr=repair_lr, masks=masks, seed=seed, progress=progress, desc="repair"
         )
-        outcome.accuracy_repaired = evaluate(model, data.x_test, data.y_test)
-    outcome.swap = swap_modules(
-        model, masks, pattern=pattern, backend=backend, include=include, exclude=exclude
-    )
-    if data is not None:
-        outcome.accuracy_swapped = evaluate(model, data.x_test, data.y_test)
+        outcome.accuracy_repaired = evaluator(model)
+    outcome.swap = swap_modules(model, result.plan, backend=backend, include=include, exclude=exclude)
+    if evaluator is not None:
+        outcome.accuracy_swapped = evaluator(model)
     return outcome
+
+
+def _test_accuracy(model: nn.Module, data: DigitsSplit) -> float:
+    return evaluate(model, data.x_test, data.y_test)

@@ -6,24 +6,11 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
+from ..ops.gemm import ACTIVATIONS, activate
 from ..pattern import Pattern
 
-ACTIVATIONS = ("none", "relu", "gelu")
-"""Activations a Linear backend applies to its output (``"gelu"`` is the erf GELU of
-``nn.GELU()``); a backend that can fuses them into its GEMM epilogue."""
-
-
-def activate(y: torch.Tensor, activation: str) -> torch.Tensor:
-    """``y`` through one of :data:`ACTIVATIONS` (the unfused path and the references)."""
-    if activation == "relu":
-        return F.relu(y)
-    if activation == "gelu":
-        return F.gelu(y)
-    if activation != "none":
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-    return y
+__all__ = ["ACTIVATIONS", "Backend", "BackendUnavailableError", "ConvSpec", "LinearSpec", "activate"]
 
 
 class BackendUnavailableError(ValueError):
@@ -65,6 +52,9 @@ class Backend(ABC):
     """
 
     name: str = ""
+    prepares_in_forward: bool = False
+    """True when ``prepare_*`` is plain tensor math cheap enough to run inside every forward
+    (and traceable by ``torch.compile``): the module then caches no operand at all."""
 
     @abstractmethod
     def unavailable_reason(self) -> str | None:

@@ -10,6 +10,7 @@ from .base import Backend, ConvSpec, LinearSpec, activate
 
 class ReferenceBackend(Backend):
     name = "reference"
+    prepares_in_forward = True
 
     def unavailable_reason(self) -> str | None:
         return None

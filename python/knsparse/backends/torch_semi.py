@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..pack import check_24
+from ..pattern import Pattern
 from .base import Backend, BackendUnavailableError, ConvSpec, LinearSpec, activate
 
 
@@ -78,3 +80,25 @@ class TorchSemiStructuredBackend(Backend):
 
 CUSPARSELT = TorchSemiStructuredBackend("torch-cusparselt", 16, 16)
 CUTLASS = TorchSemiStructuredBackend("torch-cutlass", 32, 64)
+
+
+def to_semi_structured(w: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """PyTorch's ``SparseSemiStructuredTensor`` of a 2:4 CUDA weight ``[m, k]`` (fp16/bf16).
+
+    ``backend``: ``"cusparselt"``, ``"cutlass"`` (compute capability 8.x only) or ``"auto"``
+    (cuSPARSELt where available, else CUTLASS). The weight is validated as for
+    :func:`knsparse.pack.pack_24` first, so a broken or non-2:4 weight is refused, never
+    silently re-pruned.
+    """
+    check_24(w)
+    impls = {"cusparselt": (CUSPARSELT,), "cutlass": (CUTLASS,), "auto": (CUSPARSELT, CUTLASS)}
+    if backend not in impls:
+        raise ValueError(f"backend must be 'cusparselt', 'cutlass' or 'auto', got {backend!r}")
+    reasons = []
+    for impl in impls[backend]:
+        spec = LinearSpec(w.shape[0], w.shape[1], w.dtype, Pattern(2, 4), w.device)
+        reason = impl.unavailable_reason() or impl.linear_unsupported_reason(spec)
+        if reason is None:
+            return impl.prepare_linear(w)
+        reasons.append(f"{impl.name}: {reason}")
+    raise BackendUnavailableError("no semi-structured backend can take this weight: " + "; ".join(reasons))

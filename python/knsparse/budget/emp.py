@@ -36,6 +36,7 @@ from collections.abc import Mapping
 
 import torch
 
+from knsparse.checks import check_number, check_tensor
 from knsparse.masks import global_unstructured_masks, unstructured_mask
 
 
@@ -56,10 +57,8 @@ def _effective(omega: torch.Tensor, beta: float, dim: int | None = None) -> torc
 
 
 def _check(scores: torch.Tensor, beta: float, name: str | None = None) -> None:
-    if not beta > 0:
-        raise ValueError(f"beta must be positive, got {beta}")
-    if scores.numel() == 0:
-        raise ValueError(f"{'layer ' + repr(name) if name else 'scores'}: no entries")
+    check_number(beta, "beta", low=0.0, low_open=True)
+    check_tensor(scores, f"layer {name!r}: scores" if name else "scores", floating=False)
     if bool(torch.isnan(scores).any()):
         raise ValueError(f"{'layer ' + repr(name) if name else 'scores'}: scores contain NaN")
 

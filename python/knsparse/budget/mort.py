@@ -29,6 +29,8 @@ from typing import Literal
 
 import torch
 
+from knsparse.checks import check_number, check_tensor
+
 Mode = Literal["global", "layerwise"]
 Robust = Literal["mad", "std"]
 _BISECTION_STEPS = 200
@@ -182,8 +184,14 @@ def mort(
         min_keep_col: best weights always kept in every input column.
         tol: allowed ``|realised - target|`` sparsity (1e-3 = 0.1 percentage point).
     """
-    if not 0.0 <= sparsity < 1.0:
-        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+    check_number(sparsity, "sparsity", low=0.0, high=1.0, high_open=True)
+    check_number(min_keep_row, "min_keep_row", low=0, integer=True)
+    check_number(min_keep_col, "min_keep_col", low=0, integer=True)
+    check_number(tol, "tol", low=0.0, low_open=True)
+    if not isinstance(scores, Mapping):
+        raise TypeError(f"scores must be a mapping {{layer name: tensor}}, got {type(scores).__name__}")
+    for name, s in scores.items():
+        check_tensor(s, f"scores[{name!r}]", floating=False)
     if mode not in ("global", "layerwise"):
         raise ValueError(f"mode must be 'global' or 'layerwise', got {mode!r}")
     if robust not in ("mad", "std"):

@@ -1,10 +1,12 @@
 """``permute(model, pattern)``: find channel groups, search their permutations, apply them.
 
 Every group's permutation is searched on the stacked input weights of its consumers (the
-layers that will be k:n masked) and applied to all its members, so the model computes the
-same function. A group is left alone, with the reason in the report, when it cannot be
-proven safe (see :mod:`.coupling_fx`), when its channels cannot be tiled by ``n``, or when
-the best shared permutation would make any one of its layers keep less than it does now.
+layers that will be k:n masked), each scaled by what it keeps now, and applied to all its
+members, so the model computes the same function. A group is left alone, with the reason in
+the report, when it cannot be proven safe (see :mod:`.coupling_fx`), when its channels cannot
+be tiled by ``n``, or when no permutation found raises the fraction its consumers keep on
+average (a residual stream read by many layers may trade a little in a few of them: the
+report names them).
 """
 
 from __future__ import annotations
@@ -17,21 +19,30 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..batches import input_batches, model_device
-from ..masks import ConvOrder
+from ..batches import Batch, model_batches, model_device, output_tensors
+from ..checks import check_number
+from ..layers import placement_reasons, shared_tensors
+from ..masks import ConvOrder, check_conv_order
 from ..modes import evaluation
 from ..pattern import Pattern
-from .coupling_family import family_groups
+from .coupling_blocks import blockwise_groups
 from .coupling_fx import fx_groups
 from .groups import ChannelGroup, GroupList, apply_permutation, group_channels
-from .objective import efficacy, kept_score, search_matrix
+from .objective import efficacy, kept_score, optimal_kept, search_matrix
 from .stripe_search import search
+
+_TINY = 1e-30
 
 
 @dataclass
 class GroupReport:
     """What happened to one channel group. Kept scores are sums of ``|w|`` over the group's
-    consumers after k:n masking; ``layers`` maps each consumer to ``(before, after)``."""
+    consumers after k:n masking; ``layers`` maps each consumer to ``(before, after)``.
+
+    A group is permuted when its consumers keep more on average, each consumer counted by the
+    fraction of its own kept score it gains (:attr:`relative_gain` > 0). A permutation shared by
+    many layers (a residual stream) may lower what a few of them keep: :attr:`losers`.
+    """
 
     name: str
     consumers: list[str]
@@ -45,6 +56,17 @@ class GroupReport:
     efficacy: float = 0.0
     layers: dict[str, tuple[float, float]] = field(default_factory=dict)
     seconds: float = 0.0
+
+    @property
+    def relative_gain(self) -> float:
+        """Mean over the consumers of ``after / before - 1`` (0 with no consumers scored)."""
+        ratios = [a / b - 1 for b, a in self.layers.values() if b > 0]
+        return sum(ratios) / len(ratios) if ratios else 0.0
+
+    @property
+    def losers(self) -> list[str]:
+        """Consumers that keep less after the permutation than before."""
+        return [name for name, (b, a) in self.layers.items() if a < b]
 
 
 @dataclass
@@ -65,7 +87,8 @@ class PermutationReport:
             "| --- | ---: | ---: | ---: | ---: | --- |",
         ]
         for g in self.groups:
-            status = "permuted" if g.permuted else f"skipped: {g.skip_reason}"
+            traded = f" ({len(g.losers)} of {len(g.layers)} layers keep less)" if g.losers else ""
+            status = f"permuted{traded}" if g.permuted else f"skipped: {g.skip_reason}"
             lines.append(
                 f"| {g.name} | {g.channels or ''} | {g.kept_before:.4g} | {g.kept_after:.4g} | "
                 f"{g.efficacy:.1%} | {status} |"
@@ -74,10 +97,11 @@ class PermutationReport:
 
 
 def find_groups(model: nn.Module) -> GroupList:
-    """Channel groups from torch.fx, or from the family registry's blocks when tracing fails."""
+    """Channel groups from torch.fx, or block by block (:mod:`.coupling_blocks`) when the whole
+    model cannot be traced."""
     found = fx_groups(model)
     if found.trace_error is not None:
-        found.groups = family_groups(model)
+        found.groups = blockwise_groups(model)
     return found
 
 
@@ -97,34 +121,50 @@ def _search_group(
         report.skip_reason = f"{block} {what}, not a multiple of n={pattern.n}"
         return None
     weights = {name: model.get_submodule(name).weight.detach() for name in group.consumers}
-    result = search(
-        list(weights.values()), pattern, segment=group.block, names=list(weights), **search_kwargs
-    )
-    perm = result.perm
-    report.kept_optimal = result.kept_optimal
-    for name, w in weights.items():
-        m = search_matrix(w, search_kwargs["conv_order"], name)
-        before, after = kept_score(m, pattern), kept_score(m, pattern, perm.to(m.device))
-        report.layers[name] = (before, after)
-        report.kept_before += before
-        report.kept_after += after
+    matrices = {name: search_matrix(w, search_kwargs["conv_order"], name) for name, w in weights.items()}
+    before = {name: kept_score(m, pattern) for name, m in matrices.items()}
+    # Each consumer counts by the fraction it keeps, so one large layer cannot buy its gain
+    # with a small layer's loss.
+    scaled = [w / max(before[name], _TINY) for name, w in weights.items()]
+    perm = search(scaled, pattern, segment=group.block, names=list(weights), **search_kwargs).perm
+    after = {name: kept_score(m, pattern, perm.to(m.device)) for name, m in matrices.items()}
+    report.layers = {name: (before[name], after[name]) for name in weights}
+    report.kept_before, report.kept_after = sum(before.values()), sum(after.values())
+    report.kept_optimal = sum(optimal_kept(m, pattern) for m in matrices.values())
     report.efficacy = efficacy(report.kept_before, report.kept_after, report.kept_optimal)
-    losers = [name for name, (b, a) in report.layers.items() if a < b]
-    if losers:
-        report.skip_reason = f"the best shared permutation keeps less in {', '.join(losers)}"
-    elif torch.equal(perm.cpu(), torch.arange(channels)):
-        report.skip_reason = "no permutation keeps more than the current order"
-    if report.skip_reason:
+    if report.relative_gain <= 0:
+        report.skip_reason = "no permutation found raises the fraction its layers keep"
         report.kept_after, report.efficacy = report.kept_before, 0.0
         return None
     return perm
 
 
-def _outputs(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+def placement_skip(
+    model: nn.Module, group: ChannelGroup, placement: dict[str, str], shared: dict[str, list[str]]
+) -> str | None:
+    """Why ``group`` must not move because of where its members sit (``placement`` and
+    ``shared`` from :mod:`knsparse.layers`): a layer its parent reads directly or registered
+    twice, or a tensor sharing storage with another name (a tied weight would follow the
+    permutation there too and change the function)."""
+    for member in group.members:
+        if member.name in placement:
+            return f"{member.name}: {placement[member.name]}"
+        if member.role == "parameter":
+            names = [member.name]
+        else:
+            module = model.get_submodule(member.name)
+            own = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
+            names = [f"{member.name}.{n}" for n, _ in own]
+        for name in names:
+            if name in shared:
+                return f"{name} shares its storage with {', '.join(shared[name])} (tied weights)"
+    return None
+
+
+def _outputs(model: nn.Module, batch: Batch) -> list[torch.Tensor]:
     with torch.no_grad():
-        out = model(x)
-    items = out if isinstance(out, (tuple, list)) else [out]
-    return [t.detach().clone() for t in items if isinstance(t, torch.Tensor)]
+        out = batch(model)
+    return [t.detach().clone() for t in output_tensors(out)]
 
 
 def permute(
@@ -136,6 +176,9 @@ def permute(
     conv_order: ConvOrder = "rsc",
     seed: int = 0,
     max_iters: int = 100,
+    block_stripes: int = 32,
+    windows: bool = True,
+    passes: int = 1,
     time_budget_s: float | None = None,
     progress: bool = False,
 ) -> PermutationReport:
@@ -148,32 +191,45 @@ def permute(
             (the model is restored and ``RuntimeError`` raised if they are not).
         inplace: permute ``model`` itself, else a deep copy (``report.model``).
         conv_order: conv grouping of the masks (see :mod:`knsparse.masks`).
-        seed, max_iters: passed to :func:`~.stripe_search.search` for every group.
+        seed, max_iters, block_stripes, windows, passes: passed to
+            :func:`~.stripe_search.search` for every group.
         time_budget_s: wall-clock seconds per group (``None``: no limit).
         progress: show a tqdm bar over the groups.
 
     Returns:
         A :class:`PermutationReport` with the (permuted) model and one row per group.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     pattern = Pattern.parse(pattern)
+    check_conv_order(conv_order)
+    check_number(seed, "seed", integer=True)
+    check_number(max_iters, "max_iters", low=0, integer=True)
+    if time_budget_s is not None:
+        check_number(time_budget_s, "time_budget_s", low=0.0)
     if not inplace:
         model = copy.deepcopy(model)
     backup = {k: v.detach().clone() for k, v in model.state_dict().items()}
     with evaluation(model):
         try:
-            probe = next(input_batches(calib, model_device(model))) if calib is not None else None
+            probe = next(model_batches(calib, model_device(model))) if calib is not None else None
             reference = _outputs(model, probe) if probe is not None else None
             found = find_groups(model)
             search_kwargs = {
                 "conv_order": conv_order,
                 "seed": seed,
                 "max_iters": max_iters,
+                "block_stripes": block_stripes,
+                "windows": windows,
+                "passes": passes,
                 "time_budget_s": time_budget_s,
             }
+            placement, shared = placement_reasons(model), shared_tensors(model)
             reports = []
             for group in tqdm(found.groups, desc="permute", disable=not progress):
                 start = time.perf_counter()
-                report = GroupReport(group.name, group.consumers, group.source, skip_reason=group.skip_reason)
+                reason = group.skip_reason or placement_skip(model, group, placement, shared)
+                report = GroupReport(group.name, group.consumers, group.source, skip_reason=reason)
                 if report.skip_reason is None:
                     perm = _search_group(model, group, report, pattern, search_kwargs)
                     if perm is not None:
@@ -189,7 +245,7 @@ def permute(
     return PermutationReport(model, str(pattern), reports, found.trace_error)
 
 
-def _check_unchanged(model: nn.Module, probe: torch.Tensor, reference: list[torch.Tensor]) -> None:
+def _check_unchanged(model: nn.Module, probe: Batch, reference: list[torch.Tensor]) -> None:
     for want, got in zip(reference, _outputs(model, probe), strict=True):
         err = (want - got).abs().max().item()
         scale = want.abs().max().item()

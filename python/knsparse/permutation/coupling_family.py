@@ -1,10 +1,11 @@
 """Channel groups from the family registry, for models torch.fx cannot trace.
 
 Without a graph only the couplings inside the blocks that :mod:`knsparse.families` recognises
-are used: MLPs (``fc1 -> act -> fc2``), attention (``qkv`` values -> ``proj`` within each head)
-and ResNet blocks (``conv1 -> bn1 -> act -> conv2`` and ``conv2 -> bn2 -> act -> conv3``).
-Residual streams need the graph and are not permuted here; a block whose optional extras
-(normalisation, anti-aliasing, drop block) are anything but identity is reported as skipped.
+are used: MLPs (``fc1 -> act -> fc2``), attention (``qkv`` or ``v_proj`` values -> ``proj`` or
+``o_proj`` within each head) and ResNet blocks (``conv1 -> bn1 -> act -> conv2`` and
+``conv2 -> bn2 -> act -> conv3``). Residual streams need the graph and are not permuted here;
+a block whose optional extras (normalisation, anti-aliasing, drop block) are anything but
+identity is reported as skipped.
 """
 
 from __future__ import annotations
@@ -57,14 +58,13 @@ def _conv_block_groups(name: str, m: nn.Module) -> list[ChannelGroup]:
     return groups
 
 
-def family_groups(model: nn.Module) -> list[ChannelGroup]:
-    """Groups of every registered attention, MLP and ResNet block in ``model``."""
-    groups: list[ChannelGroup] = []
-    for name, m in model.named_modules():
-        if families.attention_parts(m) is not None:
-            groups.append(attention_group(name, m, source="family"))
-        elif families.is_mlp(m) and (mlp := _mlp_group(name, m)) is not None:
-            groups.append(mlp)
-        elif families.is_conv_block(m):
-            groups.extend(_conv_block_groups(name, m))
-    return groups
+def block_groups(name: str, m: nn.Module) -> list[ChannelGroup] | None:
+    """The couplings inside ``m`` (named ``name``) if it is a registered attention, MLP or ResNet
+    block, else ``None``."""
+    if families.attention_parts(m) is not None or families.split_attention_parts(m) is not None:
+        return [attention_group(name, m, source="family")]
+    if families.is_mlp(m) and (mlp := _mlp_group(name, m)) is not None:
+        return [mlp]
+    if families.is_conv_block(m):
+        return _conv_block_groups(name, m)
+    return None

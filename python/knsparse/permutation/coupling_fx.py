@@ -4,7 +4,9 @@ The traced graph is interpreted abstractly: every tensor is either unrelated to 
 permutation, a model parameter, or a view of an *activation space* with a known channel
 dimension. Linear / Conv2d layers end one space (their input columns are consumers) and
 start another (their output rows are producers); per-channel modules, elementwise functions,
-pooling and shape bookkeeping that keeps the channel dimension intact pass the space on; an
+pooling and shape bookkeeping that keeps the channel dimension intact pass the space on
+(modules without state at every call: torchvision's ResNet calls one ``relu`` three times;
+``F.layer_norm`` over the channels adds its affine tensors to the space); an
 addition or multiplication of two spaces (a residual) merges them into one, so they share a
 permutation; a parameter added into a space joins it. Anything else that touches a space —
 an unknown module or function, a reshape that mixes channels, the model's inputs and
@@ -57,6 +59,15 @@ _ARITHMETIC_FUNCTIONS = {
 }
 _ARITHMETIC_METHODS = {"add", "add_", "sub", "mul", "mul_", "div"}
 _REDUCTIONS = {"mean", "sum", "amax"}
+# Modules without parameters or buffers whose effect on a channel space the walk knows.
+STATELESS_MODULES = (
+    *ELEMENTWISE_MODULES,
+    nn.Flatten,
+    nn.MaxPool2d,
+    nn.AvgPool2d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveMaxPool2d,
+)
 _SHAPE_ATTRIBUTES = {"shape", "dtype", "device", "ndim"}
 
 
@@ -207,6 +218,8 @@ class _Interpreter:
 
     def visit(self, node: fx.Node) -> object:
         if node.op == "placeholder":
+            if node.args and (node.args[0] is None or isinstance(node.args[0], bool)):
+                return node.args[0]  # an optional flag or mask left at its default (timm's attn_mask)
             return _Chan(self.spaces.new(reason="model input"), None, None)
         if node.op == "get_attr":
             t = _fetch_attr(self.model, str(node.target))
@@ -222,7 +235,8 @@ class _Interpreter:
         name = str(node.target)
         m = self.modules[name]
         x = self.arg(node, 0, "input")
-        if len(node.args) + len(node.kwargs) != 1:
+        extras = [self.value(v) for v in _flat_values((node.args[1:], node.kwargs))]
+        if not node.args or any(isinstance(v, (_Chan, _Param)) for v in extras):
             return self.unknown(node)
         chan = x if isinstance(x, _Chan) else None
         twice = f"{name} is called more than once" if name in self.shared else None
@@ -240,6 +254,8 @@ class _Interpreter:
                 self.spaces.freeze(chan.space, twice)
             out = self.spaces.new(Member(writer, "producer"), reason=twice)
             return _Chan(out, -3, 4) if conv else _Chan(out, -1, chan.ndim if chan else None)
+        if isinstance(m, STATELESS_MODULES):
+            return self._stateless(node, m, x)
         if twice:
             return self.unknown(node)
         if isinstance(m, nn.Conv2d):
@@ -253,14 +269,22 @@ class _Interpreter:
                 return self.unknown(node)
             self.spaces.add(chan.space, Member(name, "channelwise"))
             return chan
+        return self.unknown(node)
+
+    def _stateless(self, node: fx.Node, m: nn.Module, x: object) -> object:
+        """Modules without state act the same at every call, so a module called at several
+        places (torchvision's ResNet calls one ``relu`` three times) is judged per call."""
+        chan = x if isinstance(x, _Chan) else None
         if isinstance(m, ELEMENTWISE_MODULES):
             return x
-        if isinstance(m, (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)):
-            if chan is None or chan.dim != -3:
+        if isinstance(m, nn.Flatten):
+            if chan is None:
                 return self.unknown(node)
-            global_pool = getattr(m, "output_size", None) in (1, (1, 1))
-            return replace(chan, spatial_one=global_pool)
-        return self.unknown(node)
+            return self._flatten_dims(node, chan, m.start_dim, m.end_dim)
+        if chan is None or chan.dim != -3:
+            return self.unknown(node)
+        global_pool = getattr(m, "output_size", None) in (1, (1, 1))
+        return replace(chan, spatial_one=global_pool)
 
     def _consume(self, chan: _Chan | None, want: int, name: str, node: fx.Node) -> None:
         if chan is None:
@@ -284,6 +308,8 @@ class _Interpreter:
             )
         if target in _ARITHMETIC_FUNCTIONS or method in _ARITHMETIC_METHODS:
             return self._arithmetic(node)
+        if target is F.layer_norm:
+            return self._layer_norm(node, x)
         if target is torch.cat or target is torch.concat:
             return self._cat(node)
         if method == "expand" and isinstance(x, _Param):
@@ -336,6 +362,24 @@ class _Interpreter:
             return chans[0]
         return self.unknown(node)
 
+    def _layer_norm(self, node: fx.Node, x: object) -> object:
+        """``F.layer_norm`` over the channels alone (timm's ``LayerNorm`` subclasses trace to it):
+        its affine ``weight`` and ``bias`` join the space."""
+        shape = self.arg(node, 1, "normalized_shape")
+        affine = [self.arg(node, 2, "weight"), self.arg(node, 3, "bias")]
+        if not (
+            isinstance(x, _Chan)
+            and x.dim == -1
+            and isinstance(shape, (tuple, list))
+            and len(shape) == 1
+            and all(p is None or (isinstance(p, _Param) and not p.lead and len(p.shape) == 1) for p in affine)
+        ):
+            return self.unknown(node)
+        for p in affine:
+            if p is not None:
+                self.spaces.add(x.space, Member(p.name, "parameter"))
+        return x
+
     def _cat(self, node: fx.Node) -> object:
         tensors = [self.value(t) for t in (node.args[0] if node.args else node.kwargs.get("tensors", ()))]
         dim = self.arg(node, 1, "dim", 0)
@@ -361,10 +405,13 @@ class _Interpreter:
         return joined
 
     def _flatten(self, node: fx.Node, x: _Chan) -> object:
-        if x.ndim is None:
+        start, end = self.arg(node, 1, "start_dim", 0), self.arg(node, 2, "end_dim", -1)
+        return self._flatten_dims(node, x, start, end)
+
+    def _flatten_dims(self, node: fx.Node, x: _Chan, start: int, end: int) -> object:
+        if x.ndim is None or not isinstance(start, int) or not isinstance(end, int):
             return self.unknown(node)
-        start = self.arg(node, 1, "start_dim", 0) % x.ndim
-        end = self.arg(node, 2, "end_dim", -1) % x.ndim
+        start, end = start % x.ndim, end % x.ndim
         c = x.positive()
         if c < start:
             new_c = c

@@ -24,7 +24,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ..families import attention_parts
+from ..families import attention_parts, split_attention_parts
 
 # Modules that act on every channel alike, so they commute with a channel permutation.
 ELEMENTWISE_MODULES = (
@@ -87,17 +87,19 @@ class GroupList:
 
 
 def attention_group(name: str, module: nn.Module, source: str) -> ChannelGroup:
-    """Value rows of ``qkv`` and input columns of ``proj``, permuted within each head."""
-    parts = attention_parts(module)
-    if parts is None:
-        raise ValueError(f"module {name!r} is not a registered fused-qkv attention (knsparse.families)")
-    _, proj, head_dim = parts
+    """Value rows (of ``qkv``, or ``v_proj``) and input columns of the output projection,
+    permuted within each head."""
     prefix = f"{name}." if name else ""
-    members = [
-        Member(f"{prefix}proj", "consumer"),
-        Member(f"{prefix}qkv", "producer", offset=2 * proj.in_features),
-    ]
-    return ChannelGroup(members, block=head_dim, source=source)
+    if (parts := attention_parts(module)) is not None:
+        _, proj, head_dim = parts
+        value = Member(f"{prefix}qkv", "producer", offset=2 * proj.in_features)
+        out = f"{prefix}proj"
+    elif (split := split_attention_parts(module)) is not None:
+        value_name, out_name, head_dim = split
+        value, out = Member(f"{prefix}{value_name}", "producer"), f"{prefix}{out_name}"
+    else:
+        raise ValueError(f"module {name!r} is not a registered attention (knsparse.families)")
+    return ChannelGroup([Member(out, "consumer"), value], block=head_dim, source=source)
 
 
 def _channels_of(member: Member, obj: nn.Module | torch.Tensor) -> int | None:

@@ -151,7 +151,12 @@ class StripeSearch:
     """
 
     def __init__(
-        self, matrix: torch.Tensor, pattern: Pattern, gen: torch.Generator, max_candidates: int
+        self,
+        matrix: torch.Tensor,
+        pattern: Pattern,
+        gen: torch.Generator,
+        max_candidates: int,
+        windows: bool = True,
     ) -> None:
         self.m = matrix
         self.mt = matrix.T.contiguous()
@@ -170,7 +175,7 @@ class StripeSearch:
         self.delta_dirty = torch.ones(self.g, dtype=torch.bool, device=device)
         # Window candidates that are single swaps only would repeat the swap rounds.
         cand = window_candidates(self.n, max_candidates)
-        self.cand = cand.to(device) if cand.shape[0] > 1 + self.n * self.n else None
+        self.cand = cand.to(device) if windows and cand.shape[0] > 1 + self.n * self.n else None
         # Best window move per stripe pair; only entries marked fresh are up to date.
         self.pair_gain = torch.zeros(self.g, self.g, device=device)
         self.pair_choice = torch.zeros(self.g, self.g, dtype=torch.long, device=device)
@@ -386,6 +391,7 @@ def search(
     walk: int = 200,
     kick_swaps: int = 2,
     max_candidates: int = 1000,
+    windows: bool = True,
     device: torch.device | str | None = None,
     progress: bool = False,
 ) -> SearchResult:
@@ -411,6 +417,10 @@ def search(
         walk: tabu steps between two random kicks.
         kick_swaps: random column swaps per kick.
         max_candidates: window re-partitions scored per stripe pair.
+        windows: run the stripe-window rounds. They score every pair of stripes of a block
+            (``O(rows * stripes^2 * candidates)``); without them a search is swap rounds (and
+            tabu steps) only, which on wide blocks of tall matrices keeps about as much for a
+            fraction of the time (``bench/bench_permute.py --models``).
         device: where to search (default: the weight's device).
         progress: show a tqdm bar over the blocks.
 
@@ -463,7 +473,7 @@ def search(
                     searched = True
                     block = block.to(matrix.device)
                     block_cols = cols[block].reshape(-1)
-                    state = StripeSearch(matrix[:, block_cols], pattern, gen, max_candidates)
+                    state = StripeSearch(matrix[:, block_cols], pattern, gen, max_candidates, windows)
                     cols[block] = block_cols[state.run(deadline, max_iters, walk, kick_swaps, first)]
                     steps += state.tabu_steps
     result = SearchResult.of(matrix, pattern, cols.reshape(-1), steps, start)

@@ -7,6 +7,7 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import nn
 
+from ..checks import check_tensor
 from ..layers import prunable_layers
 from ..masks import check_finite
 
@@ -46,6 +47,7 @@ def prunable_weights(
     if not found:
         raise ValueError(f"no {kind} to score")
     for name, w in found.items():
+        check_tensor(w, f"layer {name!r}: weight", floating=False)
         if w.dim() not in (2, 4):
             raise ValueError(
                 f"layer {name!r}: expected a 2-D Linear or 4-D Conv2d weight, got shape {tuple(w.shape)}"

@@ -21,10 +21,17 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from tqdm.auto import tqdm
 
+from knsparse.checks import check_number
 from knsparse.kernels import nmf_cpu
 from knsparse.kernels.nmf import nmf_init, nmf_mu
 from knsparse.kernels.residual import residual_nm_mask, residual_scores
-from knsparse.masks import ConvOrder, check_groupable, from_reduction_view, to_reduction_view
+from knsparse.masks import (
+    ConvOrder,
+    check_conv_order,
+    check_groupable,
+    from_reduction_view,
+    to_reduction_view,
+)
 from knsparse.pattern import Pattern
 
 from .buckets import Chunk, Problem, plan_chunks
@@ -253,6 +260,14 @@ class LayerFits:
         return {name: out[name] for name in self.weights}
 
 
+def _check_fit_args(rank: int, iters: int, seed: int, max_chunk_bytes: int, conv_order: str) -> None:
+    check_number(rank, "rank", low=1, integer=True)
+    check_number(iters, "iters", low=1, integer=True)
+    check_number(seed, "seed", integer=True)
+    check_number(max_chunk_bytes, "max_chunk_bytes", low=1, integer=True)
+    check_conv_order(conv_order)
+
+
 def yopo(
     model_or_weights: ModelOrWeights,
     rank: int = 7,
@@ -290,6 +305,7 @@ def yopo(
 
     All-zero rows, columns or layers get finite (zero) scores.
     """
+    _check_fit_args(rank, iters, seed, max_chunk_bytes, conv_order)
     weights = prunable_weights(model_or_weights, layers)
     fit = LayerFits(weights, rank, per_channel, normalize, seed, conv_order)
 
@@ -320,6 +336,7 @@ def yopo_nm_masks(
     ``ValueError`` naming the layer when the pattern cannot tile its reduction axis.
     """
     pattern = Pattern.parse(pattern)
+    _check_fit_args(rank, iters, seed, max_chunk_bytes, conv_order)
     weights = prunable_weights(model_or_weights, layers)
     for name, w in weights.items():
         check_groupable(w.shape, pattern, conv_order, name)

@@ -10,11 +10,16 @@ uint8 (CUTLASS's ``ElementE``) so the two layouts can never be mixed up.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from ..pack import cutlass_meta_offsets
 
-# Must match kSm90MetaBlockK / kSm90MetaBlockRows in csrc/knsparse_cuda.h.
+ARCH_ENV = "KNSPARSE_CUDA_ARCH"
+"""``KNSPARSE_CUDA_ARCH=80`` runs the Ampere kernels (their compute_80 PTX) on a Hopper GPU."""
+
+# Must match KNSPARSE_SM90_META_BLOCK_K / _ROWS in csrc/knsparse_capi.h.
 SM90_META_BLOCK_K = 128
 SM90_META_BLOCK_ROWS = 64
 
@@ -88,9 +93,13 @@ def sm80_meta_from_sm90(meta: torch.Tensor, rows: int, depth: int) -> torch.Tens
 
 
 def meta_arch(device: torch.device | str | int) -> str:
-    """``"sm90"`` for compute capability 9.0, else ``"sm80"`` (8.x, and CPU for the reference)."""
+    """``"sm90"`` for compute capability 9.0 (unless ``KNSPARSE_CUDA_ARCH=80`` forces the
+    Ampere kernels there), else ``"sm80"`` (8.x, and CPU for the reference)."""
+    forced = os.environ.get(ARCH_ENV)
+    if forced not in (None, "", "80", "90"):
+        raise ValueError(f"{ARCH_ENV} must be 80 or 90, got {forced!r}")
     device = torch.device(device)
-    if device.type == "cuda" and torch.cuda.get_device_capability(device) == (9, 0):
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) == (9, 0) and forced != "80":
         return "sm90"
     return "sm80"
 

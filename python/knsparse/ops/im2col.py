@@ -9,6 +9,10 @@ Ordering the reduction axis (R, S, C) puts 4 consecutive *input channels* of one
 position in every 2:4 group — the TensorRT rule and knsparse's default conv mask grouping — so
 one mask serves TensorRT and knsparse's own im2col + sparse GEMM.
 
+``knsparse::im2col_rsc`` is the torch custom op over the native kernel (fp16/bf16 CUDA, any
+input layout; channels-last input makes its loads 16-byte vectors), with a fake implementation
+for ``torch.compile`` / ``torch.export``.
+
 ``k_pad`` appends zero columns so the reduction length can be rounded up to what a sparse GEMM
 needs (the weight's reduction view is padded with the same zero columns, which are valid 2:4
 groups).
@@ -19,7 +23,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .masks import to_reduction_view
+from ..masks import to_reduction_view
+from .device import available, require_device
+from .native import Im2colArgs, run_im2col
 
 IntPair = int | tuple[int, int]
 
@@ -102,6 +108,71 @@ def im2col_rsc_ref(
     return F.pad(cols, (0, k_pad - cols.shape[1]))
 
 
+@torch.library.custom_op("knsparse::im2col_rsc", mutates_args=(), device_types="cuda")
+def _im2col_rsc_op(
+    x: torch.Tensor,
+    kernel_size: list[int],
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    k_pad: int,
+) -> torch.Tensor:
+    *_, p, q, _ = _geometry(x, tuple(kernel_size), tuple(stride), tuple(padding), tuple(dilation), k_pad)
+    xc = x.contiguous(memory_format=torch.channels_last)
+    out = torch.empty((x.shape[0] * p * q, k_pad), dtype=x.dtype, device=x.device)
+    if out.numel() == 0:
+        return out
+    n, c, h, w = xc.shape
+    args = Im2colArgs(
+        x=xc.data_ptr(),
+        n=n,
+        c=c,
+        h=h,
+        w=w,
+        stride_n=xc.stride(0),
+        stride_c=xc.stride(1),
+        stride_h=xc.stride(2),
+        stride_w=xc.stride(3),
+        kernel_h=kernel_size[0],
+        kernel_w=kernel_size[1],
+        conv_stride_h=stride[0],
+        conv_stride_w=stride[1],
+        pad_h=padding[0],
+        pad_w=padding[1],
+        dil_h=dilation[0],
+        dil_w=dilation[1],
+        out_h=p,
+        out_w=q,
+        k_pad=k_pad,
+        out=out.data_ptr(),
+    )
+    run_im2col(args, x.device.index, torch.cuda.current_stream(x.device).cuda_stream)
+    return out
+
+
+@_im2col_rsc_op.register_fake
+def _im2col_rsc_fake(x, kernel_size, stride, padding, dilation, k_pad):
+    *_, p, q, _ = _geometry(x, tuple(kernel_size), tuple(stride), tuple(padding), tuple(dilation), k_pad)
+    return x.new_empty((x.shape[0] * p * q, k_pad))
+
+
+def im2col_rsc_cuda(
+    x: torch.Tensor,
+    kernel_size: IntPair,
+    stride: IntPair = 1,
+    padding: IntPair = 0,
+    dilation: IntPair = 1,
+    k_pad: int | None = None,
+) -> torch.Tensor:
+    """The CUDA kernel (``knsparse::im2col_rsc``) with :func:`im2col_rsc_ref` semantics; x is
+    fp16/bf16 on a device the native library serves (RuntimeError naming the reason if not)."""
+    kernel, strides, pads, dils, _, _, k_pad = _geometry(x, kernel_size, stride, padding, dilation, k_pad)
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        raise TypeError(f"the im2col kernel moves 16-bit words: x must be float16 or bfloat16, got {x.dtype}")
+    require_device(x.device)
+    return torch.ops.knsparse.im2col_rsc(x, list(kernel), list(strides), list(pads), list(dils), k_pad)
+
+
 def im2col_rsc(
     x: torch.Tensor,
     kernel_size: IntPair,
@@ -111,13 +182,10 @@ def im2col_rsc(
     k_pad: int | None = None,
 ) -> torch.Tensor:
     """:func:`im2col_rsc_ref` semantics; fp16/bf16 CUDA inputs run knsparse's CUDA kernel when
-    the knsparse-cuda backend is available, everything else runs the reference."""
-    from .backends import knsparse_cuda
-
-    kernel, strides, pads, dils, _, _, k_pad = _geometry(x, kernel_size, stride, padding, dilation, k_pad)
-    if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and knsparse_cuda.available(x.device):
-        return knsparse_cuda.im2col_rsc_cuda(x, kernel, strides, pads, dils, k_pad)
-    return im2col_rsc_ref(x, kernel, strides, pads, dils, k_pad)
+    the native library serves the device, everything else runs the reference."""
+    if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and available(x.device):
+        return im2col_rsc_cuda(x, kernel_size, stride, padding, dilation, k_pad)
+    return im2col_rsc_ref(x, kernel_size, stride, padding, dilation, k_pad)
 
 
 def rows_to_nchw(y: torch.Tensor, n: int, p: int, q: int) -> torch.Tensor:
