@@ -6,13 +6,15 @@ same order as the weight's reduction view (``"rsc"`` by default, see :mod:`knspa
 column ``j`` of a statistic lines up with column ``j`` of the reduction-view weight.
 
 Nothing is stored per input: hooks fold every batch into fixed-size accumulators (``[K]`` column
-sums of squares, optionally ``[K/n, n, n]`` block Gram matrices), so memory does not grow with
-the calibration set. ``calib`` is any re-iterable of batches (a list, a DataLoader); a batch is
-a tensor, a mapping of keyword inputs or an ``(inputs, target)`` tuple (see :mod:`.batches`).
+sums of squares, optionally ``[K/n, n, n]`` block Gram matrices or the full ``[K, K]`` Gram
+``XᵀX`` — the layer Hessian of SparseGPT/OBS), so memory does not grow with the calibration set.
+``calib`` is any re-iterable of batches (a list, a DataLoader); a batch is a tensor, a mapping of
+keyword inputs or an ``(inputs, target)`` tuple (see :mod:`.batches`).
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
@@ -27,6 +29,12 @@ from .masks import ConvOrder
 from .modes import evaluation
 
 RowsCallback = Callable[[str, torch.Tensor], None]
+MIN_ROWS_DIVISOR = 8
+"""A full Gram needs at least ``K / 8`` calibration rows (:meth:`InputStats.hessian`)."""
+
+
+class _AllSeen(Exception):
+    """Raised by a hook to end a forward pass early once every listed layer has run."""
 
 
 def check_reiterable(calib: object) -> None:
@@ -80,21 +88,29 @@ def stream_layer_inputs(
     conv_order: ConvOrder = "rsc",
     progress: bool = False,
     desc: str = "calibration",
+    stop_early: bool = False,
 ) -> int:
     """Run ``model`` over ``calib`` (eval mode, no grad) and call ``on_rows(name, rows)`` with the
     ``[B, T, K]`` float32 GEMM input rows of every listed layer. Returns the number of batches.
 
+    With ``stop_early`` each forward pass ends as soon as every listed layer has seen its input
+    (the rest of the model never runs; a layer called twice per forward is seen once).
     Under torch.distributed each rank runs its share of the batches (see
     :func:`knsparse.distributed.shard`); callers add up their sums over the ranks.
-
     The model's training flag is restored afterwards and the hooks are always removed.
     Raises ``ValueError`` if ``calib`` yields no batch.
     """
     device = next(model.parameters()).device
+    seen: set[str] = set()
 
     def hook_for(name: str, module: nn.Module):
         def hook(_mod: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+            if stop_early and name in seen:
+                return
             on_rows(name, gemm_input_rows(module, inputs[0].detach(), conv_order).float())
+            seen.add(name)
+            if stop_early and len(seen) == len(layers):
+                raise _AllSeen
 
         return hook
 
@@ -104,7 +120,9 @@ def stream_layer_inputs(
         with evaluation(model), torch.no_grad():
             inputs = distributed.shard(model_batches(calib))  # this rank's share of the batches
             for batch in tqdm(inputs, desc=desc, unit="batch", disable=not progress, leave=False):
-                batch.to(device)(model)
+                seen.clear()
+                with contextlib.suppress(_AllSeen):
+                    batch.to(device)(model)
                 batches += 1
     finally:
         for h in handles:
@@ -122,6 +140,10 @@ class InputStats:
     """``[K]`` Σ over all rows of ``x_j²``."""
     block_gram: torch.Tensor | None
     """``[K/n, n, n]`` Σ over all rows of ``x_g x_gᵀ`` for each group ``g`` of ``n`` columns."""
+    gram: torch.Tensor | None = None
+    """``[K, K]`` Σ over all rows of ``x xᵀ`` (the full Gram ``XᵀX``), when collected."""
+    rows: int = 0
+    """GEMM input rows seen (tokens / conv output positions over all samples)."""
 
     def column_norms(self) -> torch.Tensor:
         """``‖x_j‖`` per sample: ``sqrt(Σ x_j² / samples)``, shape ``[K]`` float32."""
@@ -133,6 +155,25 @@ class InputStats:
             raise ValueError("these statistics were collected without block Gram matrices")
         return (self.block_gram / max(self.samples, 1)).float()
 
+    def hessian(self, name: str) -> torch.Tensor:
+        """Full Gram per sample, ``[K, K]`` float64: the layer-wise OBS Hessian up to a factor 2.
+
+        Raises ``ValueError`` naming layer ``name`` when it was not collected, or when fewer than
+        ``K / MIN_ROWS_DIVISOR`` GEMM rows were seen. Between that and ``K`` rows the Gram is
+        singular but usable once damped (the re-fit is then a ridge regression that leaves the
+        unseen input directions alone: the last stage of a small-image ResNet sees one position
+        per image); below it the reconstruction would fit a handful of samples.
+        """
+        if self.gram is None:
+            raise ValueError(f"layer {name!r}: statistics were collected without the full Gram matrix")
+        k = self.gram.shape[0]
+        if self.rows * MIN_ROWS_DIVISOR < k:
+            raise ValueError(
+                f"layer {name!r}: {self.rows} calibration rows for a {k}x{k} input Gram; pass at least "
+                f"{-(-k // MIN_ROWS_DIVISOR)} GEMM input rows (more calibration samples)"
+            )
+        return self.gram / max(self.samples, 1)
+
 
 def all_reduce_stats(stats: Mapping[str, InputStats]) -> dict[str, InputStats]:
     """Every rank's statistics summed over the ranks (identity in one process): after it each
@@ -141,20 +182,25 @@ def all_reduce_stats(stats: Mapping[str, InputStats]) -> dict[str, InputStats]:
         return dict(stats)
     flat: dict[str, torch.Tensor] = {}
     for name, st in stats.items():
-        flat[f"{name}\0samples"] = torch.tensor([st.samples], dtype=torch.float64, device=st.sum_sq.device)
+        counts = [st.samples, st.rows]
+        flat[f"{name}\0counts"] = torch.tensor(counts, dtype=torch.float64, device=st.sum_sq.device)
         flat[f"{name}\0sum_sq"] = st.sum_sq
-        if st.block_gram is not None:
-            flat[f"{name}\0block_gram"] = st.block_gram
+        for field_name in ("block_gram", "gram"):
+            if getattr(st, field_name) is not None:
+                flat[f"{name}\0{field_name}"] = getattr(st, field_name)
     summed = distributed.all_reduce_sum(flat)
     names = {key.split("\0")[0] for key in summed}
-    return {
-        name: InputStats(
-            int(summed[f"{name}\0samples"].item()),
+    out = {}
+    for name in sorted(names):
+        samples, rows = (int(v) for v in summed[f"{name}\0counts"].tolist())
+        out[name] = InputStats(
+            samples,
             summed[f"{name}\0sum_sq"],
             summed.get(f"{name}\0block_gram"),
+            summed.get(f"{name}\0gram"),
+            rows,
         )
-        for name in sorted(names)
-    }
+    return out
 
 
 def collect_input_stats(
@@ -163,17 +209,30 @@ def collect_input_stats(
     calib: Iterable[object],
     *,
     group: int | None = None,
+    full_gram: bool = False,
     conv_order: ConvOrder = "rsc",
     progress: bool = False,
+    stop_early: bool = False,
 ) -> dict[str, InputStats]:
-    """Column sums of squares of every layer's GEMM inputs, and with ``group = n`` also the
+    """Column sums of squares of every layer's GEMM inputs, with ``group = n`` also the
     ``n × n`` Gram block of every group of ``n`` consecutive reduction columns (``K % n == 0``
-    is required for those layers). Memory: ``K`` (+ ``K·n``) float64 per layer."""
+    is required for those layers), with ``full_gram`` the whole ``K × K`` Gram (each batch's
+    product in float32, accumulated in float64). Memory: ``K`` (+ ``K·n``, + ``K²``) float64 per
+    layer; callers bound it by collecting a few layers per pass. ``stop_early`` as in
+    :func:`stream_layer_inputs`.
+
+    Raises ``ValueError`` naming the layer if its calibration inputs contain NaN or Inf.
+    """
     stats: dict[str, InputStats] = {}
 
     def accumulate(name: str, rows: torch.Tensor) -> None:
         b, _, k = rows.shape
         flat = rows.reshape(-1, k)
+        if not torch.isfinite(flat).all():
+            raise ValueError(
+                f"layer {name!r}: calibration inputs contain NaN or Inf "
+                "(check the calibration batches and the layers before it)"
+            )
         st = stats.get(name)
         if st is None:
             gram = None
@@ -181,14 +240,22 @@ def collect_input_stats(
                 if k % group:
                     raise ValueError(f"layer {name!r}: reduction size {k} is not a multiple of n={group}")
                 gram = torch.zeros(k // group, group, group, dtype=torch.float64, device=rows.device)
-            st = stats[name] = InputStats(0, torch.zeros(k, dtype=torch.float64, device=rows.device), gram)
+            full = torch.zeros(k, k, dtype=torch.float64, device=rows.device) if full_gram else None
+            st = stats[name] = InputStats(
+                0, torch.zeros(k, dtype=torch.float64, device=rows.device), gram, full
+            )
         st.samples += b
+        st.rows += flat.shape[0]
         st.sum_sq += flat.square().sum(0).double()
+        if st.gram is not None:
+            st.gram += (flat.T @ flat).double()
         if st.block_gram is not None:
             g = flat.reshape(flat.shape[0], -1, group)
             st.block_gram += torch.einsum("tgi,tgj->gij", g, g).double()
 
-    stream_layer_inputs(model, layers, calib, accumulate, conv_order=conv_order, progress=progress)
+    stream_layer_inputs(
+        model, layers, calib, accumulate, conv_order=conv_order, progress=progress, stop_early=stop_early
+    )
     stats = all_reduce_stats(stats)
     missing = [nm for nm in layers if nm not in stats]
     if missing:

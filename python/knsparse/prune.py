@@ -20,15 +20,16 @@ import copy
 import json
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from .calibration import check_reiterable, collect_input_stats, data_path_budgets
 from .layers import pattern_layers, prunable_layers, reduction_weight
 from .masks import ConvOrder, check_finite, from_reduction_view
-from .methods import METHODS, Decision, Layer
+from .methods import METHODS, Decision, Layer, MethodSpec
 from .pattern import Pattern
 from .permutation import PermutationReport
 from .permutation import permute as permute_channels
@@ -38,6 +39,9 @@ from .repair import apply as apply_repair
 from .spectral import MPFit, fit_weights
 
 REPAIRS = ("asr", "layerwise", "bn")
+GRAM_BYTES = 1 << 30
+"""Memory bound of the full Gram matrices held at once (float64 ``K²`` per layer): layers are
+calibrated a few at a time, one calibration pass per batch of layers."""
 
 
 @dataclass
@@ -212,14 +216,15 @@ def prune(
     lam2: float = 1e-4,
     lipschitz: float | Mapping[str, float] = 1.0,
     progress: bool = True,
+    sequential: bool = False,
     **options: object,
 ) -> PruneResult:
     """Prune every prunable layer (Linear, ungrouped Conv2d) of ``model``.
 
     Args:
         model: the model; left untouched unless ``inplace=True``.
-        method: one of ``knsparse.methods.METHODS``: ``magnitude``, ``yopo``, ``rmt``, ``ser``,
-            ``hybrid``, ``cast``, ``cast-conv``.
+        method: one of ``knsparse.methods.METHODS``: ``magnitude``, ``wanda``, ``sparsegpt``,
+            ``yopo``, ``rmt``, ``ser``, ``hybrid``, ``cast``, ``cast-conv``.
         pattern: ``"2:4"``, ``"8:16"``, ...; default ``"2:4"``, or unstructured masks when only
             ``sparsity`` is given (``"unstructured"`` with ``sparsity`` says the same).
         sparsity: target fraction of pruned weights for unstructured masks (parameter-weighted
@@ -227,8 +232,8 @@ def prune(
             of the unstructured pre-mask that free restoration starts from.
         calib: re-iterable of batches: tensors, ``(inputs, target)`` tuples, mappings called as
             ``model(**batch)`` (Hugging Face), or a ``DataLoader`` of those (:mod:`.batches`);
-            required by ``cast``/``cast-conv``, used by ``ser``/``hybrid`` for data-path scores,
-            and by every method for the certificate in the report.
+            required by ``wanda``/``sparsegpt``/``cast``/``cast-conv``, used by ``ser``/``hybrid``
+            for data-path scores, and by every method for the certificate in the report.
         permute: before scoring, permute channels (function-preserving, see
             :func:`knsparse.permutation.permute`) so the k:n masks keep more; k:n patterns only.
             ``True``, or a dict of the search's options to bound it: ``time_budget_s`` (seconds
@@ -242,8 +247,13 @@ def prune(
         lam1, lam2: elastic-net strengths ``λ₁``, ``λ₂`` of the certified objective.
         lipschitz: ``L_s`` of the certificate, one value or ``{layer: value}`` (default 1).
         progress: show tqdm progress bars.
+        sequential: decide the layers one after the other in forward order, each calibrated on
+            the outputs of the already pruned layers before it (``wanda``, ``sparsegpt``,
+            ``cast``/``cast-conv`` without ``sparsity``); default: every layer calibrated on the
+            dense model (one pass per batch of layers whose full Grams fit ``GRAM_BYTES``).
         **options: method options (e.g. ``mode="global"`` for magnitude, ``switch=0.6`` for
-            hybrid, ``shrinkage`` for cast/ser/hybrid, ``reservoir``); unknown names raise ``ValueError``.
+            hybrid, ``shrinkage`` for cast/ser/hybrid, ``reservoir``, ``damp``/``blocksize`` for
+            sparsegpt, ``reconstruct`` for cast); unknown names raise ``ValueError``.
 
     Returns:
         :class:`PruneResult` with the pruned model, ``{layer: bool mask}``, the per-layer report
@@ -268,6 +278,12 @@ def prune(
         raise ValueError(f"method {method!r} needs a calibration set: pass calib=[batch, ...]")
     if calib is not None:
         check_reiterable(calib)
+    layerwise = spec.layerwise and not (spec.premask and sparsity is not None)
+    if sequential and (calib is None or not layerwise):
+        raise ValueError(
+            f"sequential=True needs a calibration set and a method that decides each layer on its own "
+            f"(wanda, sparsegpt, cast/cast-conv without sparsity=); got method {method!r}"
+        )
     if repair is not None:
         if repair not in REPAIRS:
             raise ValueError(f"unknown repair {repair!r}; choose one of {list(REPAIRS)}")
@@ -294,27 +310,13 @@ def prune(
     dense_twin = copy.deepcopy(target) if repair in ("asr", "layerwise") else None
     layers, skipped = pattern_layers(target, pat, conv_order)
     spectra = fit_weights({n: m.weight.detach() for n, m in layers.items()}, progress=progress)
-    stats = {}
-    if calib is not None and spec.calib != "unused" and layers:
-        stats = collect_input_stats(
-            target,
-            layers,
-            calib,
-            group=pat.n if spec.group_gram and pat is not None else None,
-            conv_order=conv_order,
-            progress=progress,
-        )
     views = {
-        n: Layer(
-            n,
-            reduction_weight(m, conv_order).float().clone(),
-            isinstance(m, nn.Conv2d),
-            spectra[n].fit,
-            stats.get(n),
-        )
+        n: Layer(n, reduction_weight(m, conv_order).float().clone(), isinstance(m, nn.Conv2d), spectra[n].fit)
         for n, m in layers.items()
     }
-    decisions: Mapping[str, Decision] = spec(views, pat, sparsity, **options) if views else {}
+    mode = (sequential, layerwise)
+    args = (pat, sparsity, calib, options, conv_order, mode, progress)
+    decisions = _decide(target, layers, views, spec, *args)
     new_values = {
         n: (d.weight if d.weight is not None else views[n].weight) * d.mask for n, d in decisions.items()
     }
@@ -368,6 +370,77 @@ def _write_back(pruned: nn.Module, model: nn.Module) -> None:
             *model.named_buffers(remove_duplicate=False),
         ):
             tensor.copy_(source[name])
+
+
+def _units(layers: Mapping[str, nn.Module], views: Mapping[str, Layer], full_gram: bool) -> list[list[str]]:
+    """Batches of layer names calibrated in one pass: all at once, or with full Grams as many
+    consecutive layers as fit ``GRAM_BYTES``."""
+    if not full_gram:
+        return [list(layers)]
+    units: list[list[str]] = [[]]
+    held = 0
+    for name in layers:
+        size = 8 * views[name].weight.shape[1] ** 2
+        if units[-1] and held + size > GRAM_BYTES:
+            units.append([])
+            held = 0
+        units[-1].append(name)
+        held += size
+    return units
+
+
+def _decide(
+    target: nn.Module,
+    layers: Mapping[str, nn.Module],
+    views: dict[str, Layer],
+    spec: MethodSpec,
+    pat: Pattern | None,
+    sparsity: float | None,
+    calib: Iterable[object] | None,
+    options: Mapping[str, object],
+    conv_order: ConvOrder,
+    mode: tuple[bool, bool],
+    progress: bool,
+) -> dict[str, Decision]:
+    """Collect calibration statistics and run the method: all layers at once, in memory-bounded
+    batches of layers (layer-wise methods with full Grams), or one layer at a time on a working
+    copy that carries the already pruned layers. ``mode`` is ``(sequential, layerwise)``.
+    ``target`` is not changed."""
+    sequential, layerwise = mode
+    if not layers:
+        return {}
+    if calib is None or spec.calib == "unused":
+        return dict(spec(views, pat, sparsity, **options))
+    full_gram = spec.needs_full_gram(options)
+    model, mods = target, dict(layers)
+    if sequential:
+        model = copy.deepcopy(target)
+        named = dict(model.named_modules())
+        mods = {n: named[n] for n in layers}
+        units = [[n] for n in layers]
+    else:
+        units = _units(layers, views, full_gram) if layerwise else [list(layers)]
+    decisions: dict[str, Decision] = {}
+    for unit in tqdm(units, desc="layers", unit="pass", disable=not progress or len(units) == 1):
+        stats = collect_input_stats(
+            model,
+            {n: mods[n] for n in unit},
+            calib,
+            group=pat.n if spec.group_gram and pat is not None else None,
+            full_gram=full_gram,
+            conv_order=conv_order,
+            progress=progress and len(units) == 1,
+            stop_early=len(unit) < len(layers),
+        )
+        decided = spec({n: replace(views[n], stats=stats[n]) for n in unit}, pat, sparsity, **options)
+        decisions.update(decided)
+        if sequential:
+            with torch.no_grad():
+                for n, d in decided.items():
+                    new = (d.weight if d.weight is not None else views[n].weight) * d.mask
+                    weight = mods[n].weight
+                    weight.copy_(from_reduction_view(new, weight.shape, conv_order).to(weight.dtype))
+    return decisions
 
 
 def _layer_report(

@@ -8,7 +8,8 @@ against the method's :class:`MethodSpec` before it touches the model.
 A method is a scorer (:mod:`knsparse.score`, or the data-path scores of calibration) + a
 budget (the pattern, a sparsity, or :mod:`knsparse.budget`'s per-layer allocation) + a mask
 rule (:func:`~knsparse.methods.select.select` for score-based methods; CAST's group selection),
-optionally followed by new values for the kept weights (``rmt``).
+optionally followed by new values for the kept weights (``rmt``; ``sparsegpt`` and
+``cast(reconstruct=True)`` re-fit them on the calibration Gram, :mod:`knsparse.methods.obs`).
 """
 
 from __future__ import annotations
@@ -25,9 +26,16 @@ from .magnitude import magnitude
 from .rmt import rmt
 from .select import select
 from .ser import hybrid, ser
+from .sparsegpt import sparsegpt
+from .wanda import wanda
 from .yopo import yopo
 
 MethodFn = Callable[..., Mapping[str, Decision]]
+
+DEFAULT_KN_METHOD = "sparsegpt-refit"
+"""knsparse's recommended one-shot k:n method: SparseGPT's masks with the kept weights re-solved
+exactly by least squares. Chosen on held-out data among the reconstructing candidates
+(``bench/oneshot_quality.py``, best mean validation rank; ``bench/results/oneshot_quality.md``)."""
 
 
 @dataclass(frozen=True)
@@ -40,6 +48,12 @@ class MethodSpec:
     """The method needs the ``n × n`` input Gram blocks of every group."""
     premask: bool = False
     """A k:n call may also take ``sparsity`` (an unstructured pre-mask)."""
+    full_gram: bool | str = False
+    """The method needs each layer's full ``K × K`` input Gram; a string names the boolean option
+    that asks for it (``cast``'s ``reconstruct``)."""
+    layerwise: bool = False
+    """Each layer's decision depends on that layer alone, so layers can be decided one after the
+    other on the outputs of the already pruned ones (``prune(sequential=True)``)."""
     fixed: Mapping[str, object] = field(default_factory=dict)
     """Options this registry entry pins (``cast-conv`` is ``cast`` with ``convs=True``)."""
 
@@ -49,6 +63,13 @@ class MethodSpec:
         params = inspect.signature(self.fn).parameters.values()
         names = {p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
         return frozenset(names - set(self.fixed))
+
+    def needs_full_gram(self, options: Mapping[str, object]) -> bool:
+        """Whether a call with ``options`` needs the full Gram (:attr:`full_gram`)."""
+        if isinstance(self.full_gram, str):
+            default = inspect.signature(self.fn).parameters[self.full_gram].default
+            return bool(options.get(self.full_gram, default))
+        return self.full_gram
 
     def __call__(
         self, layers: Mapping[str, Layer], pattern: Pattern | None, sparsity: float | None, **options: object
@@ -68,11 +89,28 @@ METHODS: dict[str, MethodSpec] = {
     "rmt": MethodSpec(rmt, "unused", "both"),
     "ser": MethodSpec(ser, "optional", "unstructured"),
     "hybrid": MethodSpec(hybrid, "optional", "unstructured"),
-    "cast": MethodSpec(cast, "required", "kn", group_gram=True, premask=True),
-    "cast-conv": MethodSpec(cast, "required", "kn", group_gram=True, premask=True, fixed={"convs": True}),
+    "wanda": MethodSpec(wanda, "required", "both", layerwise=True),
+    "sparsegpt": MethodSpec(sparsegpt, "required", "kn", full_gram=True, layerwise=True),
+    "sparsegpt-refit": MethodSpec(
+        sparsegpt, "required", "kn", full_gram=True, layerwise=True, fixed={"refit": True}
+    ),
+    "cast": MethodSpec(
+        cast, "required", "kn", group_gram=True, premask=True, full_gram="reconstruct", layerwise=True
+    ),
+    "cast-conv": MethodSpec(
+        cast,
+        "required",
+        "kn",
+        group_gram=True,
+        premask=True,
+        full_gram="reconstruct",
+        layerwise=True,
+        fixed={"convs": True},
+    ),
 }
 
 __all__ = [
+    "DEFAULT_KN_METHOD",
     "METHODS",
     "Decision",
     "Layer",
@@ -84,5 +122,7 @@ __all__ = [
     "rmt",
     "select",
     "ser",
+    "sparsegpt",
+    "wanda",
     "yopo",
 ]

@@ -17,6 +17,7 @@ import torch
 from ..budget.mp_alloc import mp_layer_sparsities
 from ..calibration import InputStats
 from ..spectral import MPFit
+from .obs import damped
 
 
 @dataclass(frozen=True)
@@ -75,3 +76,12 @@ def data_path_scores(layer: Layer, shrinkage: float = 0.0) -> torch.Tensor:
         return mag
     energy = layer.stats.column_norms().to(mag.device).square()
     return mag * ((1 - shrinkage) * energy + shrinkage * energy.mean()).sqrt()
+
+
+def layer_hessian(lay: Layer, method: str, damp: float) -> torch.Tensor:
+    """The damped ``[K, K]`` float64 Gram of ``lay`` (:func:`knsparse.methods.obs.damped`);
+    ``ValueError`` naming the layer without calibration statistics, with fewer calibration rows
+    than columns, or with all-zero inputs."""
+    if lay.stats is None:
+        raise ValueError(f"method {method!r} needs calibration statistics for layer {lay.name!r}")
+    return damped(lay.stats.hessian(lay.name), damp, lay.name)
