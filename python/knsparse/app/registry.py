@@ -69,10 +69,11 @@ def _builtin(name: str, seed: int, weights: bool) -> LoadedModel | None:
     return None
 
 
-def _timm(arch: str, name: str) -> LoadedModel:
+def _timm(arch: str, name: str, num_classes: int | None = None) -> LoadedModel:
     timm = _optional("timm", name, "timm")
+    extra = {} if num_classes is None else {"num_classes": num_classes}
     try:
-        model = timm.create_model(arch, pretrained=False).eval()
+        model = timm.create_model(arch, pretrained=False, **extra).eval()
     except RuntimeError as exc:
         raise UserError(f"timm has no model {arch!r}") from exc
     cfg = model.pretrained_cfg
@@ -88,12 +89,13 @@ def _timm(arch: str, name: str) -> LoadedModel:
     return LoadedModel(model, (c, h, w), f"{name} (random weights)", preprocess)
 
 
-def _torchvision(arch: str, name: str) -> LoadedModel:
+def _torchvision(arch: str, name: str, num_classes: int | None = None) -> LoadedModel:
     _optional("torchvision", name, "torchvision")
     import torchvision
 
+    extra = {} if num_classes is None else {"num_classes": num_classes}
     try:
-        model = torchvision.models.get_model(arch, weights=None).eval()
+        model = torchvision.models.get_model(arch, weights=None, **extra).eval()
     except ValueError as exc:
         raise UserError(f"torchvision has no model {arch!r}") from exc
     preprocess = IMAGENET
@@ -162,16 +164,17 @@ def _hf_preprocess(path: Path, size: tuple[int, int], channels: int) -> Preproce
     return Preprocess(max(*hw, *crop_hw), crop_hw, mean, std, resample)
 
 
-def resolve(name: str, seed: int = 0, weights: bool = False) -> LoadedModel:
-    """The model ``name`` names (see the module docstring); ``UserError`` for an unknown one."""
+def resolve(name: str, seed: int = 0, weights: bool = False, num_classes: int | None = None) -> LoadedModel:
+    """The model ``name`` names (see the module docstring); ``UserError`` for an unknown one.
+    ``num_classes`` rebuilds a timm / torchvision model with a classifier of that many classes."""
     builtin = _builtin(name, seed, weights)
     if builtin is not None:
         return builtin
     source, _, rest = name.partition(":")
     if rest and source == "timm":
-        return _timm(rest, name)
+        return _timm(rest, name, num_classes)
     if rest and source == "torchvision":
-        return _torchvision(rest, name)
+        return _torchvision(rest, name, num_classes)
     if rest and source == "hf":
         return _hf(rest, name)
     raise UserError(f"unknown model {name!r}; choose {MODELS_HELP}")
@@ -231,9 +234,26 @@ def _fit_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], path: P
     model.load_state_dict(state)
 
 
+def _head_classes(model: nn.Module, state: Mapping[str, torch.Tensor]) -> int | None:
+    """The checkpoint's class count when the classifier (the model's last Linear) is the only
+    part whose shape differs from ``model``'s, else ``None``."""
+    own = model.state_dict()
+    differs = {k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)}
+    heads = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not differs or not heads:
+        return None
+    head = heads[-1]
+    if differs - {f"{head}.weight", f"{head}.bias"}:
+        return None
+    # a knsparse file stores a swapped head as values/slots: its bias still tells the class count
+    key = next(k for k in (f"{head}.weight", f"{head}.bias") if k in differs)
+    return int(state[key].shape[0])
+
+
 def load_model(name: str, weights: str | None = None, seed: int = 0) -> LoadedModel:
     """The model ``name`` names, with ``weights`` (a ``knsparse prune`` output, or a state dict
-    of that architecture: safetensors, ``.pt``, ``.pth``) loaded when given."""
+    of that architecture: safetensors, ``.pt``, ``.pth``) loaded when given. A timm or
+    torchvision checkpoint whose classifier has another class count builds the model with it."""
     path = None if weights is None else Path(weights)
     if path is not None and not path.is_file():
         raise UserError(f"no weights file at {path}")
@@ -244,6 +264,9 @@ def load_model(name: str, weights: str | None = None, seed: int = 0) -> LoadedMo
         return loaded
     from ..io import load_sparse
 
+    classes = _head_classes(loaded.model, state) if name.startswith(("timm:", "torchvision:")) else None
+    if classes is not None:  # a fine-tuned checkpoint with its own classifier: build the model to fit
+        loaded = resolve(name, seed, True, classes)
     if "knsparse.sparse_layers" in metadata:
         try:
             load_sparse(loaded.model, path)
