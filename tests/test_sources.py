@@ -167,3 +167,15 @@ def test_a_checkpoint_with_its_own_classifier_builds_the_model_to_fit(tmp_path: 
     assert loaded.model.fc.out_features == 3
     x = torch.randn(1, 3, 64, 64)
     torch.testing.assert_close(loaded.model(x), mine.eval()(x))
+
+
+def test_torchvision_vit_attention_becomes_prunable(tmp_path: Path) -> None:
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    mine = torchvision.models.vit_b_16(num_classes=3).eval()
+    path = tmp_path / "vit.pth"
+    torch.save(mine.state_dict(), path)
+    loaded = load_model("torchvision:vit_b_16", str(path))  # a checkpoint with in_proj_weight keys
+    assert not any(isinstance(m, torch.nn.MultiheadAttention) for m in loaded.model.modules())
+    x = torch.randn(1, 3, 224, 224)
+    torch.testing.assert_close(loaded.model(x), mine(x), rtol=1e-5, atol=1e-5)

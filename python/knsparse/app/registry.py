@@ -5,6 +5,8 @@ Sources: the built-ins (``vit_tiny_digits``, ``resnet_tiny_digits``, ``vit_base_
 ``resnet50``), ``timm:NAME``, ``torchvision:NAME`` (random init: the user's ``--weights`` bring
 the values) and ``hf:DIR`` (a local Hugging Face model directory, read offline; its own weights
 if it holds them). timm, torchvision and transformers are optional: a missing one is named.
+Every ``nn.MultiheadAttention`` (torchvision's ViT) becomes :class:`knsparse.mha.LinearMultiheadAttention`
+after the weights are in, so its q/k/v and output projections can be pruned and swapped.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .. import mha
 from .images import IMAGENET, Preprocess
 
 MODELS_HELP = (
@@ -261,6 +264,7 @@ def load_model(name: str, weights: str | None = None, seed: int = 0) -> LoadedMo
         state, metadata = read_checkpoint(path)  # read before the model is built: bad files fail fast
     loaded = resolve(name, seed, path is not None)
     if path is None:
+        mha.convert(loaded.model)
         return loaded
     from ..io import load_sparse
 
@@ -268,12 +272,14 @@ def load_model(name: str, weights: str | None = None, seed: int = 0) -> LoadedMo
     if classes is not None:  # a fine-tuned checkpoint with its own classifier: build the model to fit
         loaded = resolve(name, seed, True, classes)
     if "knsparse.sparse_layers" in metadata:
+        mha.convert(loaded.model)  # a knsparse file was saved from the converted model
         try:
             load_sparse(loaded.model, path)
         except (RuntimeError, KeyError, OSError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise UserError(f"{path} does not fit model {name!r}: {first}") from exc
     else:
-        _fit_state_dict(loaded.model, state, path, name)
+        _fit_state_dict(loaded.model, state, path, name)  # the source's own keys (in_proj_weight)
+        mha.convert(loaded.model)
     loaded.description = f"{name} with weights from {path}"
     return loaded
