@@ -26,12 +26,16 @@ print("cuda library:", native.load_error() or "loaded")
 
 
 def _dependency_paths() -> list[str]:
-    """This interpreter's site directories (and what their .pth files add), minus the repo."""
+    """This interpreter's site directories (and what their .pth files add), minus the source
+    tree. A virtual environment inside the checkout (CI's ``.venv``) stays: a directory listed in
+    a ``.pth`` file is not scanned for ``.pth`` files itself, so its editable install of the
+    source tree is not picked up."""
     paths = [
         *site.getsitepackages(),
         *(p for p in sys.path if p.endswith(("site-packages", "dist-packages"))),
     ]
-    return [p for p in dict.fromkeys(paths) if os.path.isdir(p) and not p.startswith(str(ROOT))]
+    source = (str(ROOT / "python"), str(ROOT / "kernels"))
+    return [p for p in dict.fromkeys(paths) if os.path.isdir(p) and not p.startswith(source)]
 
 
 @pytest.mark.slow  # builds a wheel and runs the demo: about 2 minutes on an idle 2-core machine
