@@ -126,8 +126,9 @@ def digits_rows(name: str, cast: str, args: argparse.Namespace) -> list[dict]:
     trained = [pretrained(name, seed=0, progress=False, train_seed=t) for t in seeds]
     selection = [pretrained(name, seed=0, progress=False, validation=VALIDATION)]
     rows = []
+    chosen = [c for c in CANDIDATES if c[0] in args.labels]
     for pattern, (label, method, kwargs) in tqdm(
-        [(p, c) for p in PATTERNS for c in CANDIDATES], desc=name, leave=False
+        [(p, c) for p in args.patterns for c in chosen], desc=name, leave=False
     ):
         method = method.format(cast=cast)
         row = {"model": name, "pattern": pattern, "label": label, "method": method, "args": kwargs}
@@ -221,10 +222,10 @@ def batches(sentences: list[str], encode, size: int) -> list[torch.Tensor]:
     return [encode(ordered[i : i + size]) for i in range(0, len(ordered), size)]
 
 
-def fidelity(model: nn.Module, dense_out: list[torch.Tensor], data: list[torch.Tensor]) -> float:
+def fidelity(model: nn.Module, dense_out: list[torch.Tensor], data: list[torch.Tensor]) -> torch.Tensor:
+    """``[sentences]`` cosine of each sentence's embedding to the dense model's."""
     with torch.no_grad():
-        cos = [(model(x) * d).sum(-1) for x, d in zip(data, dense_out, strict=True)]
-    return float(torch.cat(cos).mean())
+        return torch.cat([(model(x) * d).sum(-1) for x, d in zip(data, dense_out, strict=True)])
 
 
 def minilm_rows(
@@ -251,7 +252,7 @@ def minilm_rows(
         dense = {k: [model(x) for x in v] for k, v in evals.items()}
     rows = []
     chosen = [c for lab in args.minilm_labels for c in CANDIDATES if c[0] == lab]
-    plan = [(p, c) for p in args.minilm_patterns for c in chosen if not c[2].get("permute")]
+    plan = [(p, c) for p in args.minilm_patterns for c in chosen]
     for pattern, (label, method, kwargs) in tqdm(plan, desc="minilm", leave=False):
         method = method.format(cast="cast")
         row = {
@@ -262,6 +263,7 @@ def minilm_rows(
             "args": kwargs,
         }
         scores: dict[str, list[float]] = {"val": [], "test": []}
+        per_sentence: list[torch.Tensor] = []
         seconds, sparsity = [], []
         try:
             for seed in [args.calib_seeds[0]] if method == "magnitude" else args.calib_seeds:
@@ -269,7 +271,10 @@ def minilm_rows(
                 seconds.append(took)
                 sparsity.append(layer_sparsity(pruned.bert.encoder))
                 for phase in scores:
-                    scores[phase].append(fidelity(pruned, dense[phase], evals[phase]))
+                    cos = fidelity(pruned, dense[phase], evals[phase])
+                    scores[phase].append(float(cos.mean()))
+                    if phase == "test":
+                        per_sentence.append(cos)
         except Exception as err:  # a candidate that cannot run on this model is reported, not hidden
             row["error"] = f"{type(err).__name__}: {err}"
             tqdm.write(f"minilm {pattern} {label}: {row['error']}")
@@ -278,6 +283,8 @@ def minilm_rows(
             continue
         for phase, s in scores.items():
             row[phase], row[f"{phase}_std"], row[f"{phase}_all"] = statistics.mean(s), statistics.pstdev(s), s
+        # Per test sentence (mean over draws): the unit of the paired comparison on MiniLM.
+        row["test_items"] = torch.stack(per_sentence).mean(0).tolist()
         row["seconds"] = statistics.median(seconds)
         row["sparsity"] = statistics.mean(sparsity)
         tqdm.write(f"minilm {pattern} {label:26s} val {row['val']:.4f} test {row['test']:.4f}")
@@ -474,10 +481,11 @@ def run_part(part: str, args: argparse.Namespace) -> None:
         "train_seeds": args.train_seeds,
         "resnet_train_seeds": args.resnet_train_seeds,
         "calib_seeds": args.calib_seeds,
-        "patterns": PATTERNS,
+        "patterns": args.patterns,
         "validation_fraction": VALIDATION,
         "minilm": info,
         "minilm_patterns": args.minilm_patterns,
+        "labels": args.labels if part == "digits" else args.minilm_labels,
     }
     payload = {"part": part, "config": config, "dense": dense, "rows": rows}
     write_result(f"oneshot_quality_{args.name or part}", {**payload, "seconds": time.perf_counter() - start})
@@ -526,6 +534,10 @@ def main() -> None:
     parser.add_argument("--part", choices=PARTS, help="measure one part only (run the parts in parallel)")
     parser.add_argument("--merge", action="store_true", help="only merge the measured parts")
     parser.add_argument("--models", nargs="+", default=list(DIGITS), help="digits models to measure")
+    parser.add_argument(
+        "--labels", nargs="+", default=[c[0] for c in CANDIDATES], help="digits candidates to measure"
+    )
+    parser.add_argument("--patterns", nargs="+", default=list(PATTERNS), help="digits patterns")
     parser.add_argument("--name", help="result file suffix (default: the part)")
     parser.add_argument("--quick", action="store_true", help="one training seed, one draw, small MiniLM sets")
     parser.add_argument(
