@@ -25,8 +25,13 @@ def inputs(samples, k, seed=0):
 
 def stats_of(x, n):
     blocks = x.reshape(x.shape[0], -1, n)
+    xd = x.double()
     return InputStats(
-        x.shape[0], x.double().square().sum(0), torch.einsum("tgi,tgj->gij", blocks, blocks).double()
+        x.shape[0],
+        xd.square().sum(0),
+        torch.einsum("tgi,tgj->gij", blocks, blocks).double(),
+        xd.T @ xd,
+        x.shape[0],
     )
 
 
@@ -116,8 +121,10 @@ def test_cast_with_premask_counts_freely_restored_entries():
         assert d.freely_restored == int((d.mask & ~pre).sum()) > 0
         short = (group_nonzeros(pre, P24) < 2).sum()
         assert d.freely_restored >= int(short)
-    assert result["conv"].rule == "magnitude 2:4"
-    assert cast(layers, P24, convs=True)["conv"].rule == "cast-conv 2:4"
+    # The kept weights are re-fitted by default (CAST_RECONSTRUCT), convolutions too.
+    assert result["conv"].rule == "magnitude 2:4 + refit"
+    assert cast(layers, P24, convs=True)["conv"].rule == "cast-conv 2:4 + refit"
+    assert cast(layers, P24, reconstruct=False)["conv"].rule == "magnitude 2:4"
 
 
 def test_cast_needs_kn_and_statistics():

@@ -8,8 +8,9 @@ against the method's :class:`MethodSpec` before it touches the model.
 A method is a scorer (:mod:`knsparse.score`, or the data-path scores of calibration) + a
 budget (the pattern, a sparsity, or :mod:`knsparse.budget`'s per-layer allocation) + a mask
 rule (:func:`~knsparse.methods.select.select` for score-based methods; CAST's group selection),
-optionally followed by new values for the kept weights (``rmt``; ``sparsegpt`` and
-``cast(reconstruct=True)`` re-fit them on the calibration Gram, :mod:`knsparse.methods.obs`).
+optionally followed by new values for the kept weights (``rmt``; ``sparsegpt`` and ``cast``
+(``reconstruct=True``, its default) re-fit them on the calibration Gram,
+:mod:`knsparse.methods.obs`).
 """
 
 from __future__ import annotations
