@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import random
 import re
 import statistics
@@ -42,10 +43,14 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from _meta import RESULTS, write_result
+from quality_paired import per_model
+from scipy import stats
 from torch import nn
 from tqdm.auto import tqdm
 
 from knsparse.app import calibration_batches, evaluate, load_digits_split, pretrained, validation_split
+from knsparse.methods import DEFAULT_KN_METHOD
+from knsparse.methods.cast import CAST_RECONSTRUCT
 from knsparse.prune import prune
 
 PATTERNS = ("2:4", "8:16")
@@ -75,6 +80,10 @@ DEFAULT_CANDIDATES = (
 )
 """Candidates for knsparse's default k:n method (all reconstruct the kept weights)."""
 CAREFUL = "sparsegpt"
+REGISTRY = {"sparsegpt": "sparsegpt", "sparsegpt + refit": "sparsegpt-refit"}
+"""Candidates that are one entry of ``knsparse.methods.METHODS`` with its defaults."""
+SHIPPED = next(label for label, name in REGISTRY.items() if name == DEFAULT_KN_METHOD)
+"""The candidate that is knsparse's default k:n method (the goal rows check it)."""
 MODELOPT_24_ONLY = (
     "ModelOpt 0.47 sparsifies 2:4 only (its searcher's sanitize_search_config asserts n == 2 and m == 4)"
 )
@@ -326,49 +335,124 @@ def select(rows: list[dict]) -> dict:
     }
 
 
-def goal(rows: list[dict], chosen: str) -> list[dict]:
+def paired(a: dict, b: dict, draws: int, images: int) -> dict | None:
+    """Paired differences ``a − b`` on the test split with a 95% t-interval, ``None`` when the
+    rows have no matched units. Digits: one unit per trained model (the mean over its ``draws``
+    calibration draws, :func:`quality_paired.per_model`), in test images; MiniLM: one unit per test
+    sentence, in embedding cosine."""
+    if "test_items" in a and "test_items" in b:
+        unit, scale, x, y = "test sentence", 1.0, a["test_items"], b["test_items"]
+    else:
+        unit, scale = "trained model", float(images)
+        x, y = per_model(a, draws, "test"), per_model(b, draws, "test")
+    if a.get("part") != b.get("part") or len(x) != len(y) or len(x) < 2:
+        return None
+    d = [(p - q) * scale for p, q in zip(x, y, strict=True)]
+    mean = statistics.mean(d)
+    half = stats.t.ppf(0.975, len(d) - 1) * statistics.stdev(d) / math.sqrt(len(d))
+    return {
+        "unit": unit,
+        "in": "test images" if scale > 1 else "cosine",
+        "n": len(d),
+        "mean": mean,
+        "ci95": [mean - half, mean + half],
+        "wins_ties_losses": [
+            sum(v > 1e-9 for v in d),
+            sum(abs(v) <= 1e-9 for v in d),
+            sum(v < -1e-9 for v in d),
+        ],
+    }
+
+
+def verdict(p: dict | None, a: float, b: float) -> str:
+    """``better`` / ``worse`` when the paired interval excludes 0, else ``tie``; without an
+    interval, the sign of the mean difference."""
+    if p is None:
+        return "better" if a > b else "worse" if a < b else "tie"
+    lo, hi = p["ci95"]
+    return "better" if lo > 0 else "worse" if hi < 0 else "tie"
+
+
+def goal(rows: list[dict], chosen: str, draws: dict[str, int], images: int) -> list[dict]:
+    """Per column: the default against the careful SparseGPT (and ModelOpt) on the test split.
+    The goal holds where the default is not worse (the paired interval reaches 0 or above)."""
     by = {(r["model"], r["pattern"], r["label"]): r for r in rows if "test" in r}
     out = []
     for c in columns(rows):
-        if (*c, chosen) in by and (*c, CAREFUL) in by:
-            d, s = by[(*c, chosen)]["test"], by[(*c, CAREFUL)]["test"]
-            peer = by.get((*c, "modelopt sparsegpt"), {}).get("test")
-            out.append(
-                {"model": c[0], "pattern": c[1], "default": d, "sparsegpt": s, "modelopt": peer, "ok": d >= s}
-            )
+        if (*c, chosen) not in by or (*c, CAREFUL) not in by:
+            continue
+        d, s = by[(*c, chosen)], by[(*c, CAREFUL)]
+        peer = by.get((*c, "modelopt sparsegpt"))
+        vs_sparsegpt = paired(d, s, draws[d["part"]], images)
+        vs_peer = None if peer is None else paired(d, peer, draws[d["part"]], images)
+        out.append(
+            {
+                "model": c[0],
+                "pattern": c[1],
+                "default": d["test"],
+                "sparsegpt": s["test"],
+                "modelopt": None if peer is None else peer["test"],
+                "vs_sparsegpt": vs_sparsegpt,
+                "vs_modelopt": vs_peer,
+                "verdict": verdict(vs_sparsegpt, d["test"], s["test"]),
+                "verdict_modelopt": None if peer is None else verdict(vs_peer, d["test"], peer["test"]),
+                "ok": verdict(vs_sparsegpt, d["test"], s["test"]) != "worse",
+            }
+        )
     return out
 
 
 # ------------------------------------------------------------------------------------- output
 
 
+def describe_parts(payload: dict) -> list[str]:
+    """One bullet per measured part: what it measured, on which commit, under which load."""
+    out = []
+    for part, cfg in payload["config"].items():
+        env = payload["part_environments"][part]
+        mine = [r for r in payload["rows"] if r["part"] == part]
+        models = sorted({r["model"] for r in mine})
+        patterns = sorted({r["pattern"] for r in mine})
+        if "all-MiniLM-L6-v2" in models:
+            units = f"calibration draws {cfg['calib_seeds']}"
+        else:
+            seeds = cfg["resnet_train_seeds"] if models == ["resnet_tiny_digits"] else cfg["train_seeds"]
+            units = f"training seeds {seeds} x calibration draws {cfg['calib_seeds']}"
+        seconds = payload["part_seconds"].get(part)
+        out.append(
+            f"- `{part}`: {', '.join(models)} at {', '.join(patterns)}; {units}; commit "
+            f"{env['commit'][:7]}, torch {env['versions'].get('torch')}, load (1/5/15 min) at the end "
+            f"{[round(v, 1) for v in env['load_average_1_5_15min_at_write']]}"
+            + ("" if seconds is None else f", {seconds / 60:.0f} min")
+        )
+    return out
+
+
 def markdown(payload: dict) -> str:
     rows, sel = payload["rows"], payload["selection"]
     cols = columns(rows)
     by = {(r["model"], r["pattern"], r["label"]): r for r in rows}
-    env, cfg = payload["environment"], payload["config"]
-    mini = cfg.get("minilm", {}).get("minilm")
-    part_envs = payload["part_environments"]
+    mini = next((c["minilm"] for c in payload["config"].values() if c.get("minilm")), None)
     lines = [
         "# One-shot k:n quality (`bench/oneshot_quality.py`)",
         "",
-        f"Commit {env['commit']}, torch {env['versions'].get('torch')}, one torch thread per part. The "
-        "machine (2 cores) was shared with other agents' jobs; load averages (1/5/15 min) when each "
-        "part finished: "
-        + ", ".join(f"{p} {e['load_average_1_5_15min_at_write']}" for p, e in part_envs.items())
-        + ". Digits: test top-1 accuracy (360 images), "
-        f"mean over training seeds {cfg['digits']['train_seeds']} (ResNet: "
-        f"{cfg['digits']['resnet_train_seeds']}) x calibration draws "
-        f"{cfg['digits']['calib_seeds']} of 4x64 training images (magnitude: one, it uses none); dense "
+        "One torch thread per part, on 2 CPU cores shared with other agents' jobs. Each part is one run "
+        "(every candidate of a column measured in the same run, ModelOpt included); a later part's "
+        "rows replace an earlier part's for the same model, pattern and candidate:",
+        "",
+        *describe_parts(payload),
+        "",
+        "Digits: test top-1 accuracy on the 360-image test split, mean over trained models x calibration "
+        "draws of 4x64 training images (magnitude: one draw, it uses none); dense "
         + ", ".join(f"{m} {a:.4f}" for m, a in payload["dense"].items())
         + (
             f". MiniLM: mean cosine to the dense sentence embeddings on {mini['sentences']['test']} test "
-            f"sentences, calibration draws {cfg['minilm']['calib_seeds']} of {mini['sentences']['per_draw']} "
-            f"sentences, validation {mini['sentences']['validation']} sentences ({mini['source']}). "
+            f"sentences, calibration draws of {mini['sentences']['per_draw']} sentences, validation "
+            f"{mini['sentences']['validation']} sentences ({mini['source']}). "
             if mini
-            else ". MiniLM: no row finished on the shared machine in the time of this run (see the report). "
+            else ". "
         )
-        + "Cells: test mean ± std (validation mean in brackets; selection uses only those).",
+        + "Cells: test mean ± std over the runs (validation mean in brackets; selection uses only those).",
         "",
         "| method | " + " | ".join(f"{m} {p}" for m, p in cols) + " |",
         "| --- |" + " ---: |" * len(cols),
@@ -404,28 +488,53 @@ def markdown(payload: dict) -> str:
         lines += ["", "Candidates that could not run:", ""]
         lines += [f"- {r['model']} {r['pattern']} {r['label']}: {r['error']}" for r in errors]
     cr, dk = sel["cast_reconstruct"], sel["default_kn"]
+    code = payload["code_defaults"]
     lines += [
         "",
         "## Selection on validation data",
         "",
         f"- CAST re-fit: mean validation gain of `cast + refit` over `cast` {cr['mean_val_gain']:+.4f} "
-        f"-> reconstruct on by default: {cr['on']}.",
+        f"-> reconstruct on by default: {cr['on']} (code: `CAST_RECONSTRUCT = {code['CAST_RECONSTRUCT']}`"
+        f"{'' if code['CAST_RECONSTRUCT'] == cr['on'] else ', DISAGREES'}).",
         "- Default k:n method, mean validation rank over the columns where every candidate ran "
         f"({', '.join(' '.join(c) for c in sel['columns'])}; 1 = best): "
         + ", ".join(f"{k} {v:.2f}" for k, v in dk["mean_val_rank"].items())
-        + f" -> **{dk['chosen']}**.",
+        + f" -> **{dk['chosen']}** (code: `DEFAULT_KN_METHOD = {code['DEFAULT_KN_METHOD']!r}`"
+        + f"{'' if REGISTRY.get(dk['chosen']) == code['DEFAULT_KN_METHOD'] else ', DISAGREES'}).",
         "",
         "## Goal: the default at least as good as a careful SparseGPT (test)",
         "",
-        "| column | default | sparsegpt | ModelOpt sparsegpt | default >= sparsegpt |",
-        "| --- | ---: | ---: | ---: | --- |",
+        "Paired differences default − peer with a 95% t-interval: on the digits one unit per trained "
+        "model (its mean over the calibration draws), in test images (of 360); on MiniLM one unit per "
+        "test sentence, in embedding cosine. The interval covers the spread over trained models "
+        "(digits) or sentences (MiniLM), not over other calibration pools. Verdict: `better`/`worse` "
+        "when the interval excludes 0, else `tie`; the goal holds unless `worse`.",
+        "",
+        "| column | default | sparsegpt | default − sparsegpt [95% CI] (n) | verdict | ModelOpt sparsegpt "
+        "| default − ModelOpt [95% CI] (n) |",
+        "| --- | ---: | ---: | ---: | --- | ---: | ---: |",
     ]
+
+    def diff(p: dict | None) -> str:
+        if p is None:
+            return "-"
+        lo, hi = p["ci95"]
+        fmt = "+.2f" if p["in"] == "test images" else "+.4f"
+        return f"{p['mean']:{fmt}} [{lo:{fmt}}, {hi:{fmt}}] ({p['n']})"
+
     for g in payload["goal"]:
         peer = "n/a" if g["modelopt"] is None else f"{g['modelopt']:.4f}"
         lines.append(
-            f"| {g['model']} {g['pattern']} | {g['default']:.4f} | {g['sparsegpt']:.4f} | {peer} | "
-            f"{'yes' if g['ok'] else 'NO'} |"
+            f"| {g['model']} {g['pattern']} | {g['default']:.4f} | {g['sparsegpt']:.4f} | "
+            f"{diff(g['vs_sparsegpt'])} | {g['verdict']} | {peer} | {diff(g['vs_modelopt'])} |"
         )
+    ok = all(g["ok"] for g in payload["goal"])
+    ahead = [f"{g['model']} {g['pattern']}" for g in payload["goal"] if g["verdict"] == "better"]
+    lines += [
+        "",
+        f"Goal met on every column: {'yes' if ok else 'NO'}; the default is ahead of SparseGPT beyond "
+        f"the interval on: {', '.join(ahead) if ahead else 'none'}.",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -497,10 +606,14 @@ def merge() -> None:
     parts = [json.loads(f.read_text()) for f in files]
     for p, f in zip(parts, files, strict=True):
         p["part"] = f.stem.removeprefix("oneshot_quality_")
+        for r in p["rows"]:
+            r["part"] = p["part"]
     # A later part's row replaces an earlier one of the same model, pattern and candidate.
     latest = {(r["model"], r["pattern"], r["label"]): r for p in parts for r in p["rows"]}
     rows = list(latest.values())
+    parts = [p for p in parts if any(r["part"] == p["part"] for r in rows)]
     sel = select(rows)
+    draws = {p["part"]: len(p["config"]["calib_seeds"]) for p in parts}
     payload = {
         "benchmark": "one-shot k:n quality: knsparse methods vs NVIDIA ModelOpt sparsegpt",
         "config": {p["part"]: p["config"] for p in parts},
@@ -509,7 +622,8 @@ def merge() -> None:
         "dense": {k: v for p in parts for k, v in p["dense"].items()},
         "rows": rows,
         "selection": sel,
-        "goal": goal(rows, sel["default_kn"]["chosen"]),
+        "code_defaults": {"DEFAULT_KN_METHOD": DEFAULT_KN_METHOD, "CAST_RECONSTRUCT": CAST_RECONSTRUCT},
+        "goal": goal(rows, SHIPPED, draws, len(load_digits_split(0).y_test)),
     }
     path = write_result("oneshot_quality", payload)
     payload = json.loads(path.read_text())
