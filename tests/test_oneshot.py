@@ -123,6 +123,11 @@ def test_bad_calibration_names_the_layer():
         prune(model, "sparsegpt", "2:4", calib=bad, progress=False)
     with pytest.raises(ValueError, match=r"layer '0'.*all zero"):
         prune(model, "sparsegpt", "2:4", calib=[torch.zeros(16, 8)], progress=False)
+    # CAST re-fits by default: too few samples for that Gram name the layer and the way out.
+    wide = nn.Sequential(nn.Linear(64, 8))
+    with pytest.raises(ValueError, match=r"layer '0': 4 calibration rows.*reconstruct=False"):
+        prune(wide, "cast", "2:4", calib=[torch.randn(4, 64)], progress=False)
+    assert prune(wide, "cast", "2:4", calib=[torch.randn(4, 64)], progress=False, reconstruct=False).masks
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
