@@ -635,10 +635,11 @@ def run_part(part: str, args: argparse.Namespace) -> None:
 
 def merge() -> None:
     """Selection, goal check, table and plot from the measured parts."""
-    files = sorted(RESULTS.glob("oneshot_quality_*.json"), key=lambda f: f.stat().st_mtime)
-    parts = [json.loads(f.read_text()) for f in files]
-    for p, f in zip(parts, files, strict=True):
-        p["part"] = f.stem.removeprefix("oneshot_quality_")
+    files = RESULTS.glob("oneshot_quality_*.json")
+    parts = [{**json.loads(f.read_text()), "part": f.stem.removeprefix("oneshot_quality_")} for f in files]
+    # In the order they were written (the JSON's date: a checkout resets file times).
+    parts.sort(key=lambda p: p["environment"]["date"])
+    for p in parts:
         for r in p["rows"]:
             r["part"] = p["part"]
     # A later part's row replaces an earlier one of the same model, pattern and candidate.
