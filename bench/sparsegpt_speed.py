@@ -2,12 +2,13 @@
 
 Two measurements in one run:
 
-* the whole model through the public API: ``knsparse.prune(model, "sparsegpt", "2:4",
-  calib=...)`` on ``knsparse.models.vit_base_patch16_224`` (16 images at 224 px, 3152 GEMM rows
-  per layer): full calibration Grams of every prunable layer (memory-bounded passes), damping,
-  inverse Cholesky, the sweep, the output error, plus what ``prune`` does for every method (MP
-  fits of the weight spectra, the certificate's calibration pass). The same call with
-  ``"magnitude"`` (same calibration set) measures that shared part, so the difference is the
+* the whole model through the public API: ``knsparse.prune(model.blocks, "sparsegpt", "2:4",
+  calib=tokens)`` on the 12 blocks of ``knsparse.models.vit_base_patch16_224`` (their input
+  tokens for 16 images at 224 px, 3152 GEMM rows per layer): full calibration Grams of every
+  prunable layer (memory-bounded passes), damping, inverse Cholesky, the sweep, the output
+  error, plus what ``prune`` does for every method (MP fits of the weight spectra, the
+  certificate's calibration pass). The same call with ``"magnitude"`` (same calibration set)
+  measures that shared part, so the difference is the
   cost of SparseGPT itself;
 * per ViT-B/16 layer shape (qkv, proj, fc1, fc2): the blocked sweep
   (:func:`knsparse.methods.obs.sparsegpt_sweep`, lazy block updates) against the straightforward
@@ -81,14 +82,21 @@ def sweeps(pattern: Pattern, repeats: int) -> list[dict]:
 
 
 def whole_model(images: int) -> dict[str, float]:
-    """Seconds of ``knsparse.prune`` on the ViT-B/16-shaped model per method, same calibration set."""
+    """Seconds of ``knsparse.prune`` on the 12 transformer blocks of the ViT-B/16-shaped model (its
+    48 block Linears; the classifier head sees one token per image, too few rows for its Gram at
+    this calibration size) per method, same calibration set: the blocks' input tokens."""
     torch.manual_seed(0)
     model = vit_base_patch16_224().eval()
-    calib = list(torch.randn(images, 3, 224, 224).split(8))
+    tokens: list[torch.Tensor] = []
+    hook = model.blocks.register_forward_pre_hook(lambda _, args: tokens.append(args[0]))
+    with torch.no_grad():
+        for batch in torch.randn(images, 3, 224, 224).split(8):
+            model(batch)
+    hook.remove()
     seconds = {}
     for method in ("magnitude", "sparsegpt"):
         start = time.perf_counter()
-        result = prune(model, method, "2:4", calib=calib, progress=True)
+        result = prune(model.blocks, method, "2:4", calib=tokens, progress=True)
         seconds[method] = time.perf_counter() - start
         tqdm.write(f"prune {method}: {seconds[method]:.1f} s, {len(result.masks)} layers")
     return seconds
