@@ -24,7 +24,8 @@ from knsparse.layers import pattern_layers
 from knsparse.models import resnet_tiny_digits, vit_tiny_digits
 
 
-def calibration(seed: int = 0, batches: int = 6, size: int = 8) -> list[torch.Tensor]:
+def calibration(seed: int = 0, batches: int = 6, size: int = 24) -> list[torch.Tensor]:
+    # 144 images: layer4 sees one position per image, and CAST's default re-fit needs 144 rows there.
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(size, 1, 8, 8, generator=g) for _ in range(batches)]
 
