@@ -138,11 +138,12 @@ class _SparseLayer(nn.Module):
         """Drop the chosen backend and any cached operand; both follow the stored tensors."""
         self._backend: Backend | None = None
         self._backend_for: tuple[torch.device, torch.dtype] | None = None
-        self._cached: tuple[tuple, object] | None = None
+        self._cached: tuple[tuple, tuple[torch.Tensor, ...], object] | None = None
 
     def _stored_key(self) -> tuple | None:
-        """Identity of the stored values and slots (storage and in-place write count); None for
-        inference tensors, whose in-place writes are not counted, so they are never cached."""
+        """Identity of the stored values and slots (storage address and in-place write count);
+        None for inference tensors, whose in-place writes are not counted, so they are never
+        cached."""
         if self.values.is_inference() or self.slots.is_inference():
             return None
         return tuple((t.data_ptr(), t._version) for t in (self.values, self.slots))
@@ -150,10 +151,15 @@ class _SparseLayer(nn.Module):
     def _operand(self) -> tuple[Backend, object]:
         """The backend for the current device/dtype and its operand for the stored tensors.
 
-        The reference backend derives the operand inside every forward (pure tensor math, so
-        ``torch.compile(fullgraph=True)`` traces it and nothing can go stale). Sparse backends
-        cache it in eager mode, keyed on the stored tensors' storage and version; module moves
-        (``_apply``) and state-dict loads drop the cache.
+        Under ``torch.compile`` every backend's preparation is traced into the graph (plain
+        tensor ops), so a compiled model reads the stored tensors at every call and holds no
+        operand of its own. In eager mode the reference backend derives the operand in every
+        forward; the sparse backends cache it, keyed on the stored tensors' address and version
+        counter. The cache keeps those tensors alive, so their memory cannot be reused at the same
+        address: a key match means the same tensors with no in-place write since (``copy_``,
+        ``load_state_dict``, ``.data =``, moves all change the key). Writes that bypass the
+        version counter (in-place on ``.data``, through NumPy) are seen at the next move or
+        state-dict load only.
         """
         where = (self.values.device, self.values.dtype)
         if self._backend is None or self._backend_for != where:
@@ -162,16 +168,15 @@ class _SparseLayer(nn.Module):
             self._backend = backend if backend is not None else backends.REFERENCE
             self._backend_for = where
         backend = self._backend
-        if backend.prepares_in_forward:
+        if backend.prepares_in_forward or torch.compiler.is_compiling():
             return backend, self._prepare(backend)
-        if torch.compiler.is_compiling():  # a compiled graph holds the operand it was traced with
-            return backend, self._cached[1] if self._cached is not None else self._prepare(backend)
         key = self._stored_key()
         if key is None:
             return backend, self._prepare(backend)
         if self._cached is None or self._cached[0] != key:
-            self._cached = (key, self._prepare(backend))
-        return backend, self._cached[1]
+            held = (self.values.detach(), self.slots.detach())  # same storage and version counter
+            self._cached = (key, held, self._prepare(backend))
+        return backend, self._cached[2]
 
     def _apply(self, fn, recurse: bool = True):
         out = super()._apply(fn, recurse)
@@ -180,7 +185,7 @@ class _SparseLayer(nn.Module):
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:
         super()._load_from_state_dict(*args, **kwargs)
-        self._forget()
+        self._cached = None  # the key would miss anyway; this frees the old tensors now
 
     @property
     def active_backend(self) -> str:
