@@ -19,7 +19,7 @@ from torch import nn
 from . import backends
 from .backends import Backend, BackendUnavailableError, ConvSpec, LinearSpec
 from .backends.base import ACTIVATIONS
-from .checks import check_number
+from .checks import check_device, check_flag, check_module, check_names, check_number
 from .compress import compress_nm, decompress_nm
 from .layers import placement_reasons, swap_ineligibility
 from .masks import ConvOrder, check_conv_order, check_finite, check_groupable
@@ -83,6 +83,9 @@ class _SparseLayer(nn.Module):
             raise TypeError(f"backend must be a str ('auto' or a backend name), got {type(backend).__name__}")
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+        check_flag(bias, "bias")
+        if device is not None:
+            device = check_device(device)
         if backend != "auto":
             reason = backends.get(backend).unavailable_reason()
             if reason:
@@ -245,7 +248,7 @@ class SparseLinear(_SparseLayer):
     ) -> SparseLinear:
         """Build from ``linear`` keeping the weights where ``mask`` (``[out, in]``, k:n) is True."""
         if not isinstance(linear, nn.Linear):
-            raise TypeError(f"layer {name!r}: expected nn.Linear, got {type(linear).__name__}")
+            raise TypeError(f"layer {name!r}: linear must be an nn.Linear, got {type(linear).__name__}")
         pattern = Pattern.parse(pattern)
         return cls._build(linear, _checked_mask(name, linear, mask, pattern, "rsc"), pattern, backend)
 
@@ -335,7 +338,7 @@ class SparseConv2d(_SparseLayer):
     ) -> SparseConv2d:
         """Build from ``conv`` keeping the weights where ``mask`` (``[Cout, Cin, R, S]``, k:n) is True."""
         if not isinstance(conv, nn.Conv2d):
-            raise TypeError(f"layer {name!r}: expected nn.Conv2d, got {type(conv).__name__}")
+            raise TypeError(f"layer {name!r}: conv must be an nn.Conv2d, got {type(conv).__name__}")
         pattern = Pattern.parse(pattern)
         return cls._build(
             conv, _checked_mask(name, conv, mask, pattern, conv_order), pattern, backend, conv_order
@@ -419,21 +422,6 @@ class SwapReport:
         return "\n".join(lines)
 
 
-def _name_patterns(value: str | Iterable[str] | None, arg: str) -> tuple[str, ...] | None:
-    """``include``/``exclude`` as a tuple of glob patterns: a single str is one pattern."""
-    if value is None:
-        return None
-    if isinstance(value, str):
-        return (value,)
-    if not isinstance(value, Iterable):
-        raise TypeError(f"{arg} must be a str or an iterable of str, got {type(value).__name__}")
-    value = tuple(value)
-    bad = [v for v in value if not isinstance(v, str)]
-    if bad:
-        raise TypeError(f"{arg} must hold str glob patterns, got {bad[:3]!r}")
-    return value
-
-
 def _matches(name: str, patterns: tuple[str, ...] | None) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns or ())
 
@@ -474,16 +462,15 @@ def swap_modules(
             of the wrong shape or type, a NaN/Inf weight, or an explicitly requested backend
             that cannot run a layer. Nothing in the model is changed when this happens.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    check_module(model)
     plan = as_plan(masks, pattern, conv_order)
     masks, pattern, conv_order = plan.masks, plan.pattern, plan.conv_order
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str ('auto' or a backend name), got {type(backend).__name__}")
     if backend != "auto":
         backends.get(backend)  # an unknown name raises, naming the known ones
-    include = _name_patterns(include, "include")
-    exclude = _name_patterns(exclude, "exclude")
+    include = None if include is None else check_names(include, "include")
+    exclude = None if exclude is None else check_names(exclude, "exclude")
     modules = dict(model.named_modules(remove_duplicate=False))
     unknown = [n for n in masks if n not in modules]
     if unknown:
