@@ -37,10 +37,13 @@ def check_number(
     too_low = low is not None and (value <= low if low_open else value < low)
     too_high = high is not None and (value >= high if high_open else value > high)
     if too_low or too_high:
-        left = "(" if low_open else "["
-        right = ")" if high_open else "]"
-        span = f"{left}{'-inf' if low is None else low}, {'inf' if high is None else high}{right}"
-        raise ValueError(f"{arg} must be in {span}, got {value}")
+        if high is None:
+            span = f"{'>' if low_open else '>='} {low}"
+        elif low is None:
+            span = f"{'<' if high_open else '<='} {high}"
+        else:
+            span = f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        raise ValueError(f"{arg} must be {span}, got {value}")
     return value
 
 
