@@ -77,24 +77,26 @@ def _sequential_greedy(gain: torch.Tensor, tol: float) -> set[tuple[int, int]]:
 def test_greedy_matching_equals_sequential_greedy(seed: int) -> None:
     x = _rand(12, 12, seed=seed)
     gain = x + x.T
-    a, b = greedy_matching(gain, tol=0.0)
-    assert set(zip(a.tolist(), b.tolist(), strict=True)) == _sequential_greedy(gain, 0.0)
+    other = _rand(12, 12, seed=seed + 10)
+    bi, a, b = greedy_matching(torch.stack([gain, other + other.T]), tol=0.0)
+    assert set(zip(a[bi == 0].tolist(), b[bi == 0].tolist(), strict=True)) == _sequential_greedy(gain, 0.0)
+    assert set(zip(a[bi == 1].tolist(), b[bi == 1].tolist(), strict=True)) == _sequential_greedy(other + other.T, 0.0)
 
 
 @pytest.mark.parametrize("pattern", ["2:4", "3:8", "1:4"])
 def test_swap_gains_match_brute_force(pattern: str) -> None:
     p = Pattern.parse(pattern)
     m = _rand(6, 3 * p.n, seed=3).abs()
-    state = StripeSearch(m, p, torch.Generator().manual_seed(0), max_candidates=1000)
-    state.cols = torch.randperm(m.shape[1], generator=torch.Generator().manual_seed(4)).view(3, p.n)
-    state.mark_changed(torch.arange(3))
-    gains = state.swap_gains()
-    base = kept_score(m, p, state.perm)
+    state = StripeSearch(m[None], p, [torch.Generator().manual_seed(0)], max_candidates=1000)
+    state.cols = torch.randperm(m.shape[1], generator=torch.Generator().manual_seed(4)).view(1, 3, p.n)
+    state.mark_changed(torch.ones(1, 3, dtype=torch.bool))
+    gains = state.swap_gains()[0]
+    base = kept_score(m, p, state.perm[0])
     for i, j in combinations(range(m.shape[1]), 2):
         if i // p.n == j // p.n:
             assert gains[i, j] == float("-inf")
             continue
-        perm = state.perm.clone()
+        perm = state.perm[0].clone()
         perm[[i, j]] = perm[[j, i]]
         assert float(gains[i, j]) == pytest.approx(kept_score(m, p, perm) - base, abs=1e-4)
 
@@ -103,15 +105,15 @@ def test_swap_gains_match_brute_force(pattern: str) -> None:
 def test_window_scores_match_brute_force(pattern: str) -> None:
     p = Pattern.parse(pattern)
     m = _rand(5, 3 * p.n, seed=5).abs()
-    state = StripeSearch(m, p, torch.Generator().manual_seed(0), max_candidates=1000)
+    state = StripeSearch(m[None], p, [torch.Generator().manual_seed(0)], max_candidates=1000)
     a, b = torch.tensor([0, 0, 1]), torch.tensor([1, 2, 2])
-    gains, choices = state._score_pairs(a, b)
+    gains, choices = state._score_pairs(torch.zeros(3, dtype=torch.long), a, b)
     base = kept_score(m, p)
     for i in range(3):
-        cols = torch.cat([state.cols[a[i]], state.cols[b[i]]])
+        cols = torch.cat([state.cols[0, a[i]], state.cols[0, b[i]]])
         best = 0.0
         for cand in state.cand:
-            perm = state.perm.clone().view(3, p.n)
+            perm = state.perm[0].clone().view(3, p.n)
             moved = cols[cand]
             perm[a[i]], perm[b[i]] = moved[: p.n], moved[p.n :]
             best = max(best, kept_score(m, p, perm.reshape(-1)) - base)
@@ -231,8 +233,8 @@ def test_greedy_swap_baseline_ends_at_a_swap_optimum(pattern: str) -> None:
     assert sorted(result.perm.tolist()) == list(range(w.shape[1]))
     assert result.kept == pytest.approx(_kept_by_mask(w[:, result.perm], pattern), rel=1e-6)
     assert result.kept > result.kept_before
-    state = StripeSearch(w.abs(), p, torch.Generator().manual_seed(0), max_candidates=1000)
-    state.cols = result.perm.clone().view(-1, p.n)
+    state = StripeSearch(w.abs()[None], p, [torch.Generator().manual_seed(0)], max_candidates=1000)
+    state.cols = result.perm.clone().view(1, -1, p.n)
     assert float(state.swap_gains().max()) <= 1e-4
 
 

@@ -12,25 +12,25 @@ report names them).
 from __future__ import annotations
 
 import copy
+import math
 import time
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .. import distributed
 from ..batches import Batch, model_batches, model_device, output_tensors
 from ..checks import check_number
 from ..layers import placement_reasons, shared_tensors
-from ..masks import ConvOrder, check_conv_order
+from ..masks import ConvOrder, check_conv_order, check_groupable
 from ..modes import evaluation
 from ..pattern import Pattern
 from .coupling_blocks import blockwise_groups
 from .coupling_fx import fx_groups
 from .groups import ChannelGroup, GroupList, apply_permutation, group_channels
 from .objective import efficacy, kept_score, optimal_kept, search_matrix
-from .stripe_search import search
+from .stripe_search import search_matrices
 
 _TINY = 1e-30
 
@@ -106,10 +106,11 @@ def find_groups(model: nn.Module) -> GroupList:
     return found
 
 
-def _search_group(
-    model: nn.Module, group: ChannelGroup, report: GroupReport, pattern: Pattern, search_kwargs: dict
-) -> torch.Tensor | None:
-    """The group's permutation, or ``None`` (with ``report.skip_reason``) to leave it alone."""
+def _prepare_group(
+    model: nn.Module, group: ChannelGroup, report: GroupReport, pattern: Pattern, conv_order: ConvOrder
+) -> dict[str, torch.Tensor] | None:
+    """The group's consumer search matrices by name, or ``None`` (with ``report.skip_reason``)
+    when it cannot move."""
     try:
         channels = group_channels(model, group)
     except ValueError as err:
@@ -122,14 +123,18 @@ def _search_group(
         report.skip_reason = f"{block} {what}, not a multiple of n={pattern.n}"
         return None
     weights = {name: model.get_submodule(name).weight.detach() for name in group.consumers}
-    matrices = {name: search_matrix(w, search_kwargs["conv_order"], name) for name, w in weights.items()}
+    for name, w in weights.items():
+        check_groupable(w.shape, pattern, conv_order, name)
+    return {name: search_matrix(w, conv_order, name) for name, w in weights.items()}
+
+
+def _judge_group(
+    matrices: dict[str, torch.Tensor], perm: torch.Tensor, report: GroupReport, pattern: Pattern
+) -> torch.Tensor | None:
+    """Score the searched ``perm`` into ``report``; ``None`` when it does not pay."""
     before = {name: kept_score(m, pattern) for name, m in matrices.items()}
-    # Each consumer counts by the fraction it keeps, so one large layer cannot buy its gain
-    # with a small layer's loss.
-    scaled = [w / max(before[name], _TINY) for name, w in weights.items()]
-    perm = search(scaled, pattern, segment=group.block, names=list(weights), **search_kwargs).perm
     after = {name: kept_score(m, pattern, perm.to(m.device)) for name, m in matrices.items()}
-    report.layers = {name: (before[name], after[name]) for name in weights}
+    report.layers = {name: (before[name], after[name]) for name in matrices}
     report.kept_before, report.kept_after = sum(before.values()), sum(after.values())
     report.kept_optimal = sum(optimal_kept(m, pattern) for m in matrices.values())
     report.efficacy = efficacy(report.kept_before, report.kept_after, report.kept_optimal)
@@ -170,22 +175,45 @@ def _search_groups(
     progress: bool,
     skip: dict[int, str],
 ) -> tuple[list[GroupReport], list[torch.Tensor | None]]:
-    """Every group's report and permutation (``None``: leave it alone), all searched on the
-    weights as they are before any permutation is applied, so the result does not depend on
-    how the groups are split; ``skip`` gives the reason a group must not move. Under
-    torch.distributed rank ``r`` searches groups ``r, r+N, ...`` and the results are gathered on
-    every rank."""
+    """Every group's report and permutation (``None``: leave it alone), all searched together
+    (:func:`~.stripe_search.search_matrices` batches blocks of equal shape across groups) on
+    the weights as they are before any permutation is applied; ``skip`` gives the reason a
+    group must not move. Each group's search matrix stacks its consumers, each scaled by what
+    it keeps now, so one large layer cannot buy its gain with a small layer's loss. Under
+    torch.distributed rank ``r`` searches groups ``r, r+N, ...`` and the results are gathered
+    on every rank. ``report.seconds`` is the group's share of the search time, by its size."""
+    start = time.perf_counter()
+    search_kwargs = dict(search_kwargs)
+    conv_order = search_kwargs.pop("conv_order")
+    budget = search_kwargs.pop("time_budget_s")
     found: dict[int, tuple[GroupReport, torch.Tensor | None]] = {}
-    mine = list(distributed.shard(range(len(groups))))
-    for i in tqdm(mine, desc="permute", disable=not progress):
+    todo: list[tuple[int, dict[str, torch.Tensor]]] = []
+    for i in distributed.shard(range(len(groups))):
         group = groups[i]
-        start = time.perf_counter()
         report = GroupReport(group.name, group.consumers, group.source, skip_reason=skip.get(i))
-        perm = None
-        if report.skip_reason is None:
-            perm = _search_group(model, group, report, pattern, search_kwargs)
-        report.seconds = time.perf_counter() - start
-        found[i] = (report, None if perm is None else perm.cpu())
+        found[i] = (report, None)
+        matrices = None if report.skip_reason else _prepare_group(model, group, report, pattern, conv_order)
+        if matrices is not None:
+            todo.append((i, matrices))
+    stacked = [
+        torch.cat([m / max(kept_score(m, pattern), _TINY) for m in matrices.values()]) for _, matrices in todo
+    ]
+    deadline = math.inf if budget is None else start + budget * len(todo)
+    perms = search_matrices(
+        stacked,
+        pattern,
+        segments=[groups[i].block for i, _ in todo],
+        deadline=deadline,
+        progress=progress,
+        **search_kwargs,
+    )
+    elapsed = time.perf_counter() - start
+    work = sum(m.numel() for m in stacked)
+    for (i, matrices), m, (perm, _) in zip(todo, stacked, perms, strict=True):
+        report = found[i][0]
+        report.seconds = elapsed * m.numel() / work
+        kept = _judge_group(matrices, perm, report, pattern)
+        found[i] = (report, None if kept is None else kept.cpu())
     for part in distributed.all_gather_object(found):
         found.update(part)
     return [found[i][0] for i in range(len(groups))], [found[i][1] for i in range(len(groups))]
