@@ -182,6 +182,8 @@ class StripeSearch:
         # delta[b, g, p, x]: change of stripe g's kept score if its p-th column were column x.
         self.delta = torch.zeros(blocks, self.g, self.n, channels, device=device)
         self.delta_dirty = torch.ones(blocks, self.g, dtype=torch.bool, device=device)
+        # Kept score of every stripe (float64), fresh where delta is.
+        self.stripe_kept = torch.zeros(blocks, self.g, dtype=torch.float64, device=device)
         # Window candidates that are single swaps only would repeat the swap rounds.
         cand = window_candidates(self.n, max_candidates)
         self.cand = cand.to(device) if windows and cand.shape[0] > 1 + self.n * self.n else None
@@ -189,7 +191,7 @@ class StripeSearch:
         self.pair_gain = torch.zeros(blocks, self.g, self.g, device=device)
         self.pair_choice = torch.zeros(blocks, self.g, self.g, dtype=torch.long, device=device)
         self.pair_fresh = self.eye.repeat(blocks, 1, 1)
-        self.tabu_steps = 0
+        self.tabu_steps = self.rounds = 0
 
     @property
     def perm(self) -> torch.Tensor:
@@ -238,6 +240,7 @@ class StripeSearch:
         index = index[:, None].expand_as(stripes)
         vals = self.mt[index[..., None], self.cols[index, stripes]]  # [B', K, n, R]
         kth, next_ = kth_largest_pair(vals, self.k, dim=2)  # [B', K, R]
+        self.stripe_kept[index, stripes] = topk_sum(vals, self.k, dim=2).double().sum(2)
         # Exactly the top k where kth > next_; on a tie the two cases below agree.
         outside = vals <= next_[:, :, None]
         # Change of the stripe's kept sum when the column at each position leaves it.
@@ -391,7 +394,7 @@ class StripeSearch:
             hold = step + 1 + holds[step]
             tabu_until[rows, moved0] = torch.where(active, hold[:, 0], tabu_until[rows, moved0])
             tabu_until[rows, moved1] = torch.where(active, hold[:, 1], tabu_until[rows, moved1])
-            current = self.totals()
+            current = self.stripe_kept.sum(1)
             better = current > best + tol
             best = torch.where(better, current, best)
             best_cols = torch.where(better[:, None, None], self.cols, best_cols)
@@ -412,21 +415,28 @@ class StripeSearch:
         self.mark_changed(self._changed(torch.cat([bi, bi], 1), stripes))
 
     # -- driver --------------------------------------------------------------------------
-    def local_search(self, deadline: float, windows: bool = True) -> None:
-        """Swap rounds, then (if ``windows``) window rounds, until neither improves or time
-        runs out."""
-        while time.perf_counter() < deadline and (self.swap_round() or (windows and self.window_round())):
-            pass
+    def local_search(self, deadline: float, windows: bool = True, max_rounds: float = math.inf) -> None:
+        """Swap rounds, then (if ``windows``) window rounds, until neither improves, time runs
+        out or ``max_rounds`` rounds (counted since the start of :meth:`run`) were made."""
+        while (
+            time.perf_counter() < deadline
+            and self.rounds < max_rounds
+            and (self.swap_round() or (windows and self.window_round()))
+        ):
+            self.rounds += 1
 
-    def run(self, deadline: float, max_iters: int, walk: int, kick_swaps: int) -> torch.Tensor:
+    def run(
+        self, deadline: float, max_iters: int, walk: int, kick_swaps: int, max_rounds: float = math.inf
+    ) -> torch.Tensor:
         """One swap round (even past the deadline); more swap rounds; tabu walks, each started
         from the best permutation so far by a random kick, for ``max_iters`` tabu steps in all;
-        then swap and window rounds from the best. Window rounds cost
-        ``O(R * pairs * candidates)``, so they polish only at the end. Returns ``cols``."""
+        then swap and window rounds from the best, ``max_rounds`` improving rounds in all.
+        Window rounds cost ``O(R * pairs * candidates)``, so they polish only at the end.
+        Returns ``cols``."""
         if self.g < 2:
             return self.cols
-        self.swap_round()
-        self.local_search(deadline, windows=False)
+        self.rounds = int(self.swap_round())
+        self.local_search(deadline, windows=False, max_rounds=max_rounds)
         best, best_cols = self.totals(), self.cols.clone()
         lo = max(2, self.g * self.n // 16)
         while self.tabu_steps < max_iters and time.perf_counter() < deadline:
@@ -438,7 +448,7 @@ class StripeSearch:
             best = torch.where(better, total, best)
             best_cols = torch.where(better[:, None, None], self.cols, best_cols)
             self.restore(best_cols)
-        self.local_search(deadline)
+        self.local_search(deadline, max_rounds=max_rounds)
         return self.cols
 
 
@@ -562,6 +572,7 @@ def search_matrices(
     kick_swaps: int = 2,
     max_candidates: int = 1000,
     windows: bool | Sequence[bool] = True,
+    max_rounds: float | Sequence[float] = math.inf,
     progress: bool = False,
 ) -> list[tuple[torch.Tensor, int]]:
     """:func:`search` of several search matrices ``[R_i, C_i]`` at once: blocks of the same
@@ -570,13 +581,15 @@ def search_matrices(
     Every matrix draws its blocks and every block its random numbers from generators seeded
     by ``seed`` alone, so a matrix gets the same permutation as when searched by itself (up to
     float rounding of batched reductions and the ``deadline``, a ``perf_counter`` value). Each
-    batch always runs one swap round. ``max_iters`` and ``windows`` may be given per matrix
-    (tabu steps per block and pass). Returns ``(perm [C_i] int64, tabu steps)`` per matrix.
+    batch always runs one swap round. ``max_iters`` (tabu steps per block and pass),
+    ``windows`` and ``max_rounds`` (improving swap/window rounds per block and pass) may be
+    given per matrix. Returns ``(perm [C_i] int64, tabu steps)`` per matrix.
     """
     count = len(matrices)
     segments = [None] * count if segments is None else list(segments)
     iters = [max_iters] * count if isinstance(max_iters, int) else list(max_iters)
     polish = [windows] * count if isinstance(windows, bool) else list(windows)
+    rounds = list(max_rounds) if isinstance(max_rounds, Sequence) else [max_rounds] * count
     _check_counts(iters, passes, block_stripes)
     n = pattern.n
     for i, (m, segment) in enumerate(zip(matrices, segments, strict=True)):
@@ -590,18 +603,18 @@ def search_matrices(
     cols = [torch.arange(m.shape[1], device=m.device).view(-1, n) for m in matrices]
     steps = [0] * count
     for p in range(passes):
-        # (rows, block width, tabu steps, windows, device) -> [(matrix, stripes, block seed)]
+        # (rows, block width, tabu steps, windows, rounds, device) -> [(matrix, stripes, block seed)]
         batches: dict[tuple, list[tuple[int, torch.Tensor, int]]] = {}
         for i, m in enumerate(matrices):
             regroup, blocks = _blocks(m, n, segments[i], block_stripes, gens[i])
             if p and not regroup:
                 continue
             for block in blocks:
-                key = (m.shape[0], block.numel(), iters[i], polish[i], m.device)
+                key = (m.shape[0], block.numel(), iters[i], polish[i], rounds[i], m.device)
                 block_seed = int(torch.randint(2**62, (1,), generator=gens[i]))
                 batches.setdefault(key, []).append((i, block.to(m.device), block_seed))
         for key, items in tqdm(batches.items(), desc=f"permutation search, pass {p + 1}", disable=not progress):
-            rows, width, block_iters, block_windows, _ = key
+            rows, width, block_iters, block_windows, block_rounds, _ = key
             most = max(1, _BATCH_ELEMENTS // (rows * width * n))
             for s in range(0, len(items), most):
                 part = items[s : s + most]
@@ -613,7 +626,7 @@ def search_matrices(
                     max_candidates,
                     block_windows,
                 )
-                found = state.run(deadline, block_iters, walk, kick_swaps).view(len(part), -1)
+                found = state.run(deadline, block_iters, walk, kick_swaps, block_rounds).view(len(part), -1)
                 for (i, block, _), c, local in zip(part, block_cols, found, strict=True):
                     cols[i][block] = c[local].view(-1, n)
                     steps[i] += state.tabu_steps
