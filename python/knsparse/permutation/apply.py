@@ -106,7 +106,7 @@ def find_groups(model: nn.Module) -> GroupList:
     return found
 
 
-def _prepare_group(
+def prepare_group(
     model: nn.Module, group: ChannelGroup, report: GroupReport, pattern: Pattern, conv_order: ConvOrder
 ) -> dict[str, torch.Tensor] | None:
     """The group's consumer search matrices by name, or ``None`` (with ``report.skip_reason``)
@@ -128,7 +128,13 @@ def _prepare_group(
     return {name: search_matrix(w, conv_order, name) for name, w in weights.items()}
 
 
-def _judge_group(
+def scaled_stack(matrices: dict[str, torch.Tensor], pattern: Pattern) -> torch.Tensor:
+    """The group's search matrix: its consumers' matrices, each divided by what it keeps now,
+    stacked along the rows."""
+    return torch.cat([m / max(kept_score(m, pattern), _TINY) for m in matrices.values()])
+
+
+def judge_group(
     matrices: dict[str, torch.Tensor], perm: torch.Tensor, report: GroupReport, pattern: Pattern
 ) -> torch.Tensor | None:
     """Score the searched ``perm`` into ``report``; ``None`` when it does not pay."""
@@ -192,12 +198,10 @@ def _search_groups(
         group = groups[i]
         report = GroupReport(group.name, group.consumers, group.source, skip_reason=skip.get(i))
         found[i] = (report, None)
-        matrices = None if report.skip_reason else _prepare_group(model, group, report, pattern, conv_order)
+        matrices = None if report.skip_reason else prepare_group(model, group, report, pattern, conv_order)
         if matrices is not None:
             todo.append((i, matrices))
-    stacked = [
-        torch.cat([m / max(kept_score(m, pattern), _TINY) for m in matrices.values()]) for _, matrices in todo
-    ]
+    stacked = [scaled_stack(matrices, pattern) for _, matrices in todo]
     deadline = math.inf if budget is None else start + budget * len(todo)
     iters, rounds = split_budget([m.numel() for m in stacked], search_kwargs.pop("max_iters"))
     perms = search_matrices(
@@ -215,7 +219,7 @@ def _search_groups(
     for (i, matrices), m, (perm, _) in zip(todo, stacked, perms, strict=True):
         report = found[i][0]
         report.seconds = elapsed * m.numel() / work
-        kept = _judge_group(matrices, perm, report, pattern)
+        kept = judge_group(matrices, perm, report, pattern)
         found[i] = (report, None if kept is None else kept.cpu())
     for part in distributed.all_gather_object(found):
         found.update(part)

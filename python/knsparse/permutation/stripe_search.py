@@ -319,7 +319,9 @@ class StripeSearch:
             part = bi[s : s + step]
             cols = torch.cat([self.cols[part, a[s : s + step]], self.cols[part, b[s : s + step]]], dim=1)
             # Rows last keeps the reductions over a stripe's n columns contiguous.
-            vals = self.mt[part[:, None, None], cols[:, self.cand]].unflatten(2, (2, self.n))  # [B, P, 2, n, R]
+            vals = self.mt[part[:, None, None], cols[:, self.cand]].unflatten(
+                2, (2, self.n)
+            )  # [B, P, 2, n, R]
             kept = topk_sum(vals, self.k, dim=3).sum((2, 3))  # [B, P]
             best, choice = (kept - kept[:, :1]).max(dim=1)
             gains.append(best)
@@ -406,7 +408,9 @@ class StripeSearch:
         every block."""
         swaps = min(swaps, self.g // 2)
         device = self.cols.device
-        stripes = torch.stack([torch.randperm(self.g, generator=g)[: 2 * swaps] for g in self.gens]).to(device)
+        stripes = torch.stack([torch.randperm(self.g, generator=g)[: 2 * swaps] for g in self.gens]).to(
+            device
+        )
         pos = torch.stack([torch.randint(self.n, (2, swaps), generator=g) for g in self.gens]).to(device)
         bi = torch.arange(len(self.gens), device=device)[:, None].expand(-1, swaps)
         a, b = stripes[:, :swaps], stripes[:, swaps:]
@@ -553,7 +557,9 @@ def _blocks(
     regroup = splits > 1
     blocks = []
     for offset in range(0, stripes, per_segment):
-        order = offset + (torch.randperm(per_segment, generator=gen) if regroup else torch.arange(per_segment))
+        order = offset + (
+            torch.randperm(per_segment, generator=gen) if regroup else torch.arange(per_segment)
+        )
         blocks.extend(order.tensor_split(splits))
     return regroup, blocks
 
@@ -613,7 +619,9 @@ def search_matrices(
                 key = (m.shape[0], block.numel(), iters[i], polish[i], rounds[i], m.device)
                 block_seed = int(torch.randint(2**62, (1,), generator=gens[i]))
                 batches.setdefault(key, []).append((i, block.to(m.device), block_seed))
-        for key, items in tqdm(batches.items(), desc=f"permutation search, pass {p + 1}", disable=not progress):
+        for key, items in tqdm(
+            batches.items(), desc=f"permutation search, pass {p + 1}", disable=not progress
+        ):
             rows, width, block_iters, block_windows, block_rounds, _ = key
             most = max(1, _BATCH_ELEMENTS // (rows * width * n))
             for s in range(0, len(items), most):
