@@ -75,6 +75,8 @@ def bench_model(name: str, images: int, batch: int, group: int) -> dict:
     gen = torch.Generator().manual_seed(1)
     batches = [torch.randn(batch, 3, 224, 224, generator=gen) for _ in range(images // batch)]
     result = {"layers": len(layers), "images": images, "batch": batch}
+    with torch.no_grad():  # warm-up: neither method pays the first forward's one-off costs
+        model.eval()(batches[0])
     timed = {}
     for method, fn in (
         ("knsparse", lambda: collect_input_stats(model, layers, batches, group=group)),

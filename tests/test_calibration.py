@@ -75,6 +75,27 @@ def test_streamed_stats_equal_one_big_batch_and_stay_bounded():
         assert torch.allclose(streamed[name].column_norms(), (rows.square().sum(0) / 12).sqrt(), rtol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["sum_sq only", "block gram", "full gram"])
+def test_column_squares_follow_the_inputs_whatever_is_collected(kind):
+    # The squares are read off a Gram's diagonal when one is collected; finite inputs whose
+    # float32 squares overflow are still summed exactly, and NaN/Inf inputs are refused.
+    lin = nn.Linear(8, 2)
+    options = {"sum_sq only": {}, "block gram": {"group": 4}, "full gram": {"full_gram": True}}[kind]
+    x = torch.randn(6, 8, generator=torch.Generator().manual_seed(0))
+    got = collect_input_stats(lin, {"": lin}, [x[:3], x[3:]], **options)[""]
+    assert torch.allclose(got.sum_sq, x.double().square().sum(0), rtol=1e-5)
+    huge = x.clone()
+    huge[0, 2] = 3e20  # finite, but its float32 square is inf
+    got = collect_input_stats(lin, {"": lin}, [huge], **options)[""]
+    assert torch.isfinite(got.sum_sq).all()
+    assert got.sum_sq[2] == pytest.approx(float(huge[:, 2].double().square().sum()), rel=1e-6)
+    for bad in (float("nan"), float("inf")):
+        broken = x.clone()
+        broken[4, 5] = bad
+        with pytest.raises(ValueError, match=r"layer ''.*NaN or Inf"):
+            collect_input_stats(lin, {"": lin}, [x[:3], broken[3:]], **options)
+
+
 def _inputs_of(model, module, x):
     seen = []
     handle = module.register_forward_pre_hook(lambda _m, inp: seen.append(inp[0]))

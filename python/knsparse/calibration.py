@@ -15,6 +15,7 @@ keyword inputs or an ``(inputs, target)`` tuple (see :mod:`.batches`).
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
@@ -228,30 +229,45 @@ def collect_input_stats(
     def accumulate(name: str, rows: torch.Tensor) -> None:
         b, _, k = rows.shape
         flat = rows.reshape(-1, k)
-        if not torch.isfinite(flat).all():
-            raise ValueError(
-                f"layer {name!r}: calibration inputs contain NaN or Inf "
-                "(check the calibration batches and the layers before it)"
-            )
         st = stats.get(name)
         if st is None:
-            gram = None
-            if group is not None:
-                if k % group:
-                    raise ValueError(f"layer {name!r}: reduction size {k} is not a multiple of n={group}")
-                gram = torch.zeros(k // group, group, group, dtype=torch.float64, device=rows.device)
-            full = torch.zeros(k, k, dtype=torch.float64, device=rows.device) if full_gram else None
+            zeros = functools.partial(torch.zeros, dtype=torch.float64, device=rows.device)
+            if group is not None and k % group:
+                raise ValueError(f"layer {name!r}: reduction size {k} is not a multiple of n={group}")
             st = stats[name] = InputStats(
-                0, torch.zeros(k, dtype=torch.float64, device=rows.device), gram, full
+                0,
+                zeros(k),
+                zeros(k // group, group, group) if group is not None else None,
+                zeros(k, k) if full_gram else None,
             )
         st.samples += b
         st.rows += flat.shape[0]
-        st.sum_sq += flat.square().sum(0).double()
-        if st.gram is not None:
-            st.gram += (flat.T @ flat).double()
+        block = full = None
         if st.block_gram is not None:
             g = flat.reshape(flat.shape[0], -1, group)
-            st.block_gram += torch.einsum("tgi,tgj->gij", g, g).double()
+            block = torch.einsum("tgi,tgj->gij", g, g)
+        if st.gram is not None:
+            full = flat.T @ flat
+        # The squares are a Gram's diagonal when one is collected. A NaN or Inf input shows in
+        # them, so only a batch whose sums are not finite is scanned (one pass fewer per batch).
+        if full is not None:
+            sum_sq = full.diagonal()
+        elif block is not None:
+            sum_sq = block.diagonal(dim1=1, dim2=2).reshape(k)
+        else:
+            sum_sq = flat.square().sum(0)
+        if not torch.isfinite(sum_sq).all():
+            if not torch.isfinite(flat).all():
+                raise ValueError(
+                    f"layer {name!r}: calibration inputs contain NaN or Inf "
+                    "(check the calibration batches and the layers before it)"
+                )
+            sum_sq = flat.double().square().sum(0)  # finite inputs whose float32 squares overflow
+        st.sum_sq += sum_sq.double()
+        if full is not None:
+            st.gram += full.double()
+        if block is not None:
+            st.block_gram += block.double()
 
     stream_layer_inputs(
         model, layers, calib, accumulate, conv_order=conv_order, progress=progress, stop_early=stop_early
