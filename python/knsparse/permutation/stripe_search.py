@@ -21,10 +21,12 @@ stripes. :class:`StripeSearch` improves the stripes of one block with three kind
 
 Swap and window rounds apply the best moves greedily without letting two moves touch one
 stripe. Matrices with more than ``block_stripes`` stripes are split into random blocks of
-stripes that are searched one after another; each further pass draws new blocks, so columns
-travel between all stripes. With ``segment`` (attention heads) blocks never cross segments.
-Everything is seeded: a given seed, device and iteration budget always gives the same
-permutation (a time budget can stop it earlier).
+stripes; each further pass draws new blocks, so columns travel between all stripes. With
+``segment`` (attention heads) blocks never cross segments. All blocks of one shape — from one
+matrix or from many (:func:`search_matrices`, a whole model's channel groups) — are searched
+in lockstep as one batch of tensor operations on the matrices' device; the tabu steps make no
+host synchronisation. Everything is seeded per block: a given seed, device and iteration
+budget always gives the same permutation, batched or not (a time budget can stop it earlier).
 """
 
 from __future__ import annotations
@@ -546,9 +548,9 @@ def _check_counts(max_iters: int | Sequence[int], passes: int, block_stripes: in
 
 def _blocks(
     matrix: torch.Tensor, n: int, segment: int | None, block_stripes: int, gen: torch.Generator
-) -> tuple[int, list[torch.Tensor]]:
-    """How many passes make sense for ``matrix`` (1 when it is one block) and a function of the
-    generator: this pass's blocks, ``[stripes]`` index tensors into the matrix's stripes."""
+) -> tuple[bool, list[torch.Tensor]]:
+    """Whether ``matrix`` is split into several blocks (else one pass is enough) and this
+    pass's blocks, ``[stripes]`` index tensors into its stripes, drawn from ``gen``."""
     stripes = matrix.shape[1] // n
     per_segment = stripes if segment is None else segment // n
     # Tall matrices get narrower blocks: a swap-round table costs C_block^2 * R.
