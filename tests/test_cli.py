@@ -123,6 +123,19 @@ def test_prune_inspect_export_check_audit_round_trip(tmp_path, capsys):
         (["audit", "--model", "vit_tiny_digits", "--repeats", "0"], "--repeats"),
         (["export", "--model", "vit_tiny_digits", "--out", "m.onnx", "--opset", "12"], "--opset"),
         (["inspect", "--model", "vit_tiny_digits", "--seed", "x"], "--seed"),
+        *(
+            (["finetune", "--model", "vit_tiny_digits", "--out", "f.safetensors", flag, value], flag)
+            for flag, value in [
+                ("--epochs", "0"),
+                ("--batch-size", "0"),
+                ("--lr", "-1"),
+                ("--weight-decay", "nan"),
+                ("--warmup", "1.5"),
+                ("--temperature", "0"),
+                ("--label-weight", "inf"),
+                ("--grad-clip", "-1"),
+            ]
+        ),
     ],
 )
 def test_bad_numbers_are_one_line_argument_errors(argv, flag, capsys):
@@ -140,6 +153,15 @@ def test_bad_numbers_are_one_line_argument_errors(argv, flag, capsys):
         (["export", "--model", "vit_tiny_digits", "--out", "afile/m.onnx"], "is a file"),
         (["audit", "--model", "vit_tiny_digits", "--out", "afile"], "is an existing file"),
         (["demo", "--out", "afile"], "is an existing file"),
+        (["prune", "--model", "vit_tiny_digits", "--out", "/proc/p.safetensors"], "cannot write into /proc"),
+        *(
+            (["finetune", "--model", "vit_tiny_digits", "--out", "f.safetensors", *extra], message)
+            for extra, message in [
+                (["--checkpoint-dir", "afile"], "--checkpoint-dir afile is an existing file"),
+                (["--metrics", "folder"], "--metrics folder is a folder"),
+                (["--resume"], "--resume needs --checkpoint-dir"),
+            ]
+        ),
     ],
 )
 def test_bad_outputs_are_refused_before_any_work(argv, message, tmp_path, monkeypatch, capsys):
@@ -151,6 +173,7 @@ def test_bad_outputs_are_refused_before_any_work(argv, message, tmp_path, monkey
         raise AssertionError("the command started working before checking --out")
 
     monkeypatch.setattr("knsparse.app.commands.load_model", no_work)
+    monkeypatch.setattr("knsparse.app.finetune_cmd.load_model", no_work)
     monkeypatch.setattr("knsparse.app.report.build_report", no_work)
     assert main(argv) == 2
     err = capsys.readouterr().err

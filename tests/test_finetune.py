@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
+from untouched import assert_same, snapshot
 
 import knsparse as ks
 from knsparse.finetune import distillation_loss, masks_from_zeros, warmup_cosine
@@ -167,3 +168,30 @@ def test_mixed_precision_on_cuda() -> None:
         ks.finetune(student, teacher, (x.cuda(), y.cuda()), epochs=1, masks=masks, amp=amp, progress=False)
         for name, mask in masks.items():
             assert torch.all(student.get_submodule(name).weight[~mask.cuda()] == 0), (amp, name)
+
+
+def test_a_batch_the_models_cannot_run_fails_before_training() -> None:
+    """A validation (or training) set of the wrong width is found on its first batch, naming it,
+    before the student changes (before: torch's shape error after the first epoch)."""
+    teacher, student, _, x, y = setup()
+    student.fc1.eval()
+    snap = snapshot(student)
+    for kwargs in ({"val": torch.randn(8, 3)}, {"data": (torch.randn(96, 7), y)}):
+        call = {"data": (x, y), "epochs": 1, "progress": False, **kwargs}
+        with pytest.raises(ValueError, match=f"{next(iter(kwargs))} batch 0"):
+            ks.finetune(student, teacher, **call)
+        assert_same(snap, snapshot(student))
+
+
+def test_training_flags_come_back_module_by_module() -> None:
+    teacher, student, _, x, y = setup()
+    student.train()
+    student.fc2.eval()  # a frozen head inside a training model stays frozen
+    teacher.fc1.train()
+
+    def flags() -> list[dict[str, bool]]:
+        return [{n: m.training for n, m in model.named_modules()} for model in (student, teacher)]
+
+    before = flags()
+    ks.finetune(student, teacher, (x, y), epochs=1, val=(x, y), progress=False)
+    assert flags() == before

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
+from untouched import assert_same, snapshot
 
 import knsparse as ks
 from knsparse.io import _META_KEY
@@ -47,22 +48,6 @@ def saved(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("io") / "tiny.safetensors"
     ks.save_sparse(model, path)
     return str(path)
-
-
-def snapshot(model: nn.Module) -> dict:
-    return {
-        "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
-        "types": {n: type(m) for n, m in model.named_modules()},
-        "training": {n: m.training for n, m in model.named_modules()},
-        "grad": {n: p.requires_grad for n, p in model.named_parameters()},
-    }
-
-
-def assert_same(a: dict, b: dict) -> None:
-    assert a["types"] == b["types"] and a["training"] == b["training"] and a["grad"] == b["grad"]
-    assert a["state"].keys() == b["state"].keys()
-    for k, v in a["state"].items():
-        assert torch.equal(v, b["state"][k]), k
 
 
 def read(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -228,3 +213,8 @@ def test_random_corruption_raises_clearly_or_loads_exactly(how, seed, saved, tmp
         assert layers[name].conv_order == info["conv_order"]
         # what loaded is a valid k:n layer: its dense weight round-trips through its slots
         assert torch.equal(layers[name].mask().sum(), torch.tensor(layers[name].values.numel()))
+
+
+def test_save_refuses_a_folder(tmp_path):
+    with pytest.raises(ValueError, match="is a folder"):
+        ks.save_sparse(fresh(), tmp_path)

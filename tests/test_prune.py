@@ -59,7 +59,7 @@ def same(a, b):
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(method="obd"), "unknown method"),
+        (dict(method="obd"), "method must be one of"),
         (dict(method="magnitude", pattern="5:4"), "invalid sparsity pattern"),
         (dict(method="magnitude", pattern="2:4", sparsity=0.6), "fixes the sparsity"),
         (dict(method="magnitude", pattern="unstructured"), "needs sparsity"),

@@ -148,7 +148,7 @@ def test_bad_arguments() -> None:
         repair.asr(_pruned(dense), dense, _calib(), shrinkage="mean")
     with pytest.raises(ValueError, match="lam"):
         repair.asr(_pruned(dense), dense, _calib(), lam=-1.0)
-    with pytest.raises(ValueError, match="repair method"):
+    with pytest.raises(ValueError, match="method must be one of"):
         repair.apply(_pruned(dense), dense, _calib(), "magic")
     other = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 7))
     with pytest.raises(ValueError, match="layer '2'"):

@@ -142,3 +142,69 @@ def test_swapped_model_compiles_fullgraph(build):
             layer.values.mul_(-1.5)
         model.load_state_dict(donor.state_dict())
         torch.testing.assert_close(compiled(x), donor(x), rtol=1e-4, atol=1e-4)
+
+
+def replace_data_twice(layer, donor):
+    """``.data =`` twice with no forward between: the first replacement's memory is freed and the
+    allocator may hand it to the second, so an address key alone would match the old operand."""
+    for name in ("values", "slots"):
+        getattr(layer, name).data = torch.zeros_like(getattr(layer, name))
+        getattr(layer, name).data = getattr(donor, name).detach().clone()
+    layer.bias.data = donor.bias.detach().clone()
+
+
+def test_cached_operand_never_matches_reused_memory(backend_kind):
+    layer, _ = sparse_pair(0)
+    x = torch.randn(3, 16)
+    for seed in range(20):
+        _, donor = sparse_pair(seed)
+        layer(x)
+        replace_data_twice(layer, donor)
+        torch.testing.assert_close(layer(x), reference_out(donor, x))
+
+
+@pytest.mark.parametrize("replace", [*REPLACEMENTS, replace_data_twice])
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_compiled_layer_follows_its_stored_tensors(replace, kind, backend_kind):
+    """A compiled layer traces the preparation of its operand: it holds no operand from trace
+    time, and new values, however they arrive, are what it computes with."""
+    torch._dynamo.reset()
+    layer, donor = sparse_pair(0) if kind == "linear" else sparse_conv_pair()
+    x = torch.randn(3, 16) if kind == "linear" else torch.randn(2, 8, 5, 5)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), reference_out(layer, x))
+        replace(layer, donor)
+        torch.testing.assert_close(compiled(x), reference_out(donor, x))
+        with torch.inference_mode():
+            layer.values.mul_(-2)
+            torch.testing.assert_close(compiled(x), reference_out(layer, x))
+
+
+def test_compiled_model_survives_many_loads(backend_kind):
+    """Loading weights does not reset the layer's backend, so a compiled model does not recompile
+    at every load (fullgraph=True would fail at the recompile limit)."""
+    torch._dynamo.reset()
+    layer, donor = sparse_pair(0)
+    x = torch.randn(3, 16)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        for i in range(2 * torch._dynamo.config.recompile_limit):
+            donor.values.mul_(-1.1)
+            layer.load_state_dict(donor.state_dict())
+            torch.testing.assert_close(compiled(x), reference_out(donor, x), msg=f"load {i}")
+
+
+def test_knsparse_cuda_preparation_traces_fullgraph():
+    """knsparse-cuda's operand (2:4 pack + metadata) is plain tensor ops that torch.compile traces
+    whole, so a compiled model packs the stored weight inside its graph (checked here on CPU)."""
+    from knsparse.backends.knsparse_cuda import KNSPARSE_CUDA
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    dense = torch.randn(48, 80)
+    weight = (dense * ks.nm_mask(dense.abs(), "2:4")).half()
+    eager = KNSPARSE_CUDA.prepare_linear(weight)
+    traced = torch.compile(KNSPARSE_CUDA.prepare_linear, fullgraph=True, backend="aot_eager")(weight)
+    assert traced.rows == eager.rows and traced.depth == eager.depth
+    assert torch.equal(traced.values, eager.values) and torch.equal(traced.meta, eager.meta)

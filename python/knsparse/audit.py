@@ -28,6 +28,16 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import tome
+from .backends import names as backend_names
+from .checks import (
+    check_choice,
+    check_device,
+    check_flag,
+    check_image_shape,
+    check_ints,
+    check_module,
+    check_number,
+)
 from .densify import dense_copy
 from .fuse import fuse_activations as fuse_mlp_activations
 from .masks import apply_masks, is_nm
@@ -201,7 +211,7 @@ def _masks_and_pattern(
                 f"the model mixes sparse patterns {sorted(map(str, patterns))}; audit one pattern at a time"
             )
         return {n: layer.mask() for n, layer in swapped.items()}, patterns.pop()
-    found = Pattern.parse(pattern or "2:4")
+    found = Pattern.parse("2:4" if pattern is None else pattern)
     inferred = {
         n: m.weight != 0
         for n, m in model.named_modules()
@@ -383,15 +393,26 @@ def audit(
     Returns:
         An :class:`AuditResult` (``.to_markdown()``, ``.save(dir)`` for markdown, JSON, PNG).
     """
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    check_module(model)
+    device = check_device(device) if device is not None else None
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     on_cuda = device.type == "cuda"
-    shape = tuple(int(d) for d in input_shape)
-    if len(shape) == 4:
-        shape = shape[1:]
-    if len(shape) != 3 or min(shape) < 1:
-        raise ValueError(f"input_shape must be (C, H, W) or (B, C, H, W), got {tuple(input_shape)}")
-    if not batch_sizes or any(int(b) < 1 for b in batch_sizes):
-        raise ValueError(f"batch_sizes must be positive integers, got {list(batch_sizes)}")
+    shape = check_image_shape(input_shape)[1:]
+    if not check_ints(batch_sizes, "batch_sizes", low=1):
+        raise ValueError("batch_sizes is empty")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+    check_choice(backends, "backends", ("auto", *backend_names()))
+    tome.merge_schedule(model, tome_r, "tome_r")
+    if checkpoint is not None and not isinstance(checkpoint, str):
+        raise TypeError(f"checkpoint must be a str (the name shown), got {type(checkpoint).__name__}")
+    check_flag(cuda_graphs, "cuda_graphs")
+    check_flag(fuse_activations, "fuse_activations")
+    for arg, value, low in (("warmup", warmup, 0), ("repeats", repeats, 1)):
+        if value is not None:
+            check_number(value, arg, low=low, integer=True)
+    if min_time_s is not None:
+        check_number(min_time_s, "min_time_s", low=0)
     notes = []
     run_dtype = dtype if on_cuda else torch.float32
     if not on_cuda:

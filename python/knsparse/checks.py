@@ -8,9 +8,12 @@ inside torch.
 from __future__ import annotations
 
 import math
-from collections.abc import Collection
+import os
+from collections.abc import Collection, Iterable, Sequence
+from pathlib import Path
 
 import torch
+from torch import nn
 
 
 def check_number(
@@ -34,10 +37,13 @@ def check_number(
     too_low = low is not None and (value <= low if low_open else value < low)
     too_high = high is not None and (value >= high if high_open else value > high)
     if too_low or too_high:
-        left = "(" if low_open else "["
-        right = ")" if high_open else "]"
-        span = f"{left}{'-inf' if low is None else low}, {'inf' if high is None else high}{right}"
-        raise ValueError(f"{arg} must be in {span}, got {value}")
+        if high is None:
+            span = f"{'>' if low_open else '>='} {low}"
+        elif low is None:
+            span = f"{'<' if high_open else '<='} {high}"
+        else:
+            span = f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        raise ValueError(f"{arg} must be {span}, got {value}")
     return value
 
 
@@ -60,3 +66,83 @@ def check_tensor(
     if floating and not t.is_floating_point():
         raise TypeError(f"{arg} must be floating point, got {t.dtype}")
     return t
+
+
+def check_module(model: object, arg: str = "model") -> nn.Module:
+    """``model`` if it is an ``nn.Module``; else ``TypeError`` naming ``arg``."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{arg} must be an nn.Module, got {type(model).__name__}")
+    return model
+
+
+def check_flag(value: object, arg: str) -> bool:
+    """``value`` if it is a bool (not merely truthy); else ``TypeError`` naming ``arg``."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{arg} must be True or False, got {type(value).__name__} {value!r}")
+    return value
+
+
+def check_choice(value: object, arg: str, choices: Collection[str]) -> str:
+    """``value`` if it is one of the str ``choices``; else ``TypeError``/``ValueError`` naming
+    ``arg`` and the choices."""
+    known = ", ".join(repr(c) for c in choices)
+    if not isinstance(value, str):
+        raise TypeError(f"{arg} must be one of {known}, got {type(value).__name__} {value!r}")
+    if value not in choices:
+        raise ValueError(f"{arg} must be one of {known}, got {value!r}")
+    return value
+
+
+def check_path(value: object, arg: str) -> Path:
+    """``value`` as a ``Path`` if it is a str or ``os.PathLike``; else ``TypeError`` naming ``arg``."""
+    if not isinstance(value, (str, os.PathLike)):
+        raise TypeError(f"{arg} must be a path (str or os.PathLike), got {type(value).__name__}")
+    return Path(value)
+
+
+def check_device(value: object, arg: str = "device") -> torch.device:
+    """``value`` as a ``torch.device`` (a device, a name such as ``"cuda:0"``, or a CUDA index);
+    else ``TypeError``/``ValueError`` naming ``arg``."""
+    if isinstance(value, bool) or not isinstance(value, (str, int, torch.device)):
+        want = "a torch.device, a device name or an index"
+        raise TypeError(f"{arg} must be {want}, got {type(value).__name__}")
+    try:
+        device = torch.device(value)
+    except RuntimeError as exc:
+        raise ValueError(f"{arg} {value!r} is not a device: {exc}") from None
+    if device.type == "cuda" and (
+        not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()
+    ):
+        raise ValueError(f"{arg} {value!r}: no such CUDA device here ({torch.cuda.device_count()} visible)")
+    return device
+
+
+def check_ints(value: object, arg: str, *, low: int | None = None) -> tuple[int, ...]:
+    """``value`` (a list/tuple/``torch.Size`` of ints, not a str) as a tuple of ints ``>= low``;
+    else ``TypeError``/``ValueError`` naming ``arg`` (and the entry)."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise TypeError(f"{arg} must be a sequence of ints, got {type(value).__name__} {value!r}")
+    return tuple(int(check_number(v, f"{arg}[{i}]", low=low, integer=True)) for i, v in enumerate(value))
+
+
+def check_image_shape(value: object, arg: str = "input_shape") -> tuple[int, int, int, int]:
+    """``(B, C, H, W)`` from an image shape ``(C, H, W)`` (batch 1) or ``(B, C, H, W)`` of
+    positive ints; else ``TypeError``/``ValueError`` naming ``arg``."""
+    shape = check_ints(value, arg, low=1)
+    if len(shape) not in (3, 4):
+        raise ValueError(f"{arg} must be (C, H, W) or (B, C, H, W), got {tuple(shape)}")
+    return (1, *shape) if len(shape) == 3 else shape  # type: ignore[return-value]
+
+
+def check_names(value: object, arg: str) -> tuple[str, ...]:
+    """Names (layer names or glob patterns) as a tuple: a single str is one name, else an
+    iterable of str; anything else is a ``TypeError`` naming ``arg``."""
+    if isinstance(value, str):
+        return (value,)
+    if not isinstance(value, Iterable):
+        raise TypeError(f"{arg} must be a str or an iterable of str, got {type(value).__name__}")
+    names = tuple(value)
+    bad = [v for v in names if not isinstance(v, str)]
+    if bad:
+        raise TypeError(f"{arg} must hold str names, got {bad[:3]!r}")
+    return names

@@ -14,13 +14,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import NoReturn
 
 import torch
 
 from . import distributed
 from .app import commands, finetune_cmd
+from .app.commands import at_least
 from .app.registry import MODELS_HELP, UserError
 from .methods import METHODS
 from .pattern import Pattern
@@ -31,20 +32,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def _at_least(minimum: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
-        return value
-
-    parse.__name__ = f"integer >= {minimum}"
-    return parse
 
 
 def _batch_sizes(text: str) -> tuple[int, ...]:
@@ -75,7 +62,7 @@ def _model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
         "--weights", help="safetensors file to load into it (a 'knsparse prune' output or a state dict)"
     )
     p.add_argument(
-        "--seed", type=_at_least(0), default=0, help="data split / training / random-weights seed (default 0)"
+        "--seed", type=at_least(0), default=0, help="data split / training / random-weights seed (default 0)"
     )
 
 
@@ -114,11 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--calib-images",
-        type=_at_least(1),
+        type=at_least(1),
         default=128,
         help="images drawn from --data (seeded; default 128)",
     )
-    p.add_argument("--calib-batch", type=_at_least(1), default=16, help="calibration batch size (default 16)")
+    p.add_argument("--calib-batch", type=at_least(1), default=16, help="calibration batch size (default 16)")
     p.add_argument(
         "--val",
         metavar="DIR",
@@ -132,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--repair-epochs",
-        type=_at_least(0),
+        type=at_least(0),
         default=0,
         help="masked fine-tuning epochs on the digits (default 0)",
     )
@@ -165,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--pattern", type=_pattern, default="2:4", help="k:n pattern to test dense layers for (default 2:4)"
     )
     p.add_argument(
-        "--tome-r", type=_at_least(0), default=0, help="count MACs with this many token merges per block"
+        "--tome-r", type=at_least(0), default=0, help="count MACs with this many token merges per block"
     )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=commands.inspect)
@@ -184,10 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--all-initializers", action="store_true", help="with --check: list biases and other constants too"
     )
-    p.add_argument("--opset", type=_at_least(17), default=17, help="ONNX opset, >= 17 (default 17)")
-    p.add_argument(
-        "--batch", type=_at_least(1), default=2, help="batch size of the example input (default 2)"
-    )
+    p.add_argument("--opset", type=at_least(17), default=17, help="ONNX opset, >= 17 (default 17)")
+    p.add_argument("--batch", type=at_least(1), default=2, help="batch size of the example input (default 2)")
     p.add_argument("--static-batch", action="store_true", help="fix the batch size instead of a dynamic axis")
     p.add_argument(
         "--no-check", action="store_true", help="skip the ONNX checker and the ONNX Runtime parity run"
@@ -206,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="torch exporter (default auto: TorchScript, then dynamo)",
     )
     p.add_argument(
-        "--tome-r", type=_at_least(0), default=0, help="export with this many token merges per block (ViT)"
+        "--tome-r", type=at_least(0), default=0, help="export with this many token merges per block (ViT)"
     )
     p.set_defaults(func=commands.export)
 
@@ -234,11 +219,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="auto", help="sparse backend: auto or a name from knsparse.backends")
     p.add_argument("--pattern", type=_pattern, default="2:4", help="k:n pattern (default 2:4)")
     p.add_argument(
-        "--tome-r", type=_at_least(0), default=0, help="token merges per block for both copies (ViT)"
+        "--tome-r", type=at_least(0), default=0, help="token merges per block for both copies (ViT)"
     )
     p.add_argument(
         "--repeats",
-        type=_at_least(1),
+        type=at_least(1),
         default=None,
         help="timed measurements per batch (default 20 GPU, 5 CPU)",
     )
@@ -259,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
         "knsparse-report/ (markdown, PNG, JSON). With CUDA also audits ViT-B/16 and ResNet-50.",
     )
     p.add_argument("--out", default="knsparse-report", help="report folder (default knsparse-report)")
-    p.add_argument("--seed", type=_at_least(0), default=0, help="data split and training seed (default 0)")
+    p.add_argument("--seed", type=at_least(0), default=0, help="data split and training seed (default 0)")
     p.add_argument("--pattern", type=_pattern, default="2:4", help="k:n pattern (default 2:4)")
     p.add_argument(
         "--batch-sizes",

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from .batches import Batch, output_tensors
+from .checks import check_choice, check_flag, check_module, check_number, check_path, check_tensor
 from .densify import dense_copy
 from .masks import apply_masks, is_nm
 from .modules import SparseConv2d, SparseLinear
@@ -102,17 +103,22 @@ def example_call(example_input: object) -> tuple[Batch, list[str]]:
     tuple/list of tensors (positional, ``"input_0"``...) or a mapping of tensors (keyword
     arguments, named by their keys, e.g. ``pixel_values``). ``TypeError`` otherwise."""
     if isinstance(example_input, torch.Tensor):
-        return Batch((example_input,), label="the example input"), ["input"]
+        check_tensor(example_input, "example_input", floating=False)
+        return Batch((example_input,), label="example_input"), ["input"]
 
     def tensors(items: object) -> bool:
         return bool(items) and all(isinstance(t, torch.Tensor) for t in items)
 
     if isinstance(example_input, (tuple, list)) and tensors(example_input):
-        return Batch(tuple(example_input), label="the example input"), [
+        for i, t in enumerate(example_input):
+            check_tensor(t, f"example_input[{i}]", floating=False)
+        return Batch(tuple(example_input), label="example_input"), [
             f"input_{i}" for i in range(len(example_input))
         ]
     if isinstance(example_input, Mapping) and tensors(list(example_input.values())):
-        return Batch(kwargs=dict(example_input), label="the example input"), [str(k) for k in example_input]
+        for k, t in example_input.items():
+            check_tensor(t, f"example_input[{k!r}]", floating=False)
+        return Batch(kwargs=dict(example_input), label="example_input"), [str(k) for k in example_input]
     raise TypeError(
         "example_input must be a tensor, a non-empty tuple of tensors or a mapping of tensors "
         f"(keyword inputs), got {type(example_input).__name__}"
@@ -369,14 +375,18 @@ def export_onnx(
         An :class:`ExportResult`. Raises :class:`ParityError` if the CPU difference exceeds the
         bound (the file is kept for inspection).
     """
+    check_module(model)
+    check_path(path, "path")
+    check_number(opset, "opset", low=17, integer=True)
+    check_flag(dynamic_batch, "dynamic_batch")
+    check_flag(check, "check")
+    check_choice(exporter, "exporter", ("auto", "torchscript", "dynamo"))
+    check_number(tolerance, "tolerance", low=0, low_open=True)
+    _check_permutations(permutations)
     if plan is not None:
         plan = as_plan(plan)
         model = dense_copy(model)
         apply_masks(model, plan.masks)  # checks every name and shape first
-    if opset < 17:
-        raise ValueError(f"opset must be at least 17, got {opset}")
-    if exporter not in ("auto", "torchscript", "dynamo"):
-        raise ValueError(f"exporter must be 'auto', 'torchscript' or 'dynamo', got {exporter!r}")
     dtype_name = next((k for k, v in DTYPES.items() if dtype in (k, v)), None)
     if dtype_name is None:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -435,6 +445,19 @@ def export_onnx(
     return result
 
 
+def _check_permutations(permutations: object) -> None:
+    if permutations is None:
+        return
+    if not isinstance(permutations, Mapping):
+        raise TypeError(f"permutations must be a {{layer name: permutation}} mapping, got {permutations!r}")
+    for name, perm in permutations.items():
+        values = perm.tolist() if isinstance(perm, torch.Tensor) else perm
+        if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+            raise TypeError(f"permutations[{name!r}] must be a sequence of ints, got {type(perm).__name__}")
+        if sorted(values) != list(range(len(values))):
+            raise ValueError(f"permutations[{name!r}] is not a permutation of 0..{len(values) - 1}")
+
+
 def _move_into(scratch: Path, folder: Path) -> None:
     for item in scratch.iterdir():
         item.replace(folder / item.name)
@@ -458,8 +481,8 @@ def _export(
 ) -> ExportResult:
     exported = _Flat(dense_copy(model).eval().to(torch_dtype), None if call.args else input_names)
     low_inputs = _cast(inputs, torch_dtype)
-    with torch.no_grad():
-        n_out = len(exported(*low_inputs))
+    with torch.no_grad():  # an input the model cannot run is a ValueError naming example_input
+        n_out = len(Batch(tuple(low_inputs), label=call.label)(exported))
     output_names = ["output"] if n_out == 1 else [f"output_{i}" for i in range(n_out)]
     order = ["torchscript", "dynamo"] if exporter == "auto" else [exporter]
     notes: list[str] = []

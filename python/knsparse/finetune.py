@@ -25,7 +25,7 @@ import math
 import os
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -38,9 +38,11 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, Te
 from tqdm.auto import tqdm
 
 from . import distributed
-from .batches import model_device
+from .batches import Batch, model_device
+from .checks import check_choice, check_flag, check_module, check_number, check_path
 from .layers import prunable_layers
-from .masks import apply_masks
+from .masks import apply_masks, bool_masks
+from .modes import evaluation, kept_modes
 
 Precision = Literal["bf16", "fp16"]
 _AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -88,7 +90,7 @@ def _dataset(data: object, what: str) -> tuple[Dataset, object, int | None]:
                 f"{what}: tensors of the (inputs, labels) tuple differ in length: {sorted(sizes)}"
             )
         return TensorDataset(*data), None, None
-    if hasattr(data, "__getitem__") and hasattr(data, "__len__"):
+    if hasattr(data, "__getitem__") and hasattr(data, "__len__") and not isinstance(data, (str, bytes)):
         return data, None, None  # type: ignore[return-value]
     raise TypeError(
         f"{what} must be a tensor, an (inputs, labels) tuple of tensors, a map-style Dataset or a "
@@ -209,34 +211,44 @@ def _load_checkpoint(directory: Path) -> tuple[int, dict[str, torch.Tensor], dic
 # ---------------------------------------------------------------------------------- train
 
 
-def _check(
-    student: nn.Module,
-    teacher: nn.Module,
-    epochs: int,
-    lr: float,
-    temperature: float,
-    label_weight: float,
-    warmup: float,
-    grad_clip: float | None,
-    amp: str | None,
-    resume: bool,
-    checkpoint_dir: object,
-) -> torch.device:
+@torch.no_grad()
+def _check_first_batch(what: str, loader: DataLoader, teacher: nn.Module, device: torch.device) -> None:
+    """The first batch of ``loader`` split and run through ``teacher`` (eval mode, no change):
+    a batch the models cannot take fails here, naming ``what``, before the student changes."""
+    try:
+        inputs, _ = _split(next(iter(loader)), device)
+    except TypeError as exc:
+        raise TypeError(f"{what}: {exc}") from None
+    call = Batch(kwargs=inputs) if isinstance(inputs, Mapping) else Batch((inputs,))
+    with evaluation(teacher):
+        replace(call, label=f"{what} batch 0")(teacher)
+
+
+def _check(student: nn.Module, teacher: nn.Module, args: dict[str, object]) -> torch.device:
+    """Every argument of :func:`finetune` (``args``: its keyword values), before anything runs."""
+    check_module(student, "student")
+    check_module(teacher, "teacher")
     if student is teacher:
         raise ValueError("teacher must be a separate (dense) model, not the student itself")
-    if epochs < 1:
-        raise ValueError(f"epochs must be >= 1, got {epochs}")
-    if not lr > 0:
-        raise ValueError(f"lr must be > 0, got {lr}")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    if not 0.0 <= label_weight <= 1.0:
-        raise ValueError(f"label_weight must be in [0, 1], got {label_weight}")
-    if not 0.0 <= warmup < 1.0:
-        raise ValueError(f"warmup is a fraction of the steps in [0, 1), got {warmup}")
-    if grad_clip is not None and not grad_clip > 0:
-        raise ValueError(f"grad_clip must be > 0 or None, got {grad_clip}")
-    if resume and checkpoint_dir is None:
+    check_number(args["epochs"], "epochs", low=1, integer=True)
+    if args["batch_size"] is not None:
+        check_number(args["batch_size"], "batch_size", low=1, integer=True)
+    check_number(args["lr"], "lr", low=0, low_open=True)
+    check_number(args["weight_decay"], "weight_decay", low=0)
+    check_number(args["temperature"], "temperature", low=0, low_open=True)
+    check_number(args["label_weight"], "label_weight", low=0, high=1)
+    check_number(args["warmup"], "warmup", low=0, high=1, high_open=True)
+    if args["grad_clip"] is not None:
+        check_number(args["grad_clip"], "grad_clip", low=0, low_open=True)
+    check_number(args["seed"], "seed", integer=True)
+    check_number(args["num_workers"], "num_workers", low=0, integer=True)
+    check_flag(args["resume"], "resume")
+    for name in ("checkpoint_dir", "metrics_path"):
+        if args[name] is not None:
+            check_path(args[name], name)
+    if args["masks"] is not None:
+        bool_masks(args["masks"])
+    if args["resume"] and args["checkpoint_dir"] is None:
         raise ValueError("resume=True needs checkpoint_dir")
     device = model_device(student)
     if device is None:
@@ -245,9 +257,9 @@ def _check(
         raise ValueError(
             f"teacher is on {model_device(teacher)}, the student on {device}: put both on one device"
         )
+    amp = args["amp"]
     if amp is not None:
-        if amp not in _AMP_DTYPES:
-            raise ValueError(f"amp must be None, 'bf16' or 'fp16', got {amp!r}")
+        check_choice(amp, "amp", tuple(_AMP_DTYPES))
         if device.type != "cuda":
             raise ValueError(f"mixed precision amp={amp!r} runs on CUDA; the student is on {device}")
     return device
@@ -310,23 +322,15 @@ def finetune(
         :class:`FinetuneResult`. Bad arguments raise ``ValueError``/``TypeError`` before the
         student changes.
     """
-    device = _check(
-        student,
-        teacher,
-        epochs,
-        lr,
-        temperature,
-        label_weight,
-        warmup,
-        grad_clip,
-        amp,
-        resume,
-        checkpoint_dir,
-    )
+    arguments = {k: v for k, v in locals().items() if k not in ("student", "teacher")}
+    device = _check(student, teacher, arguments)
     masks = {k: v.to(device, torch.bool) for k, v in (masks or masks_from_zeros(student)).items()}
     modules = dict(student.named_modules())
     loader = _train_loader(data, batch_size, seed, num_workers)
     val_loader = _val_loader(val, loader.batch_size or 1) if val is not None else None
+    for what, checked in (("data", loader), ("val", val_loader)):
+        if checked is not None:
+            _check_first_batch(what, checked, teacher, device)
     directory = Path(checkpoint_dir) if checkpoint_dir is not None else None
     loaded = _load_checkpoint(directory) if resume and directory is not None else None
     if loaded is not None and set(loaded[1]) != set(student.state_dict()):
@@ -355,9 +359,7 @@ def finetune(
     trainer = _Trainer(
         model, student, teacher, opt, sched, scaler, masked, temperature, label_weight, grad_clip, amp, device
     )
-    teacher_training, student_training = teacher.training, student.training
-    teacher.eval()
-    try:
+    with kept_modes(student), evaluation(teacher):
         for epoch in range(start, epochs):
             torch.manual_seed(seed + epoch)
             loader.sampler.set_epoch(epoch)  # type: ignore[union-attr]
@@ -378,9 +380,6 @@ def finetune(
                 if metrics_path is not None:
                     _write_metrics(Path(metrics_path), metrics)
             distributed.barrier()
-    finally:
-        teacher.train(teacher_training)
-        student.train(student_training)
     return FinetuneResult(student, masks, metrics, start)
 
 
@@ -481,10 +480,8 @@ def evaluate(
     """``val_accuracy`` (top-1 against the labels, when the batches carry them) and
     ``val_agreement`` (top-1 equal to the teacher's) over every rank's share of ``loader``."""
     device = device or model_device(model)
-    was_training = model.training
-    model.eval()
     counts = {"images": 0.0, "labelled": 0.0, "correct": 0.0, "agree": 0.0}
-    try:
+    with evaluation(model):
         for batch in loader:
             inputs, labels = _split(batch, device)
             pred = _logits(model, inputs).argmax(-1)
@@ -494,8 +491,6 @@ def evaluate(
                 counts["correct"] += float((pred == labels.reshape(-1)).sum())
             if teacher is not None:
                 counts["agree"] += float((pred == _logits(teacher, inputs).argmax(-1)).sum())
-    finally:
-        model.train(was_training)
     counts = distributed.all_reduce_floats(counts)
     out = {}
     if counts["labelled"]:

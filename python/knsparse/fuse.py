@@ -19,6 +19,7 @@ from __future__ import annotations
 from torch import nn
 
 from . import families
+from .checks import check_module
 from .modules import SparseLinear
 
 
@@ -71,6 +72,7 @@ def fuse_activations(model: nn.Module) -> dict[str, str]:
     already fused, or whose activation no epilogue computes exactly are left as they are.
     """
     fused = {}
+    check_module(model)
     for name, module in model.named_modules():
         if not families.is_mlp(module):
             continue

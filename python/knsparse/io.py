@@ -21,6 +21,7 @@ from torch import nn
 
 from . import backends
 from .backends.base import ACTIVATIONS
+from .checks import check_module, check_path
 from .fuse import absorb_activation, check_fusable
 from .layers import ineligibility, placement_reasons
 from .modules import SparseConv2d, SparseLinear, _SparseLayer, set_submodule, sparse_layers
@@ -43,10 +44,10 @@ class _LayerInfo:
 
 def save_sparse(model: nn.Module, path: str | Path) -> None:
     """Write ``model``'s tensors and its sparse-layer description to ``path`` (safetensors)."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    if not isinstance(path, (str, Path)):
-        raise TypeError(f"path must be a str or Path, got {type(path).__name__}")
+    check_module(model)
+    check_path(path, "path")
+    if Path(path).is_dir():
+        raise ValueError(f"path {str(path)!r} is a folder; give a file name")
     if not Path(path).parent.is_dir():
         raise ValueError(f"path {str(path)!r}: folder {str(Path(path).parent)!r} does not exist")
     layers = {}
@@ -73,11 +74,10 @@ def load_sparse(model: nn.Module, path: str | Path, backend: str | None = None) 
             NaN/Inf, or a sparse layer's slots repeat inside a group or reach past ``n``. The
             message names the file and the tensor or layer; the model is left untouched.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    check_module(model)
     if backend is not None and backend != "auto" and backend not in backends.names():
         raise ValueError(f"backend must be None, 'auto' or one of {backends.names()}, got {backend!r}")
-    path = str(path)
+    path = str(check_path(path, "path"))
     meta, tensors = _read(path)
     infos = _layer_infos(path, meta)
     planned = _plan(path, model, infos, backend)

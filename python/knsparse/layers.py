@@ -18,6 +18,7 @@ from collections import defaultdict
 import torch
 from torch import nn
 
+from .checks import check_module
 from .masks import ConvOrder, check_groupable, nm_violation, to_reduction_view
 from .pattern import Pattern
 
@@ -105,8 +106,7 @@ def is_prunable(module: nn.Module) -> bool:
 
 def prunable_layers(model: nn.Module) -> dict[str, nn.Module]:
     """``{qualified module name: module}`` for every prunable layer, in ``named_modules`` order."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    check_module(model)
     reasons = layer_reasons(model)
     return {name: m for name, m in model.named_modules() if name in reasons and reasons[name] is None}
 
@@ -140,8 +140,7 @@ def pattern_layers(
     """The prunable layers whose weight shape can carry ``pattern`` (groups along the reduction
     axis in ``conv_order``; any prunable layer for ``None``), and ``{name: why not}`` for every
     other Linear / Conv2d (its kind, its place in the model, its shape)."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    check_module(model)
     layers: dict[str, nn.Module] = {}
     skipped: dict[str, str] = {}
     reasons = layer_reasons(model)

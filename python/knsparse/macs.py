@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from . import families, tome
+from .checks import check_image_shape, check_module
 from .layers import placement_reasons, swap_ineligibility
 from .masks import ConvOrder
 from .modes import evaluation
@@ -199,13 +200,7 @@ def _merging_removed(model: nn.Module):
 
 
 def _example_input(model: nn.Module, input_shape: Sequence[int]) -> torch.Tensor:
-    shape = tuple(int(d) for d in input_shape)
-    if len(shape) == 3:
-        shape = (1, *shape)
-    if len(shape) != 4 or min(shape) < 1:
-        raise ValueError(
-            f"input_shape must be (C, H, W) or (B, C, H, W) with positive sizes, got {input_shape}"
-        )
+    shape = check_image_shape(input_shape)
     param = next((p for p in model.parameters() if p.is_floating_point()), None)
     device = param.device if param is not None else torch.device("cpu")
     dtype = param.dtype if param is not None else torch.float32
@@ -236,6 +231,13 @@ def macs(
     Returns:
         A :class:`MacReport` with one row per weight layer and per attention block.
     """
+    check_module(model)
+    check_image_shape(input_shape)
+    if eligible is not None and not callable(eligible):
+        raise TypeError(
+            f"eligible must be a callable (name, module, mask) -> reason, got {type(eligible).__name__}"
+        )
+    tome.merge_schedule(model, tome_r, "tome_r")
     plan = as_plan(masks if masks is not None else {}, pattern)
     pattern, masks = plan.pattern, dict(plan.masks)
     named = dict(model.named_modules(remove_duplicate=False))

@@ -15,7 +15,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from .checks import check_number, check_tensor
+from .checks import check_module, check_number, check_tensor
 from .pattern import Pattern
 
 ConvOrder = Literal["rsc", "crs"]
@@ -125,6 +125,8 @@ def nm_mask(
         A bool mask of ``scores.shape``. Ties are broken towards the lowest index.
     """
     check_tensor(scores, "scores", floating=False, dims=(2, 4))
+    if name is not None and not isinstance(name, str):
+        raise TypeError(f"name must be a str (the layer name) or None, got {type(name).__name__}")
     pattern = Pattern.parse(pattern)
     if torch.isnan(scores).any():
         raise ValueError(f"{_label(name)}: scores contain NaN; cannot rank them")
@@ -219,6 +221,8 @@ def global_unstructured_masks(
     if not isinstance(scores, Mapping):
         raise TypeError(f"scores must be a mapping {{layer name: tensor}}, got {type(scores).__name__}")
     for name, t in scores.items():
+        if not isinstance(name, str):
+            raise TypeError(f"scores keys must be layer names (str), got {name!r}")
         check_tensor(t, f"scores[{name!r}]", floating=False)
     names = list(scores)
     if not names:
@@ -243,10 +247,33 @@ def sparsity_of(mask: torch.Tensor) -> float:
     return 1.0 - mask.float().mean().item()
 
 
+def bool_masks(masks: object) -> dict[str, torch.Tensor]:
+    """``masks`` as ``{layer name: bool mask}`` (0/1 masks converted); ``TypeError``/``ValueError``
+    naming the layer for anything else."""
+    if not isinstance(masks, Mapping):
+        raise TypeError(f"masks must be a {{layer name: bool mask}} mapping, got {type(masks).__name__}")
+    out = {}
+    for name, mask in masks.items():
+        if not isinstance(name, str):
+            raise TypeError(f"mask keys must be layer names (str), got {name!r}")
+        if not isinstance(mask, torch.Tensor):
+            raise TypeError(f"layer {name!r}: mask must be a torch.Tensor, got {type(mask).__name__}")
+        if mask.dtype != torch.bool:
+            if mask.is_complex() or not bool(((mask == 0) | (mask == 1)).all()):
+                raise ValueError(
+                    f"layer {name!r}: mask must be bool (or 0/1), got other values in a {mask.dtype} tensor"
+                )
+            mask = mask.bool()
+        out[name] = mask
+    return out
+
+
 def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
     """Zero the pruned weights in place: ``masks`` maps module names to bool masks of their weight.
 
     Every name and shape is checked before any weight changes (``ValueError`` naming the layer)."""
+    check_module(model)
+    masks = bool_masks(masks)
     modules = dict(model.named_modules())
     for name, mask in masks.items():
         if name not in modules or not isinstance(getattr(modules[name], "weight", None), torch.Tensor):

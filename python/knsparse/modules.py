@@ -19,7 +19,7 @@ from torch import nn
 from . import backends
 from .backends import Backend, BackendUnavailableError, ConvSpec, LinearSpec
 from .backends.base import ACTIVATIONS
-from .checks import check_number
+from .checks import check_device, check_flag, check_module, check_names, check_number
 from .compress import compress_nm, decompress_nm
 from .layers import placement_reasons, swap_ineligibility
 from .masks import ConvOrder, check_conv_order, check_finite, check_groupable
@@ -83,6 +83,9 @@ class _SparseLayer(nn.Module):
             raise TypeError(f"backend must be a str ('auto' or a backend name), got {type(backend).__name__}")
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+        check_flag(bias, "bias")
+        if device is not None:
+            device = check_device(device)
         if backend != "auto":
             reason = backends.get(backend).unavailable_reason()
             if reason:
@@ -138,11 +141,12 @@ class _SparseLayer(nn.Module):
         """Drop the chosen backend and any cached operand; both follow the stored tensors."""
         self._backend: Backend | None = None
         self._backend_for: tuple[torch.device, torch.dtype] | None = None
-        self._cached: tuple[tuple, object] | None = None
+        self._cached: tuple[tuple, tuple[torch.Tensor, ...], object] | None = None
 
     def _stored_key(self) -> tuple | None:
-        """Identity of the stored values and slots (storage and in-place write count); None for
-        inference tensors, whose in-place writes are not counted, so they are never cached."""
+        """Identity of the stored values and slots (storage address and in-place write count);
+        None for inference tensors, whose in-place writes are not counted, so they are never
+        cached."""
         if self.values.is_inference() or self.slots.is_inference():
             return None
         return tuple((t.data_ptr(), t._version) for t in (self.values, self.slots))
@@ -150,10 +154,15 @@ class _SparseLayer(nn.Module):
     def _operand(self) -> tuple[Backend, object]:
         """The backend for the current device/dtype and its operand for the stored tensors.
 
-        The reference backend derives the operand inside every forward (pure tensor math, so
-        ``torch.compile(fullgraph=True)`` traces it and nothing can go stale). Sparse backends
-        cache it in eager mode, keyed on the stored tensors' storage and version; module moves
-        (``_apply``) and state-dict loads drop the cache.
+        Under ``torch.compile`` every backend's preparation is traced into the graph (plain
+        tensor ops), so a compiled model reads the stored tensors at every call and holds no
+        operand of its own. In eager mode the reference backend derives the operand in every
+        forward; the sparse backends cache it, keyed on the stored tensors' address and version
+        counter. The cache keeps those tensors alive, so their memory cannot be reused at the same
+        address: a key match means the same tensors with no in-place write since (``copy_``,
+        ``load_state_dict``, ``.data =``, moves all change the key). Writes that bypass the
+        version counter (in-place on ``.data``, through NumPy) are seen at the next move or
+        state-dict load only.
         """
         where = (self.values.device, self.values.dtype)
         if self._backend is None or self._backend_for != where:
@@ -162,16 +171,15 @@ class _SparseLayer(nn.Module):
             self._backend = backend if backend is not None else backends.REFERENCE
             self._backend_for = where
         backend = self._backend
-        if backend.prepares_in_forward:
+        if backend.prepares_in_forward or torch.compiler.is_compiling():
             return backend, self._prepare(backend)
-        if torch.compiler.is_compiling():  # a compiled graph holds the operand it was traced with
-            return backend, self._cached[1] if self._cached is not None else self._prepare(backend)
         key = self._stored_key()
         if key is None:
             return backend, self._prepare(backend)
         if self._cached is None or self._cached[0] != key:
-            self._cached = (key, self._prepare(backend))
-        return backend, self._cached[1]
+            held = (self.values.detach(), self.slots.detach())  # same storage and version counter
+            self._cached = (key, held, self._prepare(backend))
+        return backend, self._cached[2]
 
     def _apply(self, fn, recurse: bool = True):
         out = super()._apply(fn, recurse)
@@ -180,7 +188,7 @@ class _SparseLayer(nn.Module):
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:
         super()._load_from_state_dict(*args, **kwargs)
-        self._forget()
+        self._cached = None  # the key would miss anyway; this frees the old tensors now
 
     @property
     def active_backend(self) -> str:
@@ -240,7 +248,7 @@ class SparseLinear(_SparseLayer):
     ) -> SparseLinear:
         """Build from ``linear`` keeping the weights where ``mask`` (``[out, in]``, k:n) is True."""
         if not isinstance(linear, nn.Linear):
-            raise TypeError(f"layer {name!r}: expected nn.Linear, got {type(linear).__name__}")
+            raise TypeError(f"layer {name!r}: linear must be an nn.Linear, got {type(linear).__name__}")
         pattern = Pattern.parse(pattern)
         return cls._build(linear, _checked_mask(name, linear, mask, pattern, "rsc"), pattern, backend)
 
@@ -330,7 +338,7 @@ class SparseConv2d(_SparseLayer):
     ) -> SparseConv2d:
         """Build from ``conv`` keeping the weights where ``mask`` (``[Cout, Cin, R, S]``, k:n) is True."""
         if not isinstance(conv, nn.Conv2d):
-            raise TypeError(f"layer {name!r}: expected nn.Conv2d, got {type(conv).__name__}")
+            raise TypeError(f"layer {name!r}: conv must be an nn.Conv2d, got {type(conv).__name__}")
         pattern = Pattern.parse(pattern)
         return cls._build(
             conv, _checked_mask(name, conv, mask, pattern, conv_order), pattern, backend, conv_order
@@ -414,21 +422,6 @@ class SwapReport:
         return "\n".join(lines)
 
 
-def _name_patterns(value: str | Iterable[str] | None, arg: str) -> tuple[str, ...] | None:
-    """``include``/``exclude`` as a tuple of glob patterns: a single str is one pattern."""
-    if value is None:
-        return None
-    if isinstance(value, str):
-        return (value,)
-    if not isinstance(value, Iterable):
-        raise TypeError(f"{arg} must be a str or an iterable of str, got {type(value).__name__}")
-    value = tuple(value)
-    bad = [v for v in value if not isinstance(v, str)]
-    if bad:
-        raise TypeError(f"{arg} must hold str glob patterns, got {bad[:3]!r}")
-    return value
-
-
 def _matches(name: str, patterns: tuple[str, ...] | None) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns or ())
 
@@ -469,16 +462,15 @@ def swap_modules(
             of the wrong shape or type, a NaN/Inf weight, or an explicitly requested backend
             that cannot run a layer. Nothing in the model is changed when this happens.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    check_module(model)
     plan = as_plan(masks, pattern, conv_order)
     masks, pattern, conv_order = plan.masks, plan.pattern, plan.conv_order
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str ('auto' or a backend name), got {type(backend).__name__}")
     if backend != "auto":
         backends.get(backend)  # an unknown name raises, naming the known ones
-    include = _name_patterns(include, "include")
-    exclude = _name_patterns(exclude, "exclude")
+    include = None if include is None else check_names(include, "include")
+    exclude = None if exclude is None else check_names(exclude, "exclude")
     modules = dict(model.named_modules(remove_duplicate=False))
     unknown = [n for n in masks if n not in modules]
     if unknown:

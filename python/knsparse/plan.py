@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .masks import ConvOrder
+from .masks import ConvOrder, bool_masks
 from .pattern import Pattern
 
 if TYPE_CHECKING:
@@ -48,29 +48,10 @@ class SparsityPlan:
             raise TypeError(f"pattern must be a knsparse.Pattern, got {type(self.pattern).__name__}")
         if self.conv_order not in CONV_ORDERS:
             raise ValueError(f"conv_order must be 'rsc' or 'crs', got {self.conv_order!r}")
-        object.__setattr__(self, "masks", MappingProxyType(_bool_masks(self.masks)))
+        object.__setattr__(self, "masks", MappingProxyType(bool_masks(self.masks)))
 
     def __len__(self) -> int:
         return len(self.masks)
-
-
-def _bool_masks(masks: object) -> dict[str, torch.Tensor]:
-    if not isinstance(masks, Mapping):
-        raise TypeError(f"masks must be a {{layer name: bool mask}} mapping, got {type(masks).__name__}")
-    out = {}
-    for name, mask in masks.items():
-        if not isinstance(name, str):
-            raise TypeError(f"mask keys must be layer names (str), got {name!r}")
-        if not isinstance(mask, torch.Tensor):
-            raise TypeError(f"layer {name!r}: mask must be a torch.Tensor, got {type(mask).__name__}")
-        if mask.dtype != torch.bool:
-            if mask.is_complex() or not bool(((mask == 0) | (mask == 1)).all()):
-                raise ValueError(
-                    f"layer {name!r}: mask must be bool (or 0/1), got other values in a {mask.dtype} tensor"
-                )
-            mask = mask.bool()
-        out[name] = mask
-    return out
 
 
 def as_plan(

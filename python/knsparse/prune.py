@@ -27,6 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .calibration import check_reiterable, collect_input_stats, data_path_budgets
+from .checks import check_choice, check_flag, check_module
 from .layers import pattern_layers, prunable_layers, reduction_weight
 from .masks import ConvOrder, check_finite, from_reduction_view
 from .methods import METHODS, Decision, Layer, MethodSpec
@@ -262,10 +263,10 @@ def prune(
         :func:`knsparse.swap_modules`, :func:`knsparse.macs`, :func:`knsparse.audit` and
         :func:`knsparse.export_onnx` take.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {sorted(METHODS)}")
+    check_module(model)
+    check_choice(method, "method", sorted(METHODS))
+    check_flag(inplace, "inplace")
+    check_flag(sequential, "sequential")
     spec = METHODS[method]
     pat, sparsity = _resolve_target(method, pattern, sparsity)
     permute_options = _permute_options(permute, pat)

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .batches import Batch, model_batches, model_device
+from .checks import check_choice, check_module, check_number
 from .layers import is_prunable
 from .modes import evaluation
 
@@ -124,6 +125,8 @@ def _execution_order(model: nn.Module, names: list[str], batch: Batch) -> list[s
 def pruned_layers(model: nn.Module, dense_model: nn.Module) -> list[str]:
     """Names of the Linear / Conv2d layers of ``model`` with more zero weights than the same
     layer of ``dense_model``. ``ValueError`` when a layer is missing or has another shape."""
+    check_module(model)
+    check_module(dense_model, "dense_model")
     dense = dict(dense_model.named_modules())
     names = []
     for name, m in model.named_modules():
@@ -173,9 +176,9 @@ def _repair(
     method: str,
     progress: bool,
 ) -> RepairReport:
+    names = pruned_layers(model, dense_model)  # checks both models first
     device = model_device(model)
     batches = list(model_batches(calib))
-    names = pruned_layers(model, dense_model)
     report = RepairReport(method, batches=len(batches))
     if not names:
         return report
@@ -216,10 +219,9 @@ def asr(
 
     Returns a :class:`RepairReport`. Raises ``ValueError`` if ``calib`` yields no batch.
     """
-    if shrinkage not in ("median", "none"):
-        raise ValueError(f"shrinkage must be 'median' or 'none', got {shrinkage!r}")
-    if lam is not None and not lam >= 0:
-        raise ValueError(f"lam must be >= 0, got {lam}")
+    check_choice(shrinkage, "shrinkage", ("median", "none"))
+    if lam is not None:
+        check_number(lam, "lam", low=0)
 
     def gamma_of(v_d: torch.Tensor, v_p: torch.Tensor, ms: torch.Tensor) -> tuple[torch.Tensor, float]:
         layer_lam = lam if lam is not None else (float(v_p.median()) if shrinkage == "median" else 0.0)
@@ -247,6 +249,7 @@ def recalibrate_bn(model: nn.Module, calib: object, *, progress: bool = False) -
     """Reset every BatchNorm's running statistics and re-estimate them as a cumulative
     average over the calibration batches (other modules stay in eval mode, no gradients).
     Returns the number of batches; ``ValueError`` if there is none."""
+    check_module(model)
     batches = list(model_batches(calib))  # an empty set raises before any change
     device = model_device(model)
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
@@ -293,10 +296,9 @@ def _all_reduce_bn(bns: list[nn.Module]) -> None:
 def apply(model: nn.Module, dense_model: nn.Module, calib: object, method: Method) -> RepairReport:
     """The repair ``prune(..., repair=method)`` runs: ``"asr"`` or ``"layerwise"`` followed by
     BatchNorm recalibration, or ``"bn"`` (recalibration alone)."""
+    check_choice(method, "method", ("asr", "layerwise", "bn"))
     if method == "bn":
         return RepairReport("bn", batches=recalibrate_bn(model, calib))
-    if method not in ("asr", "layerwise"):
-        raise ValueError(f"repair method must be 'asr', 'layerwise' or 'bn', got {method!r}")
     report = asr(model, dense_model, calib) if method == "asr" else layerwise(model, dense_model, calib)
     recalibrate_bn(model, calib)
     return report

@@ -51,7 +51,7 @@ from scipy.linalg import blas
 from torch import nn
 from tqdm.auto import tqdm
 
-from .checks import check_number, check_tensor
+from .checks import check_ints, check_names, check_number, check_path, check_tensor
 from .layers import prunable_layers
 from .masks import check_finite
 
@@ -123,8 +123,19 @@ class LayerSpectrum:
 
 
 def _check_q(q: float) -> None:
-    if not 0.0 < q <= 1.0:
-        raise ValueError(f"MP aspect ratio q = M/N must be in (0, 1], got {q}")
+    check_number(q, "q (the MP aspect ratio M/N)", low=0, high=1, low_open=True)
+
+
+def _mp_input(x: object, arg: str) -> torch.Tensor:
+    """``x`` as float64 for the MP law: a real tensor with values, or a number / list."""
+    if isinstance(x, torch.Tensor):
+        check_tensor(x, arg, floating=False)
+    elif not isinstance(x, (int, float, list, tuple)) or isinstance(x, bool):
+        raise TypeError(f"{arg} must be a tensor or numbers, got {type(x).__name__}")
+    out = torch.as_tensor(x, dtype=torch.float64)
+    if out.numel() == 0:
+        raise ValueError(f"{arg} is empty")
+    return out
 
 
 def _theta_cdf(theta: torch.Tensor, q: float) -> torch.Tensor:
@@ -147,14 +158,17 @@ def mp_cdf(x: torch.Tensor, q: float, sigma2: float | torch.Tensor = 1.0) -> tor
     ``x``. Exactly 0 below ``λ-`` and 1 above ``λ+``.
     """
     _check_q(q)
-    x = torch.as_tensor(x, dtype=torch.float64)
+    x = _mp_input(x, "x")
+    if not isinstance(sigma2, torch.Tensor):
+        check_number(sigma2, "sigma2", low=0, low_open=True)
     return _theta_cdf(_theta_of(x / sigma2, q), q)
 
 
 def mp_pdf(x: torch.Tensor, q: float, sigma2: float = 1.0) -> torch.Tensor:
     """MP density ``√((λ+ - x)(x - λ-)) / (2π q σ² x)``, zero outside ``[λ-, λ+]``."""
     _check_q(q)
-    x = torch.as_tensor(x, dtype=torch.float64)
+    x = _mp_input(x, "x")
+    check_number(sigma2, "sigma2", low=0, low_open=True)
     lo, hi = sigma2 * (1 - math.sqrt(q)) ** 2, sigma2 * (1 + math.sqrt(q)) ** 2
     inside = (x > lo) & (x < hi) & (x > 0)
     safe = torch.where(inside, x, torch.ones_like(x))
@@ -168,7 +182,7 @@ def mp_quantile(p: torch.Tensor, q: float) -> torch.Tensor:
     Bisection on ``θ ∈ [0, π]`` (the CDF is increasing in ``θ``), elementwise in float64.
     """
     _check_q(q)
-    p = torch.as_tensor(p, dtype=torch.float64).clamp(0.0, 1.0)
+    p = _mp_input(p, "p").clamp(0.0, 1.0)
     lo = torch.zeros_like(p)
     hi = torch.full_like(p, math.pi)
     for _ in range(_BISECTION_STEPS):
@@ -220,11 +234,15 @@ def fit_eigenvalues(
     check_number(eps, "eps", low=0, high=1, low_open=True, high_open=True)
     if not (isinstance(band, tuple) and len(band) == 2):
         raise TypeError(f"band must be a (lo, hi) tuple, got {band!r}")
-    rows, cols = int(shape[0]), int(shape[1])
-    if rows < 1 or cols < 1:
-        raise ValueError(f"shape must be positive (rows, cols), got {shape}")
+    check_number(band[0], "band[0]", low=0, high=1)
+    check_number(band[1], "band[1]", low=band[0], high=1, low_open=True)
+    dims = check_ints(shape, "shape", low=1)
+    if len(dims) != 2:
+        raise ValueError(f"shape must be (rows, cols), got {shape!r}")
+    rows, cols = dims
     n, m = max(rows, cols), min(rows, cols)
-    lam = torch.as_tensor(eigenvalues).detach().to("cpu", torch.float64)
+    check_tensor(eigenvalues, "eigenvalues", dims=(1, 2))
+    lam = eigenvalues.detach().to("cpu", torch.float64)
     if lam.dim() == 1:
         lam = lam.unsqueeze(0)
     if lam.dim() != 2 or lam.shape[1] != m:
@@ -327,9 +345,13 @@ def batch_eigenvalues(ws: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor
     route is also about 2x faster over whole ViT-B/ResNet-50 models (``bench/results/spectral.json``,
     ``eigenvalue_routes``).
     """
-    if isinstance(ws, torch.Tensor) and ws.dim() != 3:
-        raise ValueError(f"expected a batch [B, rows, cols], got shape {tuple(ws.shape)}")
-    mats = list(ws)
+    if isinstance(ws, torch.Tensor):
+        check_tensor(ws, "ws", dims=(3,))
+    elif isinstance(ws, (str, bytes)) or not isinstance(ws, Sequence):
+        raise TypeError(
+            f"ws must be a [B, rows, cols] tensor or a sequence of matrices, got {type(ws).__name__}"
+        )
+    mats = [check_tensor(w, f"ws[{i}]", dims=(2,)) for i, w in enumerate(ws)]
     shapes = {tuple(w.shape) for w in mats}
     if not mats or len(shapes) != 1 or len(mats[0].shape) != 2:
         raise ValueError(f"expected one or more 2-D matrices of one shape, got shapes {sorted(shapes)}")
@@ -378,6 +400,9 @@ def fit_weights(
     Batches are split so that no batch holds more than ``max_batch_elements`` weights.
     Returns ``{name: LayerSpectrum}`` in the order of ``weights``.
     """
+    if not isinstance(weights, Mapping):
+        raise TypeError(f"weights must be a {{name: weight}} mapping, got {type(weights).__name__}")
+    check_number(max_batch_elements, "max_batch_elements", low=1, integer=True)
     groups: dict[tuple[int, int, torch.device, torch.dtype], list[str]] = defaultdict(list)
     mats = {}
     for name, w in weights.items():
@@ -414,6 +439,9 @@ def plot_esd(spectrum: LayerSpectrum, path: str | Path) -> Path:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    if not isinstance(spectrum, LayerSpectrum):
+        raise TypeError(f"spectrum must be a LayerSpectrum, got {type(spectrum).__name__}")
+    path = check_path(path, "path")
     fit, lam = spectrum.fit, spectrum.eigenvalues.numpy()
     x_max = max(1.3 * fit.edge, float(np.quantile(lam, 0.9)) * 1.3, 1e-30)
     shown = lam[lam <= x_max]
@@ -472,8 +500,10 @@ def diagnose(
     ``layers`` restricts the rows to those names. Options go to :func:`fit_eigenvalues`.
     """
     found = prunable_layers(model)
+    if plot_dir is not None:
+        check_path(plot_dir, "plot_dir")
     if layers is not None:
-        wanted = list(layers)
+        wanted = list(check_names(layers, "layers"))
         missing = [nm for nm in wanted if nm not in found]
         if missing:
             raise ValueError(f"not prunable layers of this model: {missing}")

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import families
+from .checks import check_ints, check_module, check_number
 
 _STATE_ATTR = "_knsparse_tome"
 
@@ -67,6 +68,12 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int) -> Matching:
     Returns:
         A :class:`Matching`. Among exactly tied similarities the choice is unspecified.
     """
+    # not check_tensor: MAC counting runs this on the meta device
+    if not isinstance(metric, torch.Tensor) or metric.dim() != 3 or not metric.is_floating_point():
+        is_tensor = isinstance(metric, torch.Tensor)
+        got = f"{metric.dtype} {tuple(metric.shape)}" if is_tensor else type(metric).__name__
+        raise TypeError(f"metric must be a floating [B, T, C] tensor, got {got}")
+    check_number(r, "r", integer=True)
     t = metric.shape[1]
     if not 0 <= r <= t // 2:
         raise ValueError(f"r={r} merges need 0 <= r <= T // 2 = {t // 2} (T={t} tokens)")
@@ -225,8 +232,8 @@ def _check_pooling(model: nn.Module) -> None:
 def schedule(r: int, depth: int, kind: str = "constant") -> list[int]:
     """Per-block merge counts: ``"constant"`` (``r`` in every block) or ``"decreasing"``
     (linear from ``2r`` in the first block to 0 in the last, about ``r * depth`` in total)."""
-    if r < 0 or depth < 1:
-        raise ValueError(f"need r >= 0 and depth >= 1, got r={r}, depth={depth}")
+    check_number(r, "r", low=0, integer=True)
+    check_number(depth, "depth", low=1, integer=True)
     if kind == "constant":
         return [r] * depth
     if kind == "decreasing":
@@ -236,20 +243,28 @@ def schedule(r: int, depth: int, kind: str = "constant") -> list[int]:
     raise ValueError(f"schedule kind must be 'constant' or 'decreasing', got {kind!r}")
 
 
-def _resolve_r(r: int | Sequence[int], depth: int) -> list[int]:
-    if isinstance(r, bool) or not isinstance(r, (int, Sequence)):
-        raise TypeError(f"r must be an int or a sequence of ints, got {type(r).__name__}")
+def merge_schedule(model: nn.Module, r: int | Sequence[int], arg: str = "r") -> list[int]:
+    """The merges per block that ``r`` asks of ``model`` (``arg`` names it in errors): an int
+    for every block or one int >= 0 per block; ``[]`` for no merges (any model)."""
+    check_module(model)
+    if isinstance(r, bool) or not isinstance(r, (int, Sequence)) or isinstance(r, str):
+        raise TypeError(f"{arg} must be an int or a sequence of ints, got {type(r).__name__} {r!r}")
+    if isinstance(r, int):
+        check_number(r, arg, low=0, integer=True)
+    else:
+        check_ints(r, arg, low=0)
+    if r == 0 or (not isinstance(r, int) and not any(r)):
+        return []
+    depth = len(_vit_blocks(model))
     per_block = [r] * depth if isinstance(r, int) else list(r)
     if len(per_block) != depth:
-        raise ValueError(f"r has {len(per_block)} entries but the model has {depth} blocks")
-    for i, value in enumerate(per_block):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"r for block {i} must be a non-negative int, got {value!r}")
+        raise ValueError(f"{arg} has {len(per_block)} entries but the model has {depth} blocks")
     return per_block
 
 
 def is_applied(model: nn.Module) -> bool:
     """True if :func:`apply` has patched ``model``."""
+    check_module(model)
     blocks = getattr(model, "blocks", None)
     return isinstance(blocks, nn.Sequential) and any(hasattr(b, _STATE_ATTR) for b in blocks)
 
@@ -266,8 +281,9 @@ def apply(model: nn.Module, r: int | Sequence[int]) -> nn.Module:
     Returns:
         ``model`` itself. Applying again replaces the schedule; :func:`remove` undoes it.
     """
+    check_module(model)
     blocks = _vit_blocks(model)
-    per_block = _resolve_r(r, len(blocks))
+    per_block = merge_schedule(model, r) or [0] * len(blocks)
     _check_pooling(model)
     remove(model)
     state = _MergeState(num_protected=_num_protected(model), blocks=[b for _, b in blocks])
@@ -280,6 +296,7 @@ def apply(model: nn.Module, r: int | Sequence[int]) -> nn.Module:
 
 def remove(model: nn.Module) -> nn.Module:
     """Undo :func:`apply` (a no-op on an unpatched model); returns ``model``."""
+    check_module(model)
     blocks = getattr(model, "blocks", None)
     if not isinstance(blocks, nn.Sequential):
         return model
@@ -292,11 +309,15 @@ def remove(model: nn.Module) -> nn.Module:
 
 def merges_per_block(model: nn.Module) -> list[int]:
     """The patched ``r`` of every block (all zeros if the model is not patched)."""
+    check_module(model)
     return [getattr(b, "_knsparse_tome_r", 0) for b in getattr(model, "blocks", [])]
 
 
 def token_counts(num_tokens: int, r: Sequence[int], num_protected: int = 1) -> list[int]:
     """Tokens entering each block when ``num_tokens`` enter the first: ``len(r) + 1`` counts."""
+    check_number(num_tokens, "num_tokens", low=1, integer=True)
+    check_ints(r, "r", low=0)
+    check_number(num_protected, "num_protected", low=0, integer=True)
     counts = [num_tokens]
     for block_r in r:
         n = counts[-1]

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
+import tempfile
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -13,9 +14,43 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import distributed
+from ..checks import check_number
 from ..methods import METHODS
 from .images import ImageFolder, top1
 from .registry import DIGITS_MODELS, UserError, load_model
+
+
+def at_least(minimum: int) -> Callable[[str], int]:
+    """argparse type: an int >= ``minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+def real(**bounds: object) -> Callable[[str], float]:
+    """argparse type: a finite float within ``bounds`` (:func:`knsparse.checks.check_number`'s)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        try:
+            return check_number(value, "the value", **bounds)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc).removeprefix("the value ")) from None
+
+    parse.__name__ = "number"
+    return parse
 
 
 def _creatable(folder: Path, flag: str) -> None:
@@ -24,8 +59,10 @@ def _creatable(folder: Path, flag: str) -> None:
         existing = existing.parent
     if not existing.is_dir():
         raise UserError(f"{flag}: {existing} is a file, so {folder} cannot be created")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"{flag}: cannot write into {existing} (permission denied)")
+    try:  # a real write: permission bits do not bind root, and /proc or a read-only mount refuse anyway
+        tempfile.TemporaryFile(dir=existing).close()
+    except OSError as exc:
+        raise UserError(f"{flag}: cannot write into {existing} ({exc.strerror or exc})") from None
 
 
 def writable_file(path: str, flag: str = "--out") -> Path:

@@ -25,7 +25,7 @@ from ..finetune import FinetuneResult, evaluate, finetune
 from ..fuse import fuse_activations
 from ..io import save_sparse
 from ..modules import SparseLinear, sparse_layers, swap_modules
-from .commands import writable_file
+from .commands import at_least, real, writable_file, writable_folder
 from .data import load_digits_split
 from .registry import UserError, load_model
 
@@ -76,6 +76,12 @@ def _reswap(model: nn.Module, layers: dict[str, nn.Module], result: FinetuneResu
 def run(args: argparse.Namespace) -> int:
     """The ``finetune`` command; returns the exit status."""
     out = writable_file(args.out)
+    if args.checkpoint_dir:
+        writable_folder(args.checkpoint_dir, "--checkpoint-dir")
+    if args.metrics:
+        writable_file(args.metrics, "--metrics")
+    if args.resume and not args.checkpoint_dir:
+        raise UserError("--resume needs --checkpoint-dir (where the checkpoints are)")
     device = distributed.device()
     with distributed.main_first():  # rank 0 trains/caches a built-in teacher once
         loaded = load_model(args.model, args.weights, args.seed)
@@ -158,16 +164,29 @@ def add_parser(sub: argparse._SubParsersAction, model_args) -> None:
     )
     p.add_argument("--data", help="safetensors file with 'inputs' [N,C,H,W] and optional 'labels' [N]")
     p.add_argument("--val", help="held-out data in the --data format (accuracy / agreement per epoch)")
-    p.add_argument("--epochs", type=int, default=3, help="epochs (default 3)")
-    p.add_argument("--batch-size", type=int, default=64, help="global batch over all processes (default 64)")
-    p.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (default 5e-4)")
-    p.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (default 0.05)")
-    p.add_argument("--warmup", type=float, default=0.1, help="warm-up fraction of the steps (default 0.1)")
-    p.add_argument("--temperature", type=float, default=2.0, help="distillation temperature (default 2)")
+    p.add_argument("--epochs", type=at_least(1), default=3, help="epochs (default 3)")
     p.add_argument(
-        "--label-weight", type=float, default=0.5, help="weight of label cross-entropy (default 0.5)"
+        "--batch-size", type=at_least(1), default=64, help="global batch over all processes (default 64)"
     )
-    p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm, 0 for none (default 1)")
+    positive = real(low=0, low_open=True)
+    p.add_argument("--lr", type=positive, default=5e-4, help="peak learning rate (default 5e-4)")
+    p.add_argument("--weight-decay", type=real(low=0), default=0.05, help="AdamW weight decay (default 0.05)")
+    p.add_argument(
+        "--warmup",
+        type=real(low=0, high=1, high_open=True),
+        default=0.1,
+        help="warm-up fraction of the steps (default 0.1)",
+    )
+    p.add_argument("--temperature", type=positive, default=2.0, help="distillation temperature (default 2)")
+    p.add_argument(
+        "--label-weight",
+        type=real(low=0, high=1),
+        default=0.5,
+        help="weight of label cross-entropy (default 0.5)",
+    )
+    p.add_argument(
+        "--grad-clip", type=real(low=0), default=1.0, help="max gradient norm, 0 for none (default 1)"
+    )
     p.add_argument("--amp", choices=("bf16", "fp16"), help="mixed precision on CUDA")
     p.add_argument("--checkpoint-dir", help="write a checkpoint here after every epoch")
     p.add_argument("--resume", action="store_true", help="continue from --checkpoint-dir's latest checkpoint")

@@ -43,6 +43,8 @@ def names() -> list[str]:
 
 
 def get(name: str) -> Backend:
+    if not isinstance(name, str):
+        raise TypeError(f"backend name must be a str, got {type(name).__name__} {name!r}")
     if name not in _REGISTRY:
         raise ValueError(f"unknown backend {name!r}; known: {', '.join(_REGISTRY)} or 'auto'")
     return _REGISTRY[name]

@@ -78,6 +78,8 @@ def emp_mask(scores: torch.Tensor, beta: float = 1.0) -> torch.Tensor:
 def emp_row_masks(scores: torch.Tensor, beta: float = 1.0) -> torch.Tensor:
     """Per output row: each row ``[in*kh*kw]`` keeps its own ``N_eff`` highest ``|s|``."""
     _check(scores, beta)
+    if scores.dim() < 2:
+        raise ValueError(f"scores must have rows (2-D or more), got shape {tuple(scores.shape)}")
     rows = scores.detach().reshape(scores.shape[0], -1)
     n_keep = _effective(_shares(rows, dim=1), beta, dim=1)
     order = torch.sort(rows.abs(), dim=1, descending=True, stable=True).indices
@@ -89,6 +91,8 @@ def emp_row_masks(scores: torch.Tensor, beta: float = 1.0) -> torch.Tensor:
 def emp_global_masks(scores: Mapping[str, torch.Tensor], beta: float = 1.0) -> dict[str, torch.Tensor]:
     """One ``N_eff`` over all layers pooled (``ω`` normalised by the total ``Σ|s|`` of the model);
     the ``N_eff`` highest ``|s|`` anywhere are kept. Scores must be comparable across layers."""
+    if not isinstance(scores, Mapping):
+        raise TypeError(f"scores must be a {{layer name: scores}} mapping, got {type(scores).__name__}")
     if not scores:
         return {}
     for name, s in scores.items():
@@ -103,10 +107,9 @@ def emp_mass_bound(n: int, n_eff: int, beta: float = 1.0) -> float:
     """Lower bound on the share of ``Σ|s|`` kept by the ``n_eff`` highest of ``n`` scores, where
     ``n_eff`` came from :func:`emp_keep` with the same ``beta`` (derivation in the module docstring):
     ``min(1, max(n_eff / n, K*))``."""
-    if n < 1 or not 1 <= n_eff <= n:
-        raise ValueError(f"need 1 <= n_eff <= n, got n={n}, n_eff={n_eff}")
-    if not beta > 0:
-        raise ValueError(f"beta must be positive, got {beta}")
+    check_number(n, "n", low=1, integer=True)
+    check_number(n_eff, "n_eff", low=1, high=n, integer=True)
+    check_number(beta, "beta", low=0.0, low_open=True)
     if n_eff == n:
         return 1.0
     k = n_eff

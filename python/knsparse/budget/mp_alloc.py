@@ -27,6 +27,7 @@ from collections.abc import Mapping
 
 import torch
 
+from ..checks import check_number, check_tensor
 from ..spectral import MPFit
 
 _BISECTION_STEPS = 100
@@ -75,6 +76,18 @@ def mp_layer_sparsities(
     Raises ``ValueError`` if the layers of ``fits`` and ``weights`` differ, or the target cannot
     be met under the cap with the fittable layers.
     """
+    for arg, values, kind in (("fits", fits, MPFit), ("weights", weights, torch.Tensor)):
+        if not isinstance(values, Mapping):
+            want = f"a {{layer name: {kind.__name__}}} mapping"
+            raise TypeError(f"{arg} must be {want}, got {type(values).__name__}")
+        for name, value in values.items():
+            if not isinstance(value, kind):
+                raise TypeError(f"{arg}[{name!r}] must be a {kind.__name__}, got {type(value).__name__}")
+    for name, w in weights.items():
+        check_tensor(w, f"weights[{name!r}]", floating=False)
+    check_number(sparsity, "sparsity", low=0, high=1, high_open=True)
+    check_number(max_sparsity, "max_sparsity", low=0, high=1, low_open=True, high_open=True)
+    check_number(min_eigenvalues, "min_eigenvalues", low=0, integer=True)
     if set(fits) != set(weights):
         raise ValueError(f"fits and weights name different layers: {sorted(set(fits) ^ set(weights))}")
     if not 0.0 <= sparsity < 1.0:

@@ -21,7 +21,7 @@ from torch import nn
 
 from .. import distributed
 from ..batches import Batch, model_batches, model_device, output_tensors
-from ..checks import check_number
+from ..checks import check_flag, check_module, check_number
 from ..layers import placement_reasons, shared_tensors
 from ..masks import ConvOrder, check_conv_order, check_groupable
 from ..modes import evaluation
@@ -100,6 +100,7 @@ class PermutationReport:
 def find_groups(model: nn.Module) -> GroupList:
     """Channel groups from torch.fx, or block by block (:mod:`.coupling_blocks`) when the whole
     model cannot be traced."""
+    check_module(model)
     found = fx_groups(model)
     if found.trace_error is not None:
         found.groups = blockwise_groups(model)
@@ -293,12 +294,15 @@ def permute(
     Returns:
         A :class:`PermutationReport` with the (permuted) model and one row per group.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    check_module(model)
+    check_flag(inplace, "inplace")
+    check_flag(windows, "windows")
     pattern = Pattern.parse(pattern)
     check_conv_order(conv_order)
     check_number(seed, "seed", integer=True)
     check_number(max_iters, "max_iters", low=0, integer=True)
+    check_number(block_stripes, "block_stripes", low=2, integer=True)
+    check_number(passes, "passes", low=1, integer=True)
     if time_budget_s is not None:
         check_number(time_budget_s, "time_budget_s", low=0.0)
     if not inplace:

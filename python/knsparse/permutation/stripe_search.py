@@ -41,7 +41,8 @@ from itertools import combinations
 import torch
 from tqdm.auto import tqdm
 
-from ..masks import ConvOrder
+from ..checks import check_device, check_flag, check_number, check_tensor
+from ..masks import ConvOrder, check_conv_order
 from ..pattern import Pattern
 from .objective import efficacy, kept_score, kth_largest_pair, optimal_kept, stacked_search_matrix, topk_sum
 
@@ -511,6 +512,37 @@ def search(
     """
     start = time.perf_counter()
     pattern = Pattern.parse(pattern)
+    for label, value, least in (
+        ("max_iters", max_iters, 0),
+        ("passes", passes, 1),
+        ("block_stripes", block_stripes, 2),
+        ("walk", walk, 0),
+        ("kick_swaps", kick_swaps, 0),
+        ("max_candidates", max_candidates, 1),
+        ("seed", seed, None),
+    ):
+        check_number(value, label, low=least, integer=True)
+    if segment is not None:
+        check_number(segment, "segment", low=1, integer=True)
+    if time_budget_s is not None:
+        check_number(time_budget_s, "time_budget_s", low=0)
+    check_flag(windows, "windows")
+    check_conv_order(conv_order)
+    check_flag(progress, "progress")
+    if device is not None:
+        device = check_device(device)
+    weights = [weight] if isinstance(weight, torch.Tensor) else weight
+    if isinstance(weights, str) or not isinstance(weights, Sequence):
+        raise TypeError(f"weight must be a tensor or a sequence of tensors, got {type(weight).__name__}")
+    for i, w in enumerate(weights):
+        check_tensor(w, "weight" if weights is not weight else f"weight[{i}]", dims=(2, 4))
+    if names is not None and (
+        isinstance(names, str)
+        or not isinstance(names, Sequence)
+        or len(names) != len(weights)
+        or not all(isinstance(n, str) for n in names)
+    ):
+        raise TypeError(f"names must be one str per weight ({len(weights)}), got {names!r}")
     matrix = stacked_search_matrix(weight, pattern, conv_order, names)
     out_device = matrix.device
     if device is not None:

@@ -7,7 +7,7 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import nn
 
-from ..checks import check_tensor
+from ..checks import check_names, check_tensor
 from ..layers import prunable_layers
 from ..masks import check_finite
 
@@ -36,10 +36,11 @@ def prunable_weights(
         kind = "weight"
     else:
         raise TypeError(
-            f"expected an nn.Module or a {{name: weight}} dict, got {type(model_or_weights).__name__}"
+            "model_or_weights must be an nn.Module or a {name: weight} dict, "
+            f"got {type(model_or_weights).__name__}"
         )
     if layers is not None:
-        wanted = list(layers)
+        wanted = list(check_names(layers, "layers"))
         unknown = [n for n in wanted if n not in found]
         if unknown:
             raise ValueError(f"unknown layers {unknown}; the {kind}s are {sorted(found)}")

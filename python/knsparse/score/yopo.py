@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from tqdm.auto import tqdm
 
-from knsparse.checks import check_number
+from knsparse.checks import check_flag, check_number
 from knsparse.kernels import nmf_cpu
 from knsparse.kernels.nmf import nmf_init, nmf_mu
 from knsparse.kernels.residual import residual_nm_mask, residual_scores
@@ -306,6 +306,8 @@ def yopo(
     All-zero rows, columns or layers get finite (zero) scores.
     """
     _check_fit_args(rank, iters, seed, max_chunk_bytes, conv_order)
+    check_flag(per_channel, "per_channel")
+    check_flag(normalize, "normalize")
     weights = prunable_weights(model_or_weights, layers)
     fit = LayerFits(weights, rank, per_channel, normalize, seed, conv_order)
 
