@@ -11,15 +11,16 @@ Cases:
 
 * ``--models``: whole production models (timm ``resnet50`` and ``vit_base_patch16_224``, random
   init; knsparse's built-in models of the same names and shapes where timm does not import),
-  ``permute(model, "2:4")`` with its defaults (blocks of 32 stripes, 100 tabu steps, window
-  rounds) against swap rounds only over blocks of 64 stripes, in the same run: groups permuted,
-  mean efficacy, wall and CPU seconds.
+  ``permute(model, "2:4", calib=[x])`` with its defaults (output checked unchanged), and in the
+  same run the greedy swap baseline (``knsparse.permutation.baseline.greedy_groups``) on one group
+  of each distinct shape whose single greedy iteration fits ``BASELINE_MAX_PAIR_ELEMENTS``, capped
+  at ``BASELINE_CAP_S`` seconds per group: per-group efficacy and seconds side by side.
 
 apex's own figures are quoted from its documentation as *published*, never as measured here.
 Timings are wall-clock medians and quantiles of single-matrix searches.
 
     python bench/bench_permute.py            # writes bench/results/permute.json and .png
-    python bench/bench_permute.py --models   # writes bench/results/permute_models.json
+    python bench/bench_permute.py --models --threads 2   # writes bench/results/permute_models.json/.png
 """
 
 from __future__ import annotations
@@ -30,17 +31,19 @@ import os
 import statistics
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+import numpy as np
 import torch
 from _meta import RESULTS, write_result
 from tqdm.auto import tqdm
 
-from knsparse.permutation import permute, search
-from knsparse.permutation.baseline import greedy_swap_search
+from knsparse.permutation import find_groups, permute, search
+from knsparse.permutation.baseline import greedy_groups, greedy_swap_search
 
 # NVIDIA apex, permutation_search_kernels / ChannelPermutations README (Pool & Yu, NeurIPS 2021):
 # one random 64-channel x 128-row matrix, 2:4.
@@ -109,7 +112,11 @@ def _compare(label: str, weights: list[torch.Tensor], pattern: str, max_iters: i
     return out
 
 
-SWAP_ROUNDS_WIDE = {"max_iters": 0, "block_stripes": 64, "windows": False}
+# The greedy baseline scores every swap from scratch: it runs on one group of each distinct
+# search-matrix shape whose single iteration (pairs x rows x n) is at most this many elements,
+# with BASELINE_CAP_S seconds per group (checked between swaps).
+BASELINE_MAX_PAIR_ELEMENTS = 1 << 32
+BASELINE_CAP_S = 10.0
 
 
 def build_model(name: str) -> tuple[torch.nn.Module, str]:
@@ -118,46 +125,132 @@ def build_model(name: str) -> tuple[torch.nn.Module, str]:
     try:
         import timm
 
-        return timm.create_model(name, pretrained=False), f"timm {timm.__version__}"
+        return timm.create_model(name, pretrained=False).eval(), f"timm {timm.__version__}"
     except ImportError:
         from knsparse import models
 
-        return getattr(models, name)(), "knsparse.models (timm does not import here)"
+        return getattr(models, name)().eval(), "knsparse.models (timm does not import here)"
 
 
-def permute_model(name: str, settings: dict) -> dict:
-    """One whole-model ``permute`` with ``settings``: groups, efficacy, wall and CPU seconds."""
-    model, source = build_model(name)
-    wall, cpu = time.perf_counter(), time.process_time()
-    report = permute(model, "2:4", **settings)
-    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    effs = [g.efficacy for g in report.permuted]
-    return {
-        "source": source,
-        "settings": settings,
-        "groups": len(report.groups),
-        "groups_permuted": len(effs),
-        "mean_efficacy": statistics.fmean(effs) if effs else 0.0,
-        "kept_gain": sum(g.kept_after - g.kept_before for g in report.permuted),
-        "seconds": wall,
-        "cpu_seconds": cpu,
-        "threads": torch.get_num_threads(),
-    }
+def _group_rows(model: torch.nn.Module, consumers: list[str]) -> int:
+    """Rows of a group's search matrix: every consumer's weight elements per input channel."""
+    return sum(
+        model.get_submodule(c).weight.numel() // model.get_submodule(c).weight.shape[1] for c in consumers
+    )
+
+
+def _baseline_subset(model: torch.nn.Module, groups: list) -> list[str]:
+    """One permuted group per distinct (rows, channels, head size) whose greedy iteration fits."""
+    chosen, seen = [], set()
+    for g in groups:
+        rows, seg = _group_rows(model, g.consumers), g.segment
+        pairs = g.channels * g.channels // 2 // (g.channels // seg if seg else 1)
+        key = (rows, g.channels, seg)
+        if key not in seen and pairs * rows * 4 <= BASELINE_MAX_PAIR_ELEMENTS:
+            seen.add(key)
+            chosen.append(g.name)
+    return chosen
 
 
 def models_case(names: list[str]) -> dict:
-    """Each model with ``permute``'s defaults and with swap rounds only over wide blocks."""
+    """Each model: ``permute(model, "2:4", calib=[x])`` with its defaults (output checked unchanged),
+    then the greedy swap baseline on a subset of the same groups, per group side by side."""
     out = {}
     for name in tqdm(names, desc="models"):
-        entry = {
-            "defaults": permute_model(name, {}),
-            "swap_rounds_wide": permute_model(name, SWAP_ROUNDS_WIDE),
+        model, source = build_model(name)
+        x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+        wall, cpu = time.perf_counter(), time.process_time()
+        report = permute(model, "2:4", calib=[x])
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        effs = [g.efficacy for g in report.permuted]
+        model, _ = build_model(name)  # the baseline starts from the same weights
+        heads = {g.name: g for g in find_groups(model).groups}
+        permuted = [
+            SimpleNamespace(
+                name=g.name, consumers=g.consumers, channels=g.channels, segment=heads[g.name].block
+            )
+            for g in report.permuted
+        ]
+        subset = _baseline_subset(model, permuted)
+        base = {
+            b.report.name: b for b in greedy_groups(model, "2:4", names=subset, time_budget_s=BASELINE_CAP_S)
         }
-        entry["cpu_time_ratio_defaults_over_swap_rounds_wide"] = (
-            entry["defaults"]["cpu_seconds"] / entry["swap_rounds_wide"]["cpu_seconds"]
-        )
-        out[name] = entry
+        side = []
+        for g in report.permuted:
+            row = {
+                "group": g.name,
+                "rows": _group_rows(model, g.consumers),
+                "channels": g.channels,
+                "knsparse_efficacy": g.efficacy,
+                "knsparse_seconds_share": g.seconds,
+            }
+            if g.name in base:
+                b = base[g.name]
+                row |= {
+                    "greedy_efficacy": b.report.efficacy,
+                    "greedy_seconds": b.seconds,
+                    "greedy_swaps": b.swaps,
+                    "greedy_capped": b.capped,
+                }
+            side.append(row)
+        compared = [r for r in side if "greedy_efficacy" in r]
+        out[name] = {
+            "source": source,
+            "knsparse_defaults": {
+                "groups": len(report.groups),
+                "groups_permuted": len(effs),
+                "mean_efficacy": statistics.fmean(effs) if effs else 0.0,
+                "kept_gain": sum(g.kept_after - g.kept_before for g in report.permuted),
+                "seconds": wall,
+                "cpu_seconds": cpu,
+                "threads": torch.get_num_threads(),
+                "function_checked": True,
+            },
+            "greedy_baseline": {
+                "cap_seconds_per_group": BASELINE_CAP_S,
+                "max_pair_elements": BASELINE_MAX_PAIR_ELEMENTS,
+                "groups_run": len(compared),
+                "mean_efficacy": statistics.fmean(r["greedy_efficacy"] for r in compared)
+                if compared
+                else None,
+                "knsparse_mean_efficacy_same_groups": (
+                    statistics.fmean(r["knsparse_efficacy"] for r in compared) if compared else None
+                ),
+                "seconds": sum(r["greedy_seconds"] for r in compared),
+            },
+            "groups": side,
+        }
     return out
+
+
+def _plot_models(result: dict, path: Path) -> None:
+    fig, axes = plt.subplots(1, len(result), figsize=(6 * len(result), 4.4))
+    for ax, (name, r) in zip(np.atleast_1d(axes), result.items(), strict=True):
+        rows = r["groups"]
+        xs = range(len(rows))
+        ax.bar(
+            xs, [100 * g["knsparse_efficacy"] for g in rows], color="C0", label="knsparse permute() defaults"
+        )
+        pairs = [(i, g) for i, g in enumerate(rows) if "greedy_efficacy" in g]
+        ax.scatter(
+            [i for i, _ in pairs],
+            [100 * g["greedy_efficacy"] for _, g in pairs],
+            color="C1",
+            zorder=3,
+            label=f"greedy swap baseline (<= {BASELINE_CAP_S:.0f} s/group)",
+        )
+        k = r["knsparse_defaults"]
+        ax.set_title(
+            f"{name}: {k['groups_permuted']}/{k['groups']} groups, mean {k['mean_efficacy']:.1%}, "
+            f"{k['seconds']:.1f} s wall",
+            fontsize=8,
+        )
+        ax.set_xlabel("channel group (model order)")
+        ax.set_ylabel("efficacy (%)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def _uniform(rows: int, channels: int, seed: int) -> torch.Tensor:
@@ -221,13 +314,16 @@ def main() -> None:
         load_start = os.getloadavg()[0]
         result = models_case(["resnet50", "vit_base_patch16_224"])
         write_result("permute_models", {"load_average_1min_start": load_start, "models": result})
+        _plot_models(result, RESULTS / "permute_models.png")
         for name, r in result.items():
-            for key in ("defaults", "swap_rounds_wide"):
-                e = r[key]
-                print(
-                    f"{name} {key}: {e['groups_permuted']}/{e['groups']} groups, mean efficacy "
-                    f"{e['mean_efficacy']:.1%}, {e['seconds']:.1f} s wall, {e['cpu_seconds']:.1f} s CPU"
-                )
+            e, b = r["knsparse_defaults"], r["greedy_baseline"]
+            ours, theirs = b["knsparse_mean_efficacy_same_groups"] or 0, b["mean_efficacy"] or 0
+            print(
+                f"{name}: {e['groups_permuted']}/{e['groups']} groups, mean efficacy "
+                f"{e['mean_efficacy']:.1%}, {e['seconds']:.1f} s wall, {e['cpu_seconds']:.1f} s CPU; "
+                f"greedy baseline on {b['groups_run']} groups: {theirs:.1%} (knsparse {ours:.1%}) "
+                f"in {b['seconds']:.1f} s"
+            )
         return
     if args.replot:
         _plot(json.loads((RESULTS / "permute.json").read_text())["apex_case"], RESULTS / "permute.png")

@@ -21,10 +21,12 @@ stripes. :class:`StripeSearch` improves the stripes of one block with three kind
 
 Swap and window rounds apply the best moves greedily without letting two moves touch one
 stripe. Matrices with more than ``block_stripes`` stripes are split into random blocks of
-stripes that are searched one after another; each further pass draws new blocks, so columns
-travel between all stripes. With ``segment`` (attention heads) blocks never cross segments.
-Everything is seeded: a given seed, device and iteration budget always gives the same
-permutation (a time budget can stop it earlier).
+stripes; each further pass draws new blocks, so columns travel between all stripes. With
+``segment`` (attention heads) blocks never cross segments. All blocks of one shape — from one
+matrix or from many (:func:`search_matrices`, a whole model's channel groups) — are searched
+in lockstep as one batch of tensor operations on the matrices' device; the tabu steps make no
+host synchronisation. Everything is seeded per block: a given seed, device and iteration
+budget always gives the same permutation, batched or not (a time budget can stop it earlier).
 """
 
 from __future__ import annotations
@@ -42,12 +44,16 @@ from tqdm.auto import tqdm
 from ..checks import check_device, check_flag, check_number, check_tensor
 from ..masks import ConvOrder, check_conv_order
 from ..pattern import Pattern
-from .objective import efficacy, kept_score, optimal_kept, stacked_search_matrix, topk_sum
+from .objective import efficacy, kept_score, kth_largest_pair, optimal_kept, stacked_search_matrix, topk_sum
 
 # Largest intermediate tensor (elements) a batched scoring step allocates.
 _CHUNK_ELEMENTS = 1 << 23
+# Intermediate tensors (elements) of the memory-bound swap-gain passes: about 4 MiB, in cache.
+_CACHE_ELEMENTS = 1 << 20
 # Largest swap-gain table (block columns^2 x rows) a block may need.
 _BLOCK_TABLE_ELEMENTS = 1 << 28
+# Largest stack of blocks (blocks x rows x block columns) searched as one batch.
+_BATCH_ELEMENTS = 1 << 26
 
 
 @dataclass(frozen=True)
@@ -115,152 +121,210 @@ def window_candidates(n: int, max_candidates: int = 1000) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.long)
 
 
-def greedy_matching(gain: torch.Tensor, tol: float) -> tuple[torch.Tensor, torch.Tensor]:
+def greedy_matching(gain: torch.Tensor, tol: torch.Tensor | float) -> tuple[torch.Tensor, ...]:
     """Disjoint stripe pairs with gain above ``tol``, best first (greedy, vectorised).
 
-    ``gain`` is a symmetric ``[G, G]`` matrix. Repeatedly takes every pair that is the best
-    option of both its stripes — with ties broken towards the lower index such a pair always
-    exists — which reproduces the sequential greedy matching. Returns ``(a, b)`` with ``a < b``.
+    ``gain`` is ``[B, G, G]``, symmetric per block; ``tol`` a float or ``[B]``. Repeatedly takes
+    every pair that is the best option of both its stripes — with ties broken towards the lower
+    index such a pair always exists — which reproduces the sequential greedy matching of each
+    block. Returns ``(block, a, b)`` index tensors with ``a < b``.
     """
-    g = gain.shape[0]
+    blocks, g = gain.shape[0], gain.shape[1]
     idx = torch.arange(g, device=gain.device)
+    tol = torch.as_tensor(tol, dtype=gain.dtype, device=gain.device).expand(blocks)[:, None]
     w = gain.clone()
-    w.fill_diagonal_(-math.inf)
-    picked_a, picked_b = [], []
+    w.diagonal(dim1=1, dim2=2).fill_(-math.inf)
+    picked: list[tuple[torch.Tensor, ...]] = []
     while True:
-        best, partner = w.max(dim=1)
-        mutual = (best > tol) & (partner[partner] == idx) & (idx < partner)
+        best, partner = w.max(dim=2)
+        mutual = (best > tol) & (partner.gather(1, partner) == idx) & (idx < partner)
         if not bool(mutual.any()):
             break
-        a, b = idx[mutual], partner[mutual]
-        picked_a.append(a)
-        picked_b.append(b)
-        used = torch.cat([a, b])
-        w[used, :] = -math.inf
-        w[:, used] = -math.inf
-    if not picked_a:
+        bi, a = mutual.nonzero(as_tuple=True)
+        b = partner[bi, a]
+        picked.append((bi, a, b))
+        for used in (a, b):
+            w[bi, used, :] = -math.inf
+            w[bi, :, used] = -math.inf
+    if not picked:
         empty = torch.empty(0, dtype=torch.long, device=gain.device)
-        return empty, empty
-    return torch.cat(picked_a), torch.cat(picked_b)
+        return empty, empty, empty
+    return tuple(torch.cat(parts) for parts in zip(*picked, strict=True))
 
 
 class StripeSearch:
-    """Search state over the stripes of one block ``[R, C]`` (``C`` a multiple of ``n``).
+    """Search state over the stripes of ``B`` independent blocks ``[B, R, C]`` (``C`` a
+    multiple of ``n``), all searched in lockstep by batched tensor operations.
 
-    ``cols[g]`` lists the columns of stripe ``g``; the caches below are kept consistent with
-    it through :meth:`mark_changed`.
+    ``cols[b, g]`` lists the columns of stripe ``g`` of block ``b``; the caches below are kept
+    consistent with it through :meth:`mark_changed`. Block ``b`` draws its random numbers from
+    ``gens[b]`` only, so a block's result does not depend on the blocks batched with it.
     """
 
     def __init__(
         self,
-        matrix: torch.Tensor,
+        matrices: torch.Tensor,
         pattern: Pattern,
-        gen: torch.Generator,
+        gens: Sequence[torch.Generator],
         max_candidates: int,
         windows: bool = True,
     ) -> None:
-        self.m = matrix
-        self.mt = matrix.T.contiguous()
+        self.m = matrices
+        self.mt = matrices.transpose(1, 2).contiguous()
         self.pattern = pattern
         self.k, self.n = pattern.k, pattern.n
-        channels = matrix.shape[1]
+        blocks, _, channels = matrices.shape
         self.g = channels // self.n
-        device = matrix.device
-        self.cols = torch.arange(channels, device=device).view(self.g, self.n)
-        self.gen = gen
-        self.tol = 1e-6 * float(matrix.sum()) / self.g
+        device = matrices.device
+        self.cols = torch.arange(channels, device=device).repeat(blocks, 1).view(blocks, self.g, self.n)
+        self.gens = list(gens)
+        self.tol = 1e-6 * matrices.sum((1, 2)) / self.g
         positions = torch.arange(channels, device=device) // self.n
         self.same_stripe = positions[:, None] == positions[None, :]
-        # delta[g, p, x]: change of stripe g's kept score if its p-th column were column x.
-        self.delta = torch.zeros(self.g, self.n, channels, device=device)
-        self.delta_dirty = torch.ones(self.g, dtype=torch.bool, device=device)
+        self.eye = torch.eye(self.g, dtype=torch.bool, device=device)
+        # delta[b, g, p, x]: change of stripe g's kept score if its p-th column were column x.
+        self.delta = torch.zeros(blocks, self.g, self.n, channels, device=device)
+        self.delta_dirty = torch.ones(blocks, self.g, dtype=torch.bool, device=device)
+        # Kept score of every stripe (float64), fresh where delta is.
+        self.stripe_kept = torch.zeros(blocks, self.g, dtype=torch.float64, device=device)
         # Window candidates that are single swaps only would repeat the swap rounds.
         cand = window_candidates(self.n, max_candidates)
         self.cand = cand.to(device) if windows and cand.shape[0] > 1 + self.n * self.n else None
         # Best window move per stripe pair; only entries marked fresh are up to date.
-        self.pair_gain = torch.zeros(self.g, self.g, device=device)
-        self.pair_choice = torch.zeros(self.g, self.g, dtype=torch.long, device=device)
-        self.pair_fresh = torch.eye(self.g, dtype=torch.bool, device=device)
-        self.tabu_steps = 0
+        self.pair_gain = torch.zeros(blocks, self.g, self.g, device=device)
+        self.pair_choice = torch.zeros(blocks, self.g, self.g, dtype=torch.long, device=device)
+        self.pair_fresh = self.eye.repeat(blocks, 1, 1)
+        self.tabu_steps = self.rounds = 0
 
     @property
     def perm(self) -> torch.Tensor:
-        return self.cols.reshape(-1)
+        """``[B, C]`` view of :attr:`cols`."""
+        return self.cols.view(self.cols.shape[0], -1)
 
-    def total(self) -> float:
-        return kept_score(self.m, self.pattern, self.perm)
+    def totals(self) -> torch.Tensor:
+        """``[B]`` float64 kept score of every block (as :func:`.objective.kept_score`)."""
+        blocks, rows, channels = self.m.shape
+        vals = self.m.gather(2, self.perm[:, None, :].expand(blocks, rows, channels))
+        return topk_sum(vals.view(blocks, rows, self.g, self.n), self.k).double().sum((1, 2))
 
-    def mark_changed(self, stripes: torch.Tensor) -> None:
-        self.delta_dirty[stripes] = True
-        self.pair_fresh[stripes, :] = False
-        self.pair_fresh[:, stripes] = False
-        self.pair_fresh[stripes, stripes] = True
+    def mark_changed(self, changed: torch.Tensor) -> None:
+        """``changed``: ``[B, G]`` bool, the stripes whose columns changed."""
+        self.delta_dirty |= changed
+        self._stale_pairs(changed)
+
+    def _stale_pairs(self, changed: torch.Tensor) -> None:
+        self.pair_fresh &= ~(changed[:, :, None] | changed[:, None, :])
+        self.pair_fresh |= self.eye
+
+    def _changed(self, bi: torch.Tensor, stripes: torch.Tensor) -> torch.Tensor:
+        mask = torch.zeros_like(self.delta_dirty)
+        mask[bi, stripes] = True
+        return mask
 
     def restore(self, cols: torch.Tensor) -> None:
-        changed = (self.cols != cols).any(dim=1).nonzero().flatten()
+        changed = (self.cols != cols).any(dim=2)
         self.cols = cols.clone()
         self.mark_changed(changed)
 
     # -- channel swaps -------------------------------------------------------------------
+    def _refresh(self, blocks: torch.Tensor | None, stripes: torch.Tensor) -> None:
+        """Recompute ``delta`` for ``stripes[i]`` ``[B', K]`` of block ``blocks[i]`` (``None``:
+        every block; a stripe listed twice is recomputed twice).
+
+        Without the column at position ``p`` the stripe's k-th largest in row ``r`` is the
+        stripe's ``(k+1)``-th largest ``v1`` when ``p`` is among the top k there, else its k-th
+        largest ``v0 >= v1``. So with ``E = relu(x - v1)`` a column ``x`` adds
+        ``sum_r E - sum_{r: p not in top k} min(E, v0 - v1)``: two elementwise passes per
+        stripe whatever ``n``, and one batched matrix product over the positions.
+        """
+        m = self.m if blocks is None else self.m[blocks]
+        count, rows, channels = m.shape
+        index = torch.arange(count, device=m.device) if blocks is None else blocks
+        index = index[:, None].expand_as(stripes)
+        vals = self.mt[index[..., None], self.cols[index, stripes]]  # [B', K, n, R]
+        kth, next_ = kth_largest_pair(vals, self.k, dim=2)  # [B', K, R]
+        self.stripe_kept[index, stripes] = topk_sum(vals, self.k, dim=2).double().sum(2)
+        # Exactly the top k where kth > next_; on a tie the two cases below agree.
+        outside = vals <= next_[:, :, None]
+        # Change of the stripe's kept sum when the column at each position leaves it.
+        base = (next_[:, :, None] - vals).masked_fill_(outside, 0.0).sum(3, keepdim=True)  # [B', K, n, 1]
+        outside = outside.to(vals.dtype)
+        next_, gap = next_[..., None], (kth - next_)[..., None]  # [B', K, R, 1]
+        out = base.expand(-1, -1, -1, channels).contiguous()
+        # On CPU the passes are memory-bound: chunks that stay in cache, broadcast, not copied.
+        chunk = _CACHE_ELEMENTS if m.device.type == "cpu" else _CHUNK_ELEMENTS
+        row_step = max(1, min(rows, chunk // channels))
+        stripe_step = max(1, min(stripes.shape[1], chunk // (row_step * channels)))
+        block_step = max(1, chunk // (stripe_step * row_step * channels))
+        for b in range(0, count, block_step):
+            bs = slice(b, b + block_step)
+            for k in range(0, stripes.shape[1], stripe_step):
+                ks = slice(k, k + stripe_step)
+                for r in range(0, rows, row_step):
+                    rs = slice(r, r + row_step)
+                    excess = (m[bs, None, rs] - next_[bs, ks, rs]).clamp_min_(0)  # [b, k, rows, C]
+                    out[bs, ks] += excess.sum(2, keepdim=True) - torch.matmul(
+                        outside[bs, ks, :, rs], excess.clamp_max_(gap[bs, ks, rs])
+                    )
+        self.delta[index, stripes] = out
+
     def _refresh_delta(self) -> None:
-        stripes = self.delta_dirty.nonzero().flatten()
-        if stripes.numel() == 0:
+        """Recompute the stale stripes of ``delta`` (one host synchronisation)."""
+        counts = self.delta_dirty.sum(1)
+        most = int(counts.max())
+        if most == 0:
             return
-        rows, channels = self.m.shape
-        vals = self.m[:, self.cols[stripes]]  # [R, u, n]
-        ordered, order = vals.sort(dim=-1, descending=True, stable=True)
-        kept = ordered[..., : self.k].sum(-1, keepdim=True)
-        in_top = torch.zeros_like(vals, dtype=torch.bool).scatter_(-1, order[..., : self.k], True)
-        kth, next_ = ordered[..., self.k - 1 : self.k], ordered[..., self.k : self.k + 1]
-        # Kept sum and k-th largest of the stripe without the column at each position.
-        rest_kept = torch.where(in_top, kept - vals + next_, kept)
-        rest_kth = torch.where(in_top, next_, kth).reshape(rows, -1)
-        base = (rest_kept - kept).sum(0).reshape(-1, 1)
-        out = torch.empty(rest_kth.shape[1], channels, device=self.m.device)
-        step = max(1, _CHUNK_ELEMENTS // (rows * channels))
-        for s in range(0, rest_kth.shape[1], step):
-            diff = self.m[:, None, :] - rest_kth[:, s : s + step, None]
-            out[s : s + step] = diff.clamp_min_(0).sum(0)
-        self.delta[stripes] = (out + base).view(-1, self.n, channels)
-        self.delta_dirty[stripes] = False
+        blocks = None if bool((counts > 0).all()) else counts.nonzero().flatten()
+        dirty = self.delta_dirty if blocks is None else self.delta_dirty[blocks]
+        # Each block's stale stripes first; blocks with fewer recompute a few fresh ones too.
+        stripes = (~dirty).to(torch.uint8).argsort(dim=1, stable=True)[:, :most]
+        self._refresh(blocks, stripes)
+        self.delta_dirty.zero_()
+
+    def _gains(self) -> torch.Tensor:
+        blocks, channels = self.perm.shape
+        # New column taken from a position.
+        by_pos = self.delta.view(blocks, channels, channels).gather(
+            2, self.perm[:, None, :].expand(blocks, channels, channels)
+        )
+        return (by_pos + by_pos.transpose(1, 2)).masked_fill_(self.same_stripe, -math.inf)
 
     def swap_gains(self) -> torch.Tensor:
-        """``[C, C]`` gain of swapping the columns at two positions (``-inf`` within a stripe)."""
+        """``[B, C, C]`` gain of swapping the columns at two positions (``-inf`` within a stripe)."""
         self._refresh_delta()
-        by_pos = self.delta.view(self.g * self.n, -1)[:, self.perm]  # new column taken from a position
-        return (by_pos + by_pos.T).masked_fill_(self.same_stripe, -math.inf)
+        return self._gains()
 
     def _best_per_stripe_pair(self, gain: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        g, n = self.g, self.n
-        return gain.view(g, n, g, n).permute(0, 2, 1, 3).reshape(g, g, n * n).max(dim=-1)
-
-    def _swap(self, a: torch.Tensor, b: torch.Tensor, move: torch.Tensor) -> torch.Tensor:
-        """Swap position ``move // n`` of stripes ``a`` with position ``move % n`` of stripes
-        ``b``; returns the moved column ids."""
-        pa, pb = move // self.n, move % self.n
-        col_a, col_b = self.cols[a, pa].clone(), self.cols[b, pb].clone()
-        self.cols[a, pa], self.cols[b, pb] = col_b, col_a
-        self.mark_changed(torch.cat([a, b]))
-        return torch.cat([col_a, col_b])
+        b, g, n = gain.shape[0], self.g, self.n
+        return gain.view(b, g, n, g, n).permute(0, 1, 3, 2, 4).reshape(b, g, g, n * n).max(dim=-1)
 
     def swap_round(self) -> bool:
-        """Apply the best disjoint improving column swaps; False when none gains."""
+        """Apply the best disjoint improving column swaps of every block; False when none gains."""
         best, move = self._best_per_stripe_pair(self.swap_gains())
-        a, b = greedy_matching(best, self.tol)
-        if a.numel() == 0:
+        bi, a, b = greedy_matching(best, self.tol)
+        if bi.numel() == 0:
             return False
-        self._swap(a, b, move[a, b])
+        chosen = move[bi, a, b]
+        pa, pb = chosen // self.n, chosen % self.n
+        col_a, col_b = self.cols[bi, a, pa], self.cols[bi, b, pb]
+        self.cols[bi, a, pa], self.cols[bi, b, pb] = col_b, col_a
+        self.mark_changed(self._changed(torch.cat([bi, bi]), torch.cat([a, b])))
         return True
 
     # -- stripe windows ------------------------------------------------------------------
-    def _score_pairs(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Best window gain and candidate for stripe pairs ``(a, b)``."""
-        step = max(1, _CHUNK_ELEMENTS // (self.m.shape[0] * self.cand.numel()))
+    def _score_pairs(
+        self, bi: torch.Tensor, a: torch.Tensor, b: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Best window gain and candidate for stripe pairs ``(a, b)`` of blocks ``bi``."""
+        step = max(1, _CHUNK_ELEMENTS // (self.m.shape[1] * self.cand.numel()))
         gains, choices = [], []
         for s in range(0, a.numel(), step):
-            cols = torch.cat([self.cols[a[s : s + step]], self.cols[b[s : s + step]]], dim=1)
+            part = bi[s : s + step]
+            cols = torch.cat([self.cols[part, a[s : s + step]], self.cols[part, b[s : s + step]]], dim=1)
             # Rows last keeps the reductions over a stripe's n columns contiguous.
-            vals = self.mt[cols[:, self.cand]].unflatten(2, (2, self.n))  # [B, P, 2, n, R]
+            vals = self.mt[part[:, None, None], cols[:, self.cand]].unflatten(
+                2, (2, self.n)
+            )  # [B, P, 2, n, R]
             kept = topk_sum(vals, self.k, dim=3).sum((2, 3))  # [B, P]
             best, choice = (kept - kept[:, :1]).max(dim=1)
             gains.append(best)
@@ -272,108 +336,126 @@ class StripeSearch:
         when none gains."""
         if self.cand is None:
             return False
-        stale = torch.triu(~self.pair_fresh, diagonal=1).nonzero()
-        if stale.shape[0]:
-            a, b = stale[:, 0], stale[:, 1]
-            gain, choice = self._score_pairs(a, b)
-            self.pair_gain[a, b] = self.pair_gain[b, a] = gain
-            self.pair_choice[a, b] = choice
-            self.pair_fresh[a, b] = self.pair_fresh[b, a] = True
-        a, b = greedy_matching(self.pair_gain, self.tol)
-        if a.numel() == 0:
+        bi, a, b = torch.triu(~self.pair_fresh, diagonal=1).nonzero(as_tuple=True)
+        if bi.numel():
+            gain, choice = self._score_pairs(bi, a, b)
+            self.pair_gain[bi, a, b] = self.pair_gain[bi, b, a] = gain
+            self.pair_choice[bi, a, b] = choice
+            self.pair_fresh[bi, a, b] = self.pair_fresh[bi, b, a] = True
+        bi, a, b = greedy_matching(self.pair_gain, self.tol)
+        if bi.numel() == 0:
             return False
-        cols = torch.cat([self.cols[a], self.cols[b]], dim=1)
-        moved = cols.gather(1, self.cand[self.pair_choice[a, b]])
-        self.cols[a], self.cols[b] = moved[:, : self.n], moved[:, self.n :]
-        self.mark_changed(torch.cat([a, b]))
+        cols = torch.cat([self.cols[bi, a], self.cols[bi, b]], dim=1)
+        moved = cols.gather(1, self.cand[self.pair_choice[bi, a, b]])
+        self.cols[bi, a], self.cols[bi, b] = moved[:, : self.n], moved[:, self.n :]
+        self.mark_changed(self._changed(torch.cat([bi, bi]), torch.cat([a, b])))
         return True
 
     # -- escapes -------------------------------------------------------------------------
     def tabu_walk(self, steps: int, deadline: float, tenure: tuple[int, int]) -> None:
-        """Walk by single column swaps and end at the best permutation met (start included).
+        """Walk every block by single column swaps and end at the best permutation met (start
+        included); tensor operations only, no host synchronisation per step.
 
         Each step takes the best swap, unless it moves a tabu column without reaching a new
         best; then the best swap of non-tabu columns, even when it loses score. Moved columns
-        stay tabu for a random number of steps in ``tenure`` (inclusive).
+        stay tabu for a random number of steps in ``tenure`` (inclusive). A block with no
+        allowed swap left stops.
         """
-        channels = self.m.shape[1]
-        tabu_until = torch.zeros(channels, dtype=torch.long, device=self.m.device)
-        current = best = self.total()
-        best_cols = self.cols.clone()
-        perm = self.perm
-        touched: set[int] = set()
+        blocks, channels = self.perm.shape
+        device = self.m.device
+        rows = torch.arange(blocks, device=device)
+        tabu_until = torch.zeros(blocks, channels, dtype=torch.long, device=device)
+        current = self.totals()
+        best, best_cols = current.clone(), self.cols.clone()
+        tol = self.tol.double()
+        holds = torch.stack(
+            [torch.randint(tenure[0], tenure[1] + 1, (steps, 2), generator=g) for g in self.gens], 1
+        ).to(device)  # [steps, B, 2]
+        active = torch.ones(blocks, dtype=torch.bool, device=device)
+        touched = torch.zeros_like(self.delta_dirty)
+        self._refresh_delta()
         for step in range(steps):
             if time.perf_counter() >= deadline:
                 break
             self.tabu_steps += 1
-            gain = self.swap_gains().view(-1)
-            flat = int(gain.argmax())
-            pos = divmod(flat, channels)
-            aspires = float(gain[flat]) > best - current + self.tol
-            if not aspires and bool((tabu_until[perm[list(pos)]] > step).any()):
-                tabu = tabu_until[perm] > step
-                gain = gain.view(channels, channels)
-                gain[tabu] = -math.inf
-                gain[:, tabu] = -math.inf
-                flat = int(gain.argmax())
-                pos = divmod(flat, channels)
-                gain = gain.view(-1)
-            value = float(gain[flat])
-            if value == -math.inf:
-                break
-            current += value
-            moved = perm[list(pos)]
-            perm[list(pos)] = moved.flip(0)
-            touched.update((pos[0] // self.n, pos[1] // self.n))
-            self.delta_dirty[pos[0] // self.n] = self.delta_dirty[pos[1] // self.n] = True
-            hold = torch.randint(tenure[0], tenure[1] + 1, (2,), generator=self.gen)
-            tabu_until[moved] = step + 1 + hold.to(moved.device)
-            if current > best + self.tol:
-                current = self.total()  # resynchronise the running sum of float32 gains
-                if current > best + self.tol:
-                    best, best_cols = current, self.cols.clone()
-        self.mark_changed(torch.tensor(sorted(touched), dtype=torch.long, device=self.m.device))
+            gain = self._gains()
+            value, flat = gain.view(blocks, -1).max(dim=1)
+            perm = self.perm
+            tabu = tabu_until.gather(1, perm) > step  # by position
+            hits = tabu.gather(1, torch.stack([flat // channels, flat % channels], 1)).any(1)
+            free = gain.masked_fill_(tabu[:, :, None] | tabu[:, None, :], -math.inf)
+            free_value, free_flat = free.view(blocks, -1).max(dim=1)
+            fall_back = hits & ~(value.double() > best - current + tol)
+            value = torch.where(fall_back, free_value, value)
+            flat = torch.where(fall_back, free_flat, flat)
+            active &= value > -math.inf
+            p0 = torch.where(active, flat // channels, 0)
+            p1 = torch.where(active, flat % channels, 0)
+            moved0, moved1 = perm[rows, p0], perm[rows, p1]
+            perm[rows, p0], perm[rows, p1] = moved1, moved0
+            moved_stripes = torch.stack([p0, p1], 1) // self.n
+            self._refresh(None, moved_stripes)
+            touched[rows[:, None], moved_stripes] |= active[:, None]
+            hold = step + 1 + holds[step]
+            tabu_until[rows, moved0] = torch.where(active, hold[:, 0], tabu_until[rows, moved0])
+            tabu_until[rows, moved1] = torch.where(active, hold[:, 1], tabu_until[rows, moved1])
+            current = self.stripe_kept.sum(1)
+            better = current > best + tol
+            best = torch.where(better, current, best)
+            best_cols = torch.where(better[:, None, None], self.cols, best_cols)
+        self._stale_pairs(touched)  # their swap gains are up to date
         self.restore(best_cols)
 
     def kick(self, swaps: int) -> None:
-        """Swap one random column between each of ``swaps`` random disjoint stripe pairs."""
+        """Swap one random column between each of ``swaps`` random disjoint stripe pairs of
+        every block."""
         swaps = min(swaps, self.g // 2)
-        stripes = torch.randperm(self.g, generator=self.gen)[: 2 * swaps].to(self.cols.device)
-        pos = torch.randint(self.n, (2, swaps), generator=self.gen).to(self.cols.device)
-        a, b = stripes[:swaps], stripes[swaps:]
-        col_a, col_b = self.cols[a, pos[0]].clone(), self.cols[b, pos[1]].clone()
-        self.cols[a, pos[0]], self.cols[b, pos[1]] = col_b, col_a
-        self.mark_changed(stripes)
+        device = self.cols.device
+        stripes = torch.stack([torch.randperm(self.g, generator=g)[: 2 * swaps] for g in self.gens]).to(
+            device
+        )
+        pos = torch.stack([torch.randint(self.n, (2, swaps), generator=g) for g in self.gens]).to(device)
+        bi = torch.arange(len(self.gens), device=device)[:, None].expand(-1, swaps)
+        a, b = stripes[:, :swaps], stripes[:, swaps:]
+        col_a, col_b = self.cols[bi, a, pos[:, 0]], self.cols[bi, b, pos[:, 1]]
+        self.cols[bi, a, pos[:, 0]], self.cols[bi, b, pos[:, 1]] = col_b, col_a
+        self.mark_changed(self._changed(torch.cat([bi, bi], 1), stripes))
 
     # -- driver --------------------------------------------------------------------------
-    def local_search(self, deadline: float, windows: bool = True) -> None:
-        """Swap rounds, then (if ``windows``) window rounds, until neither improves or time
-        runs out."""
-        while time.perf_counter() < deadline and (self.swap_round() or (windows and self.window_round())):
-            pass
+    def local_search(self, deadline: float, windows: bool = True, max_rounds: float = math.inf) -> None:
+        """Swap rounds, then (if ``windows``) window rounds, until neither improves, time runs
+        out or ``max_rounds`` rounds (counted since the start of :meth:`run`) were made."""
+        while (
+            time.perf_counter() < deadline
+            and self.rounds < max_rounds
+            and (self.swap_round() or (windows and self.window_round()))
+        ):
+            self.rounds += 1
 
-    def run(self, deadline: float, max_iters: int, walk: int, kick_swaps: int, first: bool) -> torch.Tensor:
-        """Swap rounds; tabu walks, each started from the best permutation so far by a random
-        kick, for ``max_iters`` tabu steps in all; then swap and window rounds from the best.
+    def run(
+        self, deadline: float, max_iters: int, walk: int, kick_swaps: int, max_rounds: float = math.inf
+    ) -> torch.Tensor:
+        """One swap round (even past the deadline); more swap rounds; tabu walks, each started
+        from the best permutation so far by a random kick, for ``max_iters`` tabu steps in all;
+        then swap and window rounds from the best, ``max_rounds`` improving rounds in all.
         Window rounds cost ``O(R * pairs * candidates)``, so they polish only at the end.
-        ``first``: do one swap round even past the deadline. Returns ``cols``."""
+        Returns ``cols``."""
         if self.g < 2:
             return self.cols
-        if first:
-            self.swap_round()
-        self.local_search(deadline, windows=False)
-        best, best_cols = self.total(), self.cols.clone()
+        self.rounds = int(self.swap_round())
+        self.local_search(deadline, windows=False, max_rounds=max_rounds)
+        best, best_cols = self.totals(), self.cols.clone()
         lo = max(2, self.g * self.n // 16)
         while self.tabu_steps < max_iters and time.perf_counter() < deadline:
             if self.tabu_steps:
                 self.kick(kick_swaps)
             self.tabu_walk(min(walk, max_iters - self.tabu_steps), deadline, (lo, 2 * lo))
-            total = self.total()
-            if total > best + self.tol:
-                best, best_cols = total, self.cols.clone()
-            else:
-                self.restore(best_cols)
-        self.local_search(deadline)
+            total = self.totals()
+            better = total > best + self.tol.double()
+            best = torch.where(better, total, best)
+            best_cols = torch.where(better[:, None, None], self.cols, best_cols)
+            self.restore(best_cols)
+        self.local_search(deadline, max_rounds=max_rounds)
         return self.cols
 
 
@@ -466,40 +548,128 @@ def search(
     if device is not None:
         matrix = matrix.to(device)
     deadline = math.inf if time_budget_s is None else start + time_budget_s
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    stripes = matrix.shape[1] // pattern.n
-    per_segment = stripes if segment is None else segment // pattern.n
-    if segment is not None and (segment % pattern.n or matrix.shape[1] % segment or segment <= 0):
-        raise ValueError(
-            f"segment={segment} must be a positive multiple of n={pattern.n} "
-            f"dividing the {matrix.shape[1]} channels"
-        )
-    cols = torch.arange(matrix.shape[1], device=matrix.device).view(stripes, pattern.n)
+    [(perm, steps)] = search_matrices(
+        [matrix],
+        pattern,
+        segments=[segment],
+        seed=seed,
+        deadline=deadline,
+        max_iters=max_iters,
+        passes=passes,
+        block_stripes=block_stripes,
+        walk=walk,
+        kick_swaps=kick_swaps,
+        max_candidates=max_candidates,
+        windows=windows,
+        progress=progress,
+    )
+    result = SearchResult.of(matrix, pattern, perm, steps, start)
+    return replace(result, perm=result.perm.to(out_device))
+
+
+def _check_counts(max_iters: int | Sequence[int], passes: int, block_stripes: int) -> None:
+    iters = [max_iters] if isinstance(max_iters, int) else list(max_iters)
+    for label, value, least in (
+        ("max_iters", min(iters, default=0), 0),
+        ("passes", passes, 1),
+        ("block_stripes", block_stripes, 2),
+    ):
+        if value < least:
+            raise ValueError(f"{label} must be >= {least}, got {value}")
+
+
+def _blocks(
+    matrix: torch.Tensor, n: int, segment: int | None, block_stripes: int, gen: torch.Generator
+) -> tuple[bool, list[torch.Tensor]]:
+    """Whether ``matrix`` is split into several blocks (else one pass is enough) and this
+    pass's blocks, ``[stripes]`` index tensors into its stripes, drawn from ``gen``."""
+    stripes = matrix.shape[1] // n
+    per_segment = stripes if segment is None else segment // n
     # Tall matrices get narrower blocks: a swap-round table costs C_block^2 * R.
-    widest = max(2, math.isqrt(_BLOCK_TABLE_ELEMENTS // matrix.shape[0]) // pattern.n)
+    widest = max(2, math.isqrt(_BLOCK_TABLE_ELEMENTS // matrix.shape[0]) // n)
     splits = math.ceil(per_segment / min(block_stripes, widest))
     regroup = splits > 1
-    steps, searched = 0, False
-    with tqdm(
-        total=(passes if regroup else 1) * stripes // per_segment * splits,
-        desc="permutation search",
-        disable=not progress,
-    ) as bar:
-        for _ in range(passes if regroup else 1):
-            for offset in range(0, stripes, per_segment):
-                order = offset + (
-                    torch.randperm(per_segment, generator=gen) if regroup else torch.arange(per_segment)
+    blocks = []
+    for offset in range(0, stripes, per_segment):
+        order = offset + (
+            torch.randperm(per_segment, generator=gen) if regroup else torch.arange(per_segment)
+        )
+        blocks.extend(order.tensor_split(splits))
+    return regroup, blocks
+
+
+def search_matrices(
+    matrices: Sequence[torch.Tensor],
+    pattern: Pattern,
+    *,
+    segments: Sequence[int | None] | None = None,
+    seed: int = 0,
+    deadline: float = math.inf,
+    max_iters: int | Sequence[int] = 1000,
+    passes: int = 1,
+    block_stripes: int = 32,
+    walk: int = 200,
+    kick_swaps: int = 2,
+    max_candidates: int = 1000,
+    windows: bool | Sequence[bool] = True,
+    max_rounds: float | Sequence[float] = math.inf,
+    progress: bool = False,
+) -> list[tuple[torch.Tensor, int]]:
+    """:func:`search` of several search matrices ``[R_i, C_i]`` at once: blocks of the same
+    shape and settings, from any of the matrices, are searched as one batch.
+
+    Every matrix draws its blocks and every block its random numbers from generators seeded
+    by ``seed`` alone, so a matrix gets the same permutation as when searched by itself (up to
+    float rounding of batched reductions and the ``deadline``, a ``perf_counter`` value). Each
+    batch always runs one swap round. ``max_iters`` (tabu steps per block and pass),
+    ``windows`` and ``max_rounds`` (improving swap/window rounds per block and pass) may be
+    given per matrix. Returns ``(perm [C_i] int64, tabu steps)`` per matrix.
+    """
+    count = len(matrices)
+    segments = [None] * count if segments is None else list(segments)
+    iters = [max_iters] * count if isinstance(max_iters, int) else list(max_iters)
+    polish = [windows] * count if isinstance(windows, bool) else list(windows)
+    rounds = list(max_rounds) if isinstance(max_rounds, Sequence) else [max_rounds] * count
+    _check_counts(iters, passes, block_stripes)
+    n = pattern.n
+    for i, (m, segment) in enumerate(zip(matrices, segments, strict=True)):
+        if m.shape[1] % n:
+            raise ValueError(f"matrix {i}: {m.shape[1]} channels are not a multiple of n={n} for {pattern}")
+        if segment is not None and (segment <= 0 or segment % n or m.shape[1] % segment):
+            raise ValueError(
+                f"segment={segment} must be a positive multiple of n={n} dividing the {m.shape[1]} channels"
+            )
+    gens = [torch.Generator(device="cpu").manual_seed(seed) for _ in matrices]
+    cols = [torch.arange(m.shape[1], device=m.device).view(-1, n) for m in matrices]
+    steps = [0] * count
+    for p in range(passes):
+        # (rows, block width, tabu steps, windows, rounds, device) -> [(matrix, stripes, block seed)]
+        batches: dict[tuple, list[tuple[int, torch.Tensor, int]]] = {}
+        for i, m in enumerate(matrices):
+            regroup, blocks = _blocks(m, n, segments[i], block_stripes, gens[i])
+            if p and not regroup:
+                continue
+            for block in blocks:
+                key = (m.shape[0], block.numel(), iters[i], polish[i], rounds[i], m.device)
+                block_seed = int(torch.randint(2**62, (1,), generator=gens[i]))
+                batches.setdefault(key, []).append((i, block.to(m.device), block_seed))
+        for key, items in tqdm(
+            batches.items(), desc=f"permutation search, pass {p + 1}", disable=not progress
+        ):
+            rows, width, block_iters, block_windows, block_rounds, _ = key
+            most = max(1, _BATCH_ELEMENTS // (rows * width * n))
+            for s in range(0, len(items), most):
+                part = items[s : s + most]
+                block_cols = [cols[i][block].reshape(-1) for i, block, _ in part]
+                state = StripeSearch(
+                    torch.stack([matrices[i][:, c] for (i, _, _), c in zip(part, block_cols, strict=True)]),
+                    pattern,
+                    [torch.Generator(device="cpu").manual_seed(block_seed) for _, _, block_seed in part],
+                    max_candidates,
+                    block_windows,
                 )
-                for block in order.tensor_split(splits):
-                    bar.update()
-                    first = not searched
-                    if time.perf_counter() >= deadline and not first:
-                        continue
-                    searched = True
-                    block = block.to(matrix.device)
-                    block_cols = cols[block].reshape(-1)
-                    state = StripeSearch(matrix[:, block_cols], pattern, gen, max_candidates, windows)
-                    cols[block] = block_cols[state.run(deadline, max_iters, walk, kick_swaps, first)]
-                    steps += state.tabu_steps
-    result = SearchResult.of(matrix, pattern, cols.reshape(-1), steps, start)
-    return replace(result, perm=result.perm.to(out_device))
+                found = state.run(deadline, block_iters, walk, kick_swaps, block_rounds).view(len(part), -1)
+                for (i, block, _), c, local in zip(part, block_cols, found, strict=True):
+                    cols[i][block] = c[local].view(-1, n)
+                    steps[i] += state.tabu_steps
+    return [(c.reshape(-1), s) for c, s in zip(cols, steps, strict=True)]
