@@ -196,3 +196,9 @@ def test_unreadable_weights_are_one_clear_error(damage, tmp_path, capsys):
     assert main(["inspect", "--model", "vit_tiny_digits", "--weights", str(path)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and str(path) in err and "Traceback" not in err
+
+
+def test_no_reconstruct_belongs_to_cast(capsys):
+    code = main(["prune", "--model", "vit_tiny_digits", "--no-reconstruct", "--out", "unused.safetensors"])
+    assert code == 2
+    assert "--no-reconstruct is a cast/cast-conv option" in capsys.readouterr().err

@@ -114,7 +114,11 @@ def test_a_missing_extra_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("model", "method"),
-    [("timm:resnet18", ["--method", "cast-conv", "--permute"]), ("torchvision:resnet18", []), ("hf", [])],
+    [
+        ("timm:resnet18", ["--method", "cast-conv", "--permute", "--no-reconstruct"]),
+        ("torchvision:resnet18", []),
+        ("hf", []),
+    ],
 )
 def test_images_to_a_tensorrt_ready_fp16_onnx(model, method, hf_dir, tmp_path, capsys) -> None:
     pytest.importorskip("timm")

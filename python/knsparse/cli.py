@@ -94,6 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--permute", action="store_true", help="permute channels before masking (function kept)")
     p.add_argument(
+        "--no-reconstruct",
+        action="store_true",
+        help="cast/cast-conv: keep CAST's masks without re-fitting the kept weights (the re-fit needs "
+        "at least K/8 calibration rows per layer)",
+    )
+    p.add_argument(
         "--data",
         metavar="DIR",
         help="calibration images: a folder with class subfolders, or a flat folder of images, "

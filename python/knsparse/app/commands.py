@@ -102,6 +102,8 @@ def prune(args: argparse.Namespace) -> int:
         raise UserError(
             f"--data / --val are for models that take images; {args.model} uses the bundled digits"
         )
+    if args.no_reconstruct and args.method not in ("cast", "cast-conv"):
+        raise UserError(f"--no-reconstruct is a cast/cast-conv option, not one of --method {args.method}")
     if not digits and images is None and (args.repair or calibrates):
         raise UserError(f"--method {args.method} and --repair calibrate on images: give --data DIR")
     if not digits and args.repair_epochs:
@@ -138,6 +140,7 @@ def prune(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         calib=calib,
         evaluator=evaluator,
+        method_options={"reconstruct": False} if args.no_reconstruct else None,
     )
     fused = fuse_activations(loaded.model) if args.fuse_activations else {}
     if distributed.is_main():

@@ -73,6 +73,7 @@ def prune_and_swap(
     progress: bool = True,
     calib: object = None,
     evaluator: Callable[[nn.Module], float] | None = None,
+    method_options: dict[str, object] | None = None,
 ) -> PruneOutcome:
     """Prune ``model`` in place and swap its prunable layers to sparse modules.
 
@@ -87,6 +88,7 @@ def prune_and_swap(
         include, exclude: glob patterns over layer names, as in :func:`knsparse.swap_modules`.
         calib, evaluator: without ``data``, the calibration batches (a user's images) and a
             function giving the model's accuracy (top-1 on a user's validation folder).
+        method_options: passed to ``method`` (e.g. ``{"reconstruct": False}`` for CAST).
     """
     pattern = Pattern.parse(pattern)
     if repair_epochs and data is None:
@@ -97,7 +99,15 @@ def prune_and_swap(
     accuracy_dense = evaluator(model) if evaluator is not None else None
     teacher = copy.deepcopy(model) if repair_epochs else None
     result = prune(
-        model, method, pattern, calib=calib, permute=permute, repair=repair, inplace=True, progress=progress
+        model,
+        method,
+        pattern,
+        calib=calib,
+        permute=permute,
+        repair=repair,
+        inplace=True,
+        progress=progress,
+        **(method_options or {}),
     )
     masks = result.masks
     outcome = PruneOutcome(method, str(pattern), masks, SwapReport(), result.skipped, repair_epochs, result)
