@@ -265,7 +265,7 @@ def collect_input_stats(
             sum_sq = flat.double().square().sum(0)  # finite inputs whose float32 squares overflow
         st.sum_sq += sum_sq.double()
         if full is not None:
-            st.gram += full.double()
+            st.gram.add_(full)  # float32 product into the float64 sum, no float64 temporary
         if block is not None:
             st.block_gram += block.double()
 

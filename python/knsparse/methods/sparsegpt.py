@@ -14,7 +14,14 @@ from collections.abc import Mapping
 
 from ..pattern import Pattern
 from .base import Decision, Layer, layer_hessian
-from .obs import BLOCKSIZE, DAMP, inverse_cholesky, refit_in_mask, relative_output_error, sparsegpt_sweep
+from .obs import (
+    BLOCKSIZE,
+    DAMP,
+    inverse_cholesky,
+    refit_in_mask_cg,
+    relative_output_error,
+    sparsegpt_sweep,
+)
 
 
 def sparsegpt(
@@ -30,9 +37,10 @@ def sparsegpt(
 
     ``damp``: damping as a fraction of the mean diagonal of the Gram (default 1%);
     ``blocksize``: columns per lazy-update block (speed only, same result); ``refit``: after the
-    sweep, re-solve the kept weights exactly by least squares in SparseGPT's mask
-    (:func:`knsparse.methods.obs.refit_in_mask`; the sweep's kept weights left of a pruned one are
-    never updated again, the exact solution is never worse on the calibration set). Each
+    sweep, re-solve the kept weights by least squares in SparseGPT's mask, by conjugate gradients
+    started from the sweep's weights (:func:`knsparse.methods.obs.refit_in_mask_cg`; the sweep's
+    kept weights left of a pruned one are never updated again, the least-squares solution is never
+    worse on the calibration set). Each
     decision's ``extra["output_error"]`` is the relative output error on the calibration set.
     """
     if pattern is None:
@@ -44,7 +52,7 @@ def sparsegpt(
         h = layer_hessian(lay, "sparsegpt", damp)
         mask, new = sparsegpt_sweep(lay.weight, inverse_cholesky(h, name), pattern, blocksize=blocksize)
         if refit:
-            new = refit_in_mask(lay.weight, h, mask)
+            new = refit_in_mask_cg(lay.weight, h, mask, start=new)
         error = relative_output_error(lay.weight, new, h)
         rule = f"sparsegpt {pattern}" + (" + refit" if refit else "")
         out[name] = Decision(mask, rule, pattern.sparsity, weight=new.float(), extra={"output_error": error})
