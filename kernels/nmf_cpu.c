@@ -14,6 +14,8 @@
  * Matrices are fitted one after the other, all iterations each, so a matrix stays in cache for its whole
  * fit; callers run disjoint slices of a batch on separate threads. RANK is a compile-time constant so the
  * accumulators stay in registers.
+ *
+ * knsparse_residual is the CPU twin of residual.py:residual_ref, S = |X - V H| in one pass (S may be X).
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -166,4 +168,38 @@ int knsparse_nmf_mu(const float *X, float *V, float *H, const int32_t *sizes, in
     }
     free(Q);
     return 0;
+}
+
+/* S = |X - V H| for every matrix of the batch, zero outside sizes. X and S are [B, mp, ldx], V [B, mp, RANK],
+ * H [B, RANK, ldh]; S may alias X (each entry is read before it is written). */
+void knsparse_residual(const float *X, const float *V, const float *H, float *S, const int32_t *sizes,
+                       int64_t batch, int64_t mp, int64_t ldx, int64_t ldh) {
+    typedef int32_t ivec __attribute__((vector_size(VW * sizeof(int32_t))));
+    const ivec absmask = (ivec){0} + 0x7fffffff;
+    for (int64_t b = 0; b < batch; b++) {
+        const int m = sizes[2 * b], n = sizes[2 * b + 1];
+        const int n16 = n & ~(VW - 1);
+        const float *Hb = H + b * RANK * ldh;
+        for (int64_t i = 0; i < mp; i++) {
+            const float *x = X + (b * mp + i) * ldx;
+            float *s = S + (b * mp + i) * ldx;
+            if (i >= m) {
+                memset(s, 0, sizeof(float) * (size_t)ldx);
+                continue;
+            }
+            const float *v = V + (b * mp + i) * RANK;
+            int j = 0;
+            for (; j < n16; j += VW) {
+                vec d = vload(x + j);
+                for (int k = 0; k < RANK; k++) d -= v[k] * vload(Hb + (size_t)k * ldh + j);
+                vstore(s + j, (vec)((ivec)d & absmask));
+            }
+            for (; j < n; j++) {
+                float d = x[j];
+                for (int k = 0; k < RANK; k++) d -= v[k] * Hb[(size_t)k * ldh + j];
+                s[j] = d < 0.f ? -d : d;
+            }
+            if (n < ldx) memset(s + n, 0, sizeof(float) * (size_t)(ldx - n));
+        }
+    }
 }
