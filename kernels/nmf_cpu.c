@@ -45,10 +45,28 @@ static inline void p_step(vec acc[RB][RANK], const float *const xp[RB], const fl
     }
 }
 
-/* q[k][j:j+VW] += sum_r v[r][k] x[r][j:j+VW] over the nr rows at xp; the RANK partial sums stay in
- * registers while the rows stream through. Inlined with nr == RB2 the row loop unrolls fully. */
+/* q[k][j:j+QV*VW] += sum_r v[r][k] x[r][j:j+QV*VW] over the nr rows at xp; the RANK x QV partial sums stay
+ * in registers while the rows stream through, each v[r][k] broadcast once for QV vectors. Inlined with
+ * nr == RB2 the row loop unrolls fully. */
+#define QV (RANK > 8 ? 1 : (RANK > 5 ? 3 : 4))
 static inline void q_step(float *q, int ldh, const float *const xp[RB2], const float v[RB2][RANK], int j,
                           int nr) {
+    vec a[RANK][QV];
+    for (int k = 0; k < RANK; k++)
+        for (int u = 0; u < QV; u++) a[k][u] = vload(q + (size_t)k * ldh + j + u * VW);
+    for (int r = 0; r < nr; r++) {
+        vec xv[QV];
+        for (int u = 0; u < QV; u++) xv[u] = vload(xp[r] + j + u * VW);
+        for (int k = 0; k < RANK; k++)
+            for (int u = 0; u < QV; u++) a[k][u] += v[r][k] * xv[u];
+    }
+    for (int k = 0; k < RANK; k++)
+        for (int u = 0; u < QV; u++) vstore(q + (size_t)k * ldh + j + u * VW, a[k][u]);
+}
+
+/* q_step for one vector of columns (the remainder of a row after the QV-wide steps, and the tail). */
+static inline void q_step1(float *q, int ldh, const float *const xp[RB2], const float v[RB2][RANK], int j,
+                           int nr) {
     vec a[RANK];
     for (int k = 0; k < RANK; k++) a[k] = vload(q + (size_t)k * ldh + j);
     for (int r = 0; r < nr; r++) {
@@ -103,12 +121,15 @@ static void update_v(const float *X, float *V, const float *H, const float *G, f
             for (int k = 0; k < RANK; k++)
                 for (int l = 0; l < RANK; l++) vv[k][l] += (double)v[r][k] * v[r][l];
         }
+        const int nq = n16 - n16 % (QV * VW);
         if (nrows == RB2) {
-            for (int j = 0; j < n16; j += VW) q_step(Q, ldh, row, v, j, RB2);
-            if (n16 < n) q_step(Q + n16, ldh, tail, v, 0, RB2);
+            for (int j = 0; j < nq; j += QV * VW) q_step(Q, ldh, row, v, j, RB2);
+            for (int j = nq; j < n16; j += VW) q_step1(Q, ldh, row, v, j, RB2);
+            if (n16 < n) q_step1(Q + n16, ldh, tail, v, 0, RB2);
         } else {
-            for (int j = 0; j < n16; j += VW) q_step(Q, ldh, row, v, j, nrows);
-            if (n16 < n) q_step(Q + n16, ldh, tail, v, 0, nrows);
+            for (int j = 0; j < nq; j += QV * VW) q_step(Q, ldh, row, v, j, nrows);
+            for (int j = nq; j < n16; j += VW) q_step1(Q, ldh, row, v, j, nrows);
+            if (n16 < n) q_step1(Q + n16, ldh, tail, v, 0, nrows);
         }
     }
     for (int k = 0; k < RANK; k++)
