@@ -340,7 +340,9 @@ class LayerFits:
             ThreadPoolExecutor(workers) as pool,
         ):
             results = pool.map(fit, chunks) if workers > 1 else map(fit, chunks)
-            for _ in tqdm(results, total=len(chunks), desc="yopo", unit="bucket", disable=not progress):
+            if progress:  # a disabled bar still costs a fresh process a few ms (its lock)
+                results = tqdm(results, total=len(chunks), desc="yopo", unit="bucket")
+            for _ in results:
                 pass
         return {name: out[name] for name in self.weights}
 
