@@ -21,6 +21,7 @@ import zlib
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -53,18 +54,18 @@ def _layer_seed(seed: int, name: str) -> int:
 def _median_abs(w: torch.Tensor) -> float:
     """Exact lower median of ``|w|`` (``torch.median``'s convention).
 
-    On CPU by numpy's introselect on one copy of ``|w|``. Elsewhere by a two-level radix select:
-    the int32 bit patterns of non-negative floats sort like their values: a histogram of the top
-    16 bits finds the bucket holding the median, a histogram of the low 16 bits inside that bucket
-    finds the value. Linear passes only, several times faster than ``median`` on large layers.
+    On CPU by numpy's introselect on one copy of ``|w|`` (numpy's, which on CPU costs a fraction
+    of a fresh torch tensor of the same size). Elsewhere by a two-level radix select: the int32 bit
+    patterns of non-negative floats sort like their values: a histogram of the top 16 bits finds
+    the bucket holding the median, a histogram of the low 16 bits inside that bucket finds the
+    value. Linear passes only, several times faster than ``median`` on large layers.
     """
-    a = w.detach().abs().float().flatten()  # a fresh copy: free to reorder
-    k = (a.numel() - 1) // 2
-    if a.device.type == "cpu":
-        values = a.numpy()
+    k = (w.numel() - 1) // 2
+    if w.device.type == "cpu":
+        values = np.abs(w.detach().float().numpy().reshape(-1))  # a fresh copy: free to reorder
         values.partition(k)
         return float(values[k])
-    bits = a.view(torch.int32)
+    bits = w.detach().abs().float().flatten().view(torch.int32)
     top = bits >> 16
     counts = torch.bincount(top, minlength=1 << 15)
     cum = counts.cumsum(0)
