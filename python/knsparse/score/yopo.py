@@ -100,15 +100,13 @@ def _chunk_workers(problems: list[Problem], iters: int) -> int:
 
 
 @contextlib.contextmanager
-def _intra_op_threads(threads: int) -> Iterator[None]:
-    """torch's intra-op threads set to ``threads`` for the block. With one worker per core the
-    workers' torch ops (fills, medians) must not start OpenMP teams of their own: those would
-    compete with the other workers, and their spin-waiting threads burn a core after every op."""
+def _one_intra_op_thread() -> Iterator[None]:
+    """torch's intra-op threads set to one for the block (threads started inside it keep one). With
+    one worker per core the workers' torch ops (fills, initial factors) must not start OpenMP teams
+    of their own: those would compete with the other workers, and their spin-waiting threads burn a
+    core after every op."""
     before = torch.get_num_threads()
-    if threads == before:
-        yield
-        return
-    torch.set_num_threads(threads)
+    torch.set_num_threads(1)
     try:
         yield
     finally:
@@ -337,7 +335,7 @@ class LayerFits:
                         out[name] = from_reduction_view(part[0], self.weights[name].shape, self.layout)
 
         with (
-            _intra_op_threads(1 if workers > 1 else torch.get_num_threads()),
+            _one_intra_op_thread() if workers > 1 else contextlib.nullcontext(),
             ThreadPoolExecutor(workers) as pool,
         ):
             results = pool.map(fit, chunks) if workers > 1 else map(fit, chunks)
