@@ -34,7 +34,8 @@ def check_finite(t: torch.Tensor, label: str) -> None:
     # A finite sum proves every entry finite (NaN and Inf propagate); only an overflowing or
     # non-finite sum needs the entry-wise check. numpy sums a CPU float32 / float64 tensor several
     # times faster than torch, and on the calling thread only.
-    if t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) and not t.requires_grad:
+    t = t.detach()
+    if t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64):
         total = float(t.numpy().sum())
     else:
         total = float(t.sum())
