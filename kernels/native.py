@@ -4,8 +4,9 @@ The CPU twins of some Triton kernels are plain C11 files next to this module. Th
 once per machine with the system C compiler (``$CC``, default ``cc``) and ``-O3 -march=native``,
 and loaded with :mod:`ctypes`; no Python headers, no ninja, no build step at install time.
 
-The cache key covers the source, the flags, the compiler and the CPU's instruction-set flags, so
-a cache directory shared between machines never hands a binary to a CPU that cannot run it.
+The cache key covers the source, the flags, the compiler (its executable) and the CPU's
+instruction-set flags, so a cache directory shared between machines never hands a binary to a CPU
+that cannot run it.
 Set ``KNSPARSE_NATIVE=0`` to disable native kernels (callers then use the PyTorch reference),
 and ``KNSPARSE_CACHE_DIR`` to move the cache (default ``~/.cache/knsparse``).
 """
@@ -37,11 +38,16 @@ def cache_dir() -> Path:
 
 @functools.cache
 def _machine_tag() -> str:
-    """Compiler identity and CPU instruction-set flags, for the cache key."""
+    """Compiler identity and CPU instruction-set flags, for the cache key. The compiler is identified
+    by its resolved executable's path, size and modification time, which change when it is replaced
+    (asking it for ``--version`` would cost every fresh process a subprocess)."""
     cc = os.environ.get("CC", "cc")
+    exe = shutil.which(cc)
     try:
-        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.SubprocessError):
+        real = os.path.realpath(exe) if exe else cc
+        st = os.stat(real)
+        version = f"{real}|{st.st_size}|{st.st_mtime_ns}"
+    except OSError:
         version = "unavailable"
     cpu_flags = ""
     cpuinfo = Path("/proc/cpuinfo")

@@ -14,6 +14,8 @@
  * Matrices are fitted one after the other, all iterations each, so a matrix stays in cache for its whole
  * fit; callers run disjoint slices of a batch on separate threads. RANK is a compile-time constant so the
  * accumulators stay in registers.
+ *
+ * knsparse_residual is the CPU twin of residual.py:residual_ref, S = |X - V H| in one pass (S may be X).
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -43,10 +45,28 @@ static inline void p_step(vec acc[RB][RANK], const float *const xp[RB], const fl
     }
 }
 
-/* q[k][j:j+VW] += sum_r v[r][k] x[r][j:j+VW] over the nr rows at xp; the RANK partial sums stay in
- * registers while the rows stream through. Inlined with nr == RB2 the row loop unrolls fully. */
+/* q[k][j:j+QV*VW] += sum_r v[r][k] x[r][j:j+QV*VW] over the nr rows at xp; the RANK x QV partial sums stay
+ * in registers while the rows stream through, each v[r][k] broadcast once for QV vectors. Inlined with
+ * nr == RB2 the row loop unrolls fully. */
+#define QV (RANK > 8 ? 1 : (RANK > 5 ? 3 : 4))
 static inline void q_step(float *q, int ldh, const float *const xp[RB2], const float v[RB2][RANK], int j,
                           int nr) {
+    vec a[RANK][QV];
+    for (int k = 0; k < RANK; k++)
+        for (int u = 0; u < QV; u++) a[k][u] = vload(q + (size_t)k * ldh + j + u * VW);
+    for (int r = 0; r < nr; r++) {
+        vec xv[QV];
+        for (int u = 0; u < QV; u++) xv[u] = vload(xp[r] + j + u * VW);
+        for (int k = 0; k < RANK; k++)
+            for (int u = 0; u < QV; u++) a[k][u] += v[r][k] * xv[u];
+    }
+    for (int k = 0; k < RANK; k++)
+        for (int u = 0; u < QV; u++) vstore(q + (size_t)k * ldh + j + u * VW, a[k][u]);
+}
+
+/* q_step for one vector of columns (the remainder of a row after the QV-wide steps, and the tail). */
+static inline void q_step1(float *q, int ldh, const float *const xp[RB2], const float v[RB2][RANK], int j,
+                           int nr) {
     vec a[RANK];
     for (int k = 0; k < RANK; k++) a[k] = vload(q + (size_t)k * ldh + j);
     for (int r = 0; r < nr; r++) {
@@ -101,12 +121,15 @@ static void update_v(const float *X, float *V, const float *H, const float *G, f
             for (int k = 0; k < RANK; k++)
                 for (int l = 0; l < RANK; l++) vv[k][l] += (double)v[r][k] * v[r][l];
         }
+        const int nq = n16 - n16 % (QV * VW);
         if (nrows == RB2) {
-            for (int j = 0; j < n16; j += VW) q_step(Q, ldh, row, v, j, RB2);
-            if (n16 < n) q_step(Q + n16, ldh, tail, v, 0, RB2);
+            for (int j = 0; j < nq; j += QV * VW) q_step(Q, ldh, row, v, j, RB2);
+            for (int j = nq; j < n16; j += VW) q_step1(Q, ldh, row, v, j, RB2);
+            if (n16 < n) q_step1(Q + n16, ldh, tail, v, 0, RB2);
         } else {
-            for (int j = 0; j < n16; j += VW) q_step(Q, ldh, row, v, j, nrows);
-            if (n16 < n) q_step(Q + n16, ldh, tail, v, 0, nrows);
+            for (int j = 0; j < nq; j += QV * VW) q_step(Q, ldh, row, v, j, nrows);
+            for (int j = nq; j < n16; j += VW) q_step1(Q, ldh, row, v, j, nrows);
+            if (n16 < n) q_step1(Q + n16, ldh, tail, v, 0, nrows);
         }
     }
     for (int k = 0; k < RANK; k++)
@@ -166,4 +189,38 @@ int knsparse_nmf_mu(const float *X, float *V, float *H, const int32_t *sizes, in
     }
     free(Q);
     return 0;
+}
+
+/* S = |X - V H| for every matrix of the batch, zero outside sizes. X and S are [B, mp, ldx], V [B, mp, RANK],
+ * H [B, RANK, ldh]; S may alias X (each entry is read before it is written). */
+void knsparse_residual(const float *X, const float *V, const float *H, float *S, const int32_t *sizes,
+                       int64_t batch, int64_t mp, int64_t ldx, int64_t ldh) {
+    typedef int32_t ivec __attribute__((vector_size(VW * sizeof(int32_t))));
+    const ivec absmask = (ivec){0} + 0x7fffffff;
+    for (int64_t b = 0; b < batch; b++) {
+        const int m = sizes[2 * b], n = sizes[2 * b + 1];
+        const int n16 = n & ~(VW - 1);
+        const float *Hb = H + b * RANK * ldh;
+        for (int64_t i = 0; i < mp; i++) {
+            const float *x = X + (b * mp + i) * ldx;
+            float *s = S + (b * mp + i) * ldx;
+            if (i >= m) {
+                memset(s, 0, sizeof(float) * (size_t)ldx);
+                continue;
+            }
+            const float *v = V + (b * mp + i) * RANK;
+            int j = 0;
+            for (; j < n16; j += VW) {
+                vec d = vload(x + j);
+                for (int k = 0; k < RANK; k++) d -= v[k] * vload(Hb + (size_t)k * ldh + j);
+                vstore(s + j, (vec)((ivec)d & absmask));
+            }
+            for (; j < n; j++) {
+                float d = x[j];
+                for (int k = 0; k < RANK; k++) d -= v[k] * Hb[(size_t)k * ldh + j];
+                s[j] = d < 0.f ? -d : d;
+            }
+            if (n < ldx) memset(s + n, 0, sizeof(float) * (size_t)(ldx - n));
+        }
+    }
 }

@@ -7,9 +7,10 @@ keeps the ``k`` highest scores of every ``n`` consecutive columns (or rows, ``al
 for matrices stored transposed) in the same pass and writes the bool mask (ties go to the lowest
 index, as in :func:`knsparse.masks.nm_mask`).
 
-Public entry points (``torch.library`` custom ops: Triton on CUDA, the reference on CPU):
-:func:`residual_scores` and :func:`residual_nm_mask`; references :func:`residual_ref` and
-:func:`residual_nm_ref`; Triton launchers :func:`residual_triton` and :func:`residual_nm_triton`.
+Public entry points (``torch.library`` custom ops: Triton on CUDA; on CPU the C twin of
+:func:`residual_ref` for scores and the reference for masks): :func:`residual_scores` and
+:func:`residual_nm_mask`; references :func:`residual_ref` and :func:`residual_nm_ref`; Triton
+launchers :func:`residual_triton` and :func:`residual_nm_triton`; C launcher :func:`residual_cpu`.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from knsparse.pattern import Pattern
 
 from .launch import eager, for_device, next_pow2
 from .nmf import valid_masks
+from .nmf_cpu import residual_native_
 
 _MAX_FUSED_GROUP = 16  # larger or non-power-of-two groups take the scores-then-nm_mask path
 
@@ -69,6 +71,27 @@ def residual_ref(x: torch.Tensor, v: torch.Tensor, h: torch.Tensor, sizes: torch
     if bool(rows.all()) and bool(cols.all()):
         return s
     return s.masked_fill_(~(rows & cols), 0.0)
+
+
+def residual_cpu(
+    x: torch.Tensor, v: torch.Tensor, h: torch.Tensor, sizes: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """C twin of :func:`residual_ref` for CPU tensors (the reference where no C compiler exists).
+
+    ``out``: a contiguous ``[B, mp, np]`` float32 CPU tensor to write the scores into, and return; it
+    may be ``x`` itself (scores in place of the matrices, saving a bucket-sized allocation).
+    """
+    b, mp, np_, _ = _check(x, v, h, sizes)
+    if x.is_cuda:
+        raise ValueError("residual_cpu needs CPU tensors")
+    if out is None:
+        out = torch.empty(b, mp, np_, dtype=torch.float32)
+    elif out.shape != x.shape or out.dtype != torch.float32 or not out.is_contiguous() or out.is_cuda:
+        raise ValueError(f"out must be a contiguous float32 CPU tensor of shape {tuple(x.shape)}")
+    x, v, h, sizes = (t.contiguous() for t in (x, v, h, sizes.to(torch.int32)))
+    if not residual_native_(x, v, h, sizes, out):
+        out.copy_(residual_ref(x, v, h, sizes))
+    return out
 
 
 def _nm_keep(scores: torch.Tensor, sizes: torch.Tensor, pattern: Pattern, along_rows: bool) -> torch.Tensor:
@@ -248,7 +271,7 @@ def residual_nm_triton(
 
 @torch.library.custom_op("knsparse::residual_scores", mutates_args=())
 def _residual_op(x: torch.Tensor, v: torch.Tensor, h: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
-    return residual_ref(x, v, h, sizes)
+    return residual_cpu(x, v, h, sizes)
 
 
 @_residual_op.register_kernel("cuda")
@@ -282,12 +305,20 @@ def _residual_nm_fake(
     return torch.empty_like(x), torch.empty(x.shape, dtype=torch.bool, device=x.device)
 
 
-def residual_scores(x: torch.Tensor, v: torch.Tensor, h: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
-    """``|X - V H|`` for a bucket, ``[B, mp, np]`` float32, zero outside ``sizes``."""
+def residual_scores(
+    x: torch.Tensor, v: torch.Tensor, h: torch.Tensor, sizes: torch.Tensor, in_place: bool = False
+) -> torch.Tensor:
+    """``|X - V H|`` for a bucket, ``[B, mp, np]`` float32, zero outside ``sizes``.
+
+    ``in_place``: the caller no longer needs ``X``; on CPU (contiguous ``X``) the scores are written
+    over it and ``X`` is returned, which saves allocating (and page-faulting) a bucket-sized tensor.
+    """
     _check(x, v, h, sizes)
     sizes = sizes.to(x.device)
     if eager(x, v, h, sizes):
-        return (residual_triton if x.is_cuda else residual_ref)(x, v, h, sizes)
+        if x.is_cuda:
+            return residual_triton(x, v, h, sizes)
+        return residual_cpu(x, v, h, sizes, out=x if in_place and x.is_contiguous() else None)
     return _residual_op(x, v, h, sizes)
 
 

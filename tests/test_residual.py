@@ -3,7 +3,13 @@
 import pytest
 import torch
 
-from knsparse.kernels.residual import residual_nm_mask, residual_nm_ref, residual_ref, residual_scores
+from knsparse.kernels.residual import (
+    residual_cpu,
+    residual_nm_mask,
+    residual_nm_ref,
+    residual_ref,
+    residual_scores,
+)
 from knsparse.masks import nm_mask
 
 
@@ -66,3 +72,24 @@ def test_custom_ops_schema_and_fake_kernels():
     torch.library.opcheck(
         torch.ops.knsparse.residual_nm.default, (x, v, h, sizes, 2, 4, False), test_utils=utils
     )
+
+
+@pytest.mark.parametrize("rank", [1, 3, 7])
+def test_c_twin_matches_reference_and_writes_in_place(rank):
+    x, v, h, sizes = bucket(seed=rank, rank=rank)
+    x[1, 7:] = float("nan")  # padding the C kernel must not read
+    expected = residual_ref(x, v, h, sizes)
+    torch.testing.assert_close(residual_cpu(x, v, h, sizes), expected, rtol=1e-5, atol=1e-6)
+    out = residual_cpu(x, v, h, sizes, out=x)
+    assert out.data_ptr() == x.data_ptr()
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="out"):
+        residual_cpu(x, v, h, sizes, out=torch.empty(3, 12, 31))
+
+
+def test_c_twin_falls_back_to_reference_without_a_compiler(monkeypatch):
+    from knsparse.kernels import nmf_cpu
+
+    x, v, h, sizes = bucket()
+    monkeypatch.setattr(nmf_cpu, "_library", lambda rank: None)
+    assert torch.equal(residual_cpu(x, v, h, sizes), residual_ref(x, v, h, sizes))

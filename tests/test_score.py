@@ -154,3 +154,41 @@ def test_vit_large_scoring_is_chunked_within_the_memory_budget():
     covered = sorted((p.problem, p.start, p.stop) for c in chunks for p in c.pieces)
     assert covered == [(i, 0, 1) for i in range(len(problems))]
     assert len(chunks) < len(problems) / 2  # same-shape layers still share kernel calls
+
+
+def test_unpadded_buckets_hold_equal_shapes_only():
+    problems = [*vit_large_problems()[:4], Problem("odd", 1, 1000, 1024, 7, torch.device("cpu"))]
+    chunks = plan_chunks(problems, 2**40, pad=False)
+    for c in chunks:
+        assert all((problems[p.problem].m, problems[p.problem].n) == (c.mp, c.np) for p in c.pieces)
+    assert {(c.mp, c.np) for c in chunks} == {(p.m, p.n) for p in problems}
+    padded = plan_chunks(problems, 2**40)
+    assert any(c.mp != problems[p.problem].m for c in padded for p in c.pieces)  # 1000 rows pad to 1024
+
+
+@pytest.mark.parametrize("conv_order", ["rsc", "crs"])
+def test_conv_scores_follow_conv_order_fit_whatever_the_layout(conv_order):
+    """yopo fits convs as reshaped weights ("crs") with the initial factors reordered: the scores equal
+    the residual of the reference fit of the ``conv_order`` view, reordered back."""
+    g = torch.Generator().manual_seed(2)
+    for weight in (
+        torch.randn(6, 10, 3, 3, generator=g),
+        torch.randn(30, 2, 3, 3, generator=g),
+    ):  # wide, tall
+        scores = yopo({"c": weight}, rank=3, iters=ITERS, seed=1, conv_order=conv_order)["c"]
+        x = to_reduction_view(weight, conv_order).abs() / _median_scale(weight)
+        tall = x.shape[0] > x.shape[1]
+        xo = (x.T if tall else x)[None].contiguous()
+        v0, h0 = nmf_init(xo, 3, torch.Generator().manual_seed(_layer_seed(1, "c")))
+        v, h = nmf_ref(xo, v0, h0, torch.tensor([xo.shape[1:]], dtype=torch.int32), ITERS)
+        residual = (xo[0] - v[0] @ h[0]).abs()
+        expected = from_reduction_view(residual.T if tall else residual, weight.shape, conv_order)
+        torch.testing.assert_close(scores, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_median_is_the_lower_median_of_abs_weights():
+    from knsparse.score.yopo import _median_abs
+
+    for n in (1, 2, 7, 1000, 1001):
+        w = torch.randn(n, generator=torch.Generator().manual_seed(n))
+        assert _median_abs(w) == float(w.abs().median())

@@ -4,7 +4,9 @@ Every layer contributes a *problem*: a stack of ``count`` matrices of one shape 
 matrix for a whole-layer fit, one per output channel for a per-channel fit). Problems whose
 shapes round up to the same ``[mp, np]`` share a bucket, so one kernel call fits many layers;
 the padding is masked by the kernels (padded rows cost them nothing, so rows round up coarsely,
-at most 12.5%, and columns to a multiple of 16). A bucket is cut into chunks holding at most
+at most 12.5%, and columns to a multiple of 16). Without padding (``pad=False``: the C kernel fits
+one matrix at a time and gains nothing from a common shape) only equal shapes share a bucket, and
+no padding is filled, fitted or scored. A bucket is cut into chunks holding at most
 ``max_chunk_bytes`` of working memory, which bounds peak memory for any model size.
 """
 
@@ -71,8 +73,9 @@ class Chunk:
         return WORKING_COPIES * 4 * self.batch * self.mp * self.np
 
 
-def plan_chunks(problems: list[Problem], max_chunk_bytes: int) -> list[Chunk]:
-    """Group problems into padded buckets and cut them into chunks of at most ``max_chunk_bytes``.
+def plan_chunks(problems: list[Problem], max_chunk_bytes: int, pad: bool = True) -> list[Chunk]:
+    """Group problems into buckets (padded ones with ``pad``, of equal shapes without) and cut them
+    into chunks of at most ``max_chunk_bytes``.
 
     A single matrix larger than the budget gets a chunk of its own (the smallest unit). Every
     matrix of every problem lands in exactly one chunk; chunks come bucket by bucket in the order
@@ -82,7 +85,8 @@ def plan_chunks(problems: list[Problem], max_chunk_bytes: int) -> list[Chunk]:
         raise ValueError(f"max_chunk_bytes must be positive, got {max_chunk_bytes}")
     buckets: dict[tuple, list[int]] = {}
     for i, p in enumerate(problems):
-        key = (p.rank, str(p.device), p.transposed, bucket_rows(p.m), round_up(p.n, PAD))
+        shape = (bucket_rows(p.m), round_up(p.n, PAD)) if pad else (p.m, p.n)
+        key = (p.rank, str(p.device), p.transposed, *shape)
         buckets.setdefault(key, []).append(i)
     chunks: list[Chunk] = []
     for (rank, _, transposed, mp, np_), members in buckets.items():

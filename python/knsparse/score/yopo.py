@@ -9,15 +9,19 @@ re-threshold of the same scores, masks at different budgets are nested.
 
 All layers are fitted together: shapes are bucketed (:mod:`.buckets`) and each bucket is one call
 of the batched NMF kernel (Triton on CUDA, a C kernel on CPU), then one call of the fused
-residual kernel.
+residual kernel. On CPU the buckets hold equal shapes only (no padding), are cut small enough to
+balance the threads, and each thread also takes its layers' medians and writes the scores over its
+bucket, so a single call touches about one model-sized buffer beyond the weights.
 """
 
 from __future__ import annotations
 
+import contextlib
 import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -34,7 +38,7 @@ from knsparse.masks import (
 )
 from knsparse.pattern import Pattern
 
-from .buckets import Chunk, Problem, plan_chunks
+from .buckets import WORKING_COPIES, Chunk, Problem, plan_chunks
 from .layers import ModelOrWeights, prunable_weights
 
 DEFAULT_MAX_CHUNK_BYTES = 512 * 2**20
@@ -48,14 +52,20 @@ def _layer_seed(seed: int, name: str) -> int:
 
 
 def _median_abs(w: torch.Tensor) -> float:
-    """Exact lower median of ``|w|`` (``torch.median``'s convention) by a two-level radix select.
+    """Exact lower median of ``|w|`` (``torch.median``'s convention).
 
-    The int32 bit patterns of non-negative floats sort like their values: a histogram of the top
-    16 bits finds the bucket holding the median, a histogram of the low 16 bits inside that bucket
-    finds the value. Linear passes only, several times faster than ``median`` on large layers.
+    On CPU by numpy's introselect on one copy of ``|w|`` (numpy's, which on CPU costs a fraction
+    of a fresh torch tensor of the same size). Elsewhere by a two-level radix select: the int32 bit
+    patterns of non-negative floats sort like their values: a histogram of the top 16 bits finds
+    the bucket holding the median, a histogram of the low 16 bits inside that bucket finds the
+    value. Linear passes only, several times faster than ``median`` on large layers.
     """
+    k = (w.numel() - 1) // 2
+    if w.device.type == "cpu":
+        values = np.abs(w.detach().float().numpy().reshape(-1))  # a fresh copy: free to reorder
+        values.partition(k)
+        return float(values[k])
     bits = w.detach().abs().float().flatten().view(torch.int32)
-    k = (bits.numel() - 1) // 2
     top = bits >> 16
     counts = torch.bincount(top, minlength=1 << 15)
     cum = counts.cumsum(0)
@@ -76,14 +86,31 @@ def _median_scale(w: torch.Tensor) -> float:
     return mean if mean > 0 else 1.0
 
 
+def _native_cpu(problems: list[Problem], iters: int) -> bool:
+    """All problems on CPU, fitted by the C kernel."""
+    ranks = {p.rank for p in problems}
+    on_cpu = all(p.device.type == "cpu" for p in problems)
+    return on_cpu and iters > 0 and all(nmf_cpu.native_available(r) for r in ranks)
+
+
 def _chunk_workers(problems: list[Problem], iters: int) -> int:
     """Kernel calls to run at once: on CPU with the C kernel, one per thread, each call on one
     thread (whole buckets balance better than slices of one bucket); elsewhere one."""
-    ranks = {p.rank for p in problems}
-    on_cpu = all(p.device.type == "cpu" for p in problems)
-    if not (on_cpu and iters > 0 and all(nmf_cpu.native_available(r) for r in ranks)):
-        return 1
-    return max(1, torch.get_num_threads())
+    return max(1, torch.get_num_threads()) if _native_cpu(problems, iters) else 1
+
+
+@contextlib.contextmanager
+def _one_intra_op_thread() -> Iterator[None]:
+    """torch's intra-op threads set to one for the block (threads started inside it keep one). With
+    one worker per core the workers' torch ops (fills, initial factors) must not start OpenMP teams
+    of their own: those would compete with the other workers, and their spin-waiting threads burn a
+    core after every op."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _per_channel(w: torch.Tensor, per_channel: bool) -> bool:
@@ -96,12 +123,22 @@ def _oriented(x: torch.Tensor, transposed: bool) -> torch.Tensor:
     return x.transpose(-1, -2) if transposed else x
 
 
+def _reorder(t: torch.Tensor, dim: int, shape: torch.Size, src: ConvOrder, dst: ConvOrder) -> torch.Tensor:
+    """``t`` with its axis ``dim``, the reduction axis of a weight of ``shape`` in ``src`` order,
+    reordered to ``dst`` order (unchanged for 2-D weights or equal orders)."""
+    if len(shape) != 4 or src == dst:
+        return t
+    index = torch.arange(t.shape[dim], device=t.device)[None]
+    perm = to_reduction_view(from_reduction_view(index, (1, *shape[1:]), src), dst)[0]
+    return t.index_select(dim, perm)
+
+
 def _fill(
     dst: torch.Tensor,
     w: torch.Tensor,
     channelwise: bool,
     transposed: bool,
-    conv_order: ConvOrder,
+    layout: ConvOrder,
     start: int,
     scale: float,
 ) -> None:
@@ -109,15 +146,23 @@ def _fill(
     orientation, into ``dst``."""
     if channelwise:
         part = w[start : start + dst.shape[0]]
-        dst.copy_(_oriented(part.reshape(part.shape[0], part.shape[1], -1), transposed))
+        src = _oriented(part.reshape(part.shape[0], part.shape[1], -1), transposed)
     else:
-        dst[0].copy_(_oriented(to_reduction_view(w, conv_order), transposed))
-    dst.abs_().div_(scale)
+        src = _oriented(to_reduction_view(w, layout), transposed)[None]
+    torch.abs(src, out=dst).div_(scale)
 
 
 class LayerFits:
     """The problems of one scoring run and the machinery to fit them chunk by chunk (also used by
-    ``bench/bench_yopo.py`` to time the kernels on exactly the buckets ``yopo`` builds)."""
+    ``bench/bench_yopo.py`` to time the kernels on exactly the buckets ``yopo`` builds).
+
+    Whole-layer fits use the ``conv_order`` reduction view of conv weights; ``layout`` is the order
+    the matrices are laid out in for the kernels (default ``conv_order``). A column permutation of
+    ``X`` permutes the columns of ``H`` and nothing else in the multiplicative updates, so with the
+    initial factors reordered alike the fit in ``layout`` is the ``conv_order`` fit up to rounding,
+    its residual reordered: ``yopo`` fits in "crs" order, a plain reshape of the weight, which saves
+    a permuted copy on the way in and another on the way out.
+    """
 
     def __init__(
         self,
@@ -127,15 +172,17 @@ class LayerFits:
         normalize: bool,
         seed: int,
         conv_order: ConvOrder,
+        layout: ConvOrder | None = None,
     ) -> None:
         if rank < 1:
             raise ValueError(f"rank must be at least 1, got {rank}")
         self.weights = weights
         self.seed = seed
         self.conv_order = conv_order
+        self.layout = conv_order if layout is None else layout
+        self.normalize = normalize
         self.problems: list[Problem] = []
         self.channelwise: list[bool] = []
-        self.scales: list[float] = []
         for name, w in weights.items():
             cw = _per_channel(w, per_channel)
             count, m, n = (
@@ -150,8 +197,16 @@ class LayerFits:
                 Problem(name, count, *((n, m) if tall else (m, n)), 1 if cw else rank, w.device, tall)
             )
             self.channelwise.append(cw)
-            self.scales.append(_median_scale(w) if normalize else 1.0)
+        self._scales: dict[int, float] = {}
         self._inits: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def scale(self, i: int) -> float:
+        """The divisor of problem ``i``'s layer: its median ``|w|`` (1 without ``normalize``), taken
+        at first use, so the threads fitting the chunks take the medians of their own layers."""
+        if i not in self._scales:  # racing threads compute the same value
+            w = self.weights[self.problems[i].name]
+            self._scales[i] = _median_scale(w) if self.normalize else 1.0
+        return self._scales[i]
 
     def fill(self, i: int, start: int, dst: torch.Tensor) -> None:
         p = self.problems[i]
@@ -160,9 +215,9 @@ class LayerFits:
             self.weights[p.name],
             self.channelwise[i],
             p.transposed,
-            self.conv_order,
+            self.layout,
             start,
-            self.scales[i],
+            self.scale(i),
         )
 
     def init(self, i: int, x: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -173,12 +228,26 @@ class LayerFits:
             return self._inits[i]
         p = self.problems[i]
         gen = torch.Generator().manual_seed(_layer_seed(self.seed, p.name))
-        if x is not None:
-            return nmf_init(x, p.rank, gen)
-        full = torch.empty(p.count, p.m, p.n, device=p.device)
-        self.fill(i, 0, full)
-        self._inits[i] = nmf_init(full, p.rank, gen)
-        return self._inits[i]
+        if x is None:
+            x = torch.empty(p.count, p.m, p.n, device=p.device)
+            self.fill(i, 0, x)
+            self._inits[i] = self._laid_out(i, nmf_init(x, p.rank, gen))
+            return self._inits[i]
+        return self._laid_out(i, nmf_init(x, p.rank, gen))
+
+    def _laid_out(
+        self, i: int, factors: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Initial factors drawn in ``conv_order`` reordered to ``layout`` (the reduction axis is the
+        columns of ``H``, or the rows of ``V`` for a transposed problem)."""
+        if self.channelwise[i]:
+            return factors
+        p = self.problems[i]
+        shape = self.weights[p.name].shape
+        v, h = factors
+        if p.transposed:
+            return _reorder(v, 1, shape, self.conv_order, self.layout), h
+        return v, _reorder(h, 2, shape, self.conv_order, self.layout)
 
     def inputs(self, chunk: Chunk) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The padded bucket ``(X, V0, H0, sizes)`` of one chunk, on the chunk's device."""
@@ -221,6 +290,19 @@ class LayerFits:
             yield piece.problem, piece.start, piece.stop, out[row : row + k, : p.m, : p.n]
             row += k
 
+    def chunks(self, iters: int, max_chunk_bytes: int, workers: int) -> list[Chunk]:
+        """The kernel calls of this run, largest first. With the C kernel the buckets are unpadded
+        and no chunk holds more than 1/(4 workers) of the work (one matrix at least), so the
+        threads finish together; the memory budget is shared between the calls in flight."""
+        budget = max(1, max_chunk_bytes // workers)
+        native = _native_cpu(self.problems, iters)
+        if native and workers > 1:
+            total = sum(WORKING_COPIES * 4 * p.count * p.m * p.n for p in self.problems)
+            budget = min(budget, max(1, total // (4 * workers)))
+        chunks = plan_chunks(self.problems, budget, pad=not native)
+        chunks.sort(key=lambda c: -c.batch * c.mp * c.np)
+        return chunks
+
     def assemble(
         self,
         iters: int,
@@ -239,24 +321,28 @@ class LayerFits:
         if max_chunk_bytes <= 0:
             raise ValueError(f"max_chunk_bytes must be positive, got {max_chunk_bytes}")
         workers = _chunk_workers(self.problems, iters)
-        chunks = plan_chunks(self.problems, max(1, max_chunk_bytes // workers))  # same total budget
-        # Largest first, so concurrent workers finish together.
-        chunks.sort(key=lambda c: -c.batch * c.mp * c.np)
+        chunks = self.chunks(iters, max_chunk_bytes, workers)
 
-        def fit(chunk: Chunk) -> list[tuple[int, int, int, torch.Tensor]]:
+        def fit(chunk: Chunk) -> None:
+            """Fit a chunk and put its results in place (disjoint entries of ``out`` per chunk)."""
             with nmf_cpu.serial():
-                return list(self.run(chunk, iters, emit))
-
-        with ThreadPoolExecutor(workers) as pool:
-            results = pool.map(fit, chunks) if workers > 1 else map(fit, chunks)
-            for parts in tqdm(results, total=len(chunks), desc="yopo", unit="bucket", disable=not progress):
-                for i, start, stop, part in parts:
+                for i, start, stop, part in self.run(chunk, iters, emit):
                     name = self.problems[i].name
                     part = _oriented(part, self.problems[i].transposed)
                     if self.channelwise[i]:
                         out[name][start:stop] = part.reshape(out[name][start:stop].shape)
                     else:
-                        out[name] = from_reduction_view(part[0], self.weights[name].shape, self.conv_order)
+                        out[name] = from_reduction_view(part[0], self.weights[name].shape, self.layout)
+
+        with (
+            _one_intra_op_thread() if workers > 1 else contextlib.nullcontext(),
+            ThreadPoolExecutor(workers) as pool,
+        ):
+            results = pool.map(fit, chunks) if workers > 1 else map(fit, chunks)
+            if progress:  # a disabled bar still costs a fresh process a few ms (its lock)
+                results = tqdm(results, total=len(chunks), desc="yopo", unit="bucket")
+            for _ in results:
+                pass
         return {name: out[name] for name in self.weights}
 
 
@@ -309,12 +395,13 @@ def yopo(
     check_flag(per_channel, "per_channel")
     check_flag(normalize, "normalize")
     weights = prunable_weights(model_or_weights, layers)
-    fit = LayerFits(weights, rank, per_channel, normalize, seed, conv_order)
+    # Scores are elementwise, so the fit's column order is free: "crs" is a reshape of the weight.
+    fit = LayerFits(weights, rank, per_channel, normalize, seed, conv_order, layout="crs")
 
     def emit(
         x: torch.Tensor, v: torch.Tensor, h: torch.Tensor, sizes: torch.Tensor, chunk: Chunk
     ) -> torch.Tensor:
-        return residual_scores(x, v, h, sizes)
+        return residual_scores(x, v, h, sizes, in_place=True)  # X is the chunk's own copy
 
     return fit.assemble(iters, max_chunk_bytes, emit, torch.float32, progress)
 
