@@ -32,16 +32,18 @@ def _top2_of_4(x: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.maximum(hi01, hi23) + second
 
 
-def kth_largest_pair(x: torch.Tensor, k: int, dim: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``k``-th and ``(k+1)``-th largest entries along ``dim`` (which is removed); ``k < n``."""
+def kept_and_kth_pair(x: torch.Tensor, k: int, dim: int = -1) -> tuple[torch.Tensor, ...]:
+    """Sum of the ``k`` largest entries along ``dim`` (as :func:`topk_sum`) and the ``k``-th and
+    ``(k+1)``-th largest entries, in one pass; ``dim`` is removed, ``k < n``."""
     if (k, x.shape[dim]) == (2, 4):
         x0, x1, x2, x3 = x.unbind(dim)
         hi01, lo01 = torch.maximum(x0, x1), torch.minimum(x0, x1)
         hi23, lo23 = torch.maximum(x2, x3), torch.minimum(x2, x3)
         inner_hi, inner_lo = torch.minimum(hi01, hi23), torch.maximum(lo01, lo23)
-        return torch.maximum(inner_hi, inner_lo), torch.minimum(inner_hi, inner_lo)
+        kth = torch.maximum(inner_hi, inner_lo)
+        return torch.maximum(hi01, hi23) + kth, kth, torch.minimum(inner_hi, inner_lo)
     top = x.topk(k + 1, dim=dim).values
-    return top.select(dim, k - 1), top.select(dim, k)
+    return top.narrow(dim, 0, k).sum(dim), top.select(dim, k - 1), top.select(dim, k)
 
 
 def topk_sum(x: torch.Tensor, k: int, dim: int = -1) -> torch.Tensor:
