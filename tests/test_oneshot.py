@@ -9,13 +9,14 @@ from torch import nn
 
 from knsparse.calibration import InputStats, collect_input_stats
 from knsparse.masks import group_nonzeros, nm_mask, to_reduction_view
-from knsparse.methods import Layer, sparsegpt, wanda
+from knsparse.methods import Layer, obs, sparsegpt, wanda
 from knsparse.methods.base import data_path_scores
 from knsparse.methods.obs import (
     damped,
     inverse_cholesky,
     refit_in_mask,
     refit_in_mask_cg,
+    refit_kept_weights,
     relative_output_error,
     sparsegpt_sweep,
     sparsegpt_sweep_ref,
@@ -113,6 +114,16 @@ def test_conjugate_gradient_refit_default_tolerance_closes_the_gap_to_the_exact_
     errors = [relative_output_error(w, v, h) for v in (swept, refit_in_mask(w, h, mask))]
     fitted = relative_output_error(w, refit_in_mask_cg(w, h, mask, swept), h)
     assert errors[1] <= fitted <= errors[1] + 0.02 * (errors[0] - errors[1])
+
+
+def test_refit_kept_weights_solves_small_layers_exactly_and_large_ones_by_cg(monkeypatch):
+    x, w = data(300, 32, 12, seed=8)
+    h = damped(x.T @ x, 0.01, "fc")
+    mask = nm_mask(torch.rand(12, 32), P24)
+    start = w * mask
+    assert torch.equal(refit_kept_weights(w, h, mask, start), refit_in_mask(w, h, mask).float())
+    monkeypatch.setattr(obs, "EXACT_REFIT_FLOPS", 0)
+    assert torch.equal(refit_kept_weights(w, h, mask, start), refit_in_mask_cg(w, h, mask, start))
 
 
 def test_obs_sweep_is_exact_when_pruned_columns_come_first():

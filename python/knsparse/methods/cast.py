@@ -26,7 +26,7 @@ per group anyway, so they cost nothing. Their number is reported per layer.
 
 *Reconstruction* (on by default, ``CAST_RECONSTRUCT``; ``reconstruct=False`` turns it off): the
 kept weights of every layer are then re-fitted by least squares on the layer's damped calibration
-Gram inside the fixed mask (:func:`knsparse.methods.obs.refit_in_mask_cg`): the mask is CAST's, the
+Gram inside the fixed mask (:func:`knsparse.methods.obs.refit_kept_weights`): the mask is CAST's, the
 values minimise the layer's output error on the calibration inputs.
 
 ``cast`` applies the data-path selection to Linear layers and magnitude k:n (``H = I``) to
@@ -42,7 +42,7 @@ import torch
 
 from ..pattern import Pattern
 from .base import Decision, Layer, layer_hessian
-from .obs import DAMP, refit_in_mask_cg, relative_output_error
+from .obs import DAMP, refit_kept_weights, relative_output_error
 from .ser import hybrid
 
 CAST_SHRINKAGE = 0.0
@@ -151,7 +151,7 @@ def cast(
                 raise ValueError(
                     f"{err}; or pass reconstruct=False (CAST's masks without the re-fit)"
                 ) from None
-            new = refit_in_mask_cg(lay.weight, h, mask)
+            new = refit_kept_weights(lay.weight, h, mask)
             extra["output_error"] = relative_output_error(lay.weight, new, h)
             rule += " + refit"
         out[name] = Decision(mask, rule, pattern.sparsity, new, freely_restored=restored, extra=extra)

@@ -38,6 +38,10 @@ REFIT_TOL = 1e-3
 output error left (:func:`refit_in_mask_cg`)."""
 REFIT_MAX_ITERS = 100
 """Conjugate-gradient re-fit: iteration cap."""
+EXACT_REFIT_FLOPS = 2**31
+""":func:`refit_kept_weights` solves exactly while the per-row Cholesky factorisations cost at
+most this many flops (``out · s³ / 3``, ``s`` kept entries per row): about a second here, where
+batched small factorisations run far below GEMM speed."""
 
 
 def damped(hessian: torch.Tensor, damp: float, name: str) -> torch.Tensor:
@@ -240,6 +244,23 @@ def refit_in_mask_cg(
         p = z.addcmul_(beta.unsqueeze(1), p)
         rz = rz_next
     return (x * keep).float()
+
+
+def refit_kept_weights(
+    weight: torch.Tensor, hessian: torch.Tensor, mask: torch.Tensor, start: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The least-squares re-fit of the kept weights inside ``mask``, ``[out, K]`` float32.
+
+    Small layers get the exact per-row solve (:func:`refit_in_mask`, up to ``EXACT_REFIT_FLOPS``):
+    no tolerance, and the same answer for Grams that differ only by summation order (as when
+    several processes calibrate), even when few calibration rows leave the Gram ill-conditioned.
+    Larger layers get conjugate gradients from ``start`` (:func:`refit_in_mask_cg`), whose
+    cost grows with ``out · K²`` per iteration instead of ``out · s³``.
+    """
+    kept = int(mask.sum(1).max()) if mask.numel() else 0
+    if weight.shape[0] * kept**3 / 3 <= EXACT_REFIT_FLOPS:
+        return refit_in_mask(weight, hessian, mask).float()
+    return refit_in_mask_cg(weight, hessian, mask, start)
 
 
 def relative_output_error(weight: torch.Tensor, new: torch.Tensor, hessian: torch.Tensor) -> float:

@@ -18,7 +18,7 @@ from .obs import (
     BLOCKSIZE,
     DAMP,
     inverse_cholesky,
-    refit_in_mask_cg,
+    refit_kept_weights,
     relative_output_error,
     sparsegpt_sweep,
 )
@@ -37,8 +37,9 @@ def sparsegpt(
 
     ``damp``: damping as a fraction of the mean diagonal of the Gram (default 1%);
     ``blocksize``: columns per lazy-update block (speed only, same result); ``refit``: after the
-    sweep, re-solve the kept weights by least squares in SparseGPT's mask, by conjugate gradients
-    started from the sweep's weights (:func:`knsparse.methods.obs.refit_in_mask_cg`; the sweep's
+    sweep, re-solve the kept weights by least squares in SparseGPT's mask (exactly on small layers,
+    by conjugate gradients from the sweep's weights on large ones:
+    :func:`knsparse.methods.obs.refit_kept_weights`; the sweep's
     kept weights left of a pruned one are never updated again, the least-squares solution is never
     worse on the calibration set). Each
     decision's ``extra["output_error"]`` is the relative output error on the calibration set.
@@ -52,7 +53,7 @@ def sparsegpt(
         h = layer_hessian(lay, "sparsegpt", damp)
         mask, new = sparsegpt_sweep(lay.weight, inverse_cholesky(h, name), pattern, blocksize=blocksize)
         if refit:
-            new = refit_in_mask_cg(lay.weight, h, mask, start=new)
+            new = refit_kept_weights(lay.weight, h, mask, start=new)
         error = relative_output_error(lay.weight, new, h)
         rule = f"sparsegpt {pattern}" + (" + refit" if refit else "")
         out[name] = Decision(mask, rule, pattern.sparsity, weight=new.float(), extra={"output_error": error})
