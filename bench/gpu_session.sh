@@ -4,7 +4,7 @@
 # with the working tree (carry ["python/knsparse/ops/libknsparse_cuda.so"]).
 #
 #   run(command="bash bench/gpu_session.sh \$OUT", carry=["python/knsparse/ops/libknsparse_cuda.so"],
-#       timeout_s=540)
+#       timeout_s=600)
 #   bash bench/gpu_session.sh --dry-run [OUT]   # the same plumbing on a CPU machine (tests run it)
 #
 # Steps, most important first, each under its own time limit (seconds, overridable as
@@ -14,15 +14,17 @@
 #   native    the library's build info and what knsparse.backends.available() reports
 #   correct   knsparse-cuda correctness first: tests/test_knsparse_cuda_gpu.py + tests/test_native.py
 #   gpu       every other @pytest.mark.gpu test
-# (limits add up to 475 s, so the call ends within 8 minutes even if every step times out)
+# (limits add up to 535 s, so the call ends within 9 minutes even if every step times out)
 #   gemm      bench/bench_gemm.py: dense cuBLAS vs cuSPARSELt vs knsparse-cuda, ViT-B/16 and
 #             ResNet-50 shapes, fp16 and bf16 (JSON rewritten after every case)
 #   audit     bench/bench_audit.py --timm: timm vit_base_patch16_224 and resnet50, CUDA graphs
 #   yopo      bench/bench_yopo.py --quick on the GPU
+#   speed     bench/gpu_speed.py: whole-model permutation (timm ResNet-50, ViT-B/16) and one-shot
+#             sparsegpt / sparsegpt-refit on ViT-B/16's blocks, on the GPU
 # A step that fails or times out is recorded and the next one runs. OUT (default
-# gpu-session-out/) ends with at most 8 files: session.log, bench_gemm_<device>.json/.png,
-# audit_cuda.json/.png, yopo_gpu.json/.png. Commit the JSON/PNG files (never a figure that is
-# not in one); in --dry-run nothing is timed and the GPU steps take their "no device" path.
+# gpu-session-out/) ends with at most 9 files: session.log, bench_gemm_<device>.json/.png,
+# audit_cuda.json/.png, yopo_gpu.json/.png, speed_gpu.json. Commit the JSON/PNG files (never a
+# figure that is not in one); in --dry-run nothing is timed and the GPU steps take their "no device" path.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -75,9 +77,11 @@ if [[ $dry_run == 1 ]]; then
     step gemm 120 "$py" bench/bench_gemm.py --linear-batches 1 --skip-conv --dtypes float16
     step audit 10 echo "dry-run: bench_audit.py --timm skipped (no CUDA device)"
     step yopo 10 echo "dry-run: bench_yopo.py skipped (no CUDA device)"
+    step speed 10 echo "dry-run: gpu_speed.py skipped (no CUDA device)"
 else
     step gemm 100 "$py" bench/bench_gemm.py --warmup 10 --rep 40 --linear-batches 1,8,32,128,256 --conv-batches 1,8,64
     step audit 60 "$py" bench/bench_audit.py --timm
     step yopo 30 "$py" bench/bench_yopo.py --quick --name yopo_gpu --models resnet50
+    step speed 60 "$py" bench/gpu_speed.py
 fi
 echo "session: $((SECONDS - session_start)) s; $(find "$out" -maxdepth 1 -type f | wc -l) files in $out" | tee -a "$log"

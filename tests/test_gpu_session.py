@@ -12,7 +12,7 @@ import pytest
 import torch
 
 SCRIPT = Path(__file__).resolve().parent.parent / "bench" / "gpu_session.sh"
-STEPS = ["device", "install", "native", "correct", "gpu", "gemm", "audit", "yopo"]
+STEPS = ["device", "install", "native", "correct", "gpu", "gemm", "audit", "yopo", "speed"]
 
 
 @pytest.mark.slow  # about 1 minute on an idle machine: it collects the whole suite once more
@@ -28,7 +28,7 @@ def test_dry_run_runs_every_step_and_keeps_the_output_small(tmp_path):
     assert all(code == "0" for code in exits.values()), log[-3000:]
     assert "knsparse-cuda: unavailable" in log
     files = sorted(p.name for p in out.iterdir())
-    assert len(files) <= 8, files
+    assert len(files) <= 9, files
     (gemm,) = [f for f in files if f.startswith("bench_gemm_")]
     result = json.loads((out / gemm).read_text())
     assert result["complete"] and result["results"]
