@@ -1,4 +1,7 @@
 # Two entry points for a fresh machine: `make demo` (the main job) and `make test`.
+# Tools run as executables (`.venv/bin/pytest`, `.venv/bin/knsparse`), never `python -m` from here:
+# that puts the repository root first on sys.path, and the top-level kernels/ would then shadow
+# Hugging Face's `kernels` package (imported by transformers >= 5).
 # Each creates .venv and installs knsparse into it on first use; `make test` also creates
 # .venv-models for the tests on timm / torchvision / Hugging Face architectures (`make test-models`).
 VENV ?= .venv
@@ -46,10 +49,10 @@ $(MODELS_STAMP): setup.py pyproject.toml
 
 # Only the tests marked `models`; the rest of the suite runs in .venv on the CPU wheel.
 test-models: $(MODELS_STAMP)
-	$(MODELS_VENV)/bin/python -m pytest -q -m models
+	$(MODELS_VENV)/bin/pytest -q -m models
 
 test: lint $(CUTLASS)
-	$(PY) -m pytest -q -m "not models"
+	$(VENV)/bin/pytest -q -m "not models"
 	$(MAKE) --no-print-directory test-models
 
 # libknsparse_cuda.so: the CUDA kernels behind the C ABI of csrc/knsparse_capi.h, linked

@@ -11,7 +11,7 @@ Part 2 (quality): the demo's prune (CAST/CAST-conv, permutation, ASR) followed b
 fine-tuning of the built-in digits models, three ways in the same run: the demo pipeline (now
 calling ``knsparse.finetune``), the demo's previous repair (label cross-entropy with
 ``knsparse.models.train``) and the command line ``knsparse prune`` + ``torchrun
---nproc-per-node 2 -m knsparse finetune``. Test accuracy of each.
+--nproc-per-node 2 --no-python knsparse finetune``. Test accuracy of each.
 
 Run:  .venv/bin/python bench/bench_distributed.py        (about 10-20 minutes on 2 loaded cores)
 Writes bench/results/distributed.json and distributed.png.
@@ -34,6 +34,8 @@ from _meta import RESULTS, write_result
 
 import knsparse as ks
 from knsparse import distributed
+
+KNSPARSE = str(Path(sys.executable).with_name("knsparse"))  # the CLI, with no `python -m` (see the Makefile)
 
 CALIB_IMAGES, CALIB_BATCH = 16, 4
 TUNE_IMAGES, TUNE_BATCH = 16, 4  # global batch
@@ -121,13 +123,13 @@ def digits(tmp: Path) -> dict:
         train(old.model, data, epochs, lr=5e-4, masks=old.masks, seed=0, progress=False)
         pruned, tuned = tmp / f"{name}-pruned.safetensors", tmp / f"{name}-tuned.safetensors"
         subprocess.run(
-            [sys.executable, "-m", "knsparse", "prune", "--model", name, "--method", DEMO_METHOD[name],
+            [KNSPARSE, "prune", "--model", name, "--method", DEMO_METHOD[name],
              "--permute", "--repair", "asr", "--out", str(pruned), "--quiet"],
             check=True, stdout=subprocess.DEVNULL,
         )  # fmt: skip
         start = time.perf_counter()
-        torchrun(2, ["-m", "knsparse", "finetune", "--model", name, "--weights", str(pruned), "--epochs",
-                     str(epochs), "--out", str(tuned), "--quiet"], 1)  # fmt: skip
+        torchrun(2, ["--no-python", KNSPARSE, "finetune", "--model", name, "--weights", str(pruned),
+                     "--epochs", str(epochs), "--out", str(tuned), "--quiet"], 1)  # fmt: skip
         seconds = time.perf_counter() - start
         command = vit_tiny_digits() if name.startswith("vit") else resnet_tiny_digits()
         ks.load_sparse(command, tuned)

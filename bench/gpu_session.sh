@@ -70,7 +70,8 @@ from knsparse.ops import native
 print('torch', torch.__version__, 'cuda', torch.version.cuda, 'device', torch.cuda.is_available() and torch.cuda.get_device_name())
 print(native.load_error() or native.build_info())
 for s in b.available(): print(s)"
-pytest=("$py" -m pytest -q -rs -p no:cacheprovider)
+# -P: the repository root stays off sys.path (its kernels/ would shadow Hugging Face's `kernels`)
+pytest=("$py" -P -m pytest -q -rs -p no:cacheprovider)
 step correct 120 "${pytest[@]}" tests/test_knsparse_cuda_gpu.py tests/test_native.py
 step gpu 75 "${pytest[@]}" -m gpu tests --ignore=tests/test_knsparse_cuda_gpu.py --ignore=tests/test_native.py
 if [[ $dry_run == 1 ]]; then

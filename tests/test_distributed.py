@@ -24,6 +24,7 @@ from knsparse.models import vit_tiny_digits
 from knsparse.modules import sparse_layers
 
 JOB = Path(__file__).with_name("dist_job.py")
+KNSPARSE = str(Path(sys.executable).with_name("knsparse"))  # the CLI, never `python -m` (see the Makefile)
 LIMIT_S = 300  # wall clock of one torchrun launch on a loaded machine; a hang fails here
 
 
@@ -67,7 +68,7 @@ def test_killed_rank_fails_the_job(tmp_path: Path) -> None:
 
 
 def test_cli_finetune_under_torchrun(tmp_path: Path) -> None:
-    """``torchrun -m knsparse finetune`` on 2 processes: rank 0 alone prints and writes, the
+    """``torchrun --no-python knsparse finetune`` on 2 processes: rank 0 alone prints and writes, the
     fine-tuned file keeps its 2:4 sparse layers, the metrics count every image once."""
     torch.manual_seed(0)
     teacher = vit_tiny_digits()
@@ -84,7 +85,7 @@ def test_cli_finetune_under_torchrun(tmp_path: Path) -> None:
     )
     metrics = tmp_path / "metrics.json"
     done = torchrun(
-        2, "-m", "knsparse", "finetune", "--model", "vit_tiny_digits", "--weights", str(pruned),
+        2, "--no-python", KNSPARSE, "finetune", "--model", "vit_tiny_digits", "--weights", str(pruned),
         "--teacher-weights", str(dense), "--data", str(data), "--val", str(data), "--epochs", "2",
         "--batch-size", "16", "--out", str(tuned), "--checkpoint-dir", str(tmp_path / "ckpt"),
         "--metrics", str(metrics), "--quiet",

@@ -12,6 +12,9 @@ from pathlib import Path
 import torch
 
 CHECKS = Path(__file__).parent / "triton_interpret" / "check_kernels.py"
+# The executable, not `python -m pytest`: that would put the working directory (the repository
+# root under `make test`) first on sys.path, where kernels/ shadows Hugging Face's `kernels`.
+PYTEST = str(Path(sys.executable).with_name("pytest"))
 
 
 def test_triton_kernels_match_their_references():
@@ -19,7 +22,7 @@ def test_triton_kernels_match_their_references():
     if not torch.cuda.is_available():
         env["TRITON_INTERPRET"] = "1"
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(CHECKS)],
+        [PYTEST, "-q", "-p", "no:cacheprovider", str(CHECKS)],
         env=env,
         capture_output=True,
         text=True,

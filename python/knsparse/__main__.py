@@ -1,4 +1,8 @@
-"""``python -m knsparse ...`` (what ``torchrun --nproc-per-node N -m knsparse ...`` runs)."""
+"""``python -m knsparse ...``, the same as the ``knsparse`` command.
+
+Prefer the command (and ``torchrun --no-python knsparse ...``) inside a knsparse checkout:
+``python -m`` puts the working directory first on ``sys.path``, where the repository's
+top-level ``kernels/`` would shadow Hugging Face's ``kernels`` package."""
 
 import sys
 

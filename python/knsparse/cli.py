@@ -4,7 +4,7 @@ A thin shell over the library. A mistake on the user's side (a missing file, a b
 an unknown model or layer) prints one line and exits with status 2, without a traceback
 (``KNSPARSE_DEBUG=1`` shows it).
 
-Under ``torchrun --nproc-per-node N -m knsparse ...`` ``prune`` and ``finetune`` run on every
+Under ``torchrun --nproc-per-node N --no-python knsparse ...`` ``prune`` and ``finetune`` run on every
 process (calibration and training split over them, rank 0 writes and prints); the other
 commands run on rank 0 alone.
 """

@@ -1,7 +1,7 @@
 """torch.distributed for every stage: set-up under torchrun, rank helpers and the reductions
 that make N processes compute what one process computes.
 
-A command started with ``torchrun --nproc-per-node N -m knsparse ...`` (or ``--nnodes M``)
+A command started with ``torchrun --nproc-per-node N --no-python knsparse ...`` (or ``--nnodes M``)
 gets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` and the rendezvous address from torchrun;
 :func:`init` joins the process group (gloo on CPU, NCCL on CUDA) with a timeout, so a rank
 that dies makes the others fail with an error instead of waiting for ever.

@@ -6,7 +6,7 @@ modules, with the same pattern, grouping and backend, before rank 0 writes ``--o
 teacher is ``--model`` with ``--teacher-weights`` (the built-in digits models: their trained
 weights). Data: the bundled digits for the ``*_digits`` models, else ``--data`` (a safetensors
 file with ``inputs [N, C, H, W]`` and optionally ``labels [N]``). Runs on N processes under
-``torchrun --nproc-per-node N -m knsparse finetune ...`` (see :mod:`knsparse.finetune`).
+``torchrun --nproc-per-node N --no-python knsparse finetune ...`` (see :mod:`knsparse.finetune`).
 """
 
 from __future__ import annotations
@@ -156,7 +156,7 @@ def add_parser(sub: argparse._SubParsersAction, model_args) -> None:
         description="Knowledge distillation from the dense teacher (KL at temperature T, optional "
         "label cross-entropy) with the k:n masks held fixed; AdamW with warm-up + cosine, gradient "
         "clipping, bf16/fp16 on CUDA, a checkpoint each epoch and --resume. Under "
-        "'torchrun --nproc-per-node N -m knsparse finetune ...' it runs DistributedDataParallel.",
+        "'torchrun --nproc-per-node N --no-python knsparse finetune ...' it runs DistributedDataParallel.",
     )
     model_args(p)
     p.add_argument(
