@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 
-from knsparse.provenance import environment
+from knsparse.utils.provenance import environment
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -19,7 +19,7 @@ from _meta import write_result
 
 from knsparse.app import pretrained
 from knsparse.app.pipeline import magnitude_masks
-from knsparse.audit import audit, plot_speedup
+from knsparse.deploy.audit import audit, plot_speedup
 from knsparse.models import resnet50, vit_base_patch16_224
 
 BATCH_SIZES = (1, 8, 32, 64, 128)

@@ -1,6 +1,6 @@
 """Calibration throughput: knsparse's one-pass streaming statistics vs a hook-based reference.
 
-``knsparse.calibration.collect_input_stats(group=4)`` (what CAST uses: column sums of squares and
+``knsparse.pruning.calibration.collect_input_stats(group=4)`` (what CAST uses: column sums of squares and
 4x4 block Gram matrices of every prunable layer's GEMM inputs) runs one forward pass per batch
 for all layers together, folding each batch into fixed-size accumulators. The reference is the
 straightforward way: forward hooks keep every layer's input of every batch, and the statistics
@@ -21,8 +21,8 @@ import torch
 from _meta import write_result
 from torch import nn
 
-from knsparse.calibration import InputStats, collect_input_stats, gemm_input_rows
 from knsparse.models import resnet50, vit_base_patch16_224
+from knsparse.pruning.calibration import InputStats, collect_input_stats, gemm_input_rows
 
 
 def prunable(model: nn.Module) -> dict[str, nn.Module]:

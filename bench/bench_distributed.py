@@ -33,7 +33,7 @@ import torch
 from _meta import RESULTS, write_result
 
 import knsparse as ks
-from knsparse import distributed
+from knsparse.utils import distributed
 
 KNSPARSE = str(Path(sys.executable).with_name("knsparse"))  # the CLI, with no `python -m` (see the Makefile)
 
@@ -43,9 +43,9 @@ TUNE_IMAGES, TUNE_BATCH = 16, 4  # global batch
 
 def worker(out: str) -> None:
     """Under torchrun: time calibration and one fine-tuning epoch of ViT-B/16; rank 0 writes JSON."""
-    from knsparse.calibration import collect_input_stats
-    from knsparse.layers import pattern_layers
+    from knsparse.core.layers import pattern_layers
     from knsparse.models import vit_base_patch16_224
+    from knsparse.pruning.calibration import collect_input_stats
 
     distributed.init()
     torch.manual_seed(0)

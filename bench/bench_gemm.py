@@ -43,13 +43,13 @@ from tqdm import tqdm
 
 from knsparse import backends
 from knsparse.backends import LinearSpec
-from knsparse.masks import nm_mask, to_reduction_view
+from knsparse.core.masks import nm_mask, to_reduction_view
+from knsparse.core.pack import pack_24
+from knsparse.core.pattern import Pattern
 from knsparse.ops import gemm
 from knsparse.ops.device import unavailable_reason
 from knsparse.ops.im2col import conv_output_size, im2col_rsc
 from knsparse.ops.meta import prepare_meta
-from knsparse.pack import pack_24
-from knsparse.pattern import Pattern
 
 VIT_TOKENS = 197
 VIT_DIM = 768

@@ -9,7 +9,7 @@ from __future__ import annotations
 from _meta import write_result
 
 from knsparse.app.report import imagenet_macs
-from knsparse.pattern import Pattern
+from knsparse.core.pattern import Pattern
 
 PUBLISHED_DENSE_GMACS = {"vit_base_patch16_224": 17.56, "resnet50": 4.09}
 

@@ -12,7 +12,7 @@ Cases:
 * ``--models``: whole production models (timm ``resnet50`` and ``vit_base_patch16_224``, random
   init; knsparse's built-in models of the same names and shapes where timm does not import),
   ``permute(model, "2:4", calib=[x])`` with its defaults (output checked unchanged), and in the
-  same run the greedy swap baseline (``knsparse.permutation.baseline.greedy_groups``) on one group
+  same run the greedy swap baseline (``knsparse.pruning.permutation.baseline.greedy_groups``) on one group
   of each distinct shape whose single greedy iteration fits ``BASELINE_MAX_PAIR_ELEMENTS``, capped
   at ``BASELINE_CAP_S`` seconds per group: per-group efficacy and seconds side by side.
 
@@ -42,8 +42,8 @@ import torch
 from _meta import RESULTS, write_result
 from tqdm.auto import tqdm
 
-from knsparse.permutation import find_groups, permute, search
-from knsparse.permutation.baseline import greedy_groups, greedy_swap_search
+from knsparse.pruning.permutation import find_groups, permute, search
+from knsparse.pruning.permutation.baseline import greedy_groups, greedy_swap_search
 
 # NVIDIA apex, permutation_search_kernels / ChannelPermutations README (Pool & Yu, NeurIPS 2021):
 # one random 64-channel x 128-row matrix, 2:4.

@@ -8,7 +8,7 @@ count have a ground truth. Conv weights are given to both tools as the same 2-D 
 slices — a different spectrum).
 
 Measured, in the same process:
-  * whole-model time: ``knsparse.spectral.fit_weights`` (fp64 Gram eigenvalues per layer on
+  * whole-model time: ``knsparse.pruning.spectral.fit_weights`` (fp64 Gram eigenvalues per layer on
     CPU + one batched fit per shape) vs
     ``WeightWatcher.analyze(mp_fit=True)`` on a model of the same matrices (its SVDs, MP grid
     fit and its other per-layer statistics);
@@ -41,9 +41,9 @@ from threadpoolctl import threadpool_limits
 from torch import nn
 from tqdm.auto import tqdm
 
-from knsparse.layers import prunable_layers, reduction_weight
+from knsparse.core.layers import prunable_layers, reduction_weight
 from knsparse.models import resnet50, vit_base_patch16_224
-from knsparse.spectral import batch_eigenvalues, fit_eigenvalues, fit_weights
+from knsparse.pruning.spectral import batch_eigenvalues, fit_eigenvalues, fit_weights
 
 
 def planted_layers(model: nn.Module, max_spikes: int, seed: int) -> tuple[dict, dict, dict]:

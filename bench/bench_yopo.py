@@ -5,7 +5,7 @@ way (``X = |W|`` in its reduction view, divided by its median; rank-r NMF by mul
 updates; residual ``|X - V H|``). In the same process, on the same matrices, with the same rank
 and iteration count:
 
-* ``knsparse``: ``knsparse.score.yopo(model)`` end to end (bucketing, batched NMF, residual);
+* ``knsparse``: ``knsparse.pruning.score.yopo(model)`` end to end (bucketing, batched NMF, residual);
 * ``knsparse_reference``: the same call on the batched-``bmm`` PyTorch reference (``KNSPARSE_NATIVE=0``);
 * ``sklearn``: ``NMF(rank, solver="mu", init="random", max_iter=iters, tol=0)`` per layer, then
   the residual (the ``X`` matrices are prepared outside the timed region, a head start for it);
@@ -48,13 +48,13 @@ from threadpoolctl import threadpool_info
 from torch import nn
 from tqdm.auto import tqdm
 
+from knsparse.core.masks import to_reduction_view
 from knsparse.kernels import nmf_cpu
 from knsparse.kernels.nmf import nmf_init, nmf_ref, nmf_triton
-from knsparse.masks import to_reduction_view
 from knsparse.models import resnet50, vit_base_patch16_224
-from knsparse.score import prunable_weights, yopo
-from knsparse.score.buckets import plan_chunks
-from knsparse.score.yopo import DEFAULT_MAX_CHUNK_BYTES, LayerFits, _layer_seed, _median_scale
+from knsparse.pruning.score import prunable_weights, yopo
+from knsparse.pruning.score.buckets import plan_chunks
+from knsparse.pruning.score.yopo import DEFAULT_MAX_CHUNK_BYTES, LayerFits, _layer_seed, _median_scale
 
 EPS = 1e-8
 

@@ -12,7 +12,7 @@
 #   device    nvidia-smi (the GPU, driver, memory)
 #   install   editable install of this tree, no dependencies, nothing downloaded
 #   native    the library's build info and what knsparse.backends.available() reports
-#   correct   knsparse-cuda correctness first: tests/test_knsparse_cuda_gpu.py + tests/test_native.py
+#   correct   knsparse-cuda correctness first: tests/backends/test_knsparse_cuda_gpu.py + tests/ops/test_native.py
 #   gpu       every other @pytest.mark.gpu test
 # (limits add up to 535 s, so the call ends within 9 minutes even if every step times out)
 #   gemm      bench/bench_gemm.py: dense cuBLAS vs cuSPARSELt vs knsparse-cuda, ViT-B/16 and
@@ -72,8 +72,8 @@ print(native.load_error() or native.build_info())
 for s in b.available(): print(s)"
 # -P: the repository root stays off sys.path (its kernels/ would shadow Hugging Face's `kernels`)
 pytest=("$py" -P -m pytest -q -rs -p no:cacheprovider)
-step correct 120 "${pytest[@]}" tests/test_knsparse_cuda_gpu.py tests/test_native.py
-step gpu 75 "${pytest[@]}" -m gpu tests --ignore=tests/test_knsparse_cuda_gpu.py --ignore=tests/test_native.py
+step correct 120 "${pytest[@]}" tests/backends/test_knsparse_cuda_gpu.py tests/ops/test_native.py
+step gpu 75 "${pytest[@]}" -m gpu tests --ignore=tests/backends/test_knsparse_cuda_gpu.py --ignore=tests/ops/test_native.py
 if [[ $dry_run == 1 ]]; then
     step gemm 120 "$py" bench/bench_gemm.py --linear-batches 1 --skip-conv --dtypes float16
     step audit 10 echo "dry-run: bench_audit.py --timm skipped (no CUDA device)"

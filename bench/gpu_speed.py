@@ -23,7 +23,7 @@ from _meta import write_result
 
 from knsparse import permute
 from knsparse.models import vit_base_patch16_224
-from knsparse.prune import prune
+from knsparse.pruning.prune import prune
 
 
 def timed(fn) -> tuple[float, object]:

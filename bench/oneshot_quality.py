@@ -54,9 +54,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from knsparse.app import calibration_batches, evaluate, load_digits_split, pretrained, validation_split
-from knsparse.methods import DEFAULT_KN_METHOD
-from knsparse.methods.cast import CAST_RECONSTRUCT
-from knsparse.prune import prune
+from knsparse.pruning.methods import DEFAULT_KN_METHOD
+from knsparse.pruning.methods.cast import CAST_RECONSTRUCT
+from knsparse.pruning.prune import prune
 
 PATTERNS = ("2:4", "8:16")
 PARTS = ("digits", "minilm")
@@ -86,7 +86,7 @@ DEFAULT_CANDIDATES = (
 """Candidates for knsparse's default k:n method (all reconstruct the kept weights)."""
 CAREFUL = "sparsegpt"
 REGISTRY = {"sparsegpt": "sparsegpt", "sparsegpt + refit": "sparsegpt-refit"}
-"""Candidates that are one entry of ``knsparse.methods.METHODS`` with its defaults."""
+"""Candidates that are one entry of ``knsparse.pruning.methods.METHODS`` with its defaults."""
 SHIPPED = next(label for label, name in REGISTRY.items() if name == DEFAULT_KN_METHOD)
 """The candidate that is knsparse's default k:n method (the goal rows check it)."""
 MODELOPT_24_ONLY = (

@@ -1,8 +1,8 @@
 """Channel-permutation coverage on production architectures (random init, no weights download).
 
-For each model: the fraction of its 2:4-prunable layers (``knsparse.layers.pattern_layers``)
+For each model: the fraction of its 2:4-prunable layers (``knsparse.core.layers.pattern_layers``)
 that read a permuted channel group, and the search's efficacy (apex ASP's definition, see
-:mod:`knsparse.permutation.objective`) — mean over the permuted groups and over all kept
+:mod:`knsparse.pruning.permutation.objective`) — mean over the permuted groups and over all kept
 magnitude. The search runs with ``permute()``'s defaults (the whole model's groups searched
 together, tabu steps and swap rounds split by group size); ``--budget`` optionally caps it at
 that many wall-clock seconds per group, pooled over the model. Every permutation is checked
@@ -30,9 +30,9 @@ from _meta import RESULTS, write_result
 from torch import nn
 from tqdm.auto import tqdm
 
-from knsparse.layers import pattern_layers
-from knsparse.pattern import Pattern
-from knsparse.permutation import permute
+from knsparse.core.layers import pattern_layers
+from knsparse.core.pattern import Pattern
+from knsparse.pruning.permutation import permute
 
 
 class _Logits(nn.Module):

@@ -38,8 +38,8 @@ from tqdm.auto import tqdm
 from knsparse.app import calibration_batches, evaluate, load_digits_split, pretrained, train
 from knsparse.app.trainer import RECIPES
 from knsparse.models import ResNet, VisionTransformer
-from knsparse.prune import prune
-from knsparse.spectral import diagnose
+from knsparse.pruning.prune import prune
+from knsparse.pruning.spectral import diagnose
 
 # 12-divisible twins of the built-in digits models, registered so `pretrained` trains and caches
 # them with the same recipes as the originals.

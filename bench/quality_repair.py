@@ -30,12 +30,12 @@ from _meta import RESULTS, write_result
 from torch import nn
 from tqdm.auto import tqdm
 
-from knsparse import repair
 from knsparse.app import calibration_batches, evaluate, load_digits_split, pretrained
 from knsparse.app.pipeline import magnitude_masks
-from knsparse.layers import prunable_layers
-from knsparse.masks import apply_masks, global_unstructured_masks, sparsity_of
-from knsparse.permutation import permute
+from knsparse.core.layers import prunable_layers
+from knsparse.core.masks import apply_masks, global_unstructured_masks, sparsity_of
+from knsparse.pruning import repair
+from knsparse.pruning.permutation import permute
 
 DRAWS = (0, 1, 2)
 METHODS = ("none", "bn", "layerwise+bn", "asr+bn", "asr(no shrinkage)+bn", "asr")

@@ -21,7 +21,7 @@ from _meta import write_result
 from tqdm.auto import tqdm
 
 from knsparse.app import calibration_batches, evaluate, load_digits_split, pretrained, validation_split
-from knsparse.prune import prune
+from knsparse.pruning.prune import prune
 
 VALIDATION = 0.2
 ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)

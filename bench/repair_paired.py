@@ -31,10 +31,10 @@ from _meta import RESULTS, environment, write_result
 from quality_paired import describe, paired, plot_paired
 from tqdm.auto import tqdm
 
-from knsparse import repair
 from knsparse.app import calibration_batches, evaluate, load_digits_split, pretrained
-from knsparse.layers import prunable_layers
-from knsparse.masks import apply_masks, global_unstructured_masks
+from knsparse.core.layers import prunable_layers
+from knsparse.core.masks import apply_masks, global_unstructured_masks
+from knsparse.pruning import repair
 
 EDGES = {"vit_tiny_digits": ("patch_embed.proj", "head"), "resnet_tiny_digits": ("conv1", "fc")}
 METHODS = ("none", "layerwise", "asr")

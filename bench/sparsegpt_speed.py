@@ -11,14 +11,14 @@ Two measurements in one run:
   calibration pass). The same call with ``"magnitude"`` (same calibration set) measures that
   shared part, so the difference is the cost of SparseGPT (and its re-fit) itself;
 * per ViT-B/16 layer shape (qkv, proj, fc1, fc2): the blocked sweep
-  (:func:`knsparse.methods.obs.sparsegpt_sweep`, lazy block updates) against the straightforward
-  reference (:func:`knsparse.methods.obs.sparsegpt_sweep_ref`, every OBS update applied to all
+  (:func:`knsparse.pruning.methods.obs.sparsegpt_sweep`, lazy block updates) against the straightforward
+  reference (:func:`knsparse.pruning.methods.obs.sparsegpt_sweep_ref`, every OBS update applied to all
   remaining columns at once), medians of ``--repeats`` runs (the reference: one run), with the
   largest difference of their results and the number of mask entries where they differ (float32:
   rounding flips near-ties); and the least-squares re-fit in that mask that ``"sparsegpt-refit"``
   (the default k:n method) adds: knsparse's batched conjugate gradients started from the sweep
-  (:func:`knsparse.methods.obs.refit_in_mask_cg`) against the exact reference
-  (:func:`knsparse.methods.obs.refit_in_mask`, one run: ``out`` Cholesky systems of size
+  (:func:`knsparse.pruning.methods.obs.refit_in_mask_cg`) against the exact reference
+  (:func:`knsparse.pruning.methods.obs.refit_in_mask`, one run: ``out`` Cholesky systems of size
   ``K·k/n``), with the relative output error of the sweep, the CG re-fit and the exact re-fit.
   The layer inputs are correlated Gaussians with 1% of the features 30x larger (outlier features,
   as in trained transformers). x12 blocks = the whole model's share.
@@ -37,7 +37,9 @@ import torch
 from _meta import RESULTS, write_result
 from tqdm.auto import tqdm
 
-from knsparse.methods.obs import (
+from knsparse.core.pattern import Pattern
+from knsparse.models import vit_base_patch16_224
+from knsparse.pruning.methods.obs import (
     damped,
     inverse_cholesky,
     refit_in_mask,
@@ -46,9 +48,7 @@ from knsparse.methods.obs import (
     sparsegpt_sweep,
     sparsegpt_sweep_ref,
 )
-from knsparse.models import vit_base_patch16_224
-from knsparse.pattern import Pattern
-from knsparse.prune import prune
+from knsparse.pruning.prune import prune
 
 SHAPES = {"qkv": (2304, 768), "proj": (768, 768), "fc1": (3072, 768), "fc2": (768, 3072)}
 BLOCKS = 12

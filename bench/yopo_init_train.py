@@ -4,8 +4,8 @@ For each built-in digits model (``vit_tiny_digits``, ``resnet_tiny_digits``), se
 sparsity, one freshly initialised model is pruned three ways and each copy is trained with its
 mask held fixed (``knsparse.app.train(masks=...)``):
 
-* ``yopo``: ``knsparse.score.yopo`` scores of the initial weights, thresholded to the target by
-  ``knsparse.budget.mort(mode="global")`` (which sets each layer's sparsity; every output row keeps
+* ``yopo``: ``knsparse.pruning.score.yopo`` scores of the initial weights, thresholded to the target by
+  ``knsparse.pruning.budget.mort(mode="global")`` (which sets each layer's sparsity; every output row keeps
   at least one weight);
 * ``random``: uniformly random weights kept in every layer, exactly as many as the YOPO mask of
   that layer keeps, with the same one-weight-per-row guarantee;
@@ -38,8 +38,8 @@ from tqdm.auto import tqdm
 
 from knsparse.app import evaluate, load_digits_split, train
 from knsparse.app.trainer import RECIPES
-from knsparse.budget import mort
-from knsparse.score import prunable_weights, yopo
+from knsparse.pruning.budget import mort
+from knsparse.pruning.score import prunable_weights, yopo
 
 DENSE_LAYERS = {"vit_tiny_digits": ("patch_embed.proj", "head"), "resnet_tiny_digits": ("conv1", "fc")}
 

@@ -14,7 +14,7 @@
  * W travels as `values` [rows, depth/2] row-major and `meta`, whose layout is per architecture:
  *   arch 80 (CUTLASS 2.x, compute capability 8.x, or 9.0 through the compute_80 PTX):
  *       int16 [rows, depth/16], ColumnMajorInterleaved<2> after CUTLASS's row reordering,
- *       exactly what knsparse.pack writes. Output FEATURE-major: out[row * ldo + col]
+ *       exactly what knsparse.core.pack writes. Output FEATURE-major: out[row * ldo + col]
  *       (the transpose of y); needs cols % 8 == 0 (the caller pads x with zero rows).
  *   arch 90 (CUTLASS 3.x, sm_90a): uint8 [round_up(rows, 64), round_up(depth, 128)/8]
  *       (knsparse.ops.meta.sm90_meta_from_sm80). Output TOKEN-major: out[col * ldo + row],

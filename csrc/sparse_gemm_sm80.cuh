@@ -57,7 +57,7 @@ struct SparseGemmKernel {
   using LayoutE = typename Gemm::LayoutE;
   static_assert(sizeof(ElementE) == 2, "knsparse ships int16 metadata for 16-bit inputs");
   static_assert(std::is_same_v<LayoutE, cutlass::layout::ColumnMajorInterleaved<2>>,
-                "CUTLASS changed the sparse metadata layout; knsparse.pack must follow");
+                "CUTLASS changed the sparse metadata layout; knsparse.core.pack must follow");
   static_assert(Gemm::kSparse * Gemm::kElementsPerElementE == 16,
                 "one int16 of metadata must cover 16 dense elements");
 };

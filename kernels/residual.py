@@ -5,7 +5,7 @@ Inputs follow :mod:`.nmf`: ``X [B, mp, np]``, ``V [B, mp, r]``, ``H [B, r, np]``
 ``[BM, BN]`` tile at a time and never materialises the product; with a k:n pattern it also
 keeps the ``k`` highest scores of every ``n`` consecutive columns (or rows, ``along_rows=True``,
 for matrices stored transposed) in the same pass and writes the bool mask (ties go to the lowest
-index, as in :func:`knsparse.masks.nm_mask`).
+index, as in :func:`knsparse.core.masks.nm_mask`).
 
 Public entry points (``torch.library`` custom ops: Triton on CUDA; on CPU the C twin of
 :func:`residual_ref` for scores and the reference for masks): :func:`residual_scores` and
@@ -19,8 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from knsparse.masks import nm_mask
-from knsparse.pattern import Pattern
+from knsparse.core.masks import nm_mask
+from knsparse.core.pattern import Pattern
 
 from .launch import eager, for_device, next_pow2
 from .nmf import valid_masks
@@ -95,7 +95,7 @@ def residual_cpu(
 
 
 def _nm_keep(scores: torch.Tensor, sizes: torch.Tensor, pattern: Pattern, along_rows: bool) -> torch.Tensor:
-    """k:n mask of a bucket of scores via :func:`knsparse.masks.nm_mask`, False outside ``sizes``."""
+    """k:n mask of a bucket of scores via :func:`knsparse.core.masks.nm_mask`, False outside ``sizes``."""
     if along_rows:
         return _nm_keep(scores.mT, sizes.flip(1), pattern, False).mT
     b, mp, np_ = scores.shape

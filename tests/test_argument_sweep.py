@@ -18,8 +18,9 @@ from torch import nn
 from untouched import assert_same, snapshot
 
 import knsparse as ks
-from knsparse import budget, permutation, repair, score, spectral, tome
+from knsparse.deploy import tome
 from knsparse.models import resnet_tiny_digits, vit_tiny_digits
+from knsparse.pruning import budget, permutation, repair, score, spectral
 
 NAN, INF = float("nan"), float("inf")
 EMPTY = torch.empty(0, 8)

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 import knsparse as ks
-from knsparse import budget, score, spectral
-from knsparse.pack import Packed24
+from knsparse.core.pack import Packed24
+from knsparse.pruning import budget, score, spectral
 
 NAN = float("nan")
 
@@ -180,7 +180,7 @@ PROBES = [
         "does not exist",
     ),
     ("load backend", lambda: ks.load_sparse(mlp(), "x.safetensors", backend="fast"), ValueError, "backend"),
-    ("prunable_layers", lambda: ks.layers.prunable_layers("model"), TypeError, "model"),
+    ("prunable_layers", lambda: ks.core.layers.prunable_layers("model"), TypeError, "model"),
 ]
 
 

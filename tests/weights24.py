@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from knsparse.masks import nm_mask
-from knsparse.pack import pack_24
+from knsparse.core.masks import nm_mask
+from knsparse.core.pack import pack_24
 
 
 def random_24(rows: int, depth: int, dtype: torch.dtype = torch.float16, seed: int = 0) -> torch.Tensor:

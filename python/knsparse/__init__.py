@@ -1,19 +1,31 @@
-"""knsparse: k:n / 2:4 semi-structured sparse inference for vision models."""
+"""knsparse: k:n / 2:4 semi-structured sparse inference for vision models.
 
-from . import backends, budget, distributed, families, permutation, repair, score, spectral, tome
-from .audit import audit
+The public API (``ks.prune``, ``ks.swap_modules``, ...) lives here; the package's layout is
+described in ``docs/design.md``: ``core`` and ``utils`` (foundation), ``ops``, ``backends`` and
+``kernels`` (the native and Triton kernels), ``pruning``, ``sparse``, ``deploy`` and
+``integrations`` (the stages), ``app`` and ``cli`` (the command line and the demo).
+"""
+
+from types import ModuleType
+
+from . import _compat, backends
 from .backends.torch_semi import to_semi_structured
-from .export import export_onnx
-from .finetune import finetune
-from .fuse import fuse_activations
-from .io import load_sparse, save_sparse
-from .macs import macs
-from .masks import apply_masks, global_unstructured_masks, is_nm, nm_mask, unstructured_mask
-from .modules import SparseConv2d, SparseLinear, SwapReport, swap_modules
-from .pack import Packed24, pack_24, unpack_24
-from .pattern import Pattern
-from .permutation import permute
-from .prune import prune
+from .core.masks import apply_masks, global_unstructured_masks, is_nm, nm_mask, unstructured_mask
+from .core.pack import Packed24, pack_24, unpack_24
+from .core.pattern import Pattern
+from .deploy import tome
+from .deploy.audit import audit
+from .deploy.export import export_onnx
+from .deploy.macs import macs
+from .integrations import families
+from .pruning import budget, methods, permutation, repair, score, spectral
+from .pruning.finetune import finetune
+from .pruning.permutation import permute
+from .pruning.prune import prune
+from .sparse.fuse import fuse_activations
+from .sparse.io import load_sparse, save_sparse
+from .sparse.modules import SparseConv2d, SparseLinear, SwapReport, swap_modules
+from .utils import distributed
 
 __all__ = [
     "Packed24",
@@ -34,6 +46,7 @@ __all__ = [
     "is_nm",
     "load_sparse",
     "macs",
+    "methods",
     "nm_mask",
     "pack_24",
     "permutation",
@@ -50,3 +63,13 @@ __all__ = [
     "unstructured_mask",
 ]
 __version__ = "0.1.0"
+
+_compat.install()
+
+
+def __getattr__(name: str) -> ModuleType:
+    """``knsparse.<old module name>`` (``knsparse.masks``): the module at its new path, with a
+    ``DeprecationWarning`` (:mod:`knsparse._compat`)."""
+    if name in _compat.MOVED:
+        return _compat.moved_module(f"knsparse.{name}")
+    raise AttributeError(f"module 'knsparse' has no attribute {name!r}")

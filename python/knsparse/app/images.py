@@ -174,7 +174,7 @@ def logits_of(output: object) -> torch.Tensor:
 def top1(model: torch.nn.Module, folder: ImageFolder, preprocess: Preprocess, batch_size: int = 32) -> float:
     """Fraction of ``folder``'s images (class subfolders) whose highest-scoring class index is
     the folder's label. The model runs in eval mode; its training flags are restored after."""
-    from ..modes import evaluation
+    from ..utils.modes import evaluation
 
     if folder.labels is None:
         raise ValueError(f"image folder {folder.root} has no class subfolders to score top-1 against")

@@ -1,6 +1,6 @@
 """The prune-and-swap steps shared by ``knsparse prune`` and ``knsparse demo``.
 
-:func:`knsparse.prune.prune` chooses the k:n masks (any method, optionally with channel
+:func:`knsparse.pruning.prune.prune` chooses the k:n masks (any method, optionally with channel
 permutation before and ASR / BatchNorm repair after), optional masked fine-tuning on the
 bundled digits follows (distillation from the dense model with :func:`knsparse.finetune`;
 pruned weights stay zero after every optimiser step), then
@@ -17,10 +17,10 @@ from functools import partial
 import torch
 from torch import nn
 
-from ..finetune import finetune
-from ..modules import SwapReport, swap_modules
-from ..pattern import Pattern
-from ..prune import PruneResult, prune
+from ..core.pattern import Pattern
+from ..pruning.finetune import finetune
+from ..pruning.prune import PruneResult, prune
+from ..sparse.modules import SwapReport, swap_modules
 from .data import DigitsSplit, calibration_batches
 from .trainer import evaluate
 
@@ -83,7 +83,7 @@ def prune_and_swap(
         data: the digits split; with it, test accuracy is recorded after every step, its
             training images are the calibration set of ``method`` / ``permute`` / ``repair``,
             and ``repair_epochs`` of masked fine-tuning run on them.
-        method, permute, repair: as in :func:`knsparse.prune.prune` (``"cast"`` and
+        method, permute, repair: as in :func:`knsparse.pruning.prune.prune` (``"cast"`` and
             ``repair`` need ``data`` for calibration).
         include, exclude: glob patterns over layer names, as in :func:`knsparse.swap_modules`.
         calib, evaluator: without ``data``, the calibration batches (a user's images) and a

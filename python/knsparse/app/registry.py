@@ -5,8 +5,9 @@ Sources: the built-ins (``vit_tiny_digits``, ``resnet_tiny_digits``, ``vit_base_
 ``resnet50``), ``timm:NAME``, ``torchvision:NAME`` (random init: the user's ``--weights`` bring
 the values) and ``hf:DIR`` (a local Hugging Face model directory, read offline; its own weights
 if it holds them). timm, torchvision and transformers are optional: a missing one is named.
-Every ``nn.MultiheadAttention`` (torchvision's ViT) becomes :class:`knsparse.mha.LinearMultiheadAttention`
-after the weights are in, so its q/k/v and output projections can be pruned and swapped.
+Every ``nn.MultiheadAttention`` (torchvision's ViT) becomes
+:class:`knsparse.integrations.mha.LinearMultiheadAttention` after the weights are in, so its
+q/k/v and output projections can be pruned and swapped.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .. import mha
+from ..integrations import mha
 from .images import IMAGENET, Preprocess
 
 MODELS_HELP = (
@@ -266,7 +267,7 @@ def load_model(name: str, weights: str | None = None, seed: int = 0) -> LoadedMo
     if path is None:
         mha.convert(loaded.model)
         return loaded
-    from ..io import load_sparse
+    from ..sparse.io import load_sparse
 
     classes = _head_classes(loaded.model, state) if name.startswith(("timm:", "torchvision:")) else None
     if classes is not None:  # a fine-tuned checkpoint with its own classifier: build the model to fit

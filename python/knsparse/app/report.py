@@ -20,18 +20,18 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .. import families
-from ..audit import AuditResult, audit, plot_speedup
-from ..export import check, export_onnx
-from ..layers import pattern_layers
-from ..macs import MacReport, macs
-from ..masks import from_reduction_view
-from ..methods.magnitude import magnitude_masks
+from ..core.layers import pattern_layers
+from ..core.masks import from_reduction_view
+from ..core.pattern import Pattern
+from ..deploy.audit import AuditResult, audit, plot_speedup
+from ..deploy.export import check, export_onnx
+from ..deploy.macs import MacReport, macs
+from ..integrations import families
 from ..models import resnet50, vit_base_patch16_224
-from ..modules import sparse_layers
-from ..pattern import Pattern
-from ..provenance import environment
-from ..spectral import LayerSpectrum, diagnose
+from ..pruning.methods.magnitude import magnitude_masks
+from ..pruning.spectral import LayerSpectrum, diagnose
+from ..sparse.modules import sparse_layers
+from ..utils.provenance import environment
 from .data import load_digits_split
 from .pipeline import PruneOutcome, prune_and_swap
 from .trainer import pretrained, torch_threads

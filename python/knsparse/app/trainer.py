@@ -18,9 +18,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..cache import cache_dir
-from ..masks import apply_masks
+from ..core.masks import apply_masks
 from ..models import resnet_tiny_digits, vit_tiny_digits
+from ..utils.cache import cache_dir
 from .data import DigitsSplit, load_digits_split, validation_split
 
 

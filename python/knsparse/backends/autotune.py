@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from ..cache import cache_dir
-from ..masks import nm_mask
+from ..core.masks import nm_mask
+from ..utils.cache import cache_dir
 from .base import Backend, ConvSpec, LinearSpec
 
 Spec = LinearSpec | ConvSpec

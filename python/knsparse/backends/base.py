@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..core.pattern import Pattern
 from ..ops.gemm import ACTIVATIONS, activate
-from ..pattern import Pattern
 
 __all__ = ["ACTIVATIONS", "Backend", "BackendUnavailableError", "ConvSpec", "LinearSpec", "activate"]
 

@@ -1,7 +1,7 @@
 """knsparse's own CUDA backend: 2:4 sparse GEMM on sparse tensor cores (CUTLASS) and im2col.
 
 A thin registry backend over :mod:`knsparse.ops` (the native library's custom ops): it packs
-weights once per layer (``knsparse.pack``, zero-padded to the CUTLASS multiples) with metadata
+weights once per layer (``knsparse.core.pack``, zero-padded to the CUTLASS multiples) with metadata
 for the device's architecture, lowers convolutions to (R,S,C) im2col + the sparse GEMM, and
 says why it cannot run when it cannot. :data:`KNSPARSE_CUDA` is the registry entry.
 """
@@ -13,12 +13,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..masks import to_reduction_view
+from ..core.masks import to_reduction_view
+from ..core.pack import pack_24
 from ..ops import gemm
 from ..ops.device import unavailable_reason
 from ..ops.im2col import conv_output_size, im2col_rsc, rows_to_nchw
 from ..ops.meta import prepare_meta
-from ..pack import pack_24
 from .base import Backend, ConvSpec, LinearSpec
 
 # --- the registry backend ---------------------------------------------------------------------
@@ -29,7 +29,7 @@ class SparseOperand:
     """A 2:4 weight ready for :func:`knsparse.ops.sparse_gemm` on one device.
 
     ``values [rows_pad, depth_pad/2]`` and ``meta`` (:func:`knsparse.ops.prepare_meta`) of the weight
-    zero-padded by ``knsparse.pack.pack_24`` to the CUTLASS multiples; ``rows`` and ``depth``
+    zero-padded by ``knsparse.core.pack.pack_24`` to the CUTLASS multiples; ``rows`` and ``depth``
     are the layer's own sizes.
     """
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..pack import check_24
-from ..pattern import Pattern
+from ..core.pack import check_24
+from ..core.pattern import Pattern
 from .base import Backend, BackendUnavailableError, ConvSpec, LinearSpec, activate
 
 
@@ -87,7 +87,7 @@ def to_semi_structured(w: torch.Tensor, backend: str = "auto") -> torch.Tensor:
 
     ``backend``: ``"cusparselt"``, ``"cutlass"`` (compute capability 8.x only) or ``"auto"``
     (cuSPARSELt where available, else CUTLASS). The weight is validated as for
-    :func:`knsparse.pack.pack_24` first, so a broken or non-2:4 weight is refused, never
+    :func:`knsparse.core.pack.pack_24` first, so a broken or non-2:4 weight is refused, never
     silently re-pruned.
     """
     check_24(w)

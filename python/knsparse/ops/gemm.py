@@ -2,7 +2,7 @@
 library), its fake implementation and its plain-PyTorch twin :func:`sparse_gemm_ref`.
 
 Weights travel as ``values`` ``[rows, depth/2]`` and ``meta``: the int16 ``[rows, depth/16]``
-CUTLASS metadata ``knsparse.pack`` writes (the Ampere kernels read it as is) or its uint8 Hopper
+CUTLASS metadata ``knsparse.core.pack`` writes (the Ampere kernels read it as is) or its uint8 Hopper
 layout (:func:`knsparse.ops.meta.prepare_meta`); the metadata's dtype selects the kernel. The
 op returns ``act(x @ W.T + bias)`` token-major, ``[tokens, rows]`` contiguous like ``F.linear``:
 the Hopper kernel stores it so directly (any token count); the Ampere kernel stores
@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..pack import Packed24, unpack_24
+from ..core.pack import Packed24, unpack_24
 from .device import require_device
 from .meta import round_up, sm80_meta_from_sm90, sm90_meta_shape
 from .native import ACTIVATION_CODES, CONFIG_CODES, DTYPE_CODES, GemmArgs, gemm_workspace, run_gemm
@@ -70,7 +70,7 @@ def check_kernel_args(
     layouts = {torch.int16: (rows, depth // 16), torch.uint8: sm90_meta_shape(rows, depth)}
     if meta.dtype not in layouts or tuple(meta.shape) != layouts[meta.dtype]:
         raise ValueError(
-            f"meta must be int16 {layouts[torch.int16]} (Ampere layout, knsparse.pack) or uint8 "
+            f"meta must be int16 {layouts[torch.int16]} (Ampere layout, knsparse.core.pack) or uint8 "
             f"{layouts[torch.uint8]} (Hopper layout, prepare_meta) for a [{rows}, {depth}] weight, "
             f"got {meta.dtype} {tuple(meta.shape)}"
         )
@@ -203,7 +203,7 @@ def sparse_gemm(
     """``act(x @ W.T + bias)`` on sparse tensor cores, fp32 accumulation, fused epilogue.
 
     Args:
-        values: ``[rows, depth/2]`` fp16/bf16 kept weights (``knsparse.pack``).
+        values: ``[rows, depth/2]`` fp16/bf16 kept weights (``knsparse.core.pack``).
         meta: :func:`knsparse.ops.meta.prepare_meta` of the pack metadata for the device.
         x: ``[..., depth]`` activations, same dtype and device as ``values``; any token count.
         bias: ``[rows]`` or None.

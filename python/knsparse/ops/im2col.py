@@ -4,7 +4,7 @@ A convolution with weight ``[Cout, Cin, R, S]`` is the GEMM
 
     y[(n, p, q), cout] = sum_{(r, s, c)} cols[(n, p, q), (r, s, c)] * w_rsc[cout, (r, s, c)]
 
-where ``cols = im2col_rsc(x)`` and ``w_rsc = knsparse.masks.to_reduction_view(weight, "rsc")``.
+where ``cols = im2col_rsc(x)`` and ``w_rsc = knsparse.core.masks.to_reduction_view(weight, "rsc")``.
 Ordering the reduction axis (R, S, C) puts 4 consecutive *input channels* of one kernel
 position in every 2:4 group — the TensorRT rule and knsparse's default conv mask grouping — so
 one mask serves TensorRT and knsparse's own im2col + sparse GEMM.
@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..masks import to_reduction_view
+from ..core.masks import to_reduction_view
 from .device import available, require_device
 from .native import Im2colArgs, run_im2col
 

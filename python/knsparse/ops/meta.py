@@ -1,8 +1,8 @@
-"""CUTLASS 2:4 metadata layouts: the Ampere one ``knsparse.pack`` writes and the Hopper one.
+"""CUTLASS 2:4 metadata layouts: the Ampere one ``knsparse.core.pack`` writes and the Hopper one.
 
 Both hold the same 4-bit code per group of 4 (``idx0 | idx1 << 2``), four codes per 16-bit
 unit covering 16 dense columns. Ampere (CUTLASS 2.x ``SparseGemm``) stores the units
-``[rows, depth/16]`` reordered into ``ColumnMajorInterleaved<2>`` (``knsparse.pack``). Hopper
+``[rows, depth/16]`` reordered into ``ColumnMajorInterleaved<2>`` (``knsparse.core.pack``). Hopper
 (CUTLASS 3.x ``Sm90GemmSparseConfig``, 16-bit inputs, threadblock K 128) stores them in
 64-row x 128-column atoms; converting is a permutation of 16-bit units. The Hopper result is
 uint8 (CUTLASS's ``ElementE``) so the two layouts can never be mixed up.
@@ -14,7 +14,7 @@ import os
 
 import torch
 
-from ..pack import cutlass_meta_offsets
+from ..core.pack import cutlass_meta_offsets
 
 ARCH_ENV = "KNSPARSE_CUDA_ARCH"
 """``KNSPARSE_CUDA_ARCH=80`` runs the Ampere kernels (their compute_80 PTX) on a Hopper GPU."""
@@ -37,7 +37,7 @@ def _sm90_meta_positions(rows: int, meta_cols: int) -> torch.Tensor:
     and tiles atoms along rows first, then along columns. With ``m = m0 + 8 m1 + 16 m2 + 64 mb``
     and ``u = k1 + 2 k2 + 2 (K/32) kb`` the 16-bit unit lands at
     ``m1 + 2 k2 + 2n m0 + 16n k1 + 32n m2 + 128n mb + 2n rows_al kb`` with ``n = 128 / 32``.
-    tests/test_cutlass_meta.py checks this against CUTLASS's own layout object.
+    tests/ops/test_cutlass_meta.py checks this against CUTLASS's own layout object.
     """
     n = SM90_META_BLOCK_K // 32
     rows_al = round_up(rows, SM90_META_BLOCK_ROWS)
@@ -56,7 +56,7 @@ def sm90_meta_shape(rows: int, depth: int) -> tuple[int, int]:
 def _check_pack_meta(meta: torch.Tensor) -> None:
     if meta.dtype != torch.int16 or meta.dim() != 2:
         raise TypeError(
-            f"meta must be the int16 [rows, depth/16] tensor of knsparse.pack, got {meta.dtype} "
+            f"meta must be the int16 [rows, depth/16] tensor of knsparse.core.pack, got {meta.dtype} "
             f"{tuple(meta.shape)}"
         )
     if meta.shape[0] % 32:

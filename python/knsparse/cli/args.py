@@ -1,0 +1,127 @@
+"""What the commands share: the parser that reports a mistake in one line, argument types, the
+argument groups several commands take, and the output-path checks made before any work starts."""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import NoReturn
+
+import torch
+
+from ..app.registry import MODELS_HELP, UserError
+from ..core.checks import check_number
+from ..core.pattern import Pattern
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with a mistake reported in one line (``knsparse prune: error: argument ...``)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def at_least(minimum: int) -> Callable[[str], int]:
+    """argparse type: an int >= ``minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+def real(**bounds: object) -> Callable[[str], float]:
+    """argparse type: a finite float within ``bounds`` (:func:`knsparse.core.checks.check_number`'s)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        try:
+            return check_number(value, "the value", **bounds)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc).removeprefix("the value ")) from None
+
+    parse.__name__ = "number"
+    return parse
+
+
+def batch_sizes_arg(text: str) -> tuple[int, ...]:
+    """argparse type: comma-separated positive batch sizes (``"1,8,32"``)."""
+    try:
+        sizes = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(
+            f"batch sizes must be comma-separated integers, got {text!r}"
+        ) from exc
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"batch sizes must be positive, got {text!r}")
+    return sizes
+
+
+def pattern_arg(text: str) -> Pattern:
+    """argparse type: a k:n pattern (``"2:4"``)."""
+    try:
+        return Pattern.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def _creatable(folder: Path, flag: str) -> None:
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{flag}: {existing} is a file, so {folder} cannot be created")
+    try:  # a real write: permission bits do not bind root, and /proc or a read-only mount refuse anyway
+        tempfile.TemporaryFile(dir=existing).close()
+    except OSError as exc:
+        raise UserError(f"{flag}: cannot write into {existing} ({exc.strerror or exc})") from None
+
+
+def writable_file(path: str, flag: str = "--out") -> Path:
+    """``path`` as a file this run can write (not a folder, its folder creatable), else ``UserError``:
+    checked before any work starts."""
+    out = Path(path)
+    if out.is_dir():
+        raise UserError(f"{flag} {out} is a folder; give a file name")
+    _creatable(out.parent, flag)
+    return out
+
+
+def writable_folder(path: str, flag: str = "--out") -> Path:
+    """``path`` as a folder this run can create or write into, else ``UserError``."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{flag} {out} is an existing file; give a folder")
+    _creatable(out, flag)
+    return out
+
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    """``--model``, ``--weights``, ``--seed``."""
+    p.add_argument("--model", required=required, help=f"the architecture: {MODELS_HELP}")
+    p.add_argument(
+        "--weights", help="safetensors file to load into it (a 'knsparse prune' output or a state dict)"
+    )
+    p.add_argument(
+        "--seed", type=at_least(0), default=0, help="data split / training / random-weights seed (default 0)"
+    )
+
+
+def quiet_arg(p: argparse.ArgumentParser) -> None:
+    """``--quiet``."""
+    p.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -1,0 +1,163 @@
+"""``knsparse prune``: k:n masks, optional permutation and repair, swap to sparse modules, save."""
+
+from __future__ import annotations
+
+import argparse
+from functools import partial
+
+from tqdm.auto import tqdm
+
+from ..app.images import ImageFolder, top1
+from ..app.registry import DIGITS_MODELS, UserError, load_model
+from ..core.pattern import Pattern
+from ..pruning.methods import METHODS
+from ..utils import distributed
+from .args import at_least, model_args, pattern_arg, quiet_arg, writable_file
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..app.data import load_digits_split
+    from ..app.pipeline import prune_and_swap
+    from ..sparse.fuse import fuse_activations
+    from ..sparse.io import save_sparse
+
+    out = writable_file(args.out)
+    images = ImageFolder.scan(args.data) if args.data else None
+    val = ImageFolder.scan(args.val, labelled=True) if args.val else None
+    digits = args.model in DIGITS_MODELS
+    calibrates = METHODS[args.method].calib != "unused"
+    if digits and (images or val):
+        raise UserError(
+            f"--data / --val are for models that take images; {args.model} uses the bundled digits"
+        )
+    if args.no_reconstruct and args.method not in ("cast", "cast-conv"):
+        raise UserError(f"--no-reconstruct is a cast/cast-conv option, not one of --method {args.method}")
+    if not digits and images is None and (args.repair or calibrates):
+        raise UserError(f"--method {args.method} and --repair calibrate on images: give --data DIR")
+    if not digits and args.repair_epochs:
+        raise UserError(
+            "--repair-epochs fine-tunes on the bundled digits; fine-tune your own model on your "
+            "images with 'knsparse finetune'"
+        )
+    with distributed.main_first():  # rank 0 trains/caches a built-in model once
+        loaded = load_model(args.model, args.weights, args.seed)
+    data = load_digits_split(args.seed) if digits else None
+    calib = None
+    if images is not None:
+        chosen = images.sample(args.calib_images, seed=args.seed)
+        calib = list(
+            tqdm(
+                chosen.batches(loaded.preprocess, args.calib_batch),
+                desc="read images",
+                disable=args.quiet,
+                total=-(-len(chosen) // args.calib_batch),
+            )
+        )
+    evaluator = None if val is None else partial(top1, folder=val, preprocess=loaded.preprocess)
+    outcome = prune_and_swap(
+        loaded.model,
+        args.pattern,
+        data,
+        args.repair_epochs,
+        method=args.method,
+        permute=args.permute,
+        repair=args.repair,
+        include=args.include,
+        exclude=args.exclude,
+        seed=args.seed,
+        progress=not args.quiet,
+        calib=calib,
+        evaluator=evaluator,
+        method_options={"reconstruct": False} if args.no_reconstruct else None,
+    )
+    fused = fuse_activations(loaded.model) if args.fuse_activations else {}
+    if distributed.is_main():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        save_sparse(loaded.model, out)
+    distributed.barrier()
+    print(f"{loaded.description}: {outcome.describe()}")
+    if args.fuse_activations:
+        print(f"fused the activation into {len(fused)} MLP fc1 layer(s): {', '.join(fused) or '-'}")
+    if outcome.accuracy_dense is not None:
+        where = "test" if data is not None else f"top-1 on {val.root} ({len(val)} images)"
+        print(
+            f"{where} accuracy: dense {outcome.accuracy_dense:.2%}, pruned {outcome.accuracy_pruned:.2%}"
+            + (f", repaired {outcome.accuracy_repaired:.2%}" if args.repair_epochs else "")
+            + f", swapped {outcome.accuracy_swapped:.2%}"
+        )
+    print(outcome.swap)
+    for name, why in outcome.not_prunable.items():
+        print(f"  dense    {name:<32} {why}")
+    print(f"wrote {out} (load it with: --model {args.model} --weights {out})")
+    return 0
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Register ``prune`` on the CLI's subparsers."""
+    p = sub.add_parser(
+        "prune",
+        help="prune a model to k:n, swap in sparse modules, save as safetensors",
+        description="k:n masks (magnitude, CAST, ...) on every Linear/Conv2d that can carry the pattern, "
+        "optional channel permutation and ASR/BatchNorm repair, optional masked fine-tuning on the "
+        "digits, swap to SparseLinear/SparseConv2d, save.",
+    )
+    model_args(p)
+    p.add_argument("--pattern", type=pattern_arg, default="2:4", help="k:n pattern (default 2:4)")
+    p.add_argument(
+        "--method",
+        default="magnitude",
+        choices=[name for name, spec in METHODS.items() if spec.accepts(Pattern(2, 4))],
+        help="k:n mask method from the registry (those that calibrate use the digits; default magnitude)",
+    )
+    p.add_argument("--permute", action="store_true", help="permute channels before masking (function kept)")
+    p.add_argument(
+        "--no-reconstruct",
+        action="store_true",
+        help="cast/cast-conv: keep CAST's masks without re-fitting the kept weights (the re-fit needs "
+        "at least K/8 calibration rows per layer)",
+    )
+    p.add_argument(
+        "--data",
+        metavar="DIR",
+        help="calibration images: a folder with class subfolders, or a flat folder of images, "
+        "preprocessed as the model expects (not for the *_digits models, which use the bundled digits)",
+    )
+    p.add_argument(
+        "--calib-images",
+        type=at_least(1),
+        default=128,
+        help="images drawn from --data (seeded; default 128)",
+    )
+    p.add_argument("--calib-batch", type=at_least(1), default=16, help="calibration batch size (default 16)")
+    p.add_argument(
+        "--val",
+        metavar="DIR",
+        help="a folder with one subfolder per class (sorted names are classes 0, 1, ...): top-1 "
+        "before and after pruning",
+    )
+    p.add_argument(
+        "--repair",
+        choices=["asr", "layerwise", "bn"],
+        help="post-pruning repair on the digits calibration set",
+    )
+    p.add_argument(
+        "--repair-epochs",
+        type=at_least(0),
+        default=0,
+        help="masked fine-tuning epochs on the digits (default 0)",
+    )
+    p.add_argument(
+        "--include", action="append", metavar="GLOB", help="only swap layers matching (repeatable)"
+    )
+    p.add_argument(
+        "--exclude", action="append", metavar="GLOB", help="never swap layers matching (repeatable)"
+    )
+    p.add_argument(
+        "--fuse-activations",
+        action="store_true",
+        help="move each ViT MLP's GELU/ReLU into its sparse fc1 (fused in knsparse-cuda's GEMM "
+        "epilogue; the saved file carries it)",
+    )
+    p.add_argument("--out", required=True, help="output .safetensors file")
+    quiet_arg(p)
+    p.set_defaults(func=run, distributed=True)
