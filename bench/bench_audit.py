@@ -63,7 +63,7 @@ def main() -> None:
             shape,
             BATCH_SIZES,
             torch.float16,
-            masks=masks,
+            plan=masks,
             checkpoint=name,
             fuse_activations=args.fuse_activations,
         )

@@ -62,7 +62,7 @@ def worker(out: str) -> None:
     distributed.barrier()
     calib_s = time.perf_counter() - start
     start = time.perf_counter()
-    ks.finetune(student, teacher, images, epochs=1, masks=masks, batch_size=TUNE_BATCH, progress=False)
+    ks.finetune(student, teacher, images, epochs=1, plan=masks, batch_size=TUNE_BATCH, progress=False)
     distributed.barrier()
     tune_s = time.perf_counter() - start
     if distributed.is_main():

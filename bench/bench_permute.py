@@ -160,7 +160,7 @@ def models_case(names: list[str], baseline: bool = True) -> dict:
         model, source = build_model(name)
         x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
         wall, cpu = time.perf_counter(), time.process_time()
-        report = permute(model, "2:4", calib=[x])
+        report = permute(model, "2:4", calib=[x], inplace=True)
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
         effs = [g.efficacy for g in report.permuted]
         mlp = [g.efficacy for g in report.permuted if all(c.endswith("mlp.fc2") for c in g.consumers)]

@@ -125,11 +125,11 @@ PROBES = [
     ),
     (
         "macs mask shape",
-        lambda: ks.macs(mlp(), (1, 1, 8, 8), masks={"1": torch.ones(16, 32, dtype=torch.bool)}),
+        lambda: ks.macs(mlp(), (1, 1, 8, 8), plan={"1": torch.ones(16, 32, dtype=torch.bool)}),
         ValueError,
         "layer '1': mask shape",
     ),
-    ("macs mask type", lambda: ks.macs(mlp(), (1, 1, 8, 8), masks={"1": [1]}), TypeError, "layer '1': mask"),
+    ("macs mask type", lambda: ks.macs(mlp(), (1, 1, 8, 8), plan={"1": [1]}), TypeError, "layer '1': mask"),
     ("mp_fit empty", lambda: spectral.mp_fit(EMPTY), ValueError, "w is empty"),
     ("mp_fit meta", lambda: spectral.mp_fit(META), ValueError, "w is on the meta"),
     ("mp_fit complex", lambda: spectral.mp_fit(COMPLEX), TypeError, "w must be real"),
@@ -219,4 +219,4 @@ def test_mp_fit_spikes_of_a_low_rank_matrix_are_its_rank(rank, shape):
 def test_macs_refuses_a_mask_for_another_shape_instead_of_counting_it_sparse():
     model = mlp()
     with pytest.raises(ValueError, match="layer '1': mask shape"):
-        ks.macs(model, (1, 1, 8, 8), masks={"1": torch.ones(64, 16, dtype=torch.bool)})
+        ks.macs(model, (1, 1, 8, 8), plan={"1": torch.ones(64, 16, dtype=torch.bool)})

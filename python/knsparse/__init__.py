@@ -9,6 +9,7 @@ described in ``docs/design.md``: ``core`` and ``utils`` (foundation), ``ops``, `
 from types import ModuleType
 
 from . import _compat, backends
+from .backends import register_backend
 from .backends.torch_semi import to_semi_structured
 from .core.masks import apply_masks, global_unstructured_masks, is_nm, nm_mask, unstructured_mask
 from .core.pack import Packed24, pack_24, unpack_24
@@ -18,8 +19,18 @@ from .deploy.audit import audit
 from .deploy.export import export_onnx
 from .deploy.macs import macs
 from .integrations import families
+from .integrations.families import register_family
 from .pruning import budget, methods, permutation, repair, score, spectral
+from .pruning.config import (
+    CalibrationConfig,
+    DiagnosticsConfig,
+    MethodConfig,
+    PermuteConfig,
+    PruneConfig,
+    RepairConfig,
+)
 from .pruning.finetune import finetune
+from .pruning.methods import register_method
 from .pruning.permutation import permute
 from .pruning.prune import prune
 from .sparse.fuse import fuse_activations
@@ -28,8 +39,14 @@ from .sparse.modules import SparseConv2d, SparseLinear, SwapReport, swap_modules
 from .utils import distributed
 
 __all__ = [
+    "CalibrationConfig",
+    "DiagnosticsConfig",
+    "MethodConfig",
     "Packed24",
     "Pattern",
+    "PermuteConfig",
+    "PruneConfig",
+    "RepairConfig",
     "SparseConv2d",
     "SparseLinear",
     "SwapReport",
@@ -52,6 +69,9 @@ __all__ = [
     "permutation",
     "permute",
     "prune",
+    "register_backend",
+    "register_family",
+    "register_method",
     "repair",
     "save_sparse",
     "score",

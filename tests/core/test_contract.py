@@ -49,9 +49,9 @@ def test_prune_returns_a_plan_every_later_stage_takes(vit: nn.Module) -> None:
     assert set(plan.masks) == set(result.masks)
     with pytest.raises(TypeError):
         plan.masks["head"] = torch.ones(1, dtype=torch.bool)  # read-only
-    by_plan = ks.macs(result.model, (1, 8, 8), masks=plan)
-    by_dict = ks.macs(result.model, (1, 8, 8), masks=result.masks, pattern="2:4")
-    by_result = ks.macs(result.model, (1, 8, 8), masks=result)
+    by_plan = ks.macs(result.model, (1, 8, 8), plan=plan)
+    by_dict = ks.macs(result.model, (1, 8, 8), plan=result.masks, pattern="2:4")
+    by_result = ks.macs(result.model, (1, 8, 8), plan=result)
     assert by_plan.sparse_total == by_dict.sparse_total == by_result.sparse_total < by_plan.dense_total
     a, b = copy.deepcopy(result.model), copy.deepcopy(result.model)
     assert ks.swap_modules(a, plan).swapped == ks.swap_modules(b, result.masks, "2:4").swapped
@@ -152,7 +152,7 @@ def test_prune_permute_takes_the_search_options(vit: nn.Module) -> None:
     with torch.no_grad():
         permuted = ks.permute(copy.deepcopy(vit), "2:4", max_iters=1, time_budget_s=0.5).model
         torch.testing.assert_close(permuted(x), dense(x), rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match="unknown permute option"):
+    with pytest.raises(ValueError, match=r"unknown option.*for permute"):
         ks.prune(vit, "magnitude", "2:4", permute={"effort": 3}, progress=False)
     with pytest.raises(TypeError, match="permute must be"):
         ks.prune(vit, "magnitude", "2:4", permute="yes", progress=False)

@@ -35,7 +35,7 @@ def _model_and_masks(pattern: str = "2:4"):
 def test_cpu_audit_says_it_measured_the_reference_path(tmp_path):
     model, masks = _model_and_masks()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    result = audit(model, (1, 8, 8), batch_sizes=(1, 4), masks=masks, checkpoint="vit-digits", **FAST)
+    result = audit(model, (1, 8, 8), batch_sizes=(1, 4), plan=masks, checkpoint="vit-digits", **FAST)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()) and not sparse_layers(model)
     assert [r.batch for r in result.rows] == [1, 4]
     assert CPU_NOTE in result.notes and any("float32 on CPU" in n for n in result.notes)
@@ -60,7 +60,7 @@ def test_cpu_audit_says_it_measured_the_reference_path(tmp_path):
 
 def test_fused_activations_in_the_sparse_copy_only():
     model, masks = _model_and_masks()
-    result = audit(model, (1, 8, 8), batch_sizes=(2,), masks=masks, fuse_activations=True, **FAST)
+    result = audit(model, (1, 8, 8), batch_sizes=(2,), plan=masks, fuse_activations=True, **FAST)
     assert any("fused into the sparse fc1 of 4 MLP block(s)" in n for n in result.notes)
     assert result.max_abs_diff < 1e-6
     assert not sparse_layers(model) and isinstance(model.blocks[0].mlp.act, nn.GELU)  # input untouched
@@ -83,9 +83,9 @@ def test_nothing_to_audit_and_bad_arguments():
     with pytest.raises(ValueError, match="nothing to audit"):
         audit(model, (1, 8, 8), batch_sizes=(1,), **FAST)
     with pytest.raises(ValueError, match="input_shape"):
-        audit(model, (8, 8), masks=masks, **FAST)
+        audit(model, (8, 8), plan=masks, **FAST)
     with pytest.raises(ValueError, match="batch_sizes"):
-        audit(model, (1, 8, 8), batch_sizes=(0,), masks=masks, **FAST)
+        audit(model, (1, 8, 8), batch_sizes=(0,), plan=masks, **FAST)
     swap_modules(model, {k: v for k, v in masks.items() if "mlp" in k})
     other = {k: nm_mask(model.get_submodule(k).weight.abs(), "1:4") for k in masks if "attn" in k}
     swap_modules(model, other, pattern="1:4")
@@ -115,7 +115,7 @@ def test_spread_quantiles():
 @pytest.mark.gpu
 def test_gpu_audit_runs_sparse_backends_in_half_precision():
     model, masks = _model_and_masks()
-    result = audit(model, (1, 8, 8), batch_sizes=(1, 32), masks=masks, **FAST)
+    result = audit(model, (1, 8, 8), batch_sizes=(1, 32), plan=masks, **FAST)
     assert result.dtype == "float16" and CPU_NOTE not in result.notes
     assert all(r.status in ("faster", "slower", "no clear difference") for r in result.rows)
     assert result.max_abs_diff < 1e-2

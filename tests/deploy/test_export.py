@@ -31,7 +31,11 @@ def test_vit_export_parity_metadata_and_tensorrt_check(tmp_path):
     model, masks = _masked(vit_tiny_digits())
     perm = torch.randperm(64).tolist()
     result = export_onnx(
-        model, torch.randn(2, 1, 8, 8), tmp_path / "vit.onnx", permutations={"blocks.0.attn.qkv": perm}
+        model,
+        torch.randn(2, 1, 8, 8),
+        tmp_path / "vit.onnx",
+        permutations={"blocks.0.attn.qkv": perm},
+        plan=masks,  # the metadata's patterns come from the plan, never guessed from zeros
     )
     assert result.exporter == "torchscript" and result.opset == 17 and result.checker_passed
     assert result.batch_sizes_checked == [2, 4]

@@ -50,7 +50,7 @@ def test_only_eligible_masked_layers_count_as_reduced():
         n: nm_mask(torch.rand(m.weight.shape), "2:4") for n, m in layers.items() if n.startswith("blocks")
     }
     masks["head"] = torch.rand(layers["head"].weight.shape) > 0.5  # unstructured: runs dense
-    report = macs(model, (1, 8, 8), masks=masks)
+    report = macs(model, (1, 8, 8), plan=masks)
     rows = {r.name: r for r in report.layers}
     assert rows["blocks.0.mlp.fc1"].sparse * 2 == rows["blocks.0.mlp.fc1"].dense
     assert rows["head"].sparse == rows["head"].dense and "2:4" in rows["head"].note
@@ -97,7 +97,7 @@ def test_model_state_is_left_alone():
 def test_bad_arguments():
     model = vit_tiny_digits()
     with pytest.raises(ValueError, match="does not have"):
-        macs(model, (1, 8, 8), masks={"blocks.9.mlp.fc1": torch.ones(1, dtype=torch.bool)})
+        macs(model, (1, 8, 8), plan={"blocks.9.mlp.fc1": torch.ones(1, dtype=torch.bool)})
     with pytest.raises(ValueError, match="input_shape"):
         macs(model, (8, 8))
     with pytest.raises(ValueError, match="k:n"):
@@ -115,7 +115,7 @@ def test_swapped_sparse_modules_count_as_reduced(build):
         for n, m in model.named_modules()
         if isinstance(m, (nn.Linear, nn.Conv2d)) and n.startswith(("blocks", "layer"))
     }
-    from_masks = macs(model, (1, 8, 8), masks=masks)
+    from_masks = macs(model, (1, 8, 8), plan=masks)
     swap_modules(model, masks)
     swapped = macs(model, (1, 8, 8))
     assert swapped.dense_total == from_masks.dense_total

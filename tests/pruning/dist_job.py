@@ -62,7 +62,7 @@ def run_job(device: torch.device | str = "cpu", kill_rank: int | None = None) ->
     g = torch.Generator().manual_seed(2)
     x, y = torch.randn(64, 1, 8, 8, generator=g), torch.randint(0, 10, (64,), generator=g)
     ks.finetune(
-        student, teacher, (x, y), epochs=2, masks=masks, batch_size=16, lr=1e-3,
+        student, teacher, (x, y), epochs=2, plan=masks, batch_size=16, lr=1e-3,
         label_weight=0.5, warmup=0.25, progress=False,
     )  # fmt: skip
     for name, t in student.state_dict().items():

@@ -14,7 +14,8 @@ from torch.utils.data import DataLoader, Dataset
 from untouched import assert_same, snapshot
 
 import knsparse as ks
-from knsparse.pruning.finetune import distillation_loss, masks_from_zeros, warmup_cosine
+from knsparse.core.layers import masks_from_zeros
+from knsparse.pruning.finetune import distillation_loss, warmup_cosine
 
 
 class Net(nn.Module):
@@ -56,7 +57,7 @@ def test_masks_hold_under_weight_decay_and_student_learns() -> None:
         teacher,
         (x, y),
         epochs=4,
-        masks=masks,
+        plan=masks,
         batch_size=16,
         lr=3e-3,
         weight_decay=0.5,
@@ -83,7 +84,7 @@ def test_data_forms_agree() -> None:
         lambda x, y: DataLoader(DictData(x, y), batch_size=16),
     ):
         teacher, student, masks, x, y = setup()
-        ks.finetune(student, teacher, make(x, y), epochs=1, masks=masks, batch_size=16, progress=False)
+        ks.finetune(student, teacher, make(x, y), epochs=1, plan=masks, batch_size=16, progress=False)
         weights.append(student.fc1.weight.detach().clone())
     for w in weights[1:]:
         torch.testing.assert_close(w, weights[0])
@@ -91,7 +92,7 @@ def test_data_forms_agree() -> None:
 
 def test_checkpoint_resume_equals_one_run(tmp_path: Path) -> None:
     teacher, student, masks, x, y = setup()
-    kwargs = {"masks": masks, "batch_size": 16, "label_weight": 0.3, "progress": False}
+    kwargs = {"plan": masks, "batch_size": 16, "label_weight": 0.3, "progress": False}
     ks.finetune(student, teacher, (x, y), epochs=3, checkpoint_dir=tmp_path, **kwargs)
     latest = json.loads((tmp_path / "latest.json").read_text())
     assert latest["epoch"] == 3 and all((tmp_path / f"epoch{e}.safetensors").is_file() for e in (1, 2, 3))
@@ -132,8 +133,8 @@ def test_warmup_cosine() -> None:
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"masks": {"nope": torch.ones(1, dtype=torch.bool)}}, "nope"),
-        ({"masks": {"fc1": torch.ones(3, 3, dtype=torch.bool)}}, "fc1"),
+        ({"plan": {"nope": torch.ones(1, dtype=torch.bool)}}, "nope"),
+        ({"plan": {"fc1": torch.ones(3, 3, dtype=torch.bool)}}, "fc1"),
         ({"label_weight": 1.5}, "label_weight"),
         ({"amp": "fp16"}, "CUDA"),
         ({"batch_size": 16, "epochs": 0}, "epochs"),
@@ -165,7 +166,7 @@ def test_mixed_precision_on_cuda() -> None:
     teacher, student, masks, x, y = setup()
     teacher, student = teacher.cuda(), student.cuda()
     for amp in ("bf16", "fp16"):
-        ks.finetune(student, teacher, (x.cuda(), y.cuda()), epochs=1, masks=masks, amp=amp, progress=False)
+        ks.finetune(student, teacher, (x.cuda(), y.cuda()), epochs=1, plan=masks, amp=amp, progress=False)
         for name, mask in masks.items():
             assert torch.all(student.get_submodule(name).weight[~mask.cuda()] == 0), (amp, name)
 

@@ -41,7 +41,7 @@ def _check_permuted(model: nn.Module, x: torch.Tensor, **kwargs) -> apply_mod.Pe
     before = copy.deepcopy(model)
     with torch.no_grad():
         want = model(x)
-    report = permute(model, "2:4", **kwargs)
+    report = permute(model, "2:4", inplace=True, **kwargs)
     with torch.no_grad():
         got = model(x)
     assert (got - want).abs().max().item() <= 1e-5
@@ -191,7 +191,7 @@ def test_a_misjudged_coupling_is_caught_and_undone(monkeypatch: pytest.MonkeyPat
 
     monkeypatch.setattr(apply_mod, "apply_permutation", consumers_only)
     with pytest.raises(RuntimeError, match="restored"):
-        permute(model, "2:4", calib=[torch.randn(2, 1, 8, 8)], max_iters=0, time_budget_s=0.0)
+        permute(model, "2:4", calib=[torch.randn(2, 1, 8, 8)], inplace=True, max_iters=0, time_budget_s=0.0)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
 
 

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.models
 def _reached(model: nn.Module, x: torch.Tensor) -> tuple[float, object]:
     """Permute in place (output checked by permute's calib); the fraction of 2:4 layers reached."""
     layers, _ = pattern_layers(model, Pattern.parse("2:4"))
-    report = permute(model.eval(), "2:4", calib=[x], max_iters=0, time_budget_s=0.0)
+    report = permute(model.eval(), "2:4", calib=[x], inplace=True, max_iters=0, time_budget_s=0.0)
     reached = {c for g in report.permuted for c in g.consumers} & set(layers)
     return len(reached) / len(layers), report
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch import nn
 
+import knsparse as ks
 from knsparse.core.masks import is_nm
 from knsparse.models import resnet_tiny_digits, vit_tiny_digits
 from knsparse.pruning.prune import prune
@@ -71,10 +72,12 @@ def same(a, b):
         (dict(method="hybrid", sparsity=0.6, switchh=0.5), "unknown option"),
         (dict(method="magnitude", sparsity=0.5, permute=True), "k:n pattern"),
         (dict(method="magnitude", pattern="2:4", repair="asr"), "needs a calibration set"),
-        (dict(method="magnitude", pattern="2:4", repair="magic", calib="ok"), "unknown repair"),
+        (dict(method="magnitude", pattern="2:4", repair="magic", calib="ok"), "repair must be one of"),
         (dict(method="magnitude", pattern="2:4", conv_order="srs"), "conv_order"),
         (dict(method="cast", pattern="2:4", calib="one-shot"), "one-shot"),
-        (dict(method="magnitude", pattern="2:4", lipschitz={"fc9": 2.0}), "unknown layers"),
+        (dict(method="magnitude", pattern="2:4", lipschitz={"fc9": 2.0}, calib="ok"), "unknown layers"),
+        (dict(method="magnitude", pattern="2:4", lipschitz={"fc1": 2.0}), "needs a calibration set"),
+        (dict(method="magnitude", keep_dense=["fc7*"]), "matches no prunable layer"),
     ],
 )
 def test_bad_requests_raise_before_touching_the_model(net, calib, kwargs, match):
@@ -135,16 +138,23 @@ def test_unstructured_prune_meets_the_global_target(net, calib, method, options,
     assert abs(result.overall_sparsity() - target) < 1e-3
 
 
-def test_report_has_mp_fit_and_certificate(net, calib):
-    result = prune(net, "cast-conv", "2:4", calib=calib, progress=False, lam1=0.0, lam2=0.0)
+def test_report_has_mp_fit_and_certificate_when_asked(net, calib):
+    asked = ks.DiagnosticsConfig(spectra=True, certificate=True, lam1=0.0, lam2=0.0)
+    result = prune(net, "cast-conv", "2:4", calib=calib, progress=False, diagnostics=asked)
     for row in result.report:
         assert row.mp.sigma2 > 0 and 0 <= row.mp.bulk_fraction <= 1
         assert row.data_path_budget > 0 and row.l1_term == 0 and row.l2_term == 0
         assert row.certified is False
     payload = json.loads(result.to_json())
     assert payload["layers"][0]["mp"]["num_spikes"] >= 0
-    no_calib = prune(net, "magnitude", "2:4", progress=False)
-    assert all(r.data_path_budget is None and r.certified is None for r in no_calib.report)
+    assert payload["recipe"]["diagnostics"]["certificate"] is True
+    # Not asked: neither is computed, with or without a calibration set.
+    for plain in (
+        prune(net, "magnitude", "2:4", progress=False),
+        prune(net, "cast-conv", "2:4", calib=calib, progress=False),
+    ):
+        assert all(r.mp is None and r.data_path_budget is None and r.certified is None for r in plain.report)
+        assert "-" in plain.table().splitlines()[2]
 
 
 def test_certificate_matches_its_definition_on_a_token_mlp():

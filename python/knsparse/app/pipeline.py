@@ -17,7 +17,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from ..core.pattern import Pattern
+from ..pruning.config import PruneConfig
 from ..pruning.finetune import finetune
 from ..pruning.prune import PruneResult, prune
 from ..sparse.modules import SwapReport, swap_modules
@@ -59,13 +59,10 @@ class PruneOutcome:
 
 def prune_and_swap(
     model: nn.Module,
-    pattern: str | Pattern = "2:4",
+    config: PruneConfig,
     data: DigitsSplit | None = None,
     repair_epochs: int = 0,
     repair_lr: float = 5e-4,
-    method: str = "magnitude",
-    permute: bool = False,
-    repair: str | None = None,
     include: Iterable[str] | None = None,
     exclude: Iterable[str] | None = None,
     backend: str = "auto",
@@ -73,24 +70,21 @@ def prune_and_swap(
     progress: bool = True,
     calib: object = None,
     evaluator: Callable[[nn.Module], float] | None = None,
-    method_options: dict[str, object] | None = None,
 ) -> PruneOutcome:
     """Prune ``model`` in place and swap its prunable layers to sparse modules.
 
     Args:
         model: the model (changed in place).
-        pattern: the k:n pattern.
+        config: what :func:`knsparse.prune` does (a k:n pattern: the layers are swapped).
         data: the digits split; with it, test accuracy is recorded after every step, its
-            training images are the calibration set of ``method`` / ``permute`` / ``repair``,
-            and ``repair_epochs`` of masked fine-tuning run on them.
-        method, permute, repair: as in :func:`knsparse.pruning.prune.prune` (``"cast"`` and
-            ``repair`` need ``data`` for calibration).
+            training images are the calibration set of the config's method, permutation and
+            repair, and ``repair_epochs`` of masked fine-tuning run on them.
         include, exclude: glob patterns over layer names, as in :func:`knsparse.swap_modules`.
         calib, evaluator: without ``data``, the calibration batches (a user's images) and a
             function giving the model's accuracy (top-1 on a user's validation folder).
-        method_options: passed to ``method`` (e.g. ``{"reconstruct": False}`` for CAST).
     """
-    pattern = Pattern.parse(pattern)
+    if config.pattern is None:
+        raise ValueError("prune_and_swap swaps k:n sparse modules in: the config needs a k:n pattern")
     if repair_epochs and data is None:
         raise ValueError("repair by fine-tuning needs the training data")
     if data is not None:
@@ -98,19 +92,11 @@ def prune_and_swap(
         evaluator = partial(_test_accuracy, data=data)
     accuracy_dense = evaluator(model) if evaluator is not None else None
     teacher = copy.deepcopy(model) if repair_epochs else None
-    result = prune(
-        model,
-        method,
-        pattern,
-        calib=calib,
-        permute=permute,
-        repair=repair,
-        inplace=True,
-        progress=progress,
-        **(method_options or {}),
-    )
+    result = prune(model, config, calib=calib, inplace=True, progress=progress)
     masks = result.masks
-    outcome = PruneOutcome(method, str(pattern), masks, SwapReport(), result.skipped, repair_epochs, result)
+    outcome = PruneOutcome(
+        result.method, result.pattern, masks, SwapReport(), result.skipped, repair_epochs, result
+    )
     outcome.accuracy_dense = accuracy_dense
     if evaluator is not None:
         outcome.accuracy_pruned = evaluator(model)
@@ -120,7 +106,7 @@ def prune_and_swap(
             teacher,
             (data.x_train, data.y_train),
             repair_epochs,
-            masks=masks,
+            plan=result.plan,
             lr=repair_lr,
             label_weight=REPAIR_LABEL_WEIGHT,
             seed=seed,

@@ -28,6 +28,7 @@ from ..deploy.export import check, export_onnx
 from ..deploy.macs import MacReport, macs
 from ..integrations import families
 from ..models import resnet50, vit_base_patch16_224
+from ..pruning.config import PruneConfig
 from ..pruning.methods.magnitude import magnitude_masks
 from ..pruning.spectral import LayerSpectrum, diagnose
 from ..sparse.modules import sparse_layers
@@ -137,17 +138,8 @@ def _digits_section(
     data = load_digits_split(seed)
     model = pretrained(name, seed=seed, progress=progress)
     spectra = diagnose(model, directory / "mp" / name, progress=progress)
-    outcome = prune_and_swap(
-        model,
-        pattern,
-        data,
-        REPAIR_EPOCHS[name],
-        method=DEMO_METHOD[name],
-        permute=True,
-        repair="asr",
-        seed=seed,
-        progress=progress,
-    )
+    config = PruneConfig(DEMO_METHOD[name], pattern, permute=True, repair="asr")
+    outcome = prune_and_swap(model, config, data, REPAIR_EPOCHS[name], seed=seed, progress=progress)
     exported = export_onnx(model, data.x_test[:8], directory / "onnx" / f"{name}.onnx")
     weights = [c for c in check(exported.path) if c.consumer is not None]
     onnx_info = {
@@ -176,7 +168,7 @@ def _gpu_audit(name: str, pattern: Pattern, batch_sizes: Sequence[int], director
         (3, 224, 224),
         batch_sizes,
         torch.float16,
-        masks=masks,
+        plan=masks,
         pattern=pattern,
         checkpoint=f"{name} (random weights)",
         progress=progress,

@@ -25,7 +25,7 @@ from .torch_semi import CUSPARSELT, CUTLASS
 
 REFERENCE = ReferenceBackend()
 _REGISTRY: dict[str, Backend] = {b.name: b for b in (REFERENCE, CUSPARSELT, CUTLASS, KNSPARSE_CUDA)}
-_AUTO_ORDER_CUDA = ("torch-cusparselt", "torch-cutlass", "knsparse-cuda")
+_auto_order_cuda = ["torch-cusparselt", "torch-cutlass", "knsparse-cuda"]
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,31 @@ class BackendStatus:
 
     def __str__(self) -> str:
         return f"{self.name}: {'available' if self.available else 'unavailable'} ({self.reason})"
+
+
+def register_backend(
+    backend: Backend | type[Backend], *, auto: bool = False, replace: bool = False
+) -> Backend | type[Backend]:
+    """Add an execution backend (an instance of a :class:`Backend` subclass, or the subclass,
+    built with no arguments) under its ``name``: ``swap_modules(..., backend=name)``,
+    ``load_sparse`` and the audit can then use it. ``auto=True`` also makes it a candidate of
+    ``backend="auto"`` on CUDA (after the built-in ones; the micro-benchmark picks among them).
+    A name already registered is a ``ValueError`` unless ``replace=True``. Usable as a class
+    decorator (``@register_backend``); returns what it was given."""
+    instance = backend() if isinstance(backend, type) and issubclass(backend, Backend) else backend
+    if not isinstance(instance, Backend):
+        raise TypeError(
+            f"register_backend takes a knsparse Backend (or subclass), got {type(backend).__name__}"
+        )
+    name = instance.name
+    if not isinstance(name, str) or not name or name == "auto":
+        raise ValueError(f"a backend needs a name other than 'auto', got {name!r}")
+    if name in _REGISTRY and not replace:
+        raise ValueError(f"backend {name!r} is already registered (pass replace=True to override)")
+    _REGISTRY[name] = instance
+    if auto and name not in _auto_order_cuda:
+        _auto_order_cuda.append(name)
+    return backend
 
 
 def names() -> list[str]:
@@ -81,7 +106,7 @@ def resolve(requested: str, spec: LinearSpec | ConvSpec) -> tuple[Backend | None
     if spec.device.type != "cuda":
         return REFERENCE, f"{spec.device.type} device: reference backend (no sparse tensor cores)"
     candidates, reasons = [], []
-    for name in _AUTO_ORDER_CUDA:
+    for name in _auto_order_cuda:
         backend = _REGISTRY[name]
         reason = backend.unavailable_reason() or _unsupported(backend, spec)
         if reason is None:
@@ -107,5 +132,6 @@ __all__ = [
     "available",
     "get",
     "names",
+    "register_backend",
     "resolve",
 ]

@@ -16,7 +16,6 @@ import json
 import math
 import os
 import statistics
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import torch
 
 from ..core.masks import nm_mask
 from ..utils.cache import cache_dir
+from ..utils.timing import seconds_per_call
 from .base import Backend, ConvSpec, LinearSpec
 
 Spec = LinearSpec | ConvSpec
@@ -88,23 +88,9 @@ def measure(backend: Backend, spec: Spec) -> float:
         def call() -> torch.Tensor:
             return backend.conv2d(x, operand, None, spec)
 
-    cuda = spec.device.type == "cuda"
     for _ in range(WARMUP):
         call()
-    times = []
-    for _ in range(REPEATS):
-        if cuda:
-            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            call()
-            stop.record()
-            stop.synchronize()
-            times.append(start.elapsed_time(stop) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            call()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return statistics.median(seconds_per_call(call, spec.device) for _ in range(REPEATS))
 
 
 def _load_disk() -> dict[str, dict[str, float]]:

@@ -91,15 +91,16 @@ class KnsparseCudaBackend(Backend):
         padding = _padding(spec)
         if isinstance(padding, str):
             return padding
+        if spec.pattern.conv_order != "rsc" and spec.kernel_size != (1, 1):
+            return (
+                f"conv order {spec.pattern.conv_order!r}: the im2col GEMM reduces in (R,S,C) order, so a "
+                f"{spec.kernel_size[0]}x{spec.kernel_size[1]} conv needs 2:4 groups in 'rsc' order"
+            )
         return self._unsupported(spec.pattern, spec.dtype, spec.device)
 
     def prepare_conv(self, dense_weight: torch.Tensor) -> SparseOperand:
-        try:
-            return self._prepare(to_reduction_view(dense_weight, "rsc"))
-        except ValueError as exc:
-            raise ValueError(
-                f"knsparse-cuda needs conv weights that are 2:4 in (R,S,C) order (conv_order='rsc'): {exc}"
-            ) from exc
+        """The operand of a weight :meth:`conv_unsupported_reason` accepted (2:4 in (R,S,C) order)."""
+        return self._prepare(to_reduction_view(dense_weight, "rsc"))
 
     def conv2d(
         self, x: torch.Tensor, operand: object, bias: torch.Tensor | None, spec: ConvSpec

@@ -7,6 +7,11 @@ an unknown model or layer) prints one line and exits with status 2, without a tr
 Under ``torchrun --nproc-per-node N --no-python knsparse ...`` ``prune`` and ``finetune`` run on every
 process (calibration and training split over them, rank 0 writes and prints); the other
 commands run on rank 0 alone.
+
+Plugins: every entry point of the group ``knsparse.plugins`` (a package's ``pyproject.toml``:
+``[project.entry-points."knsparse.plugins"] mine = "mypkg.knsparse_plugin"``) is imported first,
+so the methods, backends and families it registers (``ks.register_method``,
+``ks.register_backend``, ``ks.register_family``) are choices of every command.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from importlib.metadata import entry_points
 
 import torch
 
@@ -25,6 +31,24 @@ from .args import Parser
 
 COMMANDS = (prune, finetune, inspect, export, audit, demo)
 """One module a command, each with ``add_parser(subparsers)`` and ``run(args) -> exit status``."""
+
+
+PLUGIN_GROUP = "knsparse.plugins"
+
+
+def load_plugins() -> list[str]:
+    """Import every ``knsparse.plugins`` entry point (once per process); returns their names.
+    A plugin that fails to import is a ``UserError`` naming it."""
+    loaded = []
+    for ep in entry_points(group=PLUGIN_GROUP):
+        try:
+            ep.load()
+        except Exception as exc:  # any failure of someone else's code: name the plugin
+            raise UserError(
+                f"plugin {ep.name!r} ({ep.value}) failed to load: {type(exc).__name__}: {exc}"
+            ) from exc
+        loaded.append(ep.name)
+    return loaded
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,6 +71,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from ..backends import BackendUnavailableError
     from ..deploy.export import ParityError
 
+    try:
+        load_plugins()
+    except UserError as err:
+        print(f"knsparse: error: {err}", file=sys.stderr)
+        return 2
     args = build_parser().parse_args(argv)
     if distributed.launched() and not getattr(args, "distributed", False):
         if int(os.environ["RANK"]) != 0:

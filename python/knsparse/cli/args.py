@@ -9,8 +9,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
-import torch
-
 from ..app.registry import MODELS_HELP, UserError
 from ..core.checks import check_number
 from ..core.pattern import Pattern
@@ -106,9 +104,6 @@ def writable_folder(path: str, flag: str = "--out") -> Path:
         raise UserError(f"{flag} {out} is an existing file; give a folder")
     _creatable(out, flag)
     return out
-
-
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 def model_args(p: argparse.ArgumentParser, required: bool = True) -> None:

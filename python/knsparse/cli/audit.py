@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from torch import nn
-
 from ..app.registry import load_model
-from .args import DTYPES, at_least, batch_sizes_arg, model_args, pattern_arg, quiet_arg, writable_folder
+from ..core.checks import FLOAT_DTYPES
+from .args import at_least, batch_sizes_arg, model_args, pattern_arg, quiet_arg, writable_folder
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..core.masks import is_nm
+    from ..core.layers import masks_from_zeros
     from ..deploy.audit import audit
     from ..pruning.methods.magnitude import magnitude_masks
     from ..sparse.modules import sparse_layers
@@ -19,22 +18,17 @@ def run(args: argparse.Namespace) -> int:
     writable_folder(args.out)
     loaded = load_model(args.model, args.weights, args.seed)
     masks = None
-    pruned = any(
-        bool((m.weight == 0).any()) and is_nm(m.weight, args.pattern)
-        for m in loaded.model.modules()
-        if isinstance(m, (nn.Linear, nn.Conv2d))
-    )
-    if not sparse_layers(loaded.model) and not pruned:
+    if not sparse_layers(loaded.model) and not masks_from_zeros(loaded.model, args.pattern):
         masks, _ = magnitude_masks(loaded.model, args.pattern)
         print(f"{args.model} has no sparse layers: auditing {args.pattern} magnitude masks of its weights")
     result = audit(
         loaded.model,
         loaded.input_shape,
         args.batch_sizes,
-        DTYPES[args.dtype],
+        FLOAT_DTYPES[args.dtype],
         args.backend,
         args.tome_r,
-        masks=masks,
+        plan=masks,
         pattern=args.pattern,
         checkpoint=args.model,
         repeats=args.repeats,
@@ -66,7 +60,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--dtype",
-        choices=tuple(DTYPES),
+        choices=tuple(FLOAT_DTYPES),
         default="float16",
         help="CUDA compute dtype (default float16)",
     )

@@ -7,7 +7,9 @@ import argparse
 import torch
 
 from ..app.registry import UserError, load_model
-from .args import DTYPES, at_least, model_args, writable_file
+from ..core.checks import FLOAT_DTYPES
+from ..deploy.export import EXPORTERS
+from .args import at_least, model_args, writable_file
 
 
 def run(args: argparse.Namespace) -> int:
@@ -79,14 +81,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--dtype",
-        choices=tuple(DTYPES),
+        choices=tuple(FLOAT_DTYPES),
         default="float32",
         help="weights and compute of the ONNX file: float16/bfloat16 for TensorRT 11's strongly typed "
         "networks (its fp16 sparse kernels need fp16 weights in the file); default float32",
     )
     p.add_argument(
         "--exporter",
-        choices=("auto", "torchscript", "dynamo"),
+        choices=EXPORTERS,
         default="auto",
         help="torch exporter (default auto: TorchScript, then dynamo)",
     )

@@ -21,6 +21,7 @@ from torch import nn
 
 from ..app.data import load_digits_split
 from ..app.registry import UserError, load_model
+from ..core.pattern import Pattern
 from ..pruning.finetune import FinetuneResult, evaluate, finetune
 from ..sparse.densify import dense_copy
 from ..sparse.fuse import fuse_activations
@@ -63,12 +64,11 @@ def _data(args: argparse.Namespace, digits: bool) -> tuple[TensorData, TensorDat
 
 def _reswap(model: nn.Module, layers: dict[str, nn.Module], result: FinetuneResult) -> None:
     """Swap the layers that were sparse back, each with its pattern, grouping and backend."""
-    by_kind: dict[tuple[str, str, str], list[str]] = {}
+    by_kind: dict[tuple[Pattern, str], list[str]] = {}
     for name, layer in layers.items():
-        by_kind.setdefault((str(layer.pattern), layer.conv_order, layer.backend_request), []).append(name)
-    for (pattern, order, backend), names in by_kind.items():
-        masks = {n: result.masks[n] for n in names}
-        swap_modules(model, masks, pattern=pattern, backend=backend, conv_order=order)
+        by_kind.setdefault((layer.pattern, layer.backend_request), []).append(name)
+    for (pattern, backend), names in by_kind.items():
+        swap_modules(model, {n: result.masks[n] for n in names}, pattern=pattern, backend=backend)
     if any(isinstance(m, SparseLinear) and m.activation != "none" for m in layers.values()):
         fuse_activations(model)
 
@@ -109,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
         teacher,
         train,
         args.epochs,
-        masks={n: layer.mask() for n, layer in swapped.items()} or None,
+        plan={n: layer.mask() for n, layer in swapped.items()} or None,
         val=val,
         batch_size=args.batch_size,
         lr=args.lr,

@@ -9,10 +9,9 @@ from tqdm.auto import tqdm
 
 from ..app.images import ImageFolder, top1
 from ..app.registry import DIGITS_MODELS, UserError, load_model
-from ..core.pattern import Pattern
-from ..pruning.methods import METHODS
 from ..utils import distributed
-from .args import at_least, model_args, pattern_arg, quiet_arg, writable_file
+from .args import at_least, model_args, quiet_arg, writable_file
+from .recipe import config_args, config_from_args, save_recipe
 
 
 def run(args: argparse.Namespace) -> int:
@@ -22,18 +21,22 @@ def run(args: argparse.Namespace) -> int:
     from ..sparse.io import save_sparse
 
     out = writable_file(args.out)
+    if args.save_recipe:
+        writable_file(args.save_recipe, "--save-recipe")
+    config = config_from_args(args)
     images = ImageFolder.scan(args.data) if args.data else None
     val = ImageFolder.scan(args.val, labelled=True) if args.val else None
     digits = args.model in DIGITS_MODELS
-    calibrates = METHODS[args.method].calib != "unused"
     if digits and (images or val):
         raise UserError(
             f"--data / --val are for models that take images; {args.model} uses the bundled digits"
         )
-    if args.no_reconstruct and args.method not in ("cast", "cast-conv"):
-        raise UserError(f"--no-reconstruct is a cast/cast-conv option, not one of --method {args.method}")
-    if not digits and images is None and (args.repair or calibrates):
-        raise UserError(f"--method {args.method} and --repair calibrate on images: give --data DIR")
+    if not digits and images is None and config.needs_calibration:
+        raise UserError(
+            f"method {config.method.name!r}"
+            + (f" and repair {config.repair.method!r}" if config.repair else "")
+            + " calibrate on images: give --data DIR"
+        )
     if not digits and args.repair_epochs:
         raise UserError(
             "--repair-epochs fine-tunes on the bundled digits; fine-tune your own model on your "
@@ -56,24 +59,22 @@ def run(args: argparse.Namespace) -> int:
     evaluator = None if val is None else partial(top1, folder=val, preprocess=loaded.preprocess)
     outcome = prune_and_swap(
         loaded.model,
-        args.pattern,
+        config,
         data,
         args.repair_epochs,
-        method=args.method,
-        permute=args.permute,
-        repair=args.repair,
         include=args.include,
         exclude=args.exclude,
+        backend=args.backend,
         seed=args.seed,
         progress=not args.quiet,
         calib=calib,
         evaluator=evaluator,
-        method_options={"reconstruct": False} if args.no_reconstruct else None,
     )
     fused = fuse_activations(loaded.model) if args.fuse_activations else {}
     if distributed.is_main():
         out.parent.mkdir(parents=True, exist_ok=True)
-        save_sparse(loaded.model, out)
+        save_sparse(loaded.model, out, plan=outcome.prune_result.plan)
+        saved = save_recipe(config, args.save_recipe)
     distributed.barrier()
     print(f"{loaded.description}: {outcome.describe()}")
     if args.fuse_activations:
@@ -89,6 +90,8 @@ def run(args: argparse.Namespace) -> int:
     for name, why in outcome.not_prunable.items():
         print(f"  dense    {name:<32} {why}")
     print(f"wrote {out} (load it with: --model {args.model} --weights {out})")
+    if distributed.is_main() and saved is not None:
+        print(f"wrote {saved} (replay with: knsparse prune --recipe {saved} ...)")
     return 0
 
 
@@ -102,20 +105,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "digits, swap to SparseLinear/SparseConv2d, save.",
     )
     model_args(p)
-    p.add_argument("--pattern", type=pattern_arg, default="2:4", help="k:n pattern (default 2:4)")
-    p.add_argument(
-        "--method",
-        default="magnitude",
-        choices=[name for name, spec in METHODS.items() if spec.accepts(Pattern(2, 4))],
-        help="k:n mask method from the registry (those that calibrate use the digits; default magnitude)",
-    )
-    p.add_argument("--permute", action="store_true", help="permute channels before masking (function kept)")
-    p.add_argument(
-        "--no-reconstruct",
-        action="store_true",
-        help="cast/cast-conv: keep CAST's masks without re-fitting the kept weights (the re-fit needs "
-        "at least K/8 calibration rows per layer)",
-    )
+    config_args(p)
     p.add_argument(
         "--data",
         metavar="DIR",
@@ -136,15 +126,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "before and after pruning",
     )
     p.add_argument(
-        "--repair",
-        choices=["asr", "layerwise", "bn"],
-        help="post-pruning repair on the digits calibration set",
-    )
-    p.add_argument(
         "--repair-epochs",
         type=at_least(0),
         default=0,
         help="masked fine-tuning epochs on the digits (default 0)",
+    )
+    p.add_argument(
+        "--backend",
+        default="auto",
+        help="sparse backend of the swapped layers: auto or a name from knsparse.backends (default auto)",
     )
     p.add_argument(
         "--include", action="append", metavar="GLOB", help="only swap layers matching (repeatable)"

@@ -68,6 +68,14 @@ def check_tensor(
     return t
 
 
+FLOAT_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+"""The floating dtypes knsparse computes and exports in, by name: the one table of them."""
+
+
 def check_module(model: object, arg: str = "model") -> nn.Module:
     """``model`` if it is an ``nn.Module``; else ``TypeError`` naming ``arg``."""
     if not isinstance(model, nn.Module):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .masks import ConvOrder, check_groupable, from_reduction_view, nm_violation, to_reduction_view
+from .masks import check_groupable, from_reduction_view, nm_violation, to_reduction_view
 from .pattern import Pattern
 
 
@@ -30,19 +30,18 @@ def compress_nm(
     weight: torch.Tensor,
     mask: torch.Tensor,
     pattern: Pattern,
-    conv_order: ConvOrder = "rsc",
     name: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(values, slots)`` of ``weight * mask`` for a k:n bool ``mask`` of the weight's shape.
 
     Raises ``ValueError`` naming the layer when the pattern cannot tile the weight or a group of
     the mask keeps more than ``k``."""
-    check_groupable(weight.shape, pattern, conv_order, name)
-    violation = nm_violation(mask, pattern, conv_order)
+    check_groupable(weight.shape, pattern, name)
+    violation = nm_violation(mask, pattern)
     if violation:
         raise ValueError(f"{f'layer {name!r}' if name else 'weight'}: {violation}")
-    w2 = to_reduction_view(weight * mask, conv_order)
-    present = to_reduction_view(mask, conv_order).reshape(w2.shape[0], -1, pattern.n)
+    w2 = to_reduction_view(weight * mask, pattern.conv_order)
+    present = to_reduction_view(mask, pattern.conv_order).reshape(w2.shape[0], -1, pattern.n)
     slots = kept_slots(present, pattern.k)
     values = w2.reshape(present.shape).gather(-1, slots)
     return values.reshape(w2.shape[0], -1).contiguous(), slots.reshape(w2.shape[0], -1).to(torch.uint8)
@@ -53,7 +52,6 @@ def decompress_nm(
     slots: torch.Tensor,
     shape: torch.Size | tuple[int, ...],
     pattern: Pattern,
-    conv_order: ConvOrder = "rsc",
 ) -> torch.Tensor:
     """The dense weight of ``shape`` (zeros at the pruned entries)."""
     rows = values.shape[0]
@@ -61,4 +59,4 @@ def decompress_nm(
         rows, values.shape[1] // pattern.k, pattern.n, dtype=values.dtype, device=values.device
     )
     dense.scatter_(-1, slots.long().reshape(rows, -1, pattern.k), values.reshape(rows, -1, pattern.k))
-    return from_reduction_view(dense.reshape(rows, -1), shape, conv_order)
+    return from_reduction_view(dense.reshape(rows, -1), shape, pattern.conv_order)

@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from .checks import check_module
-from .masks import ConvOrder, check_groupable, nm_violation, to_reduction_view
-from .pattern import Pattern
+from .masks import check_groupable, is_nm, nm_violation, to_reduction_view
+from .pattern import ConvOrder, Pattern
 
 
 def ineligibility(module: nn.Module) -> str | None:
@@ -111,34 +111,29 @@ def prunable_layers(model: nn.Module) -> dict[str, nn.Module]:
     return {name: m for name, m in model.named_modules() if name in reasons and reasons[name] is None}
 
 
-def shape_ineligibility(
-    name: str, module: nn.Module, pattern: Pattern | None, conv_order: ConvOrder = "rsc"
-) -> str | None:
+def shape_ineligibility(name: str, module: nn.Module, pattern: Pattern | None) -> str | None:
     """Why ``module`` cannot carry ``pattern`` (its kind, or a reduction axis the groups cannot
-    tile), or ``None``; with ``pattern=None`` (unstructured masks) only its kind counts. Shapes only."""
+    tile in the pattern's conv order), or ``None``; with ``pattern=None`` (unstructured masks) only
+    its kind counts. Shapes only."""
     reason = ineligibility(module)
     if reason or pattern is None:
         return reason
     try:
-        check_groupable(module.weight.shape, pattern, conv_order, name)
+        check_groupable(module.weight.shape, pattern, name)
     except ValueError as err:
         return str(err)
     return None
 
 
-def swap_ineligibility(
-    name: str, module: nn.Module, mask: torch.Tensor, pattern: Pattern, conv_order: ConvOrder = "rsc"
-) -> str | None:
+def swap_ineligibility(name: str, module: nn.Module, mask: torch.Tensor, pattern: Pattern) -> str | None:
     """Why a sparse module cannot replace ``module`` with ``mask`` (a bool tensor of the weight's
     shape), or ``None``: :func:`shape_ineligibility`, then :func:`mask_ineligibility`."""
-    return shape_ineligibility(name, module, pattern, conv_order) or nm_violation(mask, pattern, conv_order)
+    return shape_ineligibility(name, module, pattern) or nm_violation(mask, pattern)
 
 
-def pattern_layers(
-    model: nn.Module, pattern: Pattern | None, conv_order: ConvOrder = "rsc"
-) -> tuple[dict[str, nn.Module], dict[str, str]]:
+def pattern_layers(model: nn.Module, pattern: Pattern | None) -> tuple[dict[str, nn.Module], dict[str, str]]:
     """The prunable layers whose weight shape can carry ``pattern`` (groups along the reduction
-    axis in ``conv_order``; any prunable layer for ``None``), and ``{name: why not}`` for every
+    axis in the pattern's conv order; any prunable layer for ``None``), and ``{name: why not}`` for every
     other Linear / Conv2d (its kind, its place in the model, its shape)."""
     check_module(model)
     layers: dict[str, nn.Module] = {}
@@ -147,7 +142,7 @@ def pattern_layers(
     for name, module in model.named_modules():
         if name not in reasons:
             continue
-        reason = reasons[name] or shape_ineligibility(name, module, pattern, conv_order)
+        reason = reasons[name] or shape_ineligibility(name, module, pattern)
         if reason:
             skipped[name] = reason
         else:
@@ -159,3 +154,21 @@ def reduction_weight(module: nn.Module, conv_order: ConvOrder = "rsc") -> torch.
     """The layer's weight as ``[out, K]``: Linear ``[out, in]``; Conv2d ``[Cout, R*S*Cin]`` (rsc)
     or ``[Cout, Cin*R*S]`` (crs). Detached; a view where the layout allows."""
     return to_reduction_view(module.weight.detach(), conv_order)
+
+
+def masks_from_zeros(model: nn.Module, pattern: str | Pattern | None = None) -> dict[str, torch.Tensor]:
+    """``{layer: weight != 0}`` read from the zeros of a model pruned and kept as plain weights:
+    with ``pattern``, every ``nn.Linear`` / ``nn.Conv2d`` whose weight holds zeros and is k:n
+    along its reduction axis; without, every prunable layer (:func:`prunable_layers`) holding a
+    zero. The one place knsparse reads masks from zeros; a stage given a plan never does."""
+    check_module(model)
+    if pattern is None:
+        candidates = prunable_layers(model)
+    else:
+        pattern = Pattern.parse(pattern)
+        candidates = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+    return {
+        name: (m.weight != 0).detach()
+        for name, m in candidates.items()
+        if bool((m.weight == 0).any()) and (pattern is None or is_nm(m.weight, pattern))
+    }

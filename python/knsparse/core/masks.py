@@ -1,25 +1,24 @@
 """k:n and unstructured masks.
 
 Layout convention: a Linear weight ``[out, in]`` is grouped along ``in``. A Conv2d weight
-``[Cout, Cin, R, S]`` is grouped by default in (R, S, C) order — ``n`` consecutive *input
-channels* at each kernel position, the TensorRT rule — or with ``conv_order="crs"`` along
-``weight.flatten(1)``. Both are expressed through the *reduction view*: a 2-D ``[rows, K]``
-matrix whose columns run along the GEMM reduction axis in the chosen order.
+``[Cout, Cin, R, S]`` is grouped in the pattern's conv order (:mod:`knsparse.core.pattern`):
+by default (R, S, C) — ``n`` consecutive *input channels* at each kernel position, the TensorRT
+rule — or along ``weight.flatten(1)`` for ``"k:n/crs"``. Both are expressed through the
+*reduction view*: a 2-D ``[rows, K]`` matrix whose columns run along the GEMM reduction axis in
+that order. The public functions here take ``conv_order=`` too, for callers that hold the order
+apart from the pattern; it must agree with the pattern's.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Literal
 
 import torch
 from torch import nn
 
 from .checks import check_module, check_number, check_tensor
-from .pattern import Pattern
-
-ConvOrder = Literal["rsc", "crs"]
+from .pattern import ConvOrder, Pattern, check_conv_order
 
 
 def _label(name: str | None) -> str:
@@ -53,9 +52,8 @@ def to_reduction_view(t: torch.Tensor, conv_order: ConvOrder = "rsc") -> torch.T
     if t.dim() == 4:
         if conv_order == "rsc":
             return t.permute(0, 2, 3, 1).reshape(t.shape[0], -1)
-        if conv_order == "crs":
-            return t.reshape(t.shape[0], -1)
-        raise ValueError(f"conv_order must be 'rsc' or 'crs', got {conv_order!r}")
+        check_conv_order(conv_order)
+        return t.reshape(t.shape[0], -1)
     raise ValueError(f"expected a 2-D Linear or 4-D Conv2d weight, got shape {tuple(t.shape)}")
 
 
@@ -71,14 +69,10 @@ def from_reduction_view(
     return t2d.reshape(shape)
 
 
-def check_groupable(
-    shape: torch.Size | tuple[int, ...],
-    pattern: Pattern,
-    conv_order: ConvOrder = "rsc",
-    name: str | None = None,
-) -> None:
-    """Raise ``ValueError`` naming the shape if ``pattern`` cannot tile the reduction axis."""
-    if len(shape) == 4 and conv_order == "rsc":
+def check_groupable(shape: torch.Size | tuple[int, ...], pattern: Pattern, name: str | None = None) -> None:
+    """Raise ``ValueError`` naming the shape if ``pattern`` cannot tile the reduction axis (in
+    the pattern's conv order)."""
+    if len(shape) == 4 and pattern.conv_order == "rsc":
         cin = shape[1]
         if cin % pattern.n:
             raise ValueError(
@@ -101,31 +95,30 @@ def check_groupable(
         )
 
 
-def check_conv_order(conv_order: object) -> None:
-    """``ValueError`` naming ``conv_order`` unless it is ``"rsc"`` or ``"crs"``."""
-    if conv_order not in ("rsc", "crs"):
-        raise ValueError(f"conv_order must be 'rsc' or 'crs', got {conv_order!r}")
+def _grouped(t: torch.Tensor, pattern: Pattern, name: str | None) -> torch.Tensor:
+    check_groupable(t.shape, pattern, name)
+    return _groups(t, pattern)
 
 
-def _grouped(t: torch.Tensor, pattern: Pattern, conv_order: ConvOrder, name: str | None) -> torch.Tensor:
-    check_conv_order(conv_order)
-    check_groupable(t.shape, pattern, conv_order, name)
-    view = to_reduction_view(t, conv_order)
+def _groups(t: torch.Tensor, pattern: Pattern) -> torch.Tensor:
+    """``[rows, K / n, n]``: ``t``'s reduction view cut into groups (a groupable shape)."""
+    view = to_reduction_view(t, pattern.conv_order)
     return view.reshape(view.shape[0], -1, pattern.n)
 
 
 def nm_mask(
     scores: torch.Tensor,
     pattern: str | Pattern,
-    conv_order: ConvOrder = "rsc",
+    conv_order: ConvOrder | None = None,
     name: str | None = None,
 ) -> torch.Tensor:
     """Keep the ``k`` highest scores in every group of ``n`` along the reduction axis.
 
     Args:
         scores: ``[out, in]`` or ``[Cout, Cin, R, S]``; higher means more important.
-        pattern: a k:n pattern (``"2:4"``, ``"8:16"``, ...).
-        conv_order: grouping of conv weights, ``"rsc"`` (TensorRT) or ``"crs"``.
+        pattern: a k:n pattern (``"2:4"``, ``"8:16"``, ``"2:4/crs"``, ...).
+        conv_order: grouping of conv weights, ``"rsc"`` (TensorRT, the default) or ``"crs"``,
+            for a pattern given without one.
         name: layer name for error messages.
 
     Returns:
@@ -134,46 +127,47 @@ def nm_mask(
     check_tensor(scores, "scores", floating=False, dims=(2, 4))
     if name is not None and not isinstance(name, str):
         raise TypeError(f"name must be a str (the layer name) or None, got {type(name).__name__}")
-    pattern = Pattern.parse(pattern)
+    pattern = Pattern.parse(pattern, conv_order)
     if torch.isnan(scores).any():
         raise ValueError(f"{_label(name)}: scores contain NaN; cannot rank them")
-    groups = _grouped(scores, pattern, conv_order, name)
+    groups = _grouped(scores, pattern, name)
     # A stable descending sort keeps equal scores in index order: lowest index wins ties.
     order = torch.sort(groups, dim=-1, descending=True, stable=True).indices
     mask = torch.zeros(groups.shape, dtype=torch.bool, device=scores.device)
     mask.scatter_(-1, order[..., : pattern.k], True)
-    return from_reduction_view(mask.reshape(groups.shape[0], -1), scores.shape, conv_order)
+    return from_reduction_view(mask.reshape(groups.shape[0], -1), scores.shape, pattern.conv_order)
 
 
-def group_nonzeros(t: torch.Tensor, pattern: str | Pattern, conv_order: ConvOrder = "rsc") -> torch.Tensor:
+def group_nonzeros(
+    t: torch.Tensor, pattern: str | Pattern, conv_order: ConvOrder | None = None
+) -> torch.Tensor:
     """Number of nonzero (or True) entries in every group: ``[rows, K / n]`` int64."""
     check_tensor(t, "t", floating=False)
-    pattern = Pattern.parse(pattern)
-    return (_grouped(t, pattern, conv_order, None) != 0).sum(-1)
+    return (_grouped(t, Pattern.parse(pattern, conv_order), None) != 0).sum(-1)
 
 
-def nm_violation(mask: torch.Tensor, pattern: Pattern, conv_order: ConvOrder = "rsc") -> str | None:
+def nm_violation(mask: torch.Tensor, pattern: Pattern) -> str | None:
     """Why a bool ``mask`` of a groupable shape is not ``pattern`` (groups keeping more than
-    ``k``), or ``None`` when it is."""
-    over = group_nonzeros(mask, pattern, conv_order) > pattern.k
+    ``k``), or ``None`` when it is: the one "is this k:n" check of the package, for masks and
+    for dense weights alike (their zeros)."""
+    over = (_groups(mask, pattern) != 0).sum(-1) > pattern.k
     if over.any():
         return f"mask is not {pattern}: {int(over.sum())} of {over.numel()} groups keep more than {pattern.k}"
     return None
 
 
-def is_nm(t: torch.Tensor, pattern: str | Pattern, conv_order: ConvOrder = "rsc") -> bool:
+def is_nm(t: torch.Tensor, pattern: str | Pattern, conv_order: ConvOrder | None = None) -> bool:
     """True if every group of ``n`` holds at most ``k`` nonzeros (a bool mask: at most ``k`` True).
 
     A shape the pattern cannot tile is not k:n and gives False.
     """
     check_tensor(t, "t", floating=False)
-    check_conv_order(conv_order)
-    pattern = Pattern.parse(pattern)
+    pattern = Pattern.parse(pattern, conv_order)
     try:
-        counts = group_nonzeros(t, pattern, conv_order)
+        check_groupable(t.shape, pattern)
     except ValueError:
         return False
-    return bool((counts <= pattern.k).all())
+    return nm_violation(t, pattern) is None
 
 
 def _check_sparsity(sparsity: float, min_keep_row: int) -> None:

@@ -17,10 +17,9 @@ from typing import Any
 
 import torch
 
-from .masks import ConvOrder, bool_masks
-from .pattern import Pattern
+from .masks import bool_masks
+from .pattern import ConvOrder, Pattern
 
-CONV_ORDERS = ("rsc", "crs")
 MEMBER_ROLES = ("consumer", "producer", "channelwise", "parameter")
 
 
@@ -74,35 +73,65 @@ def permutations_from_json(records: Sequence[Mapping[str, Any]]) -> tuple[Channe
 
 @dataclass(frozen=True)
 class SparsityPlan:
-    """A k:n plan for a model.
+    """A k:n plan for a model: everything a later stage needs, read whole.
 
     Attributes:
-        pattern: the k:n pattern every mask follows.
+        pattern: the k:n pattern every mask follows, with the conv order its groups run in
+            (``pattern.conv_order``: ``"rsc"``, TensorRT's, or ``"crs"``).
         masks: read-only ``{module name: bool mask}``, each in its weight's shape.
-        conv_order: how conv weights are grouped, ``"rsc"`` (TensorRT) or ``"crs"``.
         permutation: the channel permutations :func:`knsparse.prune` applied before choosing the
             masks (already applied to the model it returned), one per permuted coupling group;
             empty when none was.
+        recipe: the prune configuration that made the plan (``PruneConfig.to_dict()``), so a
+            result can be replayed; ``None`` for a plan built from a mask dict.
     """
 
     pattern: Pattern
     masks: Mapping[str, torch.Tensor]
-    conv_order: ConvOrder = "rsc"
     permutation: tuple[ChannelPermutation, ...] = ()
+    recipe: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.pattern, Pattern):
             raise TypeError(f"pattern must be a knsparse.Pattern, got {type(self.pattern).__name__}")
-        if self.conv_order not in CONV_ORDERS:
-            raise ValueError(f"conv_order must be 'rsc' or 'crs', got {self.conv_order!r}")
         object.__setattr__(self, "masks", MappingProxyType(bool_masks(self.masks)))
         permutation = tuple(self.permutation)
         if not all(isinstance(p, ChannelPermutation) for p in permutation):
             raise TypeError("permutation must be a sequence of knsparse.core.plan.ChannelPermutation")
         object.__setattr__(self, "permutation", permutation)
+        if self.recipe is not None:
+            if not isinstance(self.recipe, Mapping):
+                raise TypeError(
+                    f"recipe must be a mapping (a config's to_dict()), got {type(self.recipe).__name__}"
+                )
+            object.__setattr__(self, "recipe", MappingProxyType(dict(self.recipe)))
+
+    @property
+    def conv_order(self) -> ConvOrder:
+        """How conv weights are grouped (the pattern's conv order)."""
+        return self.pattern.conv_order
 
     def __len__(self) -> int:
         return len(self.masks)
+
+    def metadata(self) -> dict[str, Any]:
+        """What travels with an exported or saved model (JSON-ready; the masks travel as the
+        weights' zeros): pattern, conv order, permutation and recipe."""
+        return {
+            "pattern": str(self.pattern),
+            "conv_order": self.pattern.conv_order,
+            "layers": sorted(self.masks),
+            "permutation": [p.to_dict() for p in self.permutation],
+            "recipe": None if self.recipe is None else dict(self.recipe),
+        }
+
+
+def plan_masks(plan: SparsityPlan | Mapping[str, torch.Tensor] | Any) -> dict[str, torch.Tensor]:
+    """The bool masks of a plan (or of anything with a ``plan``), or of a ``{layer: mask}`` dict
+    checked as :func:`~knsparse.core.masks.bool_masks` does: for the stages that need the masks
+    and no pattern (fine-tuning holds any mask fixed)."""
+    plan = getattr(plan, "plan", plan)
+    return dict(plan.masks) if isinstance(plan, SparsityPlan) else bool_masks(plan)
 
 
 def as_plan(
@@ -111,12 +140,13 @@ def as_plan(
     conv_order: ConvOrder | None = None,
 ) -> SparsityPlan:
     """The plan a stage works from: ``masks`` as given (a :class:`SparsityPlan`, or anything
-    with a ``plan`` attribute such as :class:`knsparse.pruning.prune.PruneResult`), or a plan built from a
-    ``{layer: mask}`` dict with ``pattern`` (default ``"2:4"``) and ``conv_order`` (default
-    ``"rsc"``). A ``pattern`` / ``conv_order`` that contradicts a given plan is a ``ValueError``."""
+    with a ``plan`` attribute such as :class:`knsparse.pruning.prune.PruneResult`), or a plan
+    built from a ``{layer: mask}`` dict with ``pattern`` (default ``"2:4"``) and ``conv_order``
+    (default ``"rsc"``, or the pattern's). A ``pattern`` / ``conv_order`` that contradicts a
+    given plan is a ``ValueError``: the plan's own are what every stage reads."""
     plan = getattr(masks, "plan", masks)
     if isinstance(plan, SparsityPlan):
-        if pattern is not None and Pattern.parse(pattern) != plan.pattern:
+        if pattern is not None and Pattern.parse(pattern, conv_order).kn != plan.pattern.kn:
             raise ValueError(f"pattern {str(pattern)!r} contradicts the plan's pattern {plan.pattern}")
         if conv_order is not None and conv_order != plan.conv_order:
             raise ValueError(
@@ -128,4 +158,4 @@ def as_plan(
             "expected a SparsityPlan or a {layer: mask} dict, got None "
             "(an unstructured prune has no k:n plan)"
         )
-    return SparsityPlan(Pattern.parse(pattern if pattern is not None else "2:4"), plan, conv_order or "rsc")
+    return SparsityPlan(Pattern.parse(pattern if pattern is not None else "2:4", conv_order), plan)

@@ -18,7 +18,6 @@ import copy
 import json
 import math
 import statistics
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,13 +36,16 @@ from ..core.checks import (
     check_module,
     check_number,
 )
-from ..core.masks import apply_masks, is_nm
+from ..core.layers import masks_from_zeros
+from ..core.masks import apply_masks
 from ..core.pattern import Pattern
 from ..core.plan import SparsityPlan, as_plan
 from ..sparse.densify import dense_copy
 from ..sparse.fuse import fuse_activations as fuse_mlp_activations
 from ..sparse.modules import sparse_layers, swap_modules
 from ..utils.provenance import environment
+from ..utils.renamed import renamed
+from ..utils.timing import seconds_per_call
 from . import tome
 
 CPU_NOTE = (
@@ -196,33 +198,29 @@ def plot_speedup(results: Sequence[AuditResult], path: str | Path) -> Path:
 # ---------------------------------------------------------------------------- building
 
 
-def _masks_and_pattern(
-    model: nn.Module, masks: SparsityPlan | Mapping[str, torch.Tensor] | None, pattern: str | Pattern | None
-) -> tuple[dict[str, torch.Tensor], Pattern]:
-    """The masks to swap with: given, from the model's sparse layers, or from k:n zeros in its weights."""
+def _plan_of(
+    model: nn.Module, plan: SparsityPlan | Mapping[str, torch.Tensor] | None, pattern: str | Pattern | None
+) -> SparsityPlan:
+    """The plan to swap with, read whole: given, from the model's sparse layers, or from k:n
+    zeros in its weights (:func:`knsparse.core.layers.masks_from_zeros`)."""
     swapped = sparse_layers(model)
-    if masks is not None:
-        plan = as_plan(masks, pattern)
-        return dict(plan.masks), plan.pattern
+    if plan is not None:
+        return as_plan(plan, pattern)
     if swapped:
         patterns = {layer.pattern for layer in swapped.values()}
         if len(patterns) > 1:
             raise ValueError(
                 f"the model mixes sparse patterns {sorted(map(str, patterns))}; audit one pattern at a time"
             )
-        return {n: layer.mask() for n, layer in swapped.items()}, patterns.pop()
+        return SparsityPlan(patterns.pop(), {n: layer.mask() for n, layer in swapped.items()})
     found = Pattern.parse("2:4" if pattern is None else pattern)
-    inferred = {
-        n: m.weight != 0
-        for n, m in model.named_modules()
-        if isinstance(m, (nn.Linear, nn.Conv2d)) and bool((m.weight == 0).any()) and is_nm(m.weight, found)
-    }
+    inferred = masks_from_zeros(model, found)
     if not inferred:
         raise ValueError(
             f"nothing to audit: the model has no sparse layers, no masks were given and no layer's "
             f"weights are {found} sparse"
         )
-    return inferred, found
+    return SparsityPlan(found, inferred)
 
 
 def _check_identical(dense: nn.Module, sparse: nn.Module) -> None:
@@ -253,30 +251,6 @@ def _layer_statuses(dense: nn.Module, masks: Mapping[str, torch.Tensor], report)
 
 
 # ----------------------------------------------------------------------------- timing
-
-
-def _timer(device: torch.device) -> Callable[[Callable[[], object], int], float]:
-    """``time(fn, inner)`` → seconds per call of ``fn``, averaged over ``inner`` calls."""
-    if device.type == "cuda":
-
-        def time_cuda(fn: Callable[[], object], inner: int) -> float:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(inner):
-                fn()
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end) / 1e3 / inner
-
-        return time_cuda
-
-    def time_cpu(fn: Callable[[], object], inner: int) -> float:
-        t0 = time.perf_counter()
-        for _ in range(inner):
-            fn()
-        return (time.perf_counter() - t0) / inner
-
-    return time_cpu
 
 
 def _runner(
@@ -317,7 +291,9 @@ def _measure_batch(
     repeats: int,
     min_time_s: float,
 ) -> tuple[Spread, Spread, Spread, str]:
-    timer = _timer(x.device)
+    def timer(fn: Callable[[], object], inner: int) -> float:
+        return seconds_per_call(fn, x.device, inner)
+
     run_dense, how_dense = _runner(dense, x, use_graph, warmup)
     run_sparse, how_sparse = _runner(sparse, x, use_graph, warmup)
     inner = max(1, min(1000, math.ceil(min_time_s / max(timer(run_dense, 1), 1e-9))))
@@ -350,14 +326,15 @@ def _status(speedup: Spread, device: torch.device) -> str:
     return "no clear difference"
 
 
+@renamed(masks="plan", backends="backend")
 def audit(
     model: nn.Module,
     input_shape: Sequence[int],
     batch_sizes: Sequence[int] = (1, 8, 32, 64, 128),
     dtype: torch.dtype = torch.float16,
-    backends: str = "auto",
+    backend: str = "auto",
     tome_r: int | Sequence[int] = 0,
-    masks: SparsityPlan | Mapping[str, torch.Tensor] | None = None,
+    plan: SparsityPlan | Mapping[str, torch.Tensor] | None = None,
     pattern: str | Pattern | None = None,
     checkpoint: str | None = None,
     device: torch.device | str | None = None,
@@ -371,15 +348,16 @@ def audit(
     """Dense vs sparse throughput of the same weights at every batch size.
 
     Args:
-        model: a swapped model (SparseLinear/SparseConv2d inside), a dense model with
-            ``masks``, or a model whose weights already hold k:n zeros. Left untouched.
+        model: a swapped model (SparseLinear/SparseConv2d inside), a dense model with a
+            ``plan``, or a model whose weights already hold k:n zeros. Left untouched.
         input_shape: ``(C, H, W)``, or ``(B, C, H, W)`` whose ``B`` is ignored.
         batch_sizes: batch sizes to time.
         dtype: compute dtype on CUDA (sparse tensor cores need fp16/bf16); CPU runs float32.
-        backends: ``"auto"`` or a backend name for the sparse copy (see ``knsparse.backends``).
+        backend: ``"auto"`` or a backend name for the sparse copy (see ``knsparse.backends``).
         tome_r: token merges per block, applied to both copies.
-        masks: a :class:`~knsparse.core.plan.SparsityPlan` (``prune(...).plan``) or ``{layer: bool mask}``
-            for a dense model; ``pattern`` (for a dict) defaults to ``"2:4"``.
+        plan: a :class:`~knsparse.core.plan.SparsityPlan` (``prune(...).plan``, read whole: its
+            pattern and conv order) or ``{layer: bool mask}`` for a dense model; ``pattern``
+            (for a dict) defaults to ``"2:4"``.
         checkpoint: the name shown in the table (default: the model's class name).
         device: default CUDA when available, else CPU.
         cuda_graphs: replay CUDA graphs on GPU where capture works (else eager).
@@ -402,7 +380,7 @@ def audit(
         raise ValueError("batch_sizes is empty")
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
-    check_choice(backends, "backends", ("auto", *backend_names()))
+    check_choice(backend, "backend", ("auto", *backend_names()))
     tome.merge_schedule(model, tome_r, "tome_r")
     if checkpoint is not None and not isinstance(checkpoint, str):
         raise TypeError(f"checkpoint must be a str (the name shown), got {type(checkpoint).__name__}")
@@ -423,12 +401,12 @@ def audit(
     repeats = repeats if repeats is not None else (20 if on_cuda else 5)
     min_time_s = min_time_s if min_time_s is not None else 0.05
 
-    layer_masks, found_pattern = _masks_and_pattern(model, masks, pattern)
+    plan = _plan_of(model, plan, pattern)
     dense = dense_copy(model).eval()
-    apply_masks(dense, layer_masks)
+    apply_masks(dense, plan.masks)
     dense = dense.to(device, run_dtype)
     sparse = copy.deepcopy(dense)
-    report = swap_modules(sparse, layer_masks, pattern=found_pattern, backend=backends)
+    report = swap_modules(sparse, plan, backend=backend)
     _check_identical(dense, sparse)
     if not report.swapped:
         notes.append("no layer was swapped: both copies run dense (see the layer table for why).")
@@ -468,10 +446,10 @@ def audit(
         checkpoint=name,
         device=env["device"],
         dtype=str(run_dtype).removeprefix("torch."),
-        pattern=str(found_pattern),
+        pattern=str(plan.pattern),
         merges_per_block=tome.merges_per_block(dense),
         rows=rows,
-        layers=_layer_statuses(dense, layer_masks, report),
+        layers=_layer_statuses(dense, plan.masks, report),
         max_abs_diff=max_diff,
         environment=env,
         notes=notes,

@@ -24,8 +24,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..core.checks import check_choice, check_flag, check_module, check_number, check_path, check_tensor
-from ..core.masks import apply_masks, is_nm
+from ..core.checks import (
+    FLOAT_DTYPES,
+    check_choice,
+    check_flag,
+    check_module,
+    check_number,
+    check_path,
+    check_tensor,
+)
+from ..core.masks import apply_masks
 from ..core.plan import SparsityPlan, as_plan
 from ..sparse.densify import dense_copy
 from ..sparse.modules import SparseConv2d, SparseLinear
@@ -53,7 +61,8 @@ __all__ = [
 ]
 
 _TWO_GB = 2**31
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+EXPORTERS = ("auto", "torchscript", "dynamo")
+"""``"auto"`` tries TorchScript, then dynamo; the one list of the exporters."""
 
 
 class ParityError(RuntimeError):
@@ -171,13 +180,23 @@ def _weight_layers(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if isinstance(m, kinds) and n}
 
 
-def _layer_pattern(weight: torch.Tensor, module: nn.Module) -> str:
+def _layer_pattern(name: str, module: nn.Module, plan: SparsityPlan | None) -> str:
+    """The layer's pattern as the plan or its sparse module declares it (never guessed from
+    its zeros): ``"2:4"``, ``"8:16/crs"``, ... or ``"dense"``."""
+    if plan is not None and name in plan.masks:
+        return str(plan.pattern)
     declared = getattr(module, "pattern", None)
-    if declared is not None:
-        return str(declared)
-    if bool((weight == 0).any()) and is_nm(weight, "2:4"):
-        return "2:4"
-    return "dense"
+    return "dense" if declared is None else str(declared)
+
+
+def _input_permutations(plan: SparsityPlan | None) -> dict[str, list[int]]:
+    """``{layer: the permutation of its input channels}`` for every consumer of a permuted
+    coupling group in ``plan``."""
+    if plan is None:
+        return {}
+    return {
+        name: list(p.order) for p in plan.permutation for name, role, _, _ in p.members if role == "consumer"
+    }
 
 
 def _match_initializer(
@@ -357,8 +376,8 @@ def export_onnx(
             ``trt_sparsity_enable``, when installed) on ``example_input`` and, with
             ``dynamic_batch``, a second batch size. A provider that cannot load the file (ONNX
             Runtime's CPU provider has no bfloat16 kernels) is said in ``notes``.
-        permutations: ``{layer: input-channel permutation applied to it}`` to record; layers
-            with a ``permutation`` attribute are recorded from it.
+        permutations: ``{layer: input-channel permutation applied to it}`` to record, beside the
+            plan's (layers with a ``permutation`` attribute are recorded from it).
         exporter: ``"torchscript"``, ``"dynamo"`` or ``"auto"`` (TorchScript, then dynamo
             if TorchScript fails).
         tolerance: largest allowed max-abs difference on the CPU provider for float32; for
@@ -369,7 +388,9 @@ def export_onnx(
             bfloat16 is written by the dynamo exporter at opset >= 22 (ONNX's first bfloat16 Conv).
         plan: a :class:`~knsparse.core.plan.SparsityPlan` (``prune(...).plan``) or ``{layer: mask}``
             (2:4) to apply to the exported copy: a dense model and its plan give the k:n file
-            directly (the user's model keeps its weights).
+            directly (the user's model keeps its weights). Its pattern, conv order, channel
+            permutation and recipe go into the file's metadata (:func:`read_metadata`); without
+            a plan, a layer's pattern is the one its sparse module declares.
 
     Returns:
         An :class:`ExportResult`. Raises :class:`ParityError` if the CPU difference exceeds the
@@ -380,16 +401,17 @@ def export_onnx(
     check_number(opset, "opset", low=17, integer=True)
     check_flag(dynamic_batch, "dynamic_batch")
     check_flag(check, "check")
-    check_choice(exporter, "exporter", ("auto", "torchscript", "dynamo"))
+    check_choice(exporter, "exporter", EXPORTERS)
     check_number(tolerance, "tolerance", low=0, low_open=True)
     _check_permutations(permutations)
     if plan is not None:
         plan = as_plan(plan)
         model = dense_copy(model)
         apply_masks(model, plan.masks)  # checks every name and shape first
-    dtype_name = next((k for k, v in DTYPES.items() if dtype in (k, v)), None)
+    permutations = {**_input_permutations(plan), **dict(permutations or {})}
+    dtype_name = next((k for k, v in FLOAT_DTYPES.items() if dtype in (k, v)), None)
     if dtype_name is None:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        raise ValueError(f"dtype must be one of {sorted(FLOAT_DTYPES)}, got {dtype!r}")
     call, input_names = example_call(example_input)
     inputs = _flat_inputs(call)
     bad = [n for n, p in model.named_parameters() if p.is_floating_point() and p.dtype != torch.float32]
@@ -405,7 +427,7 @@ def export_onnx(
         )
     if any(t.dim() == 0 for t in inputs):
         raise ValueError("example_input: every input needs a batch axis 0 (got a 0-d tensor)")
-    torch_dtype = DTYPES[dtype_name]
+    torch_dtype = FLOAT_DTYPES[dtype_name]
     if torch_dtype == torch.bfloat16:
         # ONNX Conv/Gemm take bfloat16 from opset 22, which only the dynamo exporter writes.
         if exporter == "torchscript":
@@ -433,6 +455,7 @@ def export_onnx(
             permutations,
             exporter,
             tolerance,
+            plan,
         )
     except ParityError:
         _move_into(scratch, final.parent)  # kept for inspection, as documented
@@ -475,9 +498,10 @@ def _export(
     opset: int,
     dynamic_batch: bool,
     check: bool,
-    permutations: Mapping[str, Sequence[int]] | None,
+    permutations: Mapping[str, Sequence[int]],
     exporter: str,
     tolerance: float,
+    plan: SparsityPlan | None,
 ) -> ExportResult:
     exported = _Flat(dense_copy(model).eval().to(torch_dtype), None if call.args else input_names)
     low_inputs = _cast(inputs, torch_dtype)
@@ -497,7 +521,7 @@ def _export(
             notes.append(f"{name} exporter failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
             if i == len(order) - 1:
                 raise RuntimeError("ONNX export failed: " + "; ".join(notes)) from exc
-    layers = _finish_file(model, exported.model, path, dict(permutations or {}))
+    layers = _finish_file(model, exported.model, path, dict(permutations), plan)
     result = ExportResult(
         str(path), used, written_opset, layers, dtype_name, input_names, output_names, notes=notes
     )
@@ -567,7 +591,11 @@ def _strip_wrapper_prefix(proto, prefix: str = "model.") -> None:
 
 
 def _finish_file(
-    model: nn.Module, exported: nn.Module, path: Path, permutations: dict[str, Sequence[int]]
+    model: nn.Module,
+    exported: nn.Module,
+    path: Path,
+    permutations: dict[str, Sequence[int]],
+    plan: SparsityPlan | None,
 ) -> list[LayerRecord]:
     """Make weights read directly, find each weight layer's initializer and write the knsparse
     metadata into ``path``.
@@ -596,8 +624,12 @@ def _finish_file(
             used.add(init)
         perm = permutations.get(name, getattr(module, "permutation", None))
         perm_list = None if perm is None else [int(i) for i in torch.as_tensor(perm).tolist()]
-        records.append(LayerRecord(name, init, transposed, _layer_pattern(weight, module), perm_list))
-    meta = {"version": package_version(), "layers": [asdict(r) for r in records]}
+        records.append(LayerRecord(name, init, transposed, _layer_pattern(name, module, plan), perm_list))
+    meta = {
+        "version": package_version(),
+        "plan": None if plan is None else plan.metadata(),
+        "layers": [asdict(r) for r in records],
+    }
     entry = proto.metadata_props.add()
     entry.key, entry.value = METADATA_KEY, json.dumps(meta)
     if proto.ByteSize() >= _TWO_GB:

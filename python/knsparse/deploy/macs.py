@@ -30,12 +30,12 @@ from torch import nn
 
 from ..core.checks import check_image_shape, check_module
 from ..core.layers import placement_reasons, swap_ineligibility
-from ..core.masks import ConvOrder
 from ..core.pattern import Pattern
 from ..core.plan import SparsityPlan, as_plan
 from ..integrations import families
 from ..sparse.modules import SparseConv2d, SparseLinear
 from ..utils.modes import evaluation
+from ..utils.renamed import renamed
 from . import tome
 
 # (layer name, module, mask) -> None if a sparse backend would run the layer, else the reason.
@@ -164,13 +164,13 @@ def _weight_macs(kind: str, module: nn.Module, inputs: torch.Tensor, output: tor
     return output.numel() * (module.in_channels // groups) * math.prod(module.kernel_size)
 
 
-def default_eligibility(pattern: Pattern, conv_order: ConvOrder = "rsc") -> EligibilityRule:
+def default_eligibility(pattern: Pattern) -> EligibilityRule:
     """:func:`knsparse.swap_modules`' rule: a ``Linear``/``Conv2d`` it would swap for this mask."""
 
     def rule(name: str, module: nn.Module, mask: torch.Tensor) -> str | None:
         if not isinstance(module, (nn.Linear, nn.Conv2d)):
             return f"{type(module).__name__} is not a Linear or Conv2d"
-        return swap_ineligibility(name, module, mask, pattern, conv_order)
+        return swap_ineligibility(name, module, mask, pattern)
 
     return rule
 
@@ -208,10 +208,11 @@ def _example_input(model: nn.Module, input_shape: Sequence[int]) -> torch.Tensor
     return torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device, dtype)
 
 
+@renamed(masks="plan")
 def macs(
     model: nn.Module,
     input_shape: Sequence[int],
-    masks: SparsityPlan | Mapping[str, torch.Tensor] | None = None,
+    plan: SparsityPlan | Mapping[str, torch.Tensor] | None = None,
     tome_r: int | Sequence[int] = 0,
     pattern: str | Pattern | None = None,
     eligible: EligibilityRule | None = None,
@@ -221,7 +222,7 @@ def macs(
     Args:
         model: any ``nn.Module`` (left unchanged; it runs once in eval mode without grad).
         input_shape: ``(B, C, H, W)`` or ``(C, H, W)`` (batch 1).
-        masks: a :class:`~knsparse.core.plan.SparsityPlan` (``prune(...).plan``) or
+        plan: a :class:`~knsparse.core.plan.SparsityPlan` (``prune(...).plan``) or
             ``{layer name: bool mask of its weight}`` for layers that *would* be swapped;
             layers already swapped to sparse modules count from their own pattern.
         tome_r: token merges per block applied for this count (0: none, or the model's own
@@ -239,7 +240,7 @@ def macs(
             f"eligible must be a callable (name, module, mask) -> reason, got {type(eligible).__name__}"
         )
     tome.merge_schedule(model, tome_r, "tome_r")
-    plan = as_plan(masks if masks is not None else {}, pattern)
+    plan = as_plan(plan if plan is not None else {}, pattern)
     pattern, masks = plan.pattern, dict(plan.masks)
     named = dict(model.named_modules(remove_duplicate=False))
     unknown = sorted(set(masks) - set(named))
@@ -250,7 +251,7 @@ def macs(
         if not isinstance(weight, torch.Tensor) or mask.shape != weight.shape:
             shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else "no weight"
             raise ValueError(f"layer {name!r}: mask shape {tuple(mask.shape)} != weight shape {shape}")
-    rule = eligible or default_eligibility(pattern, plan.conv_order)
+    rule = eligible or default_eligibility(pattern)
     placement = placement_reasons(model)
     why_dense = {
         name: placement.get(name) or rule(name, named[name], mask) or "" for name, mask in masks.items()

@@ -3,7 +3,8 @@
 One :class:`Family` entry per source of models (knsparse's built-in architectures, timm, ...)
 names the classes that play each role. Every stage that needs to know "is this a ViT block, an
 attention, an MLP, a ResNet block" asks this module — token merging, activation fusion, MAC
-accounting, channel permutation — so supporting a new family is one entry in :data:`FAMILIES`.
+accounting, channel permutation — so supporting a new family is one :func:`register_family`
+call (the built-in ones are the entries of :data:`FAMILIES`).
 
 Classes are matched by exact type (module path and class name), never by ``isinstance``: a
 subclass may override ``forward`` and break the structure a role promises. Nothing here imports
@@ -63,7 +64,7 @@ class Family:
     conv_block: tuple[ClassRef, ...] = ()
 
 
-FAMILIES: tuple[Family, ...] = (
+FAMILIES: list[Family] = [
     Family(
         "knsparse",
         vit_block=(ClassRef("knsparse.models.vit", "Block"),),
@@ -83,7 +84,28 @@ FAMILIES: tuple[Family, ...] = (
         "huggingface",
         split_attention=(ClassRef("transformers.models.vit.modeling_vit", "ViTAttention"),),
     ),
-)
+]
+"""The family registry, asked in order; :func:`register_family` adds to it."""
+
+
+def register_family(family: Family, *, replace: bool = False) -> Family:
+    """Add ``family`` to the registry, so every stage recognises its classes (token merging,
+    activation fusion, MAC accounting, channel permutation). A family of a name already
+    registered is a ``ValueError`` unless ``replace=True`` (then it takes that entry's place)::
+
+        ks.register_family(Family("mylib", mlp=(ClassRef("mylib.layers", "FeedForward"),)))
+
+    Returns ``family``."""
+    if not isinstance(family, Family):
+        raise TypeError(f"register_family takes a knsparse Family, got {type(family).__name__}")
+    names = [f.name for f in FAMILIES]
+    if family.name in names:
+        if not replace:
+            raise ValueError(f"family {family.name!r} is already registered (pass replace=True to override)")
+        FAMILIES[names.index(family.name)] = family
+    else:
+        FAMILIES.append(family)
+    return family
 
 
 def _refs(role: str) -> tuple[ClassRef, ...]:

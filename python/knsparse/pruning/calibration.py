@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..core.masks import ConvOrder
+from ..core.pattern import ConvOrder
 from ..utils import distributed
 from ..utils.batches import model_batches
 from ..utils.modes import evaluation

@@ -38,11 +38,13 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, Te
 from tqdm.auto import tqdm
 
 from ..core.checks import check_choice, check_flag, check_module, check_number, check_path
-from ..core.layers import prunable_layers
-from ..core.masks import apply_masks, bool_masks
+from ..core.layers import masks_from_zeros
+from ..core.masks import apply_masks
+from ..core.plan import SparsityPlan, plan_masks
 from ..utils import distributed
 from ..utils.batches import Batch, model_device
 from ..utils.modes import evaluation, kept_modes
+from ..utils.renamed import renamed
 
 Precision = Literal["bf16", "fp16"]
 _AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -61,15 +63,6 @@ class FinetuneResult:
     metrics: list[dict[str, float]] = field(default_factory=list)
     resumed_from: int = 0
     """Epochs already done by the checkpoint the run resumed from (0: a fresh run)."""
-
-
-def masks_from_zeros(model: nn.Module) -> dict[str, torch.Tensor]:
-    """``{layer: weight != 0}`` for every prunable layer with at least one zero weight."""
-    return {
-        name: (m.weight != 0).detach()
-        for name, m in prunable_layers(model).items()
-        if bool((m.weight == 0).any())
-    }
 
 
 # ----------------------------------------------------------------------------------- data
@@ -246,8 +239,8 @@ def _check(student: nn.Module, teacher: nn.Module, args: dict[str, object]) -> t
     for name in ("checkpoint_dir", "metrics_path"):
         if args[name] is not None:
             check_path(args[name], name)
-    if args["masks"] is not None:
-        bool_masks(args["masks"])
+    if args["plan"] is not None:
+        plan_masks(args["plan"])
     if args["resume"] and args["checkpoint_dir"] is None:
         raise ValueError("resume=True needs checkpoint_dir")
     device = model_device(student)
@@ -265,13 +258,14 @@ def _check(student: nn.Module, teacher: nn.Module, args: dict[str, object]) -> t
     return device
 
 
+@renamed(masks="plan")
 def finetune(
     student: nn.Module,
     teacher: nn.Module,
     data: object,
     epochs: int = 3,
     *,
-    masks: Mapping[str, torch.Tensor] | None = None,
+    plan: SparsityPlan | Mapping[str, torch.Tensor] | None = None,
     val: object = None,
     batch_size: int | None = None,
     lr: float = 5e-4,
@@ -299,8 +293,9 @@ def finetune(
             function and batch size are reused with a seeded DistributedSampler; a loader that
             already has a DistributedSampler is used as it is).
         epochs: total epochs (a resumed run continues up to this count).
-        masks: ``{layer name: bool mask of its weight}``; default: the student's zeros in every
-            prunable layer that has some.
+        plan: the :class:`~knsparse.core.plan.SparsityPlan` the student was pruned by
+            (``prune(...).plan``), or ``{layer name: bool mask of its weight}``; its masks are
+            held fixed. Default: the student's zeros in every prunable layer that has some.
         val: optional held-out data in the same forms; its top-1 accuracy (needs labels) and
             top-1 agreement with the teacher are recorded after every epoch.
         batch_size: global images per optimiser step (default: the DataLoader's, else 64).
@@ -324,7 +319,8 @@ def finetune(
     """
     arguments = {k: v for k, v in locals().items() if k not in ("student", "teacher")}
     device = _check(student, teacher, arguments)
-    masks = {k: v.to(device, torch.bool) for k, v in (masks or masks_from_zeros(student)).items()}
+    held = plan_masks(plan) if plan is not None else masks_from_zeros(student)
+    masks = {k: v.to(device, torch.bool) for k, v in held.items()}
     modules = dict(student.named_modules())
     loader = _train_loader(data, batch_size, seed, num_workers)
     val_loader = _val_loader(val, loader.batch_size or 1) if val is not None else None

@@ -1,10 +1,16 @@
 """``knsparse.prune``: score → budget → mask for a whole model, with a per-layer report.
 
-Flow: validate everything (method, pattern, options, calibration set, weights) — any
-``ValueError`` is raised before the model is copied or touched — then MP-fit every prunable
-layer (batched by shape), stream calibration statistics when a calibration set is given, let
-the method choose masks in reduction view, compute the per-layer certificate on the calibration
-set, and only then write the pruned weights (into a copy unless ``inplace=True``).
+Flow: validate everything (the config, the calibration set, the weights, the layers named) —
+any ``ValueError`` is raised before the model is copied or touched — then convert
+``nn.MultiheadAttention`` into prunable projections, permute channels (if asked), stream the
+calibration statistics the method needs, let the method choose masks in reduction view, write
+the pruned weights, and repair (if asked). Marchenko–Pastur fits and the data-path
+certificate run only when the method needs them or :class:`~.config.DiagnosticsConfig` asks.
+
+Memory: ``inplace=True`` works on the model itself and keeps one snapshot of its state for the
+rollback (the user's model is exactly as it was after any error); ``inplace=False`` deep-copies
+the model once and works on the copy. Nothing else holds a whole-model copy: the repair's dense
+statistics are taken before masking, and methods read reduction views of the weights.
 
 The certificate of a layer whose removed component is ``R`` (``W - W_new ⊙ mask``):
 ``B_T(R) = (2/|T|) Σ_s L_s ‖R ψ(s)‖_∞`` over calibration samples (see
@@ -17,8 +23,8 @@ The certificate of a layer whose removed component is ``R`` (``W - W_new ⊙ mas
 from __future__ import annotations
 
 import copy
+import fnmatch
 import json
-import math
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 
@@ -26,20 +32,27 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..core.checks import check_choice, check_flag, check_module
-from ..core.layers import pattern_layers, prunable_layers, reduction_weight
-from ..core.masks import ConvOrder, check_finite, from_reduction_view
-from ..core.pattern import Pattern
+from ..core.checks import check_flag, check_module
+from ..core.layers import pattern_layers, reduction_weight
+from ..core.masks import check_finite, from_reduction_view
+from ..core.pattern import ConvOrder, Pattern, check_conv_order
 from ..core.plan import SparsityPlan
+from ..integrations import mha
 from .calibration import check_reiterable, collect_input_stats, data_path_budgets
+from .config import (
+    CalibrationConfig,
+    DiagnosticsConfig,
+    MethodConfig,
+    PermuteConfig,
+    PruneConfig,
+    RepairConfig,
+)
 from .methods import METHODS, Decision, Layer, MethodSpec
 from .permutation import PermutationReport
-from .permutation import permute as permute_channels
-from .repair import RepairReport
-from .repair import apply as apply_repair
+from .permutation.apply import permute_unguarded
+from .repair import RepairReport, dense_output_stats, repair_from_stats
 from .spectral import MPFit, fit_weights
 
-REPAIRS = ("asr", "layerwise", "bn")
 GRAM_BYTES = 1 << 30
 """Memory bound of the full Gram matrices held at once (float64 ``K²`` per layer): layers are
 calibrated a few at a time, one calibration pass per batch of layers."""
@@ -47,7 +60,8 @@ calibrated a few at a time, one calibration pass per batch of layers."""
 
 @dataclass
 class LayerReport:
-    """One row of the prune report."""
+    """One row of the prune report. ``mp`` and the certificate fields are filled only when the
+    method used them or the config's diagnostics asked for them."""
 
     name: str
     kind: str
@@ -55,10 +69,10 @@ class LayerReport:
     rule: str
     target_sparsity: float
     sparsity: float
-    mp: MPFit
+    mp: MPFit | None = None
     freely_restored: int = 0
     data_path_budget: float | None = None
-    """``B_T(R)``; None without a calibration set."""
+    """``B_T(R)``; None unless the certificate was asked for."""
     l2_term: float | None = None
     """``λ₂‖R‖_F²``."""
     l1_term: float | None = None
@@ -74,22 +88,37 @@ class LayerReport:
 
 @dataclass
 class PruneResult:
-    """The pruned model, its masks (``{module name: bool mask of its weight}``), the report
-    and the layers left dense with the reason."""
+    """The pruned model, its masks (``{module name: bool mask of its weight}``), the report,
+    the layers left dense with the reason, and the config that ran (the recipe)."""
 
     model: nn.Module
     masks: dict[str, torch.Tensor]
     report: list[LayerReport]
     skipped: dict[str, str]
-    method: str
-    pattern: str
-    sparsity: float | None
+    config: PruneConfig
     permutation: PermutationReport | None = None
-    """Per coupling group kept score before/after and efficacy, when ``permute=True``."""
+    """Per coupling group kept score before/after and efficacy, when the config permutes."""
     repair: RepairReport | None = None
-    """The repair that ran (per-channel γ, λ, batches), when ``repair=...``."""
+    """The repair that ran (per-channel γ, λ, batches), when the config repairs."""
     plan: SparsityPlan | None = None
-    """The k:n plan (pattern, conv order, masks, permutation); ``None`` for unstructured masks."""
+    """The k:n plan (pattern with its conv order, masks, permutation, recipe); ``None`` for
+    unstructured masks."""
+    converted: list[str] = field(default_factory=list)
+    """The ``nn.MultiheadAttention`` modules converted to prunable projections
+    (:func:`knsparse.integrations.mha.convert`) in the returned model."""
+
+    @property
+    def method(self) -> str:
+        return self.config.method.name
+
+    @property
+    def pattern(self) -> str:
+        """The pattern as text (``"2:4"``, ``"2:4/crs"``), or ``"unstructured"``."""
+        return "unstructured" if self.config.pattern is None else str(self.config.pattern)
+
+    @property
+    def sparsity(self) -> float | None:
+        return self.config.sparsity
 
     def overall_sparsity(self) -> float:
         """Parameter-weighted sparsity over the pruned layers."""
@@ -107,13 +136,16 @@ class PruneResult:
             "skipped": self.skipped,
             "permuted": self.permutation is not None,
             "repair": None if self.repair is None else self.repair.method,
+            "converted": self.converted,
+            "recipe": self.config.to_dict(),
         }
 
     def to_json(self) -> str:
         return json.dumps(self.as_dict(), indent=2)
 
     def table(self) -> str:
-        """A plain-text table of the report."""
+        """A plain-text table of the report (MP and certificate columns show ``-`` where they
+        were not computed)."""
 
         def num(x: float | None, fmt: str) -> str:
             return "-" if x is None else format(x, fmt)
@@ -125,10 +157,15 @@ class PruneResult:
         lines = [head, "-" * len(head)]
         for r in self.report:
             cert = "-" if r.certified is None else ("yes" if r.certified else "no")
+            mp = (
+                ("-", "-", "-")
+                if r.mp is None
+                else (r.mp.num_spikes, f"{r.mp.bulk_fraction:.2f}", f"{r.mp.fit_error:.3f}")
+            )
             lines.append(
-                f"{r.name[:28]:<28} {r.rule[:20]:<20} {r.sparsity:>8.4f} {r.mp.num_spikes:>6} "
-                f"{r.mp.bulk_fraction:>5.2f} {r.mp.fit_error:>6.3f} {num(r.data_path_budget, '9.3g')} "
-                f"{num(r.l2_term, '9.3g')} {num(r.l1_term, '9.3g')} {cert:>5} {r.freely_restored:>8}"
+                f"{r.name[:28]:<28} {r.rule[:20]:<20} {r.sparsity:>8.4f} {mp[0]:>6} {mp[1]:>5} {mp[2]:>6} "
+                f"{num(r.data_path_budget, '9.3g')} {num(r.l2_term, '9.3g')} {num(r.l1_term, '9.3g')} "
+                f"{cert:>5} {r.freely_restored:>8}"
             )
         for name, why in self.skipped.items():
             lines.append(f"{name[:28]:<28} skipped: {why}")
@@ -136,242 +173,330 @@ class PruneResult:
         return "\n".join(lines)
 
 
-def _resolve_target(
-    method: str, pattern: str | Pattern | None, sparsity: float | None
-) -> tuple[Pattern | None, float | None]:
-    """The k:n pattern (``None`` for unstructured masks) and sparsity of a call: the one place
-    ``prune``'s pattern is parsed."""
-    spec = METHODS[method]
-    if sparsity is not None:
-        if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
-            raise TypeError(
-                f"sparsity must be a number in [0, 1), got {sparsity!r} ({type(sparsity).__name__})"
-            )
-        if not 0.0 <= sparsity < 1.0:  # also refuses NaN
-            raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
-        sparsity = float(sparsity)
-    if isinstance(pattern, str) and pattern.strip().lower() == "unstructured":
-        if sparsity is None:
-            raise ValueError("an unstructured prune needs sparsity=..., e.g. sparsity=0.5")
-        pat = None
-    elif pattern is None:
-        pat = None if sparsity is not None else Pattern(2, 4)
-    else:
-        pat = Pattern.parse(pattern)
-    if not spec.accepts(pat):
-        kind = (
-            "a k:n pattern such as '2:4'" if spec.patterns == "kn" else "sparsity=<fraction> and no pattern"
-        )
-        shown = "unstructured" if pat is None else str(pat)
-        raise ValueError(f"method {method!r} does not support {shown} masks; it needs {kind}")
-    if pat is not None and sparsity is not None and not spec.premask:
-        raise ValueError(
-            f"method {method!r} with pattern {pat} fixes the sparsity at {pat.sparsity:g}; "
-            "pass either a k:n pattern or sparsity= (only 'cast'/'cast-conv' take both: an unstructured "
-            "pre-mask followed by k:n with free restoration)"
-        )
-    return pat, sparsity
-
-
-PERMUTE_OPTIONS = ("time_budget_s", "max_iters", "seed")
-
-
-def _permute_options(
-    permute: bool | Mapping[str, object], pattern: Pattern | None
-) -> dict[str, object] | None:
-    """``None`` for no permutation, else the keyword options of :func:`knsparse.permute`'s search."""
-    if isinstance(permute, bool):
-        options: dict[str, object] | None = {} if permute else None
-    elif isinstance(permute, Mapping):
-        unknown = sorted(set(permute) - set(PERMUTE_OPTIONS))
-        if unknown:
-            raise ValueError(f"unknown permute option(s) {unknown}; it takes {list(PERMUTE_OPTIONS)}")
-        options = dict(permute)
-    else:
-        raise TypeError(
-            f"permute must be True/False or a dict of search options {list(PERMUTE_OPTIONS)}, "
-            f"got {type(permute).__name__}"
-        )
-    if options is not None and pattern is None:
-        raise ValueError("permute needs a k:n pattern: unstructured masks do not depend on channel order")
-    return options
-
-
-def _check_weights(layers: Mapping[str, nn.Module]) -> None:
-    for name, mod in layers.items():
-        check_finite(mod.weight.detach(), f"layer {name!r}")
-
-
 def prune(
     model: nn.Module,
-    method: str,
+    method: str | PruneConfig,
     pattern: str | Pattern | None = None,
     sparsity: float | None = None,
     calib: Iterable[object] | None = None,
-    permute: bool | Mapping[str, object] = False,
-    repair: str | None = None,
+    permute: bool | Mapping[str, object] | PermuteConfig = False,
+    repair: str | RepairConfig | None = None,
     inplace: bool = False,
     *,
-    conv_order: ConvOrder = "rsc",
-    lam1: float = 1e-4,
-    lam2: float = 1e-4,
-    lipschitz: float | Mapping[str, float] = 1.0,
+    conv_order: ConvOrder | None = None,
     progress: bool = True,
     sequential: bool = False,
+    diagnostics: DiagnosticsConfig | None = None,
+    keep_dense: str | Iterable[str] = (),
+    lam1: float | None = None,
+    lam2: float | None = None,
+    lipschitz: float | Mapping[str, float] | None = None,
     **options: object,
 ) -> PruneResult:
     """Prune every prunable layer (Linear, ungrouped Conv2d) of ``model``.
 
+    Two forms: ``prune(model, config, calib=...)`` with a :class:`~.config.PruneConfig` (a
+    recipe), or the keywords below, which build one (``result.config``).
+
     Args:
         model: the model; left untouched unless ``inplace=True``.
-        method: one of ``knsparse.pruning.methods.METHODS``: ``magnitude``, ``wanda``, ``sparsegpt``,
-            ``yopo``, ``rmt``, ``ser``, ``hybrid``, ``cast``, ``cast-conv``.
-        pattern: ``"2:4"``, ``"8:16"``, ...; default ``"2:4"``, or unstructured masks when only
-            ``sparsity`` is given (``"unstructured"`` with ``sparsity`` says the same).
+        method: a :class:`~.config.PruneConfig`, or a method of
+            ``knsparse.pruning.methods.METHODS``: ``magnitude``, ``wanda``, ``sparsegpt``,
+            ``sparsegpt-refit``, ``yopo``, ``rmt``, ``ser``, ``hybrid``, ``cast``, ``cast-conv``
+            (or one added with :func:`knsparse.register_method`).
+        pattern: ``"2:4"``, ``"8:16"``, ``"2:4/crs"``, ...; default ``"2:4"``, or unstructured
+            masks when only ``sparsity`` is given (``"unstructured"`` with ``sparsity`` says the same).
         sparsity: target fraction of pruned weights for unstructured masks (parameter-weighted
             over the pruned layers); with ``cast``/``cast-conv`` and a k:n pattern, the sparsity
             of the unstructured pre-mask that free restoration starts from.
         calib: re-iterable of batches: tensors, ``(inputs, target)`` tuples, mappings called as
-            ``model(**batch)`` (Hugging Face), or a ``DataLoader`` of those (:mod:`.batches`);
-            required by ``wanda``/``sparsegpt``/``cast``/``cast-conv``, used by ``ser``/``hybrid``
-            for data-path scores, and by every method for the certificate in the report.
+            ``model(**batch)`` (Hugging Face), or a ``DataLoader`` of those (:mod:`knsparse.utils.batches`);
+            required by ``wanda``/``sparsegpt``/``cast``/``cast-conv``, by a repair and by the
+            certificate; used by ``ser``/``hybrid`` for data-path scores.
         permute: before scoring, permute channels (function-preserving, see
-            :func:`knsparse.pruning.permutation.permute`) so the k:n masks keep more; k:n patterns only.
-            ``True``, or a dict of the search's options to bound it: ``time_budget_s`` (seconds
-            per coupling group), ``max_iters``, ``seed``.
+            :func:`knsparse.pruning.permutation.permute`) so the k:n masks keep more; k:n only.
+            ``True``, a :class:`~.config.PermuteConfig` or a dict of its search options
+            (``time_budget_s``, ``max_iters``, ``seed``, ``block_stripes``, ``windows``, ``passes``).
         repair: after masking, ``"asr"`` or ``"layerwise"`` (each followed by BatchNorm
-            recalibration) or ``"bn"`` (recalibration alone); needs ``calib``.
-        inplace: prune ``model`` itself instead of a deep copy. The work still runs on a copy
-            whose values are written into ``model`` only when everything succeeded: on any error
-            ``model`` is exactly as it was (values, module types, training flags).
-        conv_order: k:n grouping of conv weights, ``"rsc"`` (TensorRT) or ``"crs"``.
-        lam1, lam2: elastic-net strengths ``λ₁``, ``λ₂`` of the certified objective.
-        lipschitz: ``L_s`` of the certificate, one value or ``{layer: value}`` (default 1).
+            recalibration) or ``"bn"`` (recalibration alone), or a :class:`~.config.RepairConfig`.
+        inplace: prune ``model`` itself instead of a deep copy. On any error ``model`` is
+            restored exactly as it was (values, module types, training flags).
+        conv_order: k:n grouping of conv weights, ``"rsc"`` (TensorRT) or ``"crs"``, for a
+            pattern given without one.
         progress: show tqdm progress bars.
         sequential: decide the layers one after the other in forward order, each calibrated on
             the outputs of the already pruned layers before it (``wanda``, ``sparsegpt``,
             ``cast``/``cast-conv`` without ``sparsity``); default: every layer calibrated on the
             dense model (one pass per batch of layers whose full Grams fit ``GRAM_BYTES``).
+        diagnostics: a :class:`~.config.DiagnosticsConfig` (MP spectra, the certificate);
+            ``lam1``, ``lam2``, ``lipschitz`` given alone ask for the certificate with them.
+        keep_dense: layer names or globs never pruned (left dense, with the reason).
         **options: method options (e.g. ``mode="global"`` for magnitude, ``switch=0.6`` for
-            hybrid, ``shrinkage`` for cast/ser/hybrid, ``reservoir``, ``damp``/``blocksize`` for
-            sparsegpt, ``reconstruct`` for cast); unknown names raise ``ValueError``.
+            hybrid, ``shrinkage`` for cast/ser/hybrid, ``damp``/``blocksize`` for sparsegpt,
+            ``reconstruct`` for cast); unknown names raise ``ValueError``.
 
     Returns:
-        :class:`PruneResult` with the pruned model, ``{layer: bool mask}``, the per-layer report
-        (sparsity, MP fit, certificate, freely restored entries), the skipped layers and, for a
-        k:n pattern, the :class:`~knsparse.core.plan.SparsityPlan` (``result.plan``) that
-        :func:`knsparse.swap_modules`, :func:`knsparse.macs`, :func:`knsparse.audit` and
-        :func:`knsparse.export_onnx` take.
+        :class:`PruneResult` with the pruned model, ``{layer: bool mask}``, the per-layer report,
+        the skipped layers, the config and, for a k:n pattern, the
+        :class:`~knsparse.core.plan.SparsityPlan` (``result.plan``) that
+        :func:`knsparse.swap_modules`, :func:`knsparse.macs`, :func:`knsparse.audit`,
+        :func:`knsparse.finetune` and :func:`knsparse.export_onnx` take.
     """
     check_module(model)
-    check_choice(method, "method", sorted(METHODS))
     check_flag(inplace, "inplace")
-    check_flag(sequential, "sequential")
-    spec = METHODS[method]
-    pat, sparsity = _resolve_target(method, pattern, sparsity)
-    permute_options = _permute_options(permute, pat)
-    unknown = set(options) - spec.options
-    if unknown:
-        raise ValueError(
-            f"unknown option(s) {sorted(unknown)} for method {method!r}; it takes {sorted(spec.options)}"
+    check_flag(progress, "progress")
+    if isinstance(method, PruneConfig):
+        given = {
+            "pattern": pattern is not None,
+            "sparsity": sparsity is not None,
+            "permute": permute is not False,
+            "repair": repair is not None,
+            "conv_order": conv_order is not None,
+            "sequential": sequential is not False,
+            "diagnostics": diagnostics is not None,
+            "keep_dense": keep_dense != (),
+            "lam1/lam2/lipschitz": any(v is not None for v in (lam1, lam2, lipschitz)),
+            **dict.fromkeys(options, True),
+        }
+        clash = [name for name, set_ in given.items() if set_]
+        if clash:
+            raise TypeError(
+                f"prune(model, config, calib=...) takes what it does from the config; also got {clash} "
+                "(pass calib by keyword, and everything else in the PruneConfig)"
+            )
+        config = method
+    else:
+        config = _config_from_keywords(
+            method, pattern, sparsity, permute, repair, conv_order, sequential, diagnostics, keep_dense,
+            (lam1, lam2, lipschitz), options,
+        )  # fmt: skip
+    return _run(model, config, calib, inplace, progress)
+
+
+def _config_from_keywords(
+    method: str,
+    pattern: str | Pattern | None,
+    sparsity: float | None,
+    permute: bool | Mapping[str, object] | PermuteConfig,
+    repair: str | RepairConfig | None,
+    conv_order: ConvOrder | None,
+    sequential: bool,
+    diagnostics: DiagnosticsConfig | None,
+    keep_dense: str | Iterable[str],
+    certificate: tuple[float | None, float | None, float | Mapping[str, float] | None],
+    options: Mapping[str, object],
+) -> PruneConfig:
+    """The :class:`PruneConfig` the keyword form of :func:`prune` describes."""
+    if conv_order is not None:
+        check_conv_order(conv_order)
+        unstructured = (pattern is None and sparsity is not None) or (
+            isinstance(pattern, str) and pattern.strip().lower() == "unstructured"
         )
-    if calib is None and spec.calib == "required":
-        raise ValueError(f"method {method!r} needs a calibration set: pass calib=[batch, ...]")
+        if not unstructured:  # unstructured masks do not depend on the grouping
+            pattern = Pattern.parse("2:4" if pattern is None else pattern, conv_order)
+    if isinstance(permute, Mapping) and not isinstance(permute, PermuteConfig):
+        permute = PermuteConfig(dict(permute))
+    elif not isinstance(permute, (bool, PermuteConfig)):
+        raise TypeError(
+            "permute must be True/False, a PermuteConfig or a dict of search options, "
+            f"got {type(permute).__name__}"
+        )
+    check_flag(sequential, "sequential")
+    if diagnostics is None:
+        diagnostics = DiagnosticsConfig()
+    lam1, lam2, lipschitz = certificate
+    if any(v is not None for v in certificate):
+        defaults = DiagnosticsConfig()
+        diagnostics = replace(
+            diagnostics,
+            certificate=True,
+            lam1=defaults.lam1 if lam1 is None else lam1,
+            lam2=defaults.lam2 if lam2 is None else lam2,
+            lipschitz=defaults.lipschitz if lipschitz is None else lipschitz,
+        )
+    return PruneConfig(
+        MethodConfig(method, dict(options)) if isinstance(method, str) else method,
+        pattern if pattern is not None or sparsity is not None else "2:4",
+        sparsity,
+        permute,
+        repair,
+        CalibrationConfig(sequential),
+        diagnostics,
+        tuple(keep_dense) if not isinstance(keep_dense, str) else (keep_dense,),
+    )
+
+
+def _run(
+    model: nn.Module, config: PruneConfig, calib: Iterable[object] | None, inplace: bool, progress: bool
+) -> PruneResult:
+    spec = METHODS[config.method.name]
+    if calib is None and config.needs_calibration:
+        raise ValueError(
+            f"prune with method {config.method.name!r}"
+            + (f", repair {config.repair.method!r}" if config.repair else "")
+            + (", the certificate" if config.diagnostics.certificate else "")
+            + (", sequential calibration" if config.calibration.sequential else "")
+            + " needs a calibration set: pass calib=[batch, ...]"
+        )
     if calib is not None:
         check_reiterable(calib)
-    layerwise = spec.layerwise and not (spec.premask and sparsity is not None)
-    if sequential and (calib is None or not layerwise):
-        raise ValueError(
-            f"sequential=True needs a calibration set and a method that decides each layer on its own "
-            f"(wanda, sparsegpt, cast/cast-conv without sparsity=); got method {method!r}"
+    _check_model(model, config)
+    target = model if inplace else copy.deepcopy(model)
+    rollback = None
+    if inplace:  # a whole snapshot where the model changes before the masks are written
+        rollback = _Rollback(
+            model, whole=bool(config.permute or config.repair or config.calibration.sequential)
         )
-    if repair is not None:
-        if repair not in REPAIRS:
-            raise ValueError(f"unknown repair {repair!r}; choose one of {list(REPAIRS)}")
-        if calib is None:
-            raise ValueError(f"repair={repair!r} needs a calibration set: pass calib=[batch, ...]")
-    if conv_order not in ("rsc", "crs"):
-        raise ValueError(f"conv_order must be 'rsc' or 'crs', got {conv_order!r}")
-    for label, value in (("lam1", lam1), ("lam2", lam2)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-            raise ValueError(f"{label} must be a number >= 0, got {value!r}")
-    found = prunable_layers(model)
-    _check_weights(found)
-    _check_lipschitz(lipschitz, found)
+    try:
+        result = _prune_in_place(target, config, spec, calib, progress, rollback)
+    except BaseException:
+        if rollback is not None:
+            rollback.restore()
+        raise
+    return result
 
-    # Everything runs on a copy; with inplace=True its state is written back only at the end, so
-    # a failure anywhere (a bad calibration batch after the permutation, say) leaves the user's
-    # model exactly as it was.
-    target = copy.deepcopy(model)
+
+def _check_model(model: nn.Module, config: PruneConfig) -> None:
+    """Everything about ``model`` a config can get wrong, checked before anything changes."""
+    layers, _ = pattern_layers(model, config.pattern)
+    for name, mod in layers.items():
+        check_finite(mod.weight.detach(), f"layer {name!r}")
+    for glob in config.keep_dense:
+        if not any(fnmatch.fnmatchcase(n, glob) for n in layers) and not _names_mha(model, glob):
+            raise ValueError(f"keep_dense: {glob!r} matches no prunable layer of the model")
+    lipschitz = config.diagnostics.lipschitz
+    if isinstance(lipschitz, Mapping):
+        unknown = sorted(set(lipschitz) - set(layers) - set(_mha_projections(model)))
+        if unknown:
+            raise ValueError(f"lipschitz names unknown layers: {unknown}")
+
+
+def _mha_projections(model: nn.Module) -> list[str]:
+    """The layer names :func:`knsparse.integrations.mha.convert` will create."""
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
+    return [f"{n}.{p}" if n else p for n in names for p in ("q_proj", "k_proj", "v_proj", "out_proj")]
+
+
+def _names_mha(model: nn.Module, glob: str) -> bool:
+    return any(fnmatch.fnmatchcase(n, glob) for n in _mha_projections(model))
+
+
+class _Rollback:
+    """What puts an ``inplace`` prune's model back exactly as it was after an error: the modules
+    prune replaces (``nn.MultiheadAttention``), and either one snapshot of the whole state
+    (``whole``: a permutation, a repair or sequential calibration change the model early) or an
+    undo log kept as the weights are written — the removed values of a mask-only write (half a
+    2:4 layer), the whole weight of a write with new values."""
+
+    def __init__(self, model: nn.Module, whole: bool) -> None:
+        self.model = model
+        self.whole = whole
+        self.saved = {k: v.detach().clone() for k, v in model.state_dict().items()} if whole else {}
+        self.removed: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.children = [
+            (parent, name, child)
+            for parent in model.modules()
+            for name, child in parent.named_children()
+            if isinstance(child, nn.MultiheadAttention)
+        ]
+
+    def before_write(self, key: str, weight: torch.Tensor, mask: torch.Tensor, mask_only: bool) -> None:
+        """Log state entry ``key`` (``weight``) before it becomes its masked value."""
+        if self.whole or key in self.saved or key in self.removed:
+            return
+        if mask_only:
+            self.removed[key] = (mask, weight.detach()[~mask].clone())
+        else:
+            self.saved[key] = weight.detach().clone()
+
+    def restore(self) -> None:
+        for parent, name, child in self.children:
+            setattr(parent, name, child)
+        state = self.model.state_dict(keep_vars=True)  # converted modules' keys are gone again
+        with torch.no_grad():
+            for key, value in self.saved.items():
+                if key in state:
+                    state[key].copy_(value)
+            for key, (mask, values) in self.removed.items():
+                if key in state:
+                    state[key].masked_scatter_(~mask, values)
+
+
+def _prune_in_place(
+    target: nn.Module,
+    config: PruneConfig,
+    spec: MethodSpec,
+    calib: Iterable[object] | None,
+    progress: bool,
+    rollback: _Rollback | None,
+) -> PruneResult:
+    """Prune ``target`` itself by ``config`` (arguments already checked), logging what it
+    overwrites into ``rollback`` (``None``: ``target`` is a copy nobody else holds)."""
+    converted = mha.convert(target)
+    pat, sparsity = config.pattern, config.sparsity
     permutation = None
-    if permute_options is not None:
-        permutation = permute_channels(
-            target, pat, calib, inplace=True, conv_order=conv_order, progress=progress, **permute_options
-        )
-    dense_twin = copy.deepcopy(target) if repair in ("asr", "layerwise") else None
-    layers, skipped = pattern_layers(target, pat, conv_order)
-    spectra = fit_weights({n: m.weight.detach() for n, m in layers.items()}, progress=progress)
+    if config.permute is not None:
+        options = dict(config.permute.options)
+        permutation = permute_unguarded(target, pat, calib, options, progress)
+    layers, skipped = pattern_layers(target, pat)
+    for name in [n for n in layers if any(fnmatch.fnmatchcase(n, g) for g in config.keep_dense)]:
+        del layers[name]
+        skipped[name] = "kept dense (keep_dense)"
+    order: ConvOrder = pat.conv_order if pat is not None else "rsc"
+    needs_fit = config.diagnostics.spectra or spec.needs_spectra(sparsity)
+    spectra = (
+        fit_weights({n: m.weight.detach() for n, m in layers.items()}, progress=progress) if needs_fit else {}
+    )
     views = {
-        n: Layer(n, reduction_weight(m, conv_order).float().clone(), isinstance(m, nn.Conv2d), spectra[n].fit)
+        n: Layer(
+            n,
+            reduction_weight(m, order).float(),
+            isinstance(m, nn.Conv2d),
+            spectra[n].fit if spectra else None,
+        )
         for n, m in layers.items()
     }
-    mode = (sequential, layerwise)
-    args = (pat, sparsity, calib, options, conv_order, mode, progress)
-    decisions = _decide(target, layers, views, spec, *args)
-    new_values = {
-        n: (d.weight if d.weight is not None else views[n].weight) * d.mask for n, d in decisions.items()
-    }
-    residuals = {n: views[n].weight - new_values[n] for n in decisions}
-    budgets: dict[str, float] = {}
-    if calib is not None and layers:
-        per_layer = lipschitz if isinstance(lipschitz, Mapping) else dict.fromkeys(layers, float(lipschitz))
-        budgets = data_path_budgets(
-            target, layers, calib, residuals, lipschitz=per_layer, conv_order=conv_order, progress=progress
+    dense_stats = {}
+    if config.repair is not None and config.repair.method != "bn":
+        dense_stats = dense_output_stats(target, list(layers), calib)
+    layerwise = spec.layerwise and not (spec.premask and sparsity is not None)
+    decisions = _decide(target, layers, views, spec, config, calib, layerwise, progress)
+    budgets = {}
+    if config.diagnostics.certificate and layers:
+        residuals = {n: views[n].weight - _new_values(d, views[n]) for n, d in decisions.items()}
+        lipschitz = config.diagnostics.lipschitz
+        per_layer = (
+            dict(lipschitz) if isinstance(lipschitz, Mapping) else dict.fromkeys(layers, float(lipschitz))
         )
-
+        budgets = data_path_budgets(
+            target, layers, calib, residuals, lipschitz=per_layer, conv_order=order, progress=progress
+        )
+        del residuals
     masks, report = {}, []
     with torch.no_grad():
         for name, d in decisions.items():
-            mod = layers[name]
+            mod, view = layers[name], views[name]
+            new = _new_values(d, view)  # before the write: the view may be the weight itself
+            report.append(_layer_report(name, mod, d, view, new, budgets.get(name), config.diagnostics))
             shape = mod.weight.shape
-            masks[name] = from_reduction_view(d.mask, shape, conv_order)
-            mod.weight.copy_(from_reduction_view(new_values[name], shape, conv_order).to(mod.weight.dtype))
-            report.append(
-                _layer_report(name, mod, d, views[name], new_values[name], budgets.get(name), lam1, lam2)
-            )
-    repaired = apply_repair(target, dense_twin, calib, repair) if repair is not None else None
-    if inplace:
-        _write_back(target, model)
-        target = model
-        if permutation is not None:
-            permutation.model = model
+            masks[name] = from_reduction_view(d.mask, shape, order)
+            if rollback is not None:
+                rollback.before_write(f"{name}.weight", mod.weight, masks[name], d.weight is None)
+            mod.weight.copy_(from_reduction_view(new, shape, order).to(mod.weight.dtype))
+    repaired = None
+    if config.repair is not None:
+        rep = config.repair
+        repaired = repair_from_stats(
+            target, list(decisions), dense_stats, calib, rep.method, progress=progress, **rep.options
+        )
     applied = permutation.applied() if permutation is not None else ()
-    plan = None if pat is None else SparsityPlan(pat, masks, conv_order, applied)
-    shown = "unstructured" if pat is None else str(pat)
-    return PruneResult(target, masks, report, skipped, method, shown, sparsity, permutation, repaired, plan)
+    plan = None if pat is None else SparsityPlan(pat, masks, applied, config.to_dict())
+    return PruneResult(target, masks, report, skipped, config, permutation, repaired, plan, converted)
 
 
-def _check_lipschitz(lipschitz: float | Mapping[str, float], layers: Mapping[str, nn.Module]) -> None:
-    values = lipschitz.values() if isinstance(lipschitz, Mapping) else [lipschitz]
-    if isinstance(lipschitz, Mapping) and set(lipschitz) - set(layers):
-        raise ValueError(f"lipschitz names unknown layers: {sorted(set(lipschitz) - set(layers))}")
-    for v in values:
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < math.inf:
-            raise ValueError(f"lipschitz must be a finite number >= 0 (or {{layer: number}}), got {v!r}")
-
-
-def _write_back(pruned: nn.Module, model: nn.Module) -> None:
-    """Copy every parameter and buffer of ``pruned`` (a pruned deep copy of ``model``) into
-    ``model`` in place: same tensors, module types and training flags, new values."""
-    source = dict(pruned.named_parameters(remove_duplicate=False)) | dict(
-        pruned.named_buffers(remove_duplicate=False)
-    )
-    with torch.no_grad():
-        for name, tensor in (
-            *model.named_parameters(remove_duplicate=False),
-            *model.named_buffers(remove_duplicate=False),
-        ):
-            tensor.copy_(source[name])
+def _new_values(d: Decision, view: Layer) -> torch.Tensor:
+    """The layer's pruned weight in reduction view: the method's new values (or the weight) masked."""
+    return (d.weight if d.weight is not None else view.weight) * d.mask
 
 
 def _units(layers: Mapping[str, nn.Module], views: Mapping[str, Layer], full_gram: bool) -> list[list[str]]:
@@ -396,52 +521,48 @@ def _decide(
     layers: Mapping[str, nn.Module],
     views: dict[str, Layer],
     spec: MethodSpec,
-    pat: Pattern | None,
-    sparsity: float | None,
+    config: PruneConfig,
     calib: Iterable[object] | None,
-    options: Mapping[str, object],
-    conv_order: ConvOrder,
-    mode: tuple[bool, bool],
+    layerwise: bool,
     progress: bool,
 ) -> dict[str, Decision]:
     """Collect calibration statistics and run the method: all layers at once, in memory-bounded
-    batches of layers (layer-wise methods with full Grams), or one layer at a time on a working
-    copy that carries the already pruned layers. ``mode`` is ``(sequential, layerwise)``.
-    ``target`` is not changed."""
-    sequential, layerwise = mode
+    batches of layers (layer-wise methods with full Grams), or one layer at a time, each
+    calibrated on ``target`` with the layers before it already pruned (sequential)."""
     if not layers:
         return {}
+    pat, sparsity, options = config.pattern, config.sparsity, config.method.options
     if calib is None or spec.calib == "unused":
         return dict(spec(views, pat, sparsity, **options))
+    sequential = config.calibration.sequential
     full_gram = spec.needs_full_gram(options)
-    model, mods = target, dict(layers)
+    order: ConvOrder = pat.conv_order if pat is not None else "rsc"
     if sequential:
-        model = copy.deepcopy(target)
-        named = dict(model.named_modules())
-        mods = {n: named[n] for n in layers}
         units = [[n] for n in layers]
     else:
         units = _units(layers, views, full_gram) if layerwise else [list(layers)]
     decisions: dict[str, Decision] = {}
     for unit in tqdm(units, desc="layers", unit="pass", disable=not progress or len(units) == 1):
         stats = collect_input_stats(
-            model,
-            {n: mods[n] for n in unit},
+            target,
+            {n: layers[n] for n in unit},
             calib,
             group=pat.n if spec.group_gram and pat is not None else None,
             full_gram=full_gram,
-            conv_order=conv_order,
+            conv_order=order,
             progress=progress and len(units) == 1,
             stop_early=len(unit) < len(layers),
         )
         decided = spec({n: replace(views[n], stats=stats[n]) for n in unit}, pat, sparsity, **options)
         decisions.update(decided)
-        if sequential:
+        if sequential:  # the next layer calibrates on this one pruned
             with torch.no_grad():
                 for n, d in decided.items():
-                    new = (d.weight if d.weight is not None else views[n].weight) * d.mask
-                    weight = mods[n].weight
-                    weight.copy_(from_reduction_view(new, weight.shape, conv_order).to(weight.dtype))
+                    views[n] = replace(views[n], weight=views[n].weight.clone())  # keep the dense view
+                    weight = layers[n].weight
+                    weight.copy_(
+                        from_reduction_view(_new_values(d, views[n]), weight.shape, order).to(weight.dtype)
+                    )
     return decisions
 
 
@@ -452,10 +573,8 @@ def _layer_report(
     view: Layer,
     new: torch.Tensor,
     budget: float | None,
-    lam1: float,
-    lam2: float,
+    diagnostics: DiagnosticsConfig,
 ) -> LayerReport:
-    w, r = view.weight.double(), (view.weight - new).double()
     row = LayerReport(
         name=name,
         kind="conv" if view.is_conv else "linear",
@@ -468,7 +587,8 @@ def _layer_report(
         extra=dict(d.extra),
     )
     if budget is not None:
-        new64 = new.double()
+        w, r, new64 = view.weight.double(), (view.weight - new).double(), new.double()
+        lam1, lam2 = diagnostics.lam1, diagnostics.lam2
         decrease = lam1 * float(w.abs().sum() - new64.abs().sum()) + lam2 * float(
             w.square().sum() - new64.square().sum()
         )

@@ -36,6 +36,9 @@ from ..utils.batches import Batch, model_batches, model_device
 from ..utils.modes import evaluation
 
 Method = Literal["asr", "layerwise", "bn"]
+REPAIRS: tuple[Method, ...] = ("asr", "layerwise", "bn")
+"""Repairs after masking: ``asr`` / ``layerwise`` (each followed by BatchNorm recalibration) or
+``bn`` (recalibration alone); the one list of them."""
 
 
 @dataclass
@@ -168,22 +171,34 @@ def _fold(module: nn.Module, gamma: torch.Tensor) -> None:
         module.bias.mul_(g)
 
 
+GammaRule = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, float | None]]
+
+
+def dense_output_stats(model: nn.Module, names: list[str], calib: object) -> dict[str, torch.Tensor]:
+    """What the repair needs from the dense model, taken before pruning: the per-output-channel
+    variance of each listed layer over the calibration set (float64 ``[out]``, every rank's
+    share summed). :func:`knsparse.prune` calls it on the model it is about to mask, so no
+    dense copy of the model is kept."""
+    device = model_device(model)
+    local = [x.to(device) for x in distributed.shard(list(model_batches(calib)))]
+    return _channel_variances(model, names, local) if names else {}
+
+
 def _repair(
     model: nn.Module,
-    dense_model: nn.Module,
+    names: list[str],
+    dense_stats: dict[str, torch.Tensor],
     calib: object,
-    gamma_of: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, float | None]],
+    gamma_of: GammaRule,
     method: str,
     progress: bool,
 ) -> RepairReport:
-    names = pruned_layers(model, dense_model)  # checks both models first
     device = model_device(model)
     batches = list(model_batches(calib))
     report = RepairReport(method, batches=len(batches))
     if not names:
         return report
     local = [x.to(device) for x in distributed.shard(batches)]  # this rank's share
-    dense_stats = _channel_variances(dense_model, names, local)
     modules = dict(model.named_modules())
     order = _execution_order(model, names, batches[0].to(device))
     for name in tqdm(order, desc=method, disable=not progress):
@@ -219,6 +234,12 @@ def asr(
 
     Returns a :class:`RepairReport`. Raises ``ValueError`` if ``calib`` yields no batch.
     """
+    rule = _asr_rule(shrinkage, lam)
+    names = pruned_layers(model, dense_model)  # checks both models first
+    return _repair(model, names, dense_output_stats(dense_model, names, calib), calib, rule, "asr", progress)
+
+
+def _asr_rule(shrinkage: Literal["median", "none"], lam: float | None) -> GammaRule:
     check_choice(shrinkage, "shrinkage", ("median", "none"))
     if lam is not None:
         check_number(lam, "lam", low=0)
@@ -227,21 +248,22 @@ def asr(
         layer_lam = lam if lam is not None else (float(v_p.median()) if shrinkage == "median" else 0.0)
         return _asr_gamma(v_d, v_p, ms, layer_lam), layer_lam
 
-    return _repair(model, dense_model, calib, gamma_of, "asr", progress)
+    return gamma_of
 
 
 def layerwise(
     model: nn.Module, dense_model: nn.Module, calib: object, *, progress: bool = False
 ) -> RepairReport:
     """Baseline: one ``γ = sqrt(Σ v_d / Σ v_p)`` per pruned layer (``γ = 1`` if ``Σ v_p = 0``)."""
+    names = pruned_layers(model, dense_model)
+    stats = dense_output_stats(dense_model, names, calib)
+    return _repair(model, names, stats, calib, _layerwise_gamma, "layerwise", progress)
 
-    def gamma_of(v_d: torch.Tensor, v_p: torch.Tensor, ms: torch.Tensor) -> tuple[torch.Tensor, None]:
-        total_p, total_d = v_p.sum(), v_d.sum()
-        dead = total_p <= 1e-12 * ms.sum().clamp_min(1e-300)
-        g = torch.ones_like(v_p) * (1.0 if dead else float((total_d / total_p).sqrt()))
-        return g, None
 
-    return _repair(model, dense_model, calib, gamma_of, "layerwise", progress)
+def _layerwise_gamma(v_d: torch.Tensor, v_p: torch.Tensor, ms: torch.Tensor) -> tuple[torch.Tensor, None]:
+    total_p, total_d = v_p.sum(), v_d.sum()
+    dead = total_p <= 1e-12 * ms.sum().clamp_min(1e-300)
+    return torch.ones_like(v_p) * (1.0 if dead else float((total_d / total_p).sqrt())), None
 
 
 @torch.no_grad()
@@ -295,10 +317,33 @@ def _all_reduce_bn(bns: list[nn.Module]) -> None:
 
 def apply(model: nn.Module, dense_model: nn.Module, calib: object, method: Method) -> RepairReport:
     """The repair ``prune(..., repair=method)`` runs: ``"asr"`` or ``"layerwise"`` followed by
-    BatchNorm recalibration, or ``"bn"`` (recalibration alone)."""
-    check_choice(method, "method", ("asr", "layerwise", "bn"))
+    BatchNorm recalibration, or ``"bn"`` (recalibration alone); the pruned layers are those with
+    more zeros than in ``dense_model``."""
+    check_choice(method, "method", REPAIRS)
+    names = [] if method == "bn" else pruned_layers(model, dense_model)
+    stats = dense_output_stats(dense_model, names, calib) if names else {}
+    return repair_from_stats(model, names, stats, calib, method)
+
+
+def repair_from_stats(
+    model: nn.Module,
+    names: list[str],
+    dense_stats: dict[str, torch.Tensor],
+    calib: object,
+    method: Method,
+    *,
+    shrinkage: Literal["median", "none"] = "median",
+    lam: float | None = None,
+    progress: bool = False,
+) -> RepairReport:
+    """The repair ``prune(..., repair=method)`` runs on the layers ``names`` it masked, from the
+    statistics :func:`dense_output_stats` took before masking: ``"asr"`` (with its
+    ``shrinkage`` / ``lam``) or ``"layerwise"`` followed by BatchNorm recalibration, or ``"bn"``
+    (recalibration alone)."""
+    check_choice(method, "method", REPAIRS)
     if method == "bn":
         return RepairReport("bn", batches=recalibrate_bn(model, calib))
-    report = asr(model, dense_model, calib) if method == "asr" else layerwise(model, dense_model, calib)
+    rule = _asr_rule(shrinkage, lam) if method == "asr" else _layerwise_gamma
+    report = _repair(model, names, dense_stats, calib, rule, method, progress)
     recalibrate_bn(model, calib)
     return report

@@ -16,9 +16,13 @@ be ``nn.GELU()`` (erf; ``approximate="tanh"`` is another function) or ``nn.ReLU`
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
+import torch
 from torch import nn
 
 from ..core.checks import check_module
+from ..core.plan import SparsityPlan, plan_masks
 from ..integrations import families
 from .modules import SparseLinear
 
@@ -65,20 +69,26 @@ def restore_activation(model: nn.Module, fc1_name: str, activation: str) -> None
     parent.act = nn.GELU() if activation == "gelu" else nn.ReLU()
 
 
-def fuse_activations(model: nn.Module) -> dict[str, str]:
-    """Fuse every fusable MLP activation of ``model`` (in place) into its sparse ``fc1``.
+def fuse_activations(
+    model: nn.Module, plan: SparsityPlan | Mapping[str, torch.Tensor] | None = None
+) -> dict[str, str]:
+    """Fuse every fusable MLP activation of ``model`` (in place) into its sparse ``fc1``; with a
+    ``plan`` (or a mask dict), only those whose ``fc1`` the plan names.
 
     Returns ``{fc1 name: activation}`` of what was fused. MLPs whose ``fc1`` is still dense,
     already fused, or whose activation no epilogue computes exactly are left as they are.
     """
     fused = {}
     check_module(model)
+    planned = None if plan is None else set(plan_masks(plan))
     for name, module in model.named_modules():
         if not families.is_mlp(module):
             continue
         fc1, kind = getattr(module, "fc1", None), activation_kind(getattr(module, "act", nn.Identity()))
+        fc1_name = f"{name}.fc1" if name else "fc1"
+        if planned is not None and fc1_name not in planned:
+            continue
         if isinstance(fc1, SparseLinear) and fc1.activation == "none" and kind is not None:
-            fc1_name = f"{name}.fc1" if name else "fc1"
             fc1.activation = kind
             absorb_activation(model, fc1_name, kind)
             fused[fc1_name] = kind

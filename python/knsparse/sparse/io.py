@@ -23,10 +23,13 @@ from .. import backends
 from ..backends.base import ACTIVATIONS
 from ..core.checks import check_module, check_path
 from ..core.layers import ineligibility, placement_reasons
+from ..core.pattern import Pattern
+from ..core.plan import SparsityPlan, permutations_from_json
 from .fuse import absorb_activation, check_fusable
 from .modules import SparseConv2d, SparseLinear, _SparseLayer, set_submodule, sparse_layers
 
 _META_KEY = "knsparse.sparse_layers"
+_PLAN_KEY = "knsparse.plan"
 _KINDS = {"linear": nn.Linear, "conv2d": nn.Conv2d}
 _FIELDS = {"kind", "pattern", "conv_order", "backend", "activation"}
 
@@ -42,9 +45,13 @@ class _LayerInfo:
     activation: str
 
 
-def save_sparse(model: nn.Module, path: str | Path) -> None:
-    """Write ``model``'s tensors and its sparse-layer description to ``path`` (safetensors)."""
+def save_sparse(model: nn.Module, path: str | Path, plan: SparsityPlan | None = None) -> None:
+    """Write ``model``'s tensors and its sparse-layer description to ``path`` (safetensors);
+    with the ``plan`` it was pruned by, also the plan's pattern, conv order, channel permutation
+    and recipe (:func:`saved_plan` reads them; the masks are the sparse layers' slots)."""
     check_module(model)
+    if plan is not None and not isinstance(getattr(plan, "plan", plan), SparsityPlan):
+        raise TypeError(f"plan must be a SparsityPlan (prune(...).plan), got {type(plan).__name__}")
     check_path(path, "path")
     if Path(path).is_dir():
         raise ValueError(f"path {str(path)!r} is a folder; give a file name")
@@ -61,7 +68,37 @@ def save_sparse(model: nn.Module, path: str | Path) -> None:
         }
     # clone: tied weights share storage, which safetensors refuses to write
     tensors = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
-    save_file(tensors, str(path), metadata={_META_KEY: json.dumps(layers)})
+    metadata = {_META_KEY: json.dumps(layers)}
+    if plan is not None:
+        metadata[_PLAN_KEY] = json.dumps(getattr(plan, "plan", plan).metadata())
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def saved_plan(model: nn.Module, path: str | Path) -> SparsityPlan | None:
+    """The plan a :func:`save_sparse` file was written with, for ``model`` after
+    :func:`load_sparse` of that file (its masks are the model's sparse layers' masks), or
+    ``None`` when the file holds no plan. ``ValueError`` naming the file when the record is
+    broken or names layers the model does not hold as sparse layers."""
+    check_module(model)
+    path = str(check_path(path, "path"))
+    meta, _ = _read(path)
+    if _PLAN_KEY not in meta:
+        return None
+    try:
+        record = json.loads(meta[_PLAN_KEY])
+        pattern = Pattern.parse(record["pattern"], record["conv_order"])
+        permutation = permutations_from_json(record["permutation"])
+        recipe, layers = record["recipe"], record["layers"]
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{path}: metadata {_PLAN_KEY!r} is not a knsparse plan record: {exc}") from None
+    swapped = sparse_layers(model)
+    missing = sorted(set(layers) - set(swapped))
+    if missing:
+        raise ValueError(
+            f"{path}: the plan names layers the model does not hold as sparse layers: {missing[:5]}"
+        )
+    masks = {name: swapped[name].mask() for name in layers}
+    return SparsityPlan(pattern, masks, permutation, recipe)
 
 
 def load_sparse(model: nn.Module, path: str | Path, backend: str | None = None) -> nn.Module:
@@ -243,4 +280,4 @@ def _check_slots(path: str, swaps: dict[str, _SparseLayer], tensors: dict[str, t
             )
 
 
-__all__ = ["load_sparse", "save_sparse"]
+__all__ = ["load_sparse", "save_sparse", "saved_plan"]

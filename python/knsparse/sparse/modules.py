@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -22,9 +22,10 @@ from ..backends.base import ACTIVATIONS
 from ..core.checks import check_device, check_flag, check_module, check_names, check_number
 from ..core.compress import compress_nm, decompress_nm
 from ..core.layers import placement_reasons, swap_ineligibility
-from ..core.masks import ConvOrder, check_conv_order, check_finite, check_groupable
-from ..core.pattern import Pattern
+from ..core.masks import check_finite, check_groupable
+from ..core.pattern import ConvOrder, Pattern
 from ..core.plan import SparsityPlan, as_plan
+from ..utils.renamed import renamed
 
 
 def _mask_tensor(name: str | None, weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -45,13 +46,11 @@ def _mask_tensor(name: str | None, weight: torch.Tensor, mask: torch.Tensor) -> 
     return mask.to(weight.device)
 
 
-def _checked_mask(
-    name: str | None, module: nn.Module, mask: torch.Tensor, pattern: Pattern, conv_order: ConvOrder
-) -> torch.Tensor:
+def _checked_mask(name: str | None, module: nn.Module, mask: torch.Tensor, pattern: Pattern) -> torch.Tensor:
     """:func:`_mask_tensor`, then the swap rule (:func:`knsparse.core.layers.swap_ineligibility`) as a
     ``ValueError`` naming the layer: everything a sparse layer needs, checked once."""
     mask = _mask_tensor(name, module.weight, mask)
-    reason = swap_ineligibility(name or "", module, mask, pattern, conv_order)
+    reason = swap_ineligibility(name or "", module, mask, pattern)
     if reason:
         raise ValueError(f"layer {name!r}: {reason}" if name and not reason.startswith("layer ") else reason)
     return mask
@@ -67,7 +66,6 @@ class _SparseLayer(nn.Module):
         self,
         weight_shape: tuple[int, ...],
         pattern: Pattern,
-        conv_order: ConvOrder,
         backend: str,
         bias: bool,
         dtype: torch.dtype | None,
@@ -78,7 +76,6 @@ class _SparseLayer(nn.Module):
         bad = [d for d in weight_shape if isinstance(d, bool) or not isinstance(d, int) or d <= 0]
         if bad:
             raise ValueError(f"layer sizes must be positive ints, got weight shape {tuple(weight_shape)}")
-        check_conv_order(conv_order)
         if not isinstance(backend, str):
             raise TypeError(f"backend must be a str ('auto' or a backend name), got {type(backend).__name__}")
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
@@ -91,7 +88,6 @@ class _SparseLayer(nn.Module):
             if reason:
                 raise BackendUnavailableError(f"backend {backend!r} is unavailable: {reason}")
         self.pattern = pattern
-        self.conv_order = conv_order
         self.weight_shape = tuple(weight_shape)
         self.backend_request = backend
         rows = weight_shape[0]
@@ -104,7 +100,7 @@ class _SparseLayer(nn.Module):
     def _store(self, weight: torch.Tensor, mask: torch.Tensor, bias: torch.Tensor | None) -> None:
         """Keep ``weight`` where the bool ``mask`` is True (:func:`compress_nm` refuses a mask that
         is not k:n, whoever calls)."""
-        values, slots = compress_nm(weight.detach(), mask, self.pattern, self.conv_order)
+        values, slots = compress_nm(weight.detach(), mask, self.pattern)
         with torch.no_grad():
             self.values.copy_(values)
             self.slots.copy_(slots)
@@ -113,7 +109,7 @@ class _SparseLayer(nn.Module):
 
     def dense_weight(self) -> torch.Tensor:
         """The masked dense weight (zeros at the pruned entries), in the layer's dtype."""
-        return decompress_nm(self.values, self.slots, self.weight_shape, self.pattern, self.conv_order)
+        return decompress_nm(self.values, self.slots, self.weight_shape, self.pattern)
 
     def _filled(self, dense: nn.Module) -> nn.Module:
         """``dense`` (a fresh Linear/Conv2d of the same shape) holding this layer's weight and bias."""
@@ -123,10 +119,15 @@ class _SparseLayer(nn.Module):
                 dense.bias.copy_(self.bias)
         return dense
 
+    @property
+    def conv_order(self) -> ConvOrder:
+        """How the layer's groups run for a conv weight (the pattern's conv order)."""
+        return self.pattern.conv_order
+
     def mask(self) -> torch.Tensor:
         """Bool mask of the kept slots (a stored value may itself be zero)."""
         ones = torch.ones_like(self.values, dtype=torch.float32)
-        return decompress_nm(ones, self.slots, self.weight_shape, self.pattern, self.conv_order).bool()
+        return decompress_nm(ones, self.slots, self.weight_shape, self.pattern).bool()
 
     def _spec(self) -> LinearSpec | ConvSpec:
         raise TypeError("subclass must define _spec")
@@ -219,12 +220,12 @@ class SparseLinear(_SparseLayer):
         super().__init__()
         check_number(in_features, "in_features", low=1, integer=True)
         check_number(out_features, "out_features", low=1, integer=True)
-        pattern = Pattern.parse(pattern)
+        pattern = replace(Pattern.parse(pattern), conv_order="rsc")  # a Linear has no conv order
         check_groupable((out_features, in_features), pattern)
         self.in_features = in_features
         self.out_features = out_features
         self.activation = activation
-        self._init_storage((out_features, in_features), pattern, "rsc", backend, bias, dtype, device)
+        self._init_storage((out_features, in_features), pattern, backend, bias, dtype, device)
 
     @property
     def activation(self) -> str:
@@ -250,7 +251,7 @@ class SparseLinear(_SparseLayer):
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"layer {name!r}: linear must be an nn.Linear, got {type(linear).__name__}")
         pattern = Pattern.parse(pattern)
-        return cls._build(linear, _checked_mask(name, linear, mask, pattern, "rsc"), pattern, backend)
+        return cls._build(linear, _checked_mask(name, linear, mask, pattern), pattern, backend)
 
     @classmethod
     def _build(cls, linear: nn.Linear, mask: torch.Tensor, pattern: Pattern, backend: str) -> SparseLinear:
@@ -306,7 +307,7 @@ class SparseConv2d(_SparseLayer):
         dilation: tuple[int, int] = (1, 1),
         pattern: str | Pattern = "2:4",
         bias: bool = True,
-        conv_order: ConvOrder = "rsc",
+        conv_order: ConvOrder | None = None,
         backend: str = "auto",
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
@@ -314,17 +315,16 @@ class SparseConv2d(_SparseLayer):
         super().__init__()
         check_number(in_channels, "in_channels", low=1, integer=True)
         check_number(out_channels, "out_channels", low=1, integer=True)
-        check_conv_order(conv_order)
-        pattern = Pattern.parse(pattern)
+        pattern = Pattern.parse(pattern, conv_order)
         shape = (out_channels, in_channels, *kernel_size)
-        check_groupable(shape, pattern, conv_order)
+        check_groupable(shape, pattern)
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.kernel_size = tuple(kernel_size)
         self.stride = tuple(stride)
         self.padding = padding if isinstance(padding, str) else tuple(padding)
         self.dilation = tuple(dilation)
-        self._init_storage(shape, pattern, conv_order, backend, bias, dtype, device)
+        self._init_storage(shape, pattern, backend, bias, dtype, device)
 
     @classmethod
     def from_dense(
@@ -333,21 +333,17 @@ class SparseConv2d(_SparseLayer):
         mask: torch.Tensor,
         pattern: str | Pattern = "2:4",
         backend: str = "auto",
-        conv_order: ConvOrder = "rsc",
+        conv_order: ConvOrder | None = None,
         name: str | None = None,
     ) -> SparseConv2d:
         """Build from ``conv`` keeping the weights where ``mask`` (``[Cout, Cin, R, S]``, k:n) is True."""
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"layer {name!r}: conv must be an nn.Conv2d, got {type(conv).__name__}")
-        pattern = Pattern.parse(pattern)
-        return cls._build(
-            conv, _checked_mask(name, conv, mask, pattern, conv_order), pattern, backend, conv_order
-        )
+        pattern = Pattern.parse(pattern, conv_order)
+        return cls._build(conv, _checked_mask(name, conv, mask, pattern), pattern, backend)
 
     @classmethod
-    def _build(
-        cls, conv: nn.Conv2d, mask: torch.Tensor, pattern: Pattern, backend: str, conv_order: ConvOrder
-    ) -> SparseConv2d:
+    def _build(cls, conv: nn.Conv2d, mask: torch.Tensor, pattern: Pattern, backend: str) -> SparseConv2d:
         w = conv.weight
         layer = cls(
             conv.in_channels,
@@ -358,7 +354,7 @@ class SparseConv2d(_SparseLayer):
             conv.dilation,
             pattern,
             conv.bias is not None,
-            conv_order,
+            None,
             backend,
             w.dtype,
             w.device,
@@ -431,9 +427,10 @@ def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
+@renamed(masks="plan")
 def swap_modules(
     model: nn.Module,
-    masks: SparsityPlan | Mapping[str, torch.Tensor],
+    plan: SparsityPlan | Mapping[str, torch.Tensor],
     pattern: str | Pattern | None = None,
     backend: str = "auto",
     include: Iterable[str] | None = None,
@@ -444,8 +441,8 @@ def swap_modules(
 
     Args:
         model: the model to modify.
-        masks: a :class:`~knsparse.core.plan.SparsityPlan` (``prune(...).plan``), or
-            ``{module name: bool mask of its weight}``.
+        plan: a :class:`~knsparse.core.plan.SparsityPlan` (``prune(...).plan``, read whole: its
+            pattern and conv order), or ``{module name: bool mask of its weight}``.
         pattern: the k:n pattern a mask dict follows (default ``"2:4"``; a plan has its own).
         backend: ``"auto"`` or a backend name (see :func:`knsparse.backends.available`).
         include, exclude: glob patterns over module names (``"blocks.*.mlp.*"``) to restrict
@@ -463,8 +460,8 @@ def swap_modules(
             that cannot run a layer. Nothing in the model is changed when this happens.
     """
     check_module(model)
-    plan = as_plan(masks, pattern, conv_order)
-    masks, pattern, conv_order = plan.masks, plan.pattern, plan.conv_order
+    plan = as_plan(plan, pattern, conv_order)
+    masks, pattern = plan.masks, plan.pattern
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str ('auto' or a backend name), got {type(backend).__name__}")
     if backend != "auto":
@@ -490,7 +487,7 @@ def swap_modules(
         if _matches(name, exclude):
             report.skipped[name] = "matched by exclude"
             continue
-        reason = placement.get(name) or swap_ineligibility(name, module, mask, pattern, conv_order)
+        reason = placement.get(name) or swap_ineligibility(name, module, mask, pattern)
         if reason is None and backend == "auto" and module.weight.device.type == "cuda":
             chosen, why = backends.resolve("auto", _spec_of(module, pattern))
             reason = None if chosen is not None else f"no sparse backend runs it: {why}"
@@ -500,7 +497,7 @@ def swap_modules(
         if isinstance(module, nn.Linear):
             new: _SparseLayer = SparseLinear._build(module, mask, pattern, backend)
         else:
-            new = SparseConv2d._build(module, mask, pattern, backend, conv_order)
+            new = SparseConv2d._build(module, mask, pattern, backend)
         replacements[name] = new
         report.swapped[name] = new.active_backend
     for name, new in replacements.items():

@@ -57,6 +57,9 @@ class MethodSpec:
     other on the outputs of the already pruned ones (``prune(sequential=True)``)."""
     fixed: Mapping[str, object] = field(default_factory=dict)
     """Options this registry entry pins (``cast-conv`` is ``cast`` with ``convs=True``)."""
+    spectra: Literal["never", "always", "premask"] = "never"
+    """Whether the method reads each layer's Marchenko–Pastur fit (``Layer.fit``): never,
+    always, or only with an unstructured pre-mask (``cast`` with ``sparsity``)."""
 
     @property
     def options(self) -> frozenset[str]:
@@ -77,6 +80,10 @@ class MethodSpec:
     ) -> Mapping[str, Decision]:
         return self.fn(layers, pattern, sparsity, **self.fixed, **options)
 
+    def needs_spectra(self, sparsity: float | None) -> bool:
+        """Whether a call at ``sparsity`` reads the layers' MP fits."""
+        return self.spectra == "always" or (self.spectra == "premask" and sparsity is not None)
+
     def accepts(self, pattern: Pattern | None) -> bool:
         """Whether the method makes k:n masks (``pattern``) or unstructured ones (``None``)."""
         if self.patterns == "both":
@@ -87,16 +94,23 @@ class MethodSpec:
 METHODS: dict[str, MethodSpec] = {
     "magnitude": MethodSpec(magnitude, "unused", "both"),
     "yopo": MethodSpec(yopo, "unused", "both"),
-    "rmt": MethodSpec(rmt, "unused", "both"),
-    "ser": MethodSpec(ser, "optional", "unstructured"),
-    "hybrid": MethodSpec(hybrid, "optional", "unstructured"),
+    "rmt": MethodSpec(rmt, "unused", "both", spectra="always"),
+    "ser": MethodSpec(ser, "optional", "unstructured", spectra="always"),
+    "hybrid": MethodSpec(hybrid, "optional", "unstructured", spectra="always"),
     "wanda": MethodSpec(wanda, "required", "both", layerwise=True),
     "sparsegpt": MethodSpec(sparsegpt, "required", "kn", full_gram=True, layerwise=True),
     "sparsegpt-refit": MethodSpec(
         sparsegpt, "required", "kn", full_gram=True, layerwise=True, fixed={"refit": True}
     ),
     "cast": MethodSpec(
-        cast, "required", "kn", group_gram=True, premask=True, full_gram="reconstruct", layerwise=True
+        cast,
+        "required",
+        "kn",
+        group_gram=True,
+        premask=True,
+        full_gram="reconstruct",
+        layerwise=True,
+        spectra="premask",
     ),
     "cast-conv": MethodSpec(
         cast,
@@ -107,8 +121,46 @@ METHODS: dict[str, MethodSpec] = {
         full_gram="reconstruct",
         layerwise=True,
         fixed={"convs": True},
+        spectra="premask",
     ),
 }
+"""The method registry: every name :func:`knsparse.prune` and the CLI accept. Add to it with
+:func:`register_method`."""
+
+
+def register_method(
+    name: str,
+    *,
+    calib: Literal["required", "optional", "unused"] = "unused",
+    patterns: Literal["kn", "unstructured", "both"] = "both",
+    replace: bool = False,
+    **spec: object,
+) -> Callable[[MethodFn], MethodFn]:
+    """Decorator: register a mask method under ``name`` (timm's ``register_model`` for masks).
+
+    The function takes ``(layers, pattern, sparsity, **options)`` — ``layers`` a
+    ``{name: Layer}`` of reduction-view weights (:class:`~.base.Layer`), ``pattern`` a
+    :class:`Pattern` or ``None``, its keyword-only parameters the options a recipe may set —
+    and returns ``{name: Decision}``. ``calib``/``patterns`` and the other :class:`MethodSpec`
+    fields (``group_gram``, ``premask``, ``full_gram``, ``layerwise``, ``fixed``, ``spectra``)
+    say what it needs. A name already registered is a ``ValueError`` unless ``replace=True``::
+
+        @ks.register_method("my-scores", calib="required", layerwise=True)
+        def my_scores(layers, pattern, sparsity, *, alpha=0.5): ...
+    """
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"method name must be a non-empty str, got {name!r}")
+
+    def register(fn: MethodFn) -> MethodFn:
+        if not callable(fn):
+            raise TypeError(f"register_method({name!r}) decorates a function, got {type(fn).__name__}")
+        if name in METHODS and not replace:
+            raise ValueError(f"method {name!r} is already registered (pass replace=True to override)")
+        METHODS[name] = MethodSpec(fn, calib, patterns, **spec)
+        return fn
+
+    return register
+
 
 __all__ = [
     "DEFAULT_KN_METHOD",
@@ -120,6 +172,7 @@ __all__ = [
     "greedy_group_select",
     "hybrid",
     "magnitude",
+    "register_method",
     "rmt",
     "select",
     "ser",

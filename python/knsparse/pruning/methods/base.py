@@ -28,7 +28,9 @@ class Layer:
     weight: torch.Tensor
     """``[out, K]`` float32 reduction view (a copy: methods never touch the model)."""
     is_conv: bool
-    fit: MPFit
+    fit: MPFit | None = None
+    """The Marchenko–Pastur fit of the weight, when the method needs one (``MethodSpec.spectra``)
+    or the diagnostics ask for it; ``None`` otherwise."""
     stats: InputStats | None = None
     """GEMM-input statistics on the calibration set, when one was given."""
 

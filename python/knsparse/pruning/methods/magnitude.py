@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ...core.layers import pattern_layers
-from ...core.masks import ConvOrder, from_reduction_view, to_reduction_view
+from ...core.masks import from_reduction_view, to_reduction_view
 from ...core.pattern import Pattern
 from ..score import magnitude as magnitude_scores
 from .base import Decision, Layer
@@ -28,20 +28,26 @@ def magnitude(
     (``mode="global"``); every output row keeps at least ``min_keep_row`` weights."""
     if not layers:
         return {}
-    scores = magnitude_scores({n: lay.weight for n, lay in layers.items()})
-    return select(scores, pattern, sparsity, rule="magnitude", mode=mode, min_keep_row=min_keep_row)
+    choose = {"rule": "magnitude", "mode": mode, "min_keep_row": min_keep_row}
+    if pattern is None and mode == "global":  # one threshold: every layer's scores at once
+        return select(
+            magnitude_scores({n: lay.weight for n, lay in layers.items()}), pattern, sparsity, **choose
+        )
+    out: dict[str, Decision] = {}
+    for name, lay in layers.items():  # one layer's |w| at a time: no copy of the whole model
+        out.update(select(magnitude_scores({name: lay.weight}), pattern, sparsity, **choose))
+    return out
 
 
-def magnitude_masks(
-    model: nn.Module, pattern: Pattern, conv_order: ConvOrder = "rsc"
-) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def magnitude_masks(model: nn.Module, pattern: Pattern) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """``{layer: k:n mask keeping the largest |w| per group}`` (each in its weight's shape) for
     every layer that can carry ``pattern``, and ``{layer: why not}`` for the other Linear /
     Conv2d layers (:func:`knsparse.core.layers.pattern_layers`). The model is not changed."""
-    found, skipped = pattern_layers(model, pattern, conv_order)
+    found, skipped = pattern_layers(model, pattern)
     if not found:
         return {}, skipped
-    views = {n: to_reduction_view(m.weight.detach(), conv_order) for n, m in found.items()}
+    order = pattern.conv_order
+    views = {n: to_reduction_view(m.weight.detach(), order) for n, m in found.items()}
     chosen = select(magnitude_scores(views), pattern, None, rule="magnitude")
-    masks = {n: from_reduction_view(d.mask, found[n].weight.shape, conv_order) for n, d in chosen.items()}
+    masks = {n: from_reduction_view(d.mask, found[n].weight.shape, order) for n, d in chosen.items()}
     return masks, skipped

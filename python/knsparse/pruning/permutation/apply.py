@@ -21,8 +21,8 @@ from torch import nn
 
 from ...core.checks import check_flag, check_module, check_number
 from ...core.layers import placement_reasons, shared_tensors
-from ...core.masks import ConvOrder, check_conv_order, check_groupable
-from ...core.pattern import Pattern
+from ...core.masks import check_groupable
+from ...core.pattern import ConvOrder, Pattern
 from ...core.plan import ChannelPermutation
 from ...utils import distributed
 from ...utils.batches import Batch, model_batches, model_device, output_tensors
@@ -115,7 +115,7 @@ def find_groups(model: nn.Module) -> GroupList:
 
 
 def prepare_group(
-    model: nn.Module, group: ChannelGroup, report: GroupReport, pattern: Pattern, conv_order: ConvOrder
+    model: nn.Module, group: ChannelGroup, report: GroupReport, pattern: Pattern
 ) -> dict[str, torch.Tensor] | None:
     """The group's consumer search matrices by name, or ``None`` (with ``report.skip_reason``)
     when it cannot move."""
@@ -132,8 +132,8 @@ def prepare_group(
         return None
     weights = {name: model.get_submodule(name).weight.detach() for name in group.consumers}
     for name, w in weights.items():
-        check_groupable(w.shape, pattern, conv_order, name)
-    return {name: search_matrix(w, conv_order, name) for name, w in weights.items()}
+        check_groupable(w.shape, pattern, name)
+    return {name: search_matrix(w, pattern.conv_order, name) for name, w in weights.items()}
 
 
 def scaled_stack(matrices: dict[str, torch.Tensor], pattern: Pattern) -> torch.Tensor:
@@ -198,7 +198,6 @@ def _search_groups(
     on every rank. ``report.seconds`` is the group's share of the search time, by its size."""
     start = time.perf_counter()
     search_kwargs = dict(search_kwargs)
-    conv_order = search_kwargs.pop("conv_order")
     budget = search_kwargs.pop("time_budget_s")
     found: dict[int, tuple[GroupReport, torch.Tensor | None]] = {}
     todo: list[tuple[int, dict[str, torch.Tensor]]] = []
@@ -206,7 +205,7 @@ def _search_groups(
         group = groups[i]
         report = GroupReport(group.name, group.consumers, group.source, skip_reason=skip.get(i))
         found[i] = (report, None)
-        matrices = None if report.skip_reason else prepare_group(model, group, report, pattern, conv_order)
+        matrices = None if report.skip_reason else prepare_group(model, group, report, pattern)
         if matrices is not None:
             todo.append((i, matrices))
     stacked = [scaled_stack(matrices, pattern) for _, matrices in todo]
@@ -271,9 +270,9 @@ def permute(
     model: nn.Module,
     pattern: str | Pattern,
     calib: object = None,
-    inplace: bool = True,
+    inplace: bool = False,
     *,
-    conv_order: ConvOrder = "rsc",
+    conv_order: ConvOrder | None = None,
     seed: int = 0,
     max_iters: int = 30,
     block_stripes: int = 64,
@@ -289,8 +288,10 @@ def permute(
         pattern: the k:n pattern the consumers will be masked with (``"2:4"``, ``"8:16"``...).
         calib: optional calibration batches; the first one checks that outputs are unchanged
             (the model is restored and ``RuntimeError`` raised if they are not).
-        inplace: permute ``model`` itself, else a deep copy (``report.model``).
-        conv_order: conv grouping of the masks (see :mod:`knsparse.core.masks`).
+        inplace: permute ``model`` itself; default a deep copy (``report.model``), as
+            :func:`knsparse.prune` does.
+        conv_order: conv grouping of the masks, for a pattern given without one
+            (see :mod:`knsparse.core.pattern`).
         seed, block_stripes, windows, passes: as in :func:`~.stripe_search.search`. All
             groups are searched together: blocks of equal shape, from any group, in one batch
             on the model's device. Window rounds are off by default: on ResNet-50 they add
@@ -311,8 +312,7 @@ def permute(
     check_module(model)
     check_flag(inplace, "inplace")
     check_flag(windows, "windows")
-    pattern = Pattern.parse(pattern)
-    check_conv_order(conv_order)
+    pattern = Pattern.parse(pattern, conv_order)
     check_number(seed, "seed", integer=True)
     check_number(max_iters, "max_iters", low=0, integer=True)
     check_number(block_stripes, "block_stripes", low=2, integer=True)
@@ -321,39 +321,47 @@ def permute(
         check_number(time_budget_s, "time_budget_s", low=0.0)
     if not inplace:
         model = copy.deepcopy(model)
+    search_kwargs = {
+        "seed": seed,
+        "max_iters": max_iters,
+        "block_stripes": block_stripes,
+        "windows": windows,
+        "passes": passes,
+        "time_budget_s": time_budget_s,
+    }
     backup = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    try:
+        return permute_unguarded(model, pattern, calib, search_kwargs, progress)
+    except BaseException:
+        model.load_state_dict(backup)  # all or nothing: no half-permuted model
+        raise
+
+
+def permute_unguarded(
+    model: nn.Module, pattern: Pattern, calib: object, search_kwargs: dict[str, object], progress: bool
+) -> PermutationReport:
+    """:func:`permute`'s work on ``model`` itself, with checked arguments, and no rollback: a
+    caller that holds its own snapshot of the model (:func:`knsparse.prune`) restores it on an
+    error instead of paying for a second one."""
     with evaluation(model):
-        try:
-            probe = next(model_batches(calib, model_device(model))) if calib is not None else None
-            reference = _outputs(model, probe) if probe is not None else None
-            found = find_groups(model)
-            search_kwargs = {
-                "conv_order": conv_order,
-                "seed": seed,
-                "max_iters": max_iters,
-                "block_stripes": block_stripes,
-                "windows": windows,
-                "passes": passes,
-                "time_budget_s": time_budget_s,
-            }
-            placement, shared = placement_reasons(model), shared_tensors(model)
-            skip = {
-                i: reason
-                for i, group in enumerate(found.groups)
-                if (reason := group.skip_reason or placement_skip(model, group, placement, shared))
-            }
-            reports, perms = _search_groups(model, found.groups, pattern, search_kwargs, progress, skip)
-            for group, report, perm in zip(found.groups, reports, perms, strict=True):
-                if perm is not None:
-                    apply_permutation(model, group, perm.to(model_device(model)))
-                    report.permuted = True
-                    members = tuple((m.name, m.role, m.dim, m.offset) for m in group.members)
-                    report.applied = ChannelPermutation(report.name, tuple(perm.tolist()), members)
-            if probe is not None:
-                _check_unchanged(model, probe, reference)
-        except BaseException:
-            model.load_state_dict(backup)  # all or nothing: no half-permuted model
-            raise
+        probe = next(model_batches(calib, model_device(model))) if calib is not None else None
+        reference = _outputs(model, probe) if probe is not None else None
+        found = find_groups(model)
+        placement, shared = placement_reasons(model), shared_tensors(model)
+        skip = {
+            i: reason
+            for i, group in enumerate(found.groups)
+            if (reason := group.skip_reason or placement_skip(model, group, placement, shared))
+        }
+        reports, perms = _search_groups(model, found.groups, pattern, search_kwargs, progress, skip)
+        for group, report, perm in zip(found.groups, reports, perms, strict=True):
+            if perm is not None:
+                apply_permutation(model, group, perm.to(model_device(model)))
+                report.permuted = True
+                members = tuple((m.name, m.role, m.dim, m.offset) for m in group.members)
+                report.applied = ChannelPermutation(report.name, tuple(perm.tolist()), members)
+        if probe is not None:
+            _check_unchanged(model, probe, reference)
     return PermutationReport(model, str(pattern), reports, found.trace_error)
 
 

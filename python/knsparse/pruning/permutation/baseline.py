@@ -19,8 +19,7 @@ import torch
 from torch import nn
 
 from ...core.layers import placement_reasons, shared_tensors
-from ...core.masks import ConvOrder, check_conv_order
-from ...core.pattern import Pattern
+from ...core.pattern import ConvOrder, Pattern
 from .apply import GroupReport, find_groups, judge_group, placement_skip, prepare_group, scaled_stack
 from .objective import stacked_search_matrix, topk_sum
 from .stripe_search import SearchResult
@@ -30,7 +29,7 @@ def greedy_swap_search(
     weight: torch.Tensor | Sequence[torch.Tensor],
     pattern: str | Pattern,
     *,
-    conv_order: ConvOrder = "rsc",
+    conv_order: ConvOrder | None = None,
     max_swaps: int = 100_000,
     segment: int | None = None,
     time_budget_s: float | None = None,
@@ -44,8 +43,8 @@ def greedy_swap_search(
     """
     start = time.perf_counter()
     deadline = math.inf if time_budget_s is None else start + time_budget_s
-    pattern = Pattern.parse(pattern)
-    m = stacked_search_matrix(weight, pattern, conv_order)
+    pattern = Pattern.parse(pattern, conv_order)
+    m = stacked_search_matrix(weight, pattern)
     channels, n, k = m.shape[1], pattern.n, pattern.k
     perm = torch.arange(channels, device=m.device)
     i, j = torch.triu_indices(channels, channels, offset=1, device=m.device)
@@ -102,13 +101,12 @@ def greedy_groups(
     *,
     names: Sequence[str] | None = None,
     time_budget_s: float | None = 10.0,
-    conv_order: ConvOrder = "rsc",
+    conv_order: ConvOrder | None = None,
 ) -> list[BaselineGroup]:
     """:func:`greedy_swap_search` on the channel groups :func:`~.apply.permute` searches
     (``names``: only the groups of these names, ``None``: all), each with ``time_budget_s``
     seconds (``None``: to convergence). The model is not changed."""
-    pattern = Pattern.parse(pattern)
-    check_conv_order(conv_order)
+    pattern = Pattern.parse(pattern, conv_order)
     placement, shared = placement_reasons(model), shared_tensors(model)
     out = []
     for group in find_groups(model).groups:
@@ -116,7 +114,7 @@ def greedy_groups(
             continue
         report = GroupReport(group.name, group.consumers, group.source)
         report.skip_reason = group.skip_reason or placement_skip(model, group, placement, shared)
-        matrices = None if report.skip_reason else prepare_group(model, group, report, pattern, conv_order)
+        matrices = None if report.skip_reason else prepare_group(model, group, report, pattern)
         if matrices is None:
             continue
         stacked = scaled_stack(matrices, pattern)

@@ -19,8 +19,8 @@ from collections.abc import Sequence
 
 import torch
 
-from ...core.masks import ConvOrder, check_groupable
-from ...core.pattern import Pattern
+from ...core.masks import check_groupable
+from ...core.pattern import ConvOrder, Pattern
 
 
 def _top2_of_4(x: torch.Tensor, dim: int) -> torch.Tensor:
@@ -83,10 +83,7 @@ def search_matrix(
 
 
 def stacked_search_matrix(
-    weights: torch.Tensor | Sequence[torch.Tensor],
-    pattern: Pattern,
-    conv_order: ConvOrder = "rsc",
-    names: Sequence[str] | None = None,
+    weights: torch.Tensor | Sequence[torch.Tensor], pattern: Pattern, names: Sequence[str] | None = None
 ) -> torch.Tensor:
     """Search matrices of weights sharing their input channels, stacked along the rows.
 
@@ -100,8 +97,8 @@ def stacked_search_matrix(
     names = list(names) if names is not None else [None] * len(weights)
     mats = []
     for w, name in zip(weights, names, strict=True):
-        check_groupable(w.shape, pattern, conv_order, name)
-        mats.append(search_matrix(w, conv_order, name))
+        check_groupable(w.shape, pattern, name)
+        mats.append(search_matrix(w, pattern.conv_order, name))
     channels = {m.shape[1] for m in mats}
     if len(channels) > 1:
         shapes = ", ".join(

@@ -42,8 +42,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ...core.checks import check_device, check_flag, check_number, check_tensor
-from ...core.masks import ConvOrder, check_conv_order
-from ...core.pattern import Pattern
+from ...core.pattern import ConvOrder, Pattern
 from .objective import efficacy, kept_and_kth_pair, kept_score, optimal_kept, stacked_search_matrix, topk_sum
 
 # Largest intermediate tensor (elements) a batched scoring step allocates.
@@ -505,7 +504,7 @@ def search(
     weight: torch.Tensor | Sequence[torch.Tensor],
     pattern: str | Pattern,
     *,
-    conv_order: ConvOrder = "rsc",
+    conv_order: ConvOrder | None = None,
     names: Sequence[str] | None = None,
     seed: int = 0,
     time_budget_s: float | None = None,
@@ -526,8 +525,9 @@ def search(
         weight: a Linear ``[out, C]`` or Conv2d ``[Cout, C, R, S]`` weight, or several that
             share their ``C`` input channels (scored together). Magnitudes ``|w|`` are the
             scores, so nonnegative importance scores can be passed instead of weights.
-        pattern: any k:n pattern (``"2:4"``, ``"6:12"``, ``"8:16"``, ...).
-        conv_order: conv grouping; channel permutation needs ``"rsc"`` for kernels > 1x1.
+        pattern: any k:n pattern (``"2:4"``, ``"6:12"``, ``"8:16"``, ...); channel permutation
+            needs the ``"rsc"`` conv order for kernels > 1x1.
+        conv_order: the conv order, for a pattern given without one.
         names: layer names for error messages.
         seed: seeds the blocks, tabu tenures and kicks.
         time_budget_s: wall-clock cap in seconds, checked between steps; one swap round on the
@@ -553,7 +553,7 @@ def search(
         A :class:`SearchResult`; ``perm`` is on the weight's device.
     """
     start = time.perf_counter()
-    pattern = Pattern.parse(pattern)
+    pattern = Pattern.parse(pattern, conv_order)
     for label, value, least in (
         ("max_iters", max_iters, 0),
         ("passes", passes, 1),
@@ -569,7 +569,6 @@ def search(
     if time_budget_s is not None:
         check_number(time_budget_s, "time_budget_s", low=0)
     check_flag(windows, "windows")
-    check_conv_order(conv_order)
     check_flag(progress, "progress")
     if device is not None:
         device = check_device(device)
@@ -585,7 +584,7 @@ def search(
         or not all(isinstance(n, str) for n in names)
     ):
         raise TypeError(f"names must be one str per weight ({len(weights)}), got {names!r}")
-    matrix = stacked_search_matrix(weight, pattern, conv_order, names)
+    matrix = stacked_search_matrix(weight, pattern, names)
     out_device = matrix.device
     if device is not None:
         matrix = matrix.to(device)

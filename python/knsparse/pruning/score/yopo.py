@@ -26,14 +26,8 @@ import torch
 from tqdm.auto import tqdm
 
 from knsparse.core.checks import check_flag, check_number
-from knsparse.core.masks import (
-    ConvOrder,
-    check_conv_order,
-    check_groupable,
-    from_reduction_view,
-    to_reduction_view,
-)
-from knsparse.core.pattern import Pattern
+from knsparse.core.masks import check_groupable, from_reduction_view, to_reduction_view
+from knsparse.core.pattern import ConvOrder, Pattern, check_conv_order
 from knsparse.kernels import nmf_cpu
 from knsparse.kernels.nmf import nmf_init, nmf_mu
 from knsparse.kernels.residual import residual_nm_mask, residual_scores
@@ -414,7 +408,7 @@ def yopo_nm_masks(
     normalize: bool = True,
     seed: int = 0,
     layers: Iterable[str] | None = None,
-    conv_order: ConvOrder = "rsc",
+    conv_order: ConvOrder | None = None,
     max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
     progress: bool = False,
 ) -> dict[str, torch.Tensor]:
@@ -424,12 +418,12 @@ def yopo_nm_masks(
     the groups run along the reduction axis, which per-channel slices do not). Raises
     ``ValueError`` naming the layer when the pattern cannot tile its reduction axis.
     """
-    pattern = Pattern.parse(pattern)
-    _check_fit_args(rank, iters, seed, max_chunk_bytes, conv_order)
+    pattern = Pattern.parse(pattern, conv_order)
+    _check_fit_args(rank, iters, seed, max_chunk_bytes, pattern.conv_order)
     weights = prunable_weights(model_or_weights, layers)
     for name, w in weights.items():
-        check_groupable(w.shape, pattern, conv_order, name)
-    fit = LayerFits(weights, rank, False, normalize, seed, conv_order)
+        check_groupable(w.shape, pattern, name)
+    fit = LayerFits(weights, rank, False, normalize, seed, pattern.conv_order)
 
     def emit(
         x: torch.Tensor, v: torch.Tensor, h: torch.Tensor, sizes: torch.Tensor, chunk: Chunk
