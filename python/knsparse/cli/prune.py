@@ -88,6 +88,8 @@ def run(args: argparse.Namespace) -> int:
     print(outcome.swap)
     for name, why in outcome.not_prunable.items():
         print(f"  dense    {name:<32} {why}")
+    for name, why in (outcome.prune_result.fallbacks() if outcome.prune_result else {}).items():
+        print(f"  fallback {name:<32} {why}")
     print(f"wrote {out} (load it with: --model {args.model} --weights {out})")
     return 0
 
@@ -113,8 +115,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--no-reconstruct",
         action="store_true",
-        help="cast/cast-conv: keep CAST's masks without re-fitting the kept weights (the re-fit needs "
-        "at least K/8 calibration rows per layer)",
+        help="cast/cast-conv: keep CAST's masks without re-fitting the kept weights (a layer with fewer "
+        "calibration rows than K skips the re-fit anyway, and the output says so)",
     )
     p.add_argument(
         "--data",
