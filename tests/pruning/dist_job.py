@@ -25,7 +25,8 @@ from knsparse.utils import distributed
 
 
 def calibration(seed: int = 0, batches: int = 6, size: int = 24) -> list[torch.Tensor]:
-    # 144 images: layer4 sees one position per image, and CAST's default re-fit needs 144 rows there.
+    # 144 images: layer4 sees one position per image, fewer rows than its re-fit needs (K = 1152):
+    # those layers keep CAST's mask on the dense weights, the earlier ones are re-fitted.
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(size, 1, 8, 8, generator=g) for _ in range(batches)]
 

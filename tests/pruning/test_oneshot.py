@@ -184,24 +184,51 @@ def test_sparsegpt_and_wanda_methods():
 
 
 def test_bad_calibration_names_the_layer():
-    x, w = data(3, 32, 4)  # 3 rows for a 32x32 Gram (4 needed)
-    with pytest.raises(ValueError, match=r"layer 'fc': 3 calibration rows.*at least 4"):
-        sparsegpt({"fc": layer_with_stats(x, w)}, P24)
-    x, w = data(12, 32, 4)  # singular but usable: damped
-    assert bool((sparsegpt({"fc": layer_with_stats(x, w)}, P24)["fc"].mask.sum(1) == 16).all())
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
     before = copy.deepcopy(model.state_dict())
     bad = [torch.full((4, 8), float("nan"))]
     with pytest.raises(ValueError, match=r"layer '0'.*NaN"):
         prune(model, "sparsegpt", "2:4", calib=bad, progress=False)
-    with pytest.raises(ValueError, match=r"layer '0'.*all zero"):
-        prune(model, "sparsegpt", "2:4", calib=[torch.zeros(16, 8)], progress=False)
-    # CAST re-fits by default: too few samples for that Gram name the layer and the way out.
-    wide = nn.Sequential(nn.Linear(64, 8))
-    with pytest.raises(ValueError, match=r"layer '0': 4 calibration rows.*reconstruct=False"):
-        prune(wide, "cast", "2:4", calib=[torch.randn(4, 64)], progress=False)
-    assert prune(wide, "cast", "2:4", calib=[torch.randn(4, 64)], progress=False, reconstruct=False).masks
+    with pytest.raises(ValueError, match="damp must be >= 0"):
+        prune(model, "sparsegpt", "2:4", calib=[torch.randn(16, 8)], progress=False, damp=-1.0)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_thin_calibration_falls_back_per_layer_with_the_reason():
+    # 3 rows for a 32x32 Gram: the sweep runs on the damped Gram, the re-fit is skipped.
+    x, w = data(3, 32, 4)
+    lay = layer_with_stats(x, w)
+    swept = sparsegpt({"fc": lay}, P24)["fc"]
+    thin = sparsegpt({"fc": lay}, P24, refit=True)["fc"]
+    assert thin.rule == "sparsegpt 2:4" and torch.equal(thin.weight, swept.weight)
+    assert thin.fallback == "re-fit skipped: 3 calibration rows for a 32x32 Gram (a re-fit needs 32): " + (
+        "SparseGPT's swept weights"
+    )
+    assert swept.fallback is None  # plain sparsegpt never re-fits: nothing was left out
+    x, w = data(32, 32, 4)
+    full = sparsegpt({"fc": layer_with_stats(x, w)}, P24, refit=True)["fc"]
+    assert full.rule == "sparsegpt 2:4 + refit" and full.fallback is None
+    # All-zero inputs: the scorer alone (magnitude: no input energy to weigh by), in the report;
+    # the next layer sees ReLU(bias), not zero.
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+    result = prune(model, "sparsegpt-refit", "2:4", calib=[torch.zeros(16, 8)], progress=False)
+    zero = result.fallbacks()
+    assert set(zero) == {"0"} and "all zero" in zero["0"] and "magnitude mask" in zero["0"]
+    w0 = to_reduction_view(model[0].weight.detach(), "rsc")
+    assert torch.equal(result.masks["0"], nm_mask(w0.abs(), P24))
+    assert "fallback: layer '0'" in result.table()
+    # CAST: too few rows for the re-fit keep CAST's mask on the dense weights.
+    wide = nn.Sequential(nn.Linear(64, 8))
+    calib = [torch.randn(4, 64)]
+    cast = prune(wide, "cast", "2:4", calib=calib, progress=False)
+    plain = prune(wide, "cast", "2:4", calib=calib, progress=False, reconstruct=False)
+    assert torch.equal(cast.masks["0"], plain.masks["0"])
+    assert torch.equal(cast.model[0].weight, plain.model[0].weight)
+    assert (
+        cast.report[0].fallback.endswith("CAST's mask on the dense weights")
+        and "+ refit" not in cast.report[0].rule
+    )
+    assert plain.report[0].fallback is None
 
 
 class ConvNet(nn.Module):

@@ -21,6 +21,8 @@ import torch
 from torch import nn
 
 from ..integrations import mha
+from .checkpoints import from_efficientnet_pytorch, is_efficientnet_pytorch
+from .errors import UserError
 from .images import IMAGENET, Preprocess
 
 MODELS_HELP = (
@@ -32,10 +34,6 @@ MODELS_HELP = (
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 DIGITS_MODELS = ("vit_tiny_digits", "resnet_tiny_digits")
 """The built-ins trained on the bundled digits: their data is bundled, they take no user images."""
-
-
-class UserError(ValueError):
-    """A mistake in the command line: reported in one line, exit status 2."""
 
 
 @dataclass
@@ -187,7 +185,7 @@ def resolve(name: str, seed: int = 0, weights: bool = False, num_classes: int | 
 def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """``(state dict, safetensors metadata)`` of a checkpoint file, read safely: safetensors, or
     ``.pt`` / ``.pth`` / ``.bin`` through ``torch.load(weights_only=True)`` (a ``state_dict`` /
-    ``model`` entry is unwrapped, a DDP ``module.`` prefix dropped)."""
+    ``model`` entry is unwrapped, a DDP ``module.`` prefix dropped; the order of the keys is kept)."""
     from safetensors import SafetensorError, safe_open
 
     if path.suffix not in CHECKPOINT_SUFFIXES:
@@ -269,9 +267,15 @@ def load_model(name: str, weights: str | None = None, seed: int = 0) -> LoadedMo
         return loaded
     from ..sparse.io import load_sparse
 
+    foreign = state if is_efficientnet_pytorch(state) else None
+    context = f"{path} does not fit model {name!r}"
+    if foreign is not None:  # efficientnet_pytorch's names, renamed to timm's (shapes checked below)
+        state = from_efficientnet_pytorch(foreign, loaded.model.state_dict(), context, shapes=False)
     classes = _head_classes(loaded.model, state) if name.startswith(("timm:", "torchvision:")) else None
     if classes is not None:  # a fine-tuned checkpoint with its own classifier: build the model to fit
         loaded = resolve(name, seed, True, classes)
+    if foreign is not None:  # every key, its order and its shape, naming the checkpoint's own key
+        state = from_efficientnet_pytorch(foreign, loaded.model.state_dict(), context)
     if "knsparse.sparse_layers" in metadata:
         mha.convert(loaded.model)  # a knsparse file was saved from the converted model
         try:
@@ -282,5 +286,6 @@ def load_model(name: str, weights: str | None = None, seed: int = 0) -> LoadedMo
     else:
         _fit_state_dict(loaded.model, state, path, name)  # the source's own keys (in_proj_weight)
         mha.convert(loaded.model)
-    loaded.description = f"{name} with weights from {path}"
+    converted = "" if foreign is None else " (efficientnet_pytorch key names)"
+    loaded.description = f"{name} with weights from {path}{converted}"
     return loaded

@@ -89,6 +89,8 @@ def run(args: argparse.Namespace) -> int:
     print(outcome.swap)
     for name, why in outcome.not_prunable.items():
         print(f"  dense    {name:<32} {why}")
+    for name, why in (outcome.prune_result.fallbacks() if outcome.prune_result else {}).items():
+        print(f"  fallback {name:<32} {why}")
     print(f"wrote {out} (load it with: --model {args.model} --weights {out})")
     if distributed.is_main() and saved is not None:
         print(f"wrote {saved} (replay with: knsparse prune --recipe {saved} ...)")

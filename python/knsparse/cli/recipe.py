@@ -74,7 +74,8 @@ def config_args(p: argparse.ArgumentParser) -> None:
         "--no-reconstruct",
         action="store_true",
         help="cast/cast-conv: keep CAST's masks without re-fitting the kept weights "
-        "(--option reconstruct=false)",
+        "(--option reconstruct=false; a layer with fewer calibration rows than K skips the re-fit "
+        "anyway, and the output says so)",
     )
     g.add_argument("--permute", action="store_true", help="permute channels before masking (function kept)")
     g.add_argument(

@@ -30,8 +30,6 @@ from ..utils.batches import model_batches
 from ..utils.modes import evaluation
 
 RowsCallback = Callable[[str, torch.Tensor], None]
-MIN_ROWS_DIVISOR = 8
-"""A full Gram needs at least ``K / 8`` calibration rows (:meth:`InputStats.hessian`)."""
 
 
 class _AllSeen(Exception):
@@ -159,20 +157,13 @@ class InputStats:
     def hessian(self, name: str) -> torch.Tensor:
         """Full Gram per sample, ``[K, K]`` float64: the layer-wise OBS Hessian up to a factor 2.
 
-        Raises ``ValueError`` naming layer ``name`` when it was not collected, or when fewer than
-        ``K / MIN_ROWS_DIVISOR`` GEMM rows were seen. Between that and ``K`` rows the Gram is
-        singular but usable once damped (the re-fit is then a ridge regression that leaves the
-        unseen input directions alone: the last stage of a small-image ResNet sees one position
-        per image); below it the reconstruction would fit a handful of samples.
+        Any number of rows: with fewer than ``K`` the Gram is singular and the methods damp it
+        (:func:`knsparse.pruning.methods.obs.damped`); whether it carries enough for a re-fit of
+        the kept weights is theirs to judge (:func:`knsparse.pruning.methods.obs.refit_too_thin`).
+        ``ValueError`` naming layer ``name`` when it was not collected.
         """
         if self.gram is None:
             raise ValueError(f"layer {name!r}: statistics were collected without the full Gram matrix")
-        k = self.gram.shape[0]
-        if self.rows * MIN_ROWS_DIVISOR < k:
-            raise ValueError(
-                f"layer {name!r}: {self.rows} calibration rows for a {k}x{k} input Gram; pass at least "
-                f"{-(-k // MIN_ROWS_DIVISOR)} GEMM input rows (more calibration samples)"
-            )
         return self.gram / max(self.samples, 1)
 
 

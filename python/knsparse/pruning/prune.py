@@ -79,6 +79,9 @@ class LayerReport:
     """``λ₁‖R‖₁``."""
     certified: bool | None = None
     extra: dict[str, float] = field(default_factory=dict)
+    fallback: str | None = None
+    """Why the method did less than it would on this layer (e.g. calibration too thin for the
+    re-fit of the kept weights: the mask rule's weights kept); ``None`` when it ran in full."""
 
     def as_dict(self) -> dict[str, object]:
         row = asdict(self)
@@ -119,6 +122,10 @@ class PruneResult:
     @property
     def sparsity(self) -> float | None:
         return self.config.sparsity
+
+    def fallbacks(self) -> dict[str, str]:
+        """``{layer: why}`` for the layers on which the method did less than it would."""
+        return {r.name: r.fallback for r in self.report if r.fallback is not None}
 
     def overall_sparsity(self) -> float:
         """Parameter-weighted sparsity over the pruned layers."""
@@ -169,6 +176,8 @@ class PruneResult:
             )
         for name, why in self.skipped.items():
             lines.append(f"{name[:28]:<28} skipped: {why}")
+        for name, why in self.fallbacks().items():
+            lines.append(f"{name[:28]:<28} fallback: {why}")
         lines.append(f"overall sparsity of pruned layers: {self.overall_sparsity():.4f}")
         return "\n".join(lines)
 
@@ -585,6 +594,7 @@ def _layer_report(
         mp=view.fit,
         freely_restored=d.freely_restored,
         extra=dict(d.extra),
+        fallback=d.fallback,
     )
     if budget is not None:
         w, r, new64 = view.weight.double(), (view.weight - new).double(), new.double()

@@ -50,6 +50,9 @@ class Decision:
     """Entries an earlier unstructured mask had pruned that k:n execution brings back for free."""
     extra: dict[str, float] = field(default_factory=dict)
     """Method-specific per-layer numbers for the report."""
+    fallback: str | None = None
+    """Why the method did less than it would on this layer (statistics too thin for the re-fit,
+    all-zero calibration inputs, ...); ``None`` when it ran in full."""
 
 
 def mp_budgets(
@@ -82,8 +85,16 @@ def data_path_scores(layer: Layer, shrinkage: float = 0.0) -> torch.Tensor:
 
 def layer_hessian(lay: Layer, method: str, damp: float) -> torch.Tensor:
     """The damped ``[K, K]`` float64 Gram of ``lay`` (:func:`knsparse.pruning.methods.obs.damped`);
-    ``ValueError`` naming the layer without calibration statistics, with fewer calibration rows
-    than columns, or with all-zero inputs."""
+    ``ValueError`` naming the layer without calibration statistics,
+    :class:`~knsparse.pruning.methods.obs.UnusableGram` with all-zero inputs."""
     if lay.stats is None:
         raise ValueError(f"method {method!r} needs calibration statistics for layer {lay.name!r}")
     return damped(lay.stats.hessian(lay.name), damp, lay.name)
+
+
+def fallback_scores(lay: Layer) -> tuple[torch.Tensor, str]:
+    """``(scores, rule)`` of the scorer alone for a layer whose Gram cannot drive a reconstruction:
+    Wanda's ``|w|·‖x‖`` when the calibration inputs carry any energy, else the magnitude."""
+    if lay.stats is not None and bool((lay.stats.sum_sq > 0).any()):
+        return data_path_scores(lay, 0.0), "wanda"
+    return lay.weight.abs(), "magnitude"

@@ -27,7 +27,10 @@ per group anyway, so they cost nothing. Their number is reported per layer.
 *Reconstruction* (on by default, ``CAST_RECONSTRUCT``; ``reconstruct=False`` turns it off): the
 kept weights of every layer are then re-fitted by least squares on the layer's damped calibration
 Gram inside the fixed mask (:func:`knsparse.pruning.methods.obs.refit_kept_weights`): the mask is CAST's, the
-values minimise the layer's output error on the calibration inputs.
+values minimise the layer's output error on the calibration inputs. A layer whose calibration is
+too thin for the re-fit (:func:`knsparse.pruning.methods.obs.refit_too_thin`) keeps CAST's mask on
+its dense weights, and its decision's ``fallback`` says why; so does a layer whose calibration
+inputs are all zero (magnitude mask).
 
 ``cast`` applies the data-path selection to Linear layers and magnitude k:n (``H = I``) to
 convolutions; ``cast-conv`` also uses the data path for convolutions (im2col statistics in the
@@ -42,7 +45,7 @@ import torch
 
 from ...core.pattern import Pattern
 from .base import Decision, Layer, layer_hessian
-from .obs import DAMP, refit_kept_weights, relative_output_error
+from .obs import DAMP, refit_kept_weights, refit_too_thin, relative_output_error
 from .ser import hybrid
 
 CAST_SHRINKAGE = 0.0
@@ -132,11 +135,17 @@ def cast(
     for name, lay in layers.items():
         data_path = convs or not lay.is_conv
         groups = lay.weight.shape[1] // pattern.n
+        fallback = None
         if data_path:
             if lay.stats is None:
                 raise ValueError(f"method {method!r} needs calibration statistics for layer {name!r}")
             gram = robust_gram(lay.stats.group_gram(), shrinkage)
-        else:
+            if not bool((gram.diagonal(dim1=-2, dim2=-1) > 0).any()):
+                data_path, fallback = (
+                    False,
+                    f"layer {name!r}: the calibration inputs are all zero: magnitude mask",
+                )
+        if not data_path:
             gram = torch.eye(pattern.n).expand(groups, pattern.n, pattern.n)
         pre = None if premasks is None else premasks[name].mask
         mask = greedy_group_select(lay.weight, gram, pattern, pre)
@@ -144,15 +153,16 @@ def cast(
         rule = f"{method} {pattern}" if data_path else f"magnitude {pattern}"
         extra = {} if premasks is None else {"premask_sparsity": premasks[name].target_sparsity}
         new = None
-        if reconstruct:
-            try:
+        if reconstruct and fallback is None:
+            thin = refit_too_thin(lay.stats.rows, lay.weight.shape[1]) if lay.stats is not None else None
+            if thin is not None:
+                fallback = f"{thin}: CAST's mask on the dense weights"
+            else:
                 h = layer_hessian(lay, method, damp)
-            except ValueError as err:
-                raise ValueError(
-                    f"{err}; or pass reconstruct=False (CAST's masks without the re-fit)"
-                ) from None
-            new = refit_kept_weights(lay.weight, h, mask)
-            extra["output_error"] = relative_output_error(lay.weight, new, h)
-            rule += " + refit"
-        out[name] = Decision(mask, rule, pattern.sparsity, new, freely_restored=restored, extra=extra)
+                new = refit_kept_weights(lay.weight, h, mask)
+                extra["output_error"] = relative_output_error(lay.weight, new, h)
+                rule += " + refit"
+        out[name] = Decision(
+            mask, rule, pattern.sparsity, new, freely_restored=restored, extra=extra, fallback=fallback
+        )
     return out

@@ -25,6 +25,8 @@ systems (rows grouped by their number of kept entries, chunked to bound memory).
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ...core.pattern import Pattern
@@ -42,23 +44,46 @@ EXACT_REFIT_FLOPS = 2**31
 """:func:`refit_kept_weights` solves exactly while the per-row Cholesky factorisations cost at
 most this many flops (``out · s³ / 3``, ``s`` kept entries per row): about a second here, where
 batched small factorisations run far below GEMM speed."""
+REFIT_MIN_ROWS_PER_COLUMN = 1.0
+"""A layer's kept weights are re-fitted only when its calibration saw at least this many GEMM
+input rows per reduction column (``rows >= K``, so the Gram can have full rank). With fewer, the
+least-squares problem inside the mask is underdetermined: the damping alone decides the unseen
+directions, the solution is ill-conditioned (a condition number of ~1e5 at ``rows = K/8`` with 1%
+damping), and an iterative solve stops at a point that depends on the Gram's rounding. Such a
+layer keeps the weights of its mask rule (SparseGPT's sweep, or CAST's mask on the dense weights),
+and the report says why (:func:`refit_too_thin`)."""
+
+
+class UnusableGram(ValueError):
+    """A layer's calibration Gram cannot drive a reconstruction (all-zero inputs, or not positive
+    definite after damping). Methods fall back to a mask from their scorer and report why."""
+
+
+def refit_too_thin(rows: int, k: int) -> str | None:
+    """Why ``rows`` calibration rows are too few to re-fit a layer with ``K = k`` columns, or
+    ``None`` when they are enough (:data:`REFIT_MIN_ROWS_PER_COLUMN`)."""
+    need = math.ceil(REFIT_MIN_ROWS_PER_COLUMN * k)
+    if rows >= need:
+        return None
+    return f"re-fit skipped: {rows} calibration rows for a {k}x{k} Gram (a re-fit needs {need})"
 
 
 def damped(hessian: torch.Tensor, damp: float, name: str) -> torch.Tensor:
-    """``H + damp · mean(diag H) · I`` in float64; ``ValueError`` naming layer ``name`` when the
-    calibration inputs were all zero or ``damp`` is negative."""
+    """``H + damp · mean(diag H) · I`` in float64 (SparseGPT's damping: a fraction of the mean
+    diagonal); :class:`UnusableGram` naming layer ``name`` when the calibration inputs were all
+    zero, ``ValueError`` when ``damp`` is negative."""
     if damp < 0:
         raise ValueError(f"damp must be >= 0, got {damp}")
     h = hessian.double()
     mean_diag = float(h.diagonal().mean())
     if not mean_diag > 0:
-        raise ValueError(f"layer {name!r}: the calibration inputs are all zero (empty Gram matrix)")
+        raise UnusableGram(f"layer {name!r}: the calibration inputs are all zero (empty Gram matrix)")
     return h + damp * mean_diag * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
 
 
 def inverse_cholesky(h: torch.Tensor, name: str) -> torch.Tensor:
-    """Upper Cholesky factor ``U`` of ``H⁻¹`` (``H⁻¹ = UᵀU``); ``ValueError`` naming the layer if
-    ``H`` is not positive definite (raise ``damp``).
+    """Upper Cholesky factor ``U`` of ``H⁻¹`` (``H⁻¹ = UᵀU``); :class:`UnusableGram` naming the layer
+    if ``H`` is not positive definite (raise ``damp``).
 
     One factorisation and one triangular inverse: the lower Cholesky factor of ``H`` with rows
     and columns reversed, reversed back, is an upper ``V`` with ``H = VVᵀ``, so
@@ -66,7 +91,7 @@ def inverse_cholesky(h: torch.Tensor, name: str) -> torch.Tensor:
     """
     flipped, info = torch.linalg.cholesky_ex(h.flip(0, 1))
     if int(info):
-        raise ValueError(f"layer {name!r}: the damped Gram matrix is not positive definite; raise damp")
+        raise UnusableGram(f"layer {name!r}: the damped Gram matrix is not positive definite; raise damp")
     eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
     return torch.linalg.solve_triangular(flipped.flip(0, 1), eye, upper=True)
 
