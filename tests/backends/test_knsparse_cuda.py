@@ -153,10 +153,15 @@ def test_backend_conv_matches_conv2d(
 
 
 def test_backend_refuses_crs_grouped_conv_weights():
+    """A 3x3 conv pruned in (C,R,S) order: the backend says why it cannot run it, and a weight
+    that reaches prepare_conv anyway is refused (its (R,S,C) groups are not 2:4), never packed."""
+    crs = Pattern.parse("2:4/crs")
     weight = torch.randn(32, 8, 3, 3)
-    weight = (weight * nm_mask(weight.abs(), "2:4", conv_order="crs")).half()
+    weight = (weight * nm_mask(weight.abs(), crs)).half()
     assert not torch.equal(weight, weight * nm_mask(weight.abs(), "2:4"))  # not 2:4 in RSC order
-    with pytest.raises(ValueError, match="conv_order='rsc'"):
+    spec = ConvSpec(32, 8, (3, 3), (1, 1), (1, 1), (1, 1), 1, torch.float16, crs, torch.device("cpu"))
+    assert "'rsc' order" in kc.KNSPARSE_CUDA.conv_unsupported_reason(spec)
+    with pytest.raises(ValueError, match="not 2:4"):
         kc.KNSPARSE_CUDA.prepare_conv(weight)
 
 

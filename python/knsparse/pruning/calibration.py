@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from ..core.pattern import ConvOrder
 from ..utils import distributed
-from ..utils.batches import model_batches
+from ..utils.batches import model_batches, model_device
 from ..utils.modes import evaluation
 
 RowsCallback = Callable[[str, torch.Tensor], None]
@@ -36,13 +36,26 @@ class _AllSeen(Exception):
     """Raised by a hook to end a forward pass early once every listed layer has run."""
 
 
+def check_calibration(model: nn.Module, calib: object) -> None:
+    """Refuse a calibration set the model cannot use, before anything is computed or changed:
+    not a re-iterable (see :func:`check_reiterable`), no batch, a batch without an input tensor,
+    or a first batch the model cannot run (wrong shape, integer labels instead of images) —
+    checked with one forward pass of the first batch in eval mode, without gradients, every
+    module's training flag restored. Checked even where the method itself reads no statistics,
+    so a wrong ``calib`` never passes silently."""
+    check_reiterable(calib)
+    first = next(model_batches(calib, model_device(model)))
+    with torch.no_grad(), evaluation(model):
+        first(model)
+
+
 def check_reiterable(calib: object) -> None:
     """Raise ``ValueError`` unless ``calib`` is an iterable that can be iterated again.
 
     Pruning streams the calibration set more than once (statistics, then the certificate),
     so a one-shot iterator or generator is refused before anything is computed.
     """
-    if not isinstance(calib, Iterable):
+    if isinstance(calib, (str, bytes)) or not isinstance(calib, Iterable):
         raise ValueError(f"calib must be an iterable of input batches, got {type(calib).__name__}")
     if iter(calib) is calib:
         raise ValueError(

@@ -38,7 +38,7 @@ from ..core.masks import check_finite, from_reduction_view
 from ..core.pattern import ConvOrder, Pattern, check_conv_order
 from ..core.plan import SparsityPlan
 from ..integrations import mha
-from .calibration import check_reiterable, collect_input_stats, data_path_budgets
+from .calibration import check_calibration, collect_input_stats, data_path_budgets
 from .config import (
     CalibrationConfig,
     DiagnosticsConfig,
@@ -347,9 +347,9 @@ def _run(
             + (", sequential calibration" if config.calibration.sequential else "")
             + " needs a calibration set: pass calib=[batch, ...]"
         )
-    if calib is not None:
-        check_reiterable(calib)
     _check_model(model, config)
+    if calib is not None:
+        check_calibration(model, calib)
     target = model if inplace else copy.deepcopy(model)
     rollback = None
     if inplace:  # a whole snapshot where the model changes before the masks are written
