@@ -96,3 +96,53 @@ def test_hf_vit_values_follow_the_family_registry() -> None:
         f"m.vit.layers.{i}.attention.v_proj -> m.vit.layers.{i}.attention.o_proj" for i in range(2)
     }
     assert all(g.permuted for g in values.values())
+
+
+def _randomised_norms(model: nn.Module) -> nn.Module:
+    """Random BatchNorm statistics and affine, so a norm that missed the permutation shows."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g))
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.weight.copy_(torch.randn(m.num_features, generator=g))
+                m.bias.copy_(torch.randn(m.num_features, generator=g))
+    return model.eval()
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        # inverted residuals coupled through depthwise convs, timm's BatchNormAct2d and the
+        # TensorFlow-"same" Conv2dSame
+        "tf_efficientnet_lite0",
+        # + squeeze-excite: its reduce conv reads the expanded space, its gate multiplies it
+        "efficientnet_b0",
+    ],
+)
+def test_timm_efficientnet_couples_through_depthwise_convs(name: str) -> None:
+    """Every 2:4 layer (the stem's 3 input channels make it none) sits in a group the search may
+    permute (a zero-budget search may still find no gain for one), and the output is unchanged."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(3)
+    model = _randomised_norms(timm.create_model(name, num_classes=10))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        want = model(x)
+    layers, _ = pattern_layers(model, Pattern.parse("2:4"))
+    fraction, report = _reached(model, x)
+    assert report.trace_error is None
+    searched = {
+        c
+        for g in report.groups
+        if g.skip_reason is None or g.skip_reason.startswith("no permutation found")
+        for c in g.consumers
+    }
+    assert "conv_stem" not in layers
+    assert set(layers) <= searched
+    assert fraction > 0.95
+    # a projection conv reads the expanded channels through the depthwise conv and its norms
+    assert any(c.endswith("conv_pwl") for g in report.permuted for c in g.consumers)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), want, rtol=1e-4, atol=1e-4)

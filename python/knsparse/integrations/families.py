@@ -26,6 +26,11 @@ The roles and what they promise:
   (optionally followed by dropout and a per-channel ``norm``).
 * ``conv_block``: a ResNet block ``conv1 → bn1 → act → conv2 → bn2 → act [→ conv3]`` whose
   optional extras (``drop_block``, ``aa``) sit between ``conv2`` and its input.
+* ``conv``: an ``nn.Conv2d`` subclass whose forward is the convolution of its own weight and bias
+  (it may pad first, e.g. TensorFlow's "same" padding computed from the input size): it reads and
+  writes channels exactly as ``nn.Conv2d`` does.
+* ``norm_act``: an ``nn.BatchNorm2d`` subclass whose forward is its batch norm followed by its
+  child modules (dropout, activation) applied elementwise.
 """
 
 from __future__ import annotations
@@ -62,6 +67,8 @@ class Family:
     split_attention: tuple[ClassRef, ...] = ()
     mlp: tuple[ClassRef, ...] = ()
     conv_block: tuple[ClassRef, ...] = ()
+    conv: tuple[ClassRef, ...] = ()
+    norm_act: tuple[ClassRef, ...] = ()
 
 
 FAMILIES: list[Family] = [
@@ -79,6 +86,8 @@ FAMILIES: list[Family] = [
         window_attention=(ClassRef("timm", "WindowAttention"),),
         mlp=(ClassRef("timm", "Mlp"),),
         conv_block=(ClassRef("timm", "Bottleneck"), ClassRef("timm", "BasicBlock")),
+        conv=(ClassRef("timm", "Conv2dSame"),),
+        norm_act=(ClassRef("timm", "BatchNormAct2d"),),
     ),
     Family(
         "huggingface",
@@ -135,6 +144,16 @@ def is_mlp(module: nn.Module) -> bool:
 
 def is_conv_block(module: nn.Module) -> bool:
     return family_of(module, "conv_block") is not None
+
+
+def is_plain_conv(module: nn.Module) -> bool:
+    """An ``nn.Conv2d`` of the ``conv`` role (channels as ``nn.Conv2d``; see the module docstring)."""
+    return isinstance(module, nn.Conv2d) and family_of(module, "conv") is not None
+
+
+def is_norm_act(module: nn.Module) -> bool:
+    """An ``nn.BatchNorm2d`` of the ``norm_act`` role (batch norm, then its children elementwise)."""
+    return isinstance(module, nn.BatchNorm2d) and family_of(module, "norm_act") is not None
 
 
 def _linear_like(module: object) -> bool:

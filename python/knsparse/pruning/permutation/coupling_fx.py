@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from ...integrations.families import attention_parts
+from ...integrations.families import attention_parts, is_norm_act, is_plain_conv
 from .groups import ELEMENTWISE_MODULES, ChannelGroup, GroupList, Member, attention_group
 
 _ELEMENTWISE_FUNCTIONS = {
@@ -136,8 +136,22 @@ class _Spaces:
 
 
 class _LeafAttentionTracer(fx.Tracer):
+    """Keeps registered attentions, ``conv`` and ``norm_act`` modules (timm's ``Conv2dSame``,
+    ``BatchNormAct2d``) whole, so their weights are read as layers, not as traced functions."""
+
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return attention_parts(m) is not None or super().is_leaf_module(m, qualname)
+        return (
+            attention_parts(m) is not None
+            or is_plain_conv(m)
+            or is_norm_act(m)
+            or super().is_leaf_module(m, qualname)
+        )
+
+
+def _elementwise_children(m: nn.Module) -> bool:
+    """Whether every submodule of a norm applies elementwise (a ``norm_act``'s dropout and
+    activation); a plain norm has none."""
+    return all(isinstance(c, ELEMENTWISE_MODULES) for c in m.children())
 
 
 def _flat_values(obj: object) -> list[object]:
@@ -265,7 +279,7 @@ class _Interpreter:
             return self.unknown(node)
         if isinstance(m, nn.BatchNorm2d) or (isinstance(m, nn.LayerNorm) and len(m.normalized_shape) == 1):
             want = -3 if isinstance(m, nn.BatchNorm2d) else -1
-            if chan is None or chan.dim != want:
+            if chan is None or chan.dim != want or not _elementwise_children(m):
                 return self.unknown(node)
             self.spaces.add(chan.space, Member(name, "channelwise"))
             return chan
