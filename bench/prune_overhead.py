@@ -18,7 +18,8 @@ most 2x the model's weights. Two measurements, each in a fresh process:
   temporaries inflate it) and with every allocation above 64 KiB mapped on its own, where the
   resident set follows the live allocations.
 
-Writes ``bench/results/prune_overhead.json``. Run: ``.venv/bin/python bench/prune_overhead.py``.
+Writes ``bench/results/prune_overhead.json`` and ``prune_overhead.md``.
+Run: ``.venv/bin/python bench/prune_overhead.py``.
 """
 
 from __future__ import annotations
@@ -175,8 +176,49 @@ def main() -> None:
         },
     }
     path = write_result("prune_overhead", payload)
+    path.with_suffix(".md").write_text(markdown(payload, json.loads(path.read_text())["environment"]))
     print(json.dumps(payload["goals"], indent=2))
-    print(f"wrote {path}")
+    print(f"wrote {path} and {path.with_suffix('.md').name}")
+
+
+def markdown(payload: dict, env: dict) -> str:
+    """The tables of ``payload`` as the results page links them."""
+    lines = [
+        "# `prune` overhead: magnitude 2:4 on ViT-B/16's blocks (`bench/prune_overhead.py`)",
+        "",
+        f"{env['device']}, {payload['threads']} threads, torch {env['versions']['torch']}, commit "
+        f"{env['commit'][:12]}, {payload['repeats']} interleaved repeats (medians), load average at the "
+        f"end {[round(x, 1) for x in env.get('load_average_1_5_15min_at_write', [])]}.",
+        "",
+        "| layers | `nm_mask` loop | `prune` inplace=True | `prune` inplace=False | ratio (inplace) |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for layers, row in payload["timing"].items():
+        t, ratio = row["median_s"], row["ratio_to_nm_mask"]
+        lines.append(
+            f"| {layers} | {t['nm_mask loop']:.2f} s | {t['prune inplace=True']:.2f} s | "
+            f"{t['prune inplace=False']:.2f} s | {ratio['prune inplace=True']:.2f}x |"
+        )
+    lines += ["", "Peak memory above the weights (weights + extra resident bytes, over the weights):", ""]
+    lines += ["| call, allocator | weights | extra at peak | peak / weights |", "| --- | --- | --- | --- |"]
+    for name, row in payload["memory"].items():
+        lines.append(
+            f"| {name} | {row['weights_bytes'] / 2**20:.0f} MiB | {row['extra_bytes'] / 2**20:.0f} MiB | "
+            f"{row['peak_over_weights']:.2f}x |"
+        )
+    g = payload["goals"]
+    lines += [
+        "",
+        f"Goals: time within {g['time_ratio_at_most']}x of the loop: "
+        f"{'met' if g['time_goal_met'] else 'not met'} ({g['time_ratio_measured_inplace']:.2f}x); peak "
+        f"memory at most {g['memory_ratio_at_most']}x the weights: by live allocations "
+        f"{'met' if g['memory_goal_met_by_live_allocations'] else 'not met'} "
+        f"({g['memory_ratio_live_allocations']:.2f}x), by the resident set with glibc's default "
+        f"allocator {'met' if g['memory_goal_met_by_rss'] else 'not met'} "
+        f"({g['memory_ratio_rss_glibc_default']:.2f}x: glibc keeps freed blocks for reuse).",
+        "",
+    ]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
