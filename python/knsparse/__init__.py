@@ -29,7 +29,7 @@ from .pruning.config import (
     PruneConfig,
     RepairConfig,
 )
-from .pruning.finetune import finetune
+from .pruning.finetune import MaskLearning, finetune
 from .pruning.methods import register_method
 from .pruning.permutation import permute
 from .pruning.prune import prune
@@ -41,6 +41,7 @@ from .utils import distributed
 __all__ = [
     "CalibrationConfig",
     "DiagnosticsConfig",
+    "MaskLearning",
     "MethodConfig",
     "Packed24",
     "Pattern",

@@ -4,7 +4,10 @@ The pruned student learns the teacher's softened outputs: ``loss = (1 - α) · T
 + α · CE(student, labels)`` with ``p = softmax(logits / T)``, averaged over the images of a step.
 The k:n masks stay fixed: gradients of pruned entries are zeroed before the optimiser step and
 the masks are applied again after it, so pruned weights are exactly zero after every step
-(AdamW's decoupled weight decay and its moments never see a nonzero there).
+(AdamW's decoupled weight decay and its moments never see a nonzero there). With
+``learn_masks`` the masks themselves are learned instead (:mod:`knsparse.pruning.learned_masks`):
+a differentiable choice among the k:n candidates of every group, initialised from the plan's
+masks, written back as hard k:n masks at the end.
 
 Optimiser: AdamW, learning rate warmed up linearly then decayed on a cosine to zero, gradient
 norm clipping, bf16/fp16 autocast on CUDA (fp16 with a GradScaler). A checkpoint per epoch
@@ -40,11 +43,12 @@ from tqdm.auto import tqdm
 from ..core.checks import check_choice, check_flag, check_module, check_number, check_path
 from ..core.layers import masks_from_zeros
 from ..core.masks import apply_masks
-from ..core.plan import SparsityPlan, plan_masks
+from ..core.plan import SparsityPlan, as_plan, plan_masks
 from ..utils import distributed
 from ..utils.batches import Batch, model_device
 from ..utils.modes import evaluation, kept_modes
 from ..utils.renamed import renamed
+from . import learned_masks
 
 Precision = Literal["bf16", "fp16"]
 _AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -63,6 +67,35 @@ class FinetuneResult:
     metrics: list[dict[str, float]] = field(default_factory=list)
     resumed_from: int = 0
     """Epochs already done by the checkpoint the run resumed from (0: a fresh run)."""
+    plan: SparsityPlan | None = None
+    """The plan the student now follows (with ``learn_masks``: the learned masks, the given plan's
+    pattern, permutation and recipe); ``None`` when the masks came as a dict, not a plan."""
+
+
+@dataclass(frozen=True)
+class MaskLearning:
+    """How :func:`finetune` learns the masks (``learn_masks=MaskLearning(...)``; ``True``: these
+    defaults).
+
+    Attributes:
+        lr: AdamW peak learning rate of the candidate logits (no weight decay; same schedule).
+        temperature: Gumbel-softmax temperature ``(start, end)``, annealed geometrically over
+            the run's steps.
+        prior: the one-shot mask's initial logit in every group (the other candidates start at 0).
+    """
+
+    lr: float = 0.05
+    temperature: tuple[float, float] = (1.0, 0.05)
+    prior: float = 3.0
+
+    def __post_init__(self) -> None:
+        check_number(self.lr, "MaskLearning.lr", low=0, low_open=True)
+        if not isinstance(self.temperature, (tuple, list)) or len(self.temperature) != 2:
+            raise ValueError(f"MaskLearning.temperature must be (start, end), got {self.temperature!r}")
+        for t in self.temperature:
+            check_number(t, "MaskLearning.temperature", low=0, low_open=True)
+        object.__setattr__(self, "temperature", tuple(float(t) for t in self.temperature))
+        check_number(self.prior, "MaskLearning.prior", low=0)
 
 
 # ----------------------------------------------------------------------------------- data
@@ -236,6 +269,14 @@ def _check(student: nn.Module, teacher: nn.Module, args: dict[str, object]) -> t
     check_number(args["seed"], "seed", integer=True)
     check_number(args["num_workers"], "num_workers", low=0, integer=True)
     check_flag(args["resume"], "resume")
+    learn = args["learn_masks"]
+    if not isinstance(learn, (bool, MaskLearning)):
+        raise TypeError(f"learn_masks must be a bool or a MaskLearning, got {type(learn).__name__}")
+    if learn and not isinstance(getattr(args["plan"], "plan", args["plan"]), SparsityPlan):
+        raise ValueError(
+            "learn_masks needs plan= a SparsityPlan (prune(...).plan): its pattern says which "
+            "k:n candidates each group chooses among"
+        )
     for name in ("checkpoint_dir", "metrics_path"):
         if args[name] is not None:
             check_path(args[name], name)
@@ -281,8 +322,10 @@ def finetune(
     seed: int = 0,
     num_workers: int = 0,
     progress: bool = True,
+    learn_masks: bool | MaskLearning = False,
 ) -> FinetuneResult:
-    """Distil ``teacher`` into the pruned ``student`` (in place) with its masks held fixed.
+    """Distil ``teacher`` into the pruned ``student`` (in place) with its masks held fixed
+    (or, with ``learn_masks``, learned).
 
     Args:
         student: the pruned model (dense modules with zeros; swap to sparse modules afterwards).
@@ -312,6 +355,11 @@ def finetune(
         seed: seeds the data order (and dropout, per epoch).
         num_workers: DataLoader worker processes.
         progress: tqdm bars (rank 0 only).
+        learn_masks: learn the k:n choice of every group of the plan's layers instead of holding
+            the masks fixed (``True`` or a :class:`MaskLearning`); needs a
+            :class:`~knsparse.core.plan.SparsityPlan` (its pattern) and a teacher with the same
+            layer names and shapes (pruned entries restart from the teacher's values, permuted
+            as the plan records). The result's ``masks`` and ``plan`` hold the learned masks.
 
     Returns:
         :class:`FinetuneResult`. Bad arguments raise ``ValueError``/``TypeError`` before the
@@ -322,6 +370,12 @@ def finetune(
     held = plan_masks(plan) if plan is not None else masks_from_zeros(student)
     masks = {k: v.to(device, torch.bool) for k, v in held.items()}
     modules = dict(student.named_modules())
+    learning = MaskLearning() if learn_masks is True else learn_masks or None
+    if learning is not None:
+        given = as_plan(plan)
+        learned_masks.candidate_masks(given.pattern)
+        shapes = {n: modules[n].weight.shape for n in masks if n in modules}
+        dense = learned_masks.dense_weights(teacher, sorted(shapes), shapes, given.permutation)
     loader = _train_loader(data, batch_size, seed, num_workers)
     val_loader = _val_loader(val, loader.batch_size or 1) if val is not None else None
     for what, checked in (("data", loader), ("val", val_loader)):
@@ -329,32 +383,89 @@ def finetune(
             _check_first_batch(what, checked, teacher, device)
     directory = Path(checkpoint_dir) if checkpoint_dir is not None else None
     loaded = _load_checkpoint(directory) if resume and directory is not None else None
-    if loaded is not None and set(loaded[1]) != set(student.state_dict()):
+    if loaded is not None and set(loaded[1]) != _state_keys(student, masks if learning else {}):
         raise ValueError(f"the checkpoint in {directory} does not fit the student (other parameter names)")
 
-    params = [p for p in student.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    apply_masks(student, masks)  # checks every name and shape before it zeroes anything
+    soft = learned_masks.attach(student, masks, dense, given.pattern, learning.prior) if learning else {}
+    logits = [s.logits for s in soft.values()]
+    params = [p for p in student.parameters() if p.requires_grad and not any(p is q for q in logits)]
+    groups = [{"params": params}]
+    if learning is not None:
+        groups.append({"params": logits, "lr": learning.lr, "weight_decay": 0.0})
+    opt = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
     total = epochs * len(loader)
     warm = int(warmup * total)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: warmup_cosine(step, total, warm))
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
     metrics: list[dict[str, float]] = []
     start = 0
-    apply_masks(student, masks)  # checks every name and shape before it zeroes anything
     if loaded is not None:
         start, weights, state, metrics = loaded
         student.load_state_dict(weights)
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
-    apply_masks(student, masks)
+    fixed = {} if learning else masks
+    apply_masks(student, fixed)
     model = student
     if distributed.active():
         model = DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
-    masked = [(modules[n].weight, m.to(modules[n].weight.dtype)) for n, m in masks.items()]
+    masked = [(modules[n].weight, m.to(modules[n].weight.dtype)) for n, m in fixed.items()]
+    schedule = (total, *learning.temperature) if learning else None
     trainer = _Trainer(
-        model, student, teacher, opt, sched, scaler, masked, temperature, label_weight, grad_clip, amp, device
+        model,
+        student,
+        teacher,
+        opt,
+        sched,
+        scaler,
+        masked,
+        temperature,
+        label_weight,
+        grad_clip,
+        amp,
+        device,
+        soft,
+        schedule,
     )
+    try:
+        _train(trainer, loader, val_loader, epochs, start, seed, progress, directory, metrics_path, metrics)
+    finally:
+        if soft:
+            masks = learned_masks.finalize(student, soft)
+    followed = getattr(plan, "plan", plan)
+    followed = followed if isinstance(followed, SparsityPlan) else None
+    if learning is not None:
+        followed = replace(followed, masks=masks)
+    return FinetuneResult(student, masks, metrics, start, followed)
+
+
+def _state_keys(student: nn.Module, learned: Mapping[str, torch.Tensor]) -> set[str]:
+    """The student's state-dict keys once the weights of ``learned`` layers are parametrized
+    (what a checkpoint of a mask-learning run holds)."""
+    keys = set(student.state_dict())
+    for name in learned:
+        keys.discard(f"{name}.weight")
+        keys |= {f"{name}.parametrizations.weight.original", f"{name}.parametrizations.weight.0.logits"}
+    return keys
+
+
+def _train(
+    trainer: _Trainer,
+    loader: DataLoader,
+    val_loader: DataLoader | None,
+    epochs: int,
+    start: int,
+    seed: int,
+    progress: bool,
+    directory: Path | None,
+    metrics_path: str | os.PathLike | None,
+    metrics: list[dict[str, float]],
+) -> None:
+    """The epochs from ``start``: train, evaluate, write checkpoint and metrics (rank 0)."""
+    student, teacher, device, opt = trainer.student, trainer.teacher, trainer.device, trainer.opt
+    sched, scaler = trainer.sched, trainer.scaler
     with kept_modes(student), evaluation(teacher):
         for epoch in range(start, epochs):
             torch.manual_seed(seed + epoch)
@@ -376,7 +487,6 @@ def finetune(
                 if metrics_path is not None:
                     _write_metrics(Path(metrics_path), metrics)
             distributed.barrier()
-    return FinetuneResult(student, masks, metrics, start)
 
 
 @dataclass
@@ -395,10 +505,15 @@ class _Trainer:
     grad_clip: float | None
     amp: str | None
     device: torch.device
+    soft: Mapping[str, learned_masks.SoftKN] = field(default_factory=dict)
+    schedule: tuple[int, float, float] | None = None  # (total steps, start, end temperature)
 
     def step(self, batch: object) -> tuple[int, float, float, float | None]:
         """One optimiser step on a batch; returns ``(images, loss, kd, ce or None)``."""
         inputs, labels = _split(batch, self.device)
+        if self.schedule is not None:
+            tau = learned_masks.annealed(self.sched.last_epoch, *self.schedule)
+            learned_masks.set_temperature(self.soft, tau)
         if self.label_weight > 0 and labels is None:
             raise ValueError(
                 "label_weight > 0 needs labels in the data (an (inputs, labels) tuple or 'labels')"
