@@ -120,3 +120,48 @@ def model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
 def quiet_arg(p: argparse.ArgumentParser) -> None:
     """``--quiet``."""
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def augment_args(p: argparse.ArgumentParser, what: str) -> None:
+    """``--augment`` and ``--views`` (few-image ``what`` data from an image folder)."""
+    p.add_argument(
+        "--augment",
+        action="store_true",
+        help=f"{what} on augmented views of the --data images (random resized crops, flips, colour "
+        "jitter, CutMix/MixUp; seeded by --seed): a handful of photos is enough",
+    )
+    p.add_argument(
+        "--views",
+        type=at_least(1),
+        help=f"with --augment: how many augmented views (default {DEFAULT_VIEWS})",
+    )
+
+
+DEFAULT_VIEWS = 128
+"""Augmented views of ``--augment`` without ``--views``."""
+
+
+def views_of(args: argparse.Namespace, images: object, preprocess: object) -> object | None:
+    """The :class:`~knsparse.app.augment.AugmentedViews` that ``--augment`` / ``--views`` ask for
+    (``None`` without ``--augment``), ``images`` being the source photos (paths or a folder);
+    ``UserError`` for ``--views`` without ``--augment`` or ``--augment`` without images."""
+    from ..app.augment import AugmentedViews
+
+    check_augment(args, images is not None)
+    if not args.augment:
+        return None
+    if preprocess is None:
+        raise UserError(f"--augment is for models that take images; {args.model} uses the bundled digits")
+    try:
+        return AugmentedViews(images, preprocess, args.views or DEFAULT_VIEWS, seed=args.seed)
+    except (ValueError, TypeError) as exc:
+        raise UserError(str(exc)) from None
+
+
+def check_augment(args: argparse.Namespace, has_folder: bool) -> None:
+    """``--views`` without ``--augment``, or ``--augment`` without an image folder: ``UserError``
+    (checked before any work starts)."""
+    if args.views is not None and not args.augment:
+        raise UserError("--views counts augmented views: it needs --augment")
+    if args.augment and not has_folder:
+        raise UserError("--augment makes views of your photos: give --data DIR (a folder of images)")

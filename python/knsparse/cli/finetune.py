@@ -4,8 +4,11 @@ The student is a ``knsparse prune`` output (or a state dict with zeros) loaded i
 its sparse layers are trained as dense layers holding their masks and swapped back to sparse
 modules, with the same pattern, grouping and backend, before rank 0 writes ``--out``. The
 teacher is ``--model`` with ``--teacher-weights`` (the built-in digits models: their trained
-weights). Data: the bundled digits for the ``*_digits`` models, else ``--data`` (a safetensors
-file with ``inputs [N, C, H, W]`` and optionally ``labels [N]``). Runs on N processes under
+weights). Data: the bundled digits for the ``*_digits`` models, else ``--data``: a safetensors
+file with ``inputs [N, C, H, W]`` and optionally ``labels [N]``, a folder of images (preprocessed
+as the model expects; class subfolders give labels), or with ``--augment`` ``--views N``
+augmented views of the folder's photos (:class:`knsparse.app.augment.AugmentedViews`, no labels:
+distillation alone). Runs on N processes under
 ``torchrun --nproc-per-node N --no-python knsparse finetune ...`` (see :mod:`knsparse.finetune`).
 """
 
@@ -19,7 +22,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..app.augment import AugmentedViews
 from ..app.data import load_digits_split
+from ..app.images import ImageFolder, Preprocess
 from ..app.registry import UserError, load_model
 from ..core.pattern import Pattern
 from ..pruning.finetune import FinetuneResult, evaluate, finetune
@@ -28,9 +33,20 @@ from ..sparse.fuse import fuse_activations
 from ..sparse.io import save_sparse
 from ..sparse.modules import SparseLinear, sparse_layers, swap_modules
 from ..utils import distributed
-from .args import at_least, model_args, quiet_arg, real, writable_file, writable_folder
+from .args import (
+    at_least,
+    augment_args,
+    check_augment,
+    model_args,
+    quiet_arg,
+    real,
+    views_of,
+    writable_file,
+    writable_folder,
+)
 
 TensorData = tuple[torch.Tensor, ...]
+DEFAULT_LABEL_WEIGHT = 0.5
 
 
 def _tensor_file(path: str, flag: str) -> TensorData:
@@ -47,15 +63,38 @@ def _tensor_file(path: str, flag: str) -> TensorData:
     return (tensors["inputs"],)
 
 
-def _data(args: argparse.Namespace, digits: bool) -> tuple[TensorData, TensorData | None, str]:
+def _image_tensors(path: str, flag: str, preprocess: Preprocess | None) -> TensorData:
+    """``(inputs,)`` or ``(inputs, labels)`` (class subfolders) of an image folder, preprocessed."""
+    if preprocess is None:
+        raise UserError(f"{flag} {path} is an image folder: for models that take images, not the digits")
+    folder = ImageFolder.scan(path)
+    batches = list(folder.batches(preprocess, 64))
+    if folder.labels is None:
+        return (torch.cat(batches),)
+    return torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches])
+
+
+def _data_arg(path: str, flag: str, preprocess: Preprocess | None) -> TensorData:
+    """A ``--data`` / ``--val`` value: an image folder or a safetensors file."""
+    if Path(path).is_dir():
+        return _image_tensors(path, flag, preprocess)
+    return _tensor_file(path, flag)
+
+
+def _data(
+    args: argparse.Namespace, digits: bool, preprocess: Preprocess | None
+) -> tuple[TensorData | AugmentedViews, TensorData | None, str]:
     """Training data, held-out data (or None) and a description."""
     if args.data is not None:
-        val = _tensor_file(args.val, "--val") if args.val else None
-        return (
-            _tensor_file(args.data, "--data"),
-            val,
-            f"{args.data}" + (f", val {args.val}" if args.val else ""),
+        val = _data_arg(args.val, "--val", preprocess) if args.val else None
+        views = views_of(args, args.data, preprocess)
+        train = views if views is not None else _data_arg(args.data, "--data", preprocess)
+        described = (
+            f"{len(views)} augmented views (seed {args.seed}) of {len(views.paths)} image(s) in {args.data}"
+            if views is not None
+            else f"{args.data}"
         )
+        return train, val, described + (f", val {args.val}" if args.val else "")
     if not digits:
         raise ValueError("--data is needed for a model that is not a *_digits model")
     split = load_digits_split(args.seed)
@@ -82,6 +121,18 @@ def run(args: argparse.Namespace) -> int:
         writable_file(args.metrics, "--metrics")
     if args.resume and not args.checkpoint_dir:
         raise UserError("--resume needs --checkpoint-dir (where the checkpoints are)")
+    for given in (args.data, args.val):
+        if given is not None and Path(given).is_dir():
+            ImageFolder.scan(given)  # a folder without images fails before any work
+    check_augment(args, args.data is not None and Path(args.data).is_dir())
+    label_weight = args.label_weight
+    if args.augment:
+        if label_weight:
+            raise UserError(
+                f"--label-weight {label_weight}: augmented views carry no labels (mixed photos); "
+                "--augment distils the teacher alone (--label-weight 0)"
+            )
+        label_weight = 0.0
     device = distributed.device()
     with distributed.main_first():  # rank 0 trains/caches a built-in teacher once
         loaded = load_model(args.model, args.weights, args.seed)
@@ -91,7 +142,9 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(
             "--teacher-weights is needed (the dense model) for a model that is not a *_digits model"
         )
-    train, val, described = _data(args, digits)
+    train, val, described = _data(args, digits, loaded.preprocess)
+    if label_weight is None:  # the default: labels where the data has them
+        label_weight = DEFAULT_LABEL_WEIGHT if isinstance(train, tuple) and len(train) > 1 else 0.0
     swapped = sparse_layers(loaded.model)
     student = dense_copy(loaded.model) if swapped else loaded.model
     if not any(
@@ -116,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
         weight_decay=args.weight_decay,
         warmup=args.warmup,
         temperature=args.temperature,
-        label_weight=args.label_weight,
+        label_weight=label_weight,
         grad_clip=args.grad_clip or None,
         amp=args.amp,
         checkpoint_dir=args.checkpoint_dir,
@@ -162,8 +215,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--teacher-weights", help="safetensors state dict of the dense teacher (default: built-in)"
     )
-    p.add_argument("--data", help="safetensors file with 'inputs' [N,C,H,W] and optional 'labels' [N]")
-    p.add_argument("--val", help="held-out data in the --data format (accuracy / agreement per epoch)")
+    p.add_argument(
+        "--data",
+        help="safetensors file with 'inputs' [N,C,H,W] and optional 'labels' [N], or a folder of images "
+        "(class subfolders give labels) preprocessed as the model expects",
+    )
+    p.add_argument("--val", help="held-out data in the --data forms (accuracy / agreement per epoch)")
+    augment_args(p, "distil")
     p.add_argument("--epochs", type=at_least(1), default=3, help="epochs (default 3)")
     p.add_argument(
         "--batch-size", type=at_least(1), default=64, help="global batch over all processes (default 64)"
@@ -181,8 +239,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--label-weight",
         type=real(low=0, high=1),
-        default=0.5,
-        help="weight of label cross-entropy (default 0.5)",
+        help=f"weight of label cross-entropy (default {DEFAULT_LABEL_WEIGHT} with labelled data, else 0)",
     )
     p.add_argument(
         "--grad-clip", type=real(low=0), default=1.0, help="max gradient norm, 0 for none (default 1)"

@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 from ..app.images import ImageFolder, top1
 from ..app.registry import DIGITS_MODELS, UserError, load_model
 from ..utils import distributed
-from .args import at_least, model_args, quiet_arg, writable_file
+from .args import at_least, augment_args, check_augment, model_args, quiet_arg, views_of, writable_file
 from .recipe import config_args, config_from_args, save_recipe
 
 
@@ -31,6 +31,9 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(
             f"--data / --val are for models that take images; {args.model} uses the bundled digits"
         )
+    if (args.augment or args.views is not None) and digits:
+        raise UserError(f"--augment is for models that take images; {args.model} uses the bundled digits")
+    check_augment(args, images is not None)
     if not digits and images is None and config.needs_calibration:
         raise UserError(
             f"method {config.method.name!r}"
@@ -46,8 +49,15 @@ def run(args: argparse.Namespace) -> int:
         loaded = load_model(args.model, args.weights, args.seed)
     data = load_digits_split(args.seed) if digits else None
     calib = None
-    if images is not None:
-        chosen = images.sample(args.calib_images, seed=args.seed)
+    chosen = images.sample(args.calib_images, seed=args.seed) if images is not None else None
+    views = views_of(args, None if chosen is None else chosen.paths, loaded.preprocess)
+    if views is not None:
+        calib = views.batches(args.calib_batch)
+        print(
+            f"calibration: {len(views)} augmented views of {len(chosen)} image(s) from {images.root} "
+            f"(seed {args.seed}, {views.backend} transforms)"
+        )
+    elif chosen is not None:
         calib = list(
             tqdm(
                 chosen.batches(loaded.preprocess, args.calib_batch),
@@ -118,8 +128,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--calib-images",
         type=at_least(1),
         default=128,
-        help="images drawn from --data (seeded; default 128)",
+        help="images drawn from --data (seeded; default 128); with --augment, the photos of the views",
     )
+    augment_args(p, "calibrate")
     p.add_argument("--calib-batch", type=at_least(1), default=16, help="calibration batch size (default 16)")
     p.add_argument(
         "--val",

@@ -13,6 +13,7 @@ all ask it.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections import defaultdict
 
 import torch
@@ -172,3 +173,23 @@ def masks_from_zeros(model: nn.Module, pattern: str | Pattern | None = None) -> 
         for name, m in candidates.items()
         if bool((m.weight == 0).any()) and (pattern is None or is_nm(m.weight, pattern))
     }
+
+
+def layer_kind(module: nn.Module) -> str | None:
+    """``"linear"`` / ``"conv"`` for a module that multiplies by a weight the way a Linear or a
+    Conv2d does (knsparse's sparse modules included), else ``None``: what MACs are counted for."""
+    if hasattr(module, "in_features") and hasattr(module, "out_features"):
+        return "linear"
+    if hasattr(module, "in_channels") and hasattr(module, "kernel_size"):
+        return "conv"
+    return None
+
+
+def weight_macs(kind: str, module: nn.Module, inputs: torch.Tensor, output: torch.Tensor) -> int:
+    """Multiply-accumulates of one call of a :func:`layer_kind` layer on ``inputs`` giving
+    ``output`` (the whole batch): Linear ``rows * in * out``; Conv2d ``(Cin / groups) * R * S``
+    per output element. Biases are not counted."""
+    if kind == "linear":
+        return (inputs.numel() // module.in_features) * module.in_features * module.out_features
+    groups = getattr(module, "groups", 1)  # SparseConv2d is always ungrouped
+    return output.numel() * (module.in_channels // groups) * math.prod(module.kernel_size)

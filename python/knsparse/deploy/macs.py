@@ -20,7 +20,6 @@ hold zeros is still executed densely and keeps its full count.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -29,7 +28,7 @@ import torch
 from torch import nn
 
 from ..core.checks import check_image_shape, check_module
-from ..core.layers import placement_reasons, swap_ineligibility
+from ..core.layers import layer_kind, placement_reasons, swap_ineligibility, weight_macs
 from ..core.pattern import Pattern
 from ..core.plan import SparsityPlan, as_plan
 from ..integrations import families
@@ -147,21 +146,6 @@ class MacReport:
                 dense, sparse = f"{m.dense / 1e6:.2f}", f"{m.sparse / 1e6:.2f}"
                 lines.append(f"| {m.name} | {m.kind} | {dense} | {sparse} | {m.executor} | {m.note} |")
         return "\n".join(lines)
-
-
-def _layer_kind(module: nn.Module) -> str | None:
-    if hasattr(module, "in_features") and hasattr(module, "out_features"):
-        return "linear"
-    if hasattr(module, "in_channels") and hasattr(module, "kernel_size"):
-        return "conv"
-    return None
-
-
-def _weight_macs(kind: str, module: nn.Module, inputs: torch.Tensor, output: torch.Tensor) -> int:
-    if kind == "linear":
-        return (inputs.numel() // module.in_features) * module.in_features * module.out_features
-    groups = getattr(module, "groups", 1)  # SparseConv2d is always ungrouped
-    return output.numel() * (module.in_channels // groups) * math.prod(module.kernel_size)
 
 
 def default_eligibility(pattern: Pattern) -> EligibilityRule:
@@ -288,7 +272,7 @@ def _count(
 
     def weight_hook(name: str, kind: str):
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-            dense = _weight_macs(kind, module, args[0], output)
+            dense = weight_macs(kind, module, args[0], output)
             executor, sparse, note = "dense", dense, ""
             if isinstance(module, (SparseLinear, SparseConv2d)):
                 executor = f"sparse {module.pattern} ({module.active_backend})"
@@ -314,7 +298,7 @@ def _count(
         for name, module in model.named_modules():
             if any(name.startswith(f"{c}.") for c in counted):
                 continue  # the internals of a counted layer
-            kind = _layer_kind(module)
+            kind = layer_kind(module)
             if kind is not None and name:
                 counted.add(name)
                 handles.append(module.register_forward_hook(weight_hook(name, kind)))

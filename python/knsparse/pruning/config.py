@@ -243,6 +243,57 @@ class DiagnosticsConfig:
         return cls(**data)
 
 
+@dataclass(frozen=True)
+class DenseTarget:
+    """``keep_dense="auto"``: after pruning, layers go back to dense, the most harmful per MAC
+    first, until the pruned model meets the target on held-out calibration batches.
+
+    Attributes:
+        agreement: top-1 agreement with the dense model to reach, in (0, 1].
+        kl: mean ``KL(dense ‖ pruned)`` of the final logits (nats per image) to stay within, >= 0.
+            At least one of the two; with both, both must hold.
+        holdout_every: every ``holdout_every``-th calibration batch (indices ``holdout_every - 1``,
+            ``2 * holdout_every - 1``, ...; the last batch when there are fewer) is held out:
+            the target is checked on those, everything else (masks, repair, the per-layer
+            sensitivity) uses the others. Needs >= 2 calibration batches.
+        max_dense: at most this many layers go back to dense (``None``: any number, but at least
+            one layer stays sparse); a target not reached within it is a ``ValueError``.
+    """
+
+    agreement: float | None = None
+    kl: float | None = None
+    holdout_every: int = 4
+    max_dense: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.agreement is None and self.kl is None:
+            raise ValueError("keep_dense='auto' needs a target: agreement=<fraction> and/or kl=<nats>")
+        if self.agreement is not None:
+            check_number(self.agreement, "target agreement", low=0, high=1, low_open=True)
+        if self.kl is not None:
+            check_number(self.kl, "target kl", low=0)
+        check_number(self.holdout_every, "holdout_every", low=2, integer=True)
+        if self.max_dense is not None:
+            check_number(self.max_dense, "max_dense", low=0, integer=True)
+
+    def met(self, agreement: float, kl: float) -> bool:
+        """Whether measured ``agreement`` and ``kl`` meet the target."""
+        return (self.agreement is None or agreement >= self.agreement) and (self.kl is None or kl <= self.kl)
+
+    def describe(self) -> str:
+        parts = [f"agreement >= {self.agreement:.2%}" if self.agreement is not None else ""]
+        parts.append(f"KL <= {self.kl:g}" if self.kl is not None else "")
+        return " and ".join(p for p in parts if p)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> DenseTarget:
+        _strict_keys(data, {f.name for f in fields(cls)}, "recipe 'dense_target'")
+        return cls(**data)
+
+
 def _target(method: str, pattern: object, sparsity: object) -> tuple[Pattern | None, float | None]:
     """The k:n pattern (``None`` for unstructured masks) and sparsity of a config: the one
     place a prune's pattern is parsed and matched against its method."""
@@ -293,7 +344,11 @@ class PruneConfig:
         repair: a :class:`RepairConfig` (or ``"asr"`` / ``"layerwise"`` / ``"bn"``), or ``None``.
         calibration: a :class:`CalibrationConfig`.
         diagnostics: a :class:`DiagnosticsConfig` (none by default).
-        keep_dense: layer names or glob patterns (``"head"``, ``"blocks.0.*"``) never pruned.
+        keep_dense: layer names or glob patterns (``"head"``, ``"blocks.0.*"``) never pruned;
+            or ``"auto"`` (with ``dense_target``): the layers kept dense are chosen to meet it.
+        dense_target: a :class:`DenseTarget`: after pruning, the most harmful layers go back to
+            dense until it is met (k:n patterns; needs a calibration set). ``keep_dense="auto"``
+            names the same thing.
     """
 
     method: MethodConfig | str
@@ -303,9 +358,18 @@ class PruneConfig:
     repair: RepairConfig | str | None = None
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
-    keep_dense: tuple[str, ...] = ()
+    keep_dense: tuple[str, ...] | str = ()
+    dense_target: DenseTarget | None = None
 
     def __post_init__(self) -> None:
+        auto = isinstance(self.keep_dense, str) and self.keep_dense == "auto"
+        if auto and self.dense_target is None:
+            raise ValueError(
+                "keep_dense='auto' needs a target: dense_target=DenseTarget(agreement=...) or "
+                "(keyword form) target_agreement= / target_kl="
+            )
+        if self.dense_target is not None and not isinstance(self.dense_target, DenseTarget):
+            raise TypeError(f"dense_target must be a DenseTarget, got {type(self.dense_target).__name__}")
         method = self.method if isinstance(self.method, MethodConfig) else MethodConfig(self.method)
         pattern, sparsity = _target(method.name, self.pattern, self.sparsity)
         permute = self.permute
@@ -338,7 +402,11 @@ class PruneConfig:
                 "diagnostics.certificate is measured on the dense model's layer inputs, which "
                 "calibration.sequential replaces by the pruned ones: ask for one or the other"
             )
-        keep_dense = check_names(self.keep_dense, "keep_dense")
+        keep_dense = () if auto else check_names(self.keep_dense, "keep_dense")
+        if self.dense_target is not None and pattern is None:
+            raise ValueError(
+                "keep_dense='auto' (dense_target) needs a k:n pattern: it reports sparse execution"
+            )
         for name, value in (
             ("method", method),
             ("pattern", pattern),
@@ -357,6 +425,7 @@ class PruneConfig:
             or self.repair is not None
             or self.diagnostics.certificate
             or self.calibration.sequential
+            or self.dense_target is not None
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -371,13 +440,14 @@ class PruneConfig:
             "calibration": self.calibration.to_dict(),
             "diagnostics": self.diagnostics.to_dict(),
             "keep_dense": list(self.keep_dense),
+            "dense_target": None if self.dense_target is None else self.dense_target.to_dict(),
         }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> PruneConfig:
         """A config from :meth:`to_dict`'s form; ``ValueError`` naming an unknown or bad field."""
         known = {"knsparse_recipe", "method", "pattern", "sparsity", "permute", "repair"}
-        known |= {"calibration", "diagnostics", "keep_dense"}
+        known |= {"calibration", "diagnostics", "keep_dense", "dense_target"}
         _strict_keys(data, known, "recipe")
         version = data.get("knsparse_recipe")
         if version != RECIPE_VERSION:
@@ -395,6 +465,9 @@ class PruneConfig:
             calibration=CalibrationConfig.from_dict(data.get("calibration", {})),
             diagnostics=DiagnosticsConfig.from_dict(data.get("diagnostics", {})),
             keep_dense=tuple(data.get("keep_dense", ())),
+            dense_target=None
+            if data.get("dense_target") is None
+            else DenseTarget.from_dict(data["dense_target"]),
         )
 
     def to_json(self) -> str:

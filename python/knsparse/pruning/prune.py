@@ -38,9 +38,11 @@ from ..core.masks import check_finite, from_reduction_view
 from ..core.pattern import ConvOrder, Pattern, check_conv_order
 from ..core.plan import SparsityPlan
 from ..integrations import mha
+from ..utils.batches import model_batches, model_device
 from .calibration import check_calibration, collect_input_stats, data_path_budgets
 from .config import (
     CalibrationConfig,
+    DenseTarget,
     DiagnosticsConfig,
     MethodConfig,
     PermuteConfig,
@@ -51,6 +53,7 @@ from .methods import METHODS, Decision, Layer, MethodSpec
 from .permutation import PermutationReport
 from .permutation.apply import permute_unguarded
 from .repair import RepairReport, dense_output_stats, repair_from_stats
+from .sensitivity import DenseTargetReport, divergence, keep_dense_to_target, model_logits
 from .spectral import MPFit, fit_weights
 
 GRAM_BYTES = 1 << 30
@@ -109,6 +112,9 @@ class PruneResult:
     converted: list[str] = field(default_factory=list)
     """The ``nn.MultiheadAttention`` modules converted to prunable projections
     (:func:`knsparse.integrations.mha.convert`) in the returned model."""
+    dense_target: DenseTargetReport | None = None
+    """What ``keep_dense="auto"`` did (per-layer sensitivity, the layers kept dense, agreement and
+    KL before/after on the held-out batches, the MAC and sparse-execution shares)."""
 
     @property
     def method(self) -> str:
@@ -144,6 +150,7 @@ class PruneResult:
             "permuted": self.permutation is not None,
             "repair": None if self.repair is None else self.repair.method,
             "converted": self.converted,
+            "dense_target": None if self.dense_target is None else self.dense_target.as_dict(),
             "recipe": self.config.to_dict(),
         }
 
@@ -179,6 +186,8 @@ class PruneResult:
         for name, why in self.fallbacks().items():
             lines.append(f"{name[:28]:<28} fallback: {why}")
         lines.append(f"overall sparsity of pruned layers: {self.overall_sparsity():.4f}")
+        if self.dense_target is not None:
+            lines += ["", self.dense_target.summary(), self.dense_target.table()]
         return "\n".join(lines)
 
 
@@ -196,7 +205,9 @@ def prune(
     progress: bool = True,
     sequential: bool = False,
     diagnostics: DiagnosticsConfig | None = None,
-    keep_dense: str | Iterable[str] = (),
+    keep_dense: str | Iterable[str] | DenseTarget = (),
+    target_agreement: float | None = None,
+    target_kl: float | None = None,
     lam1: float | None = None,
     lam2: float | None = None,
     lipschitz: float | Mapping[str, float] | None = None,
@@ -239,7 +250,16 @@ def prune(
             dense model (one pass per batch of layers whose full Grams fit ``GRAM_BYTES``).
         diagnostics: a :class:`~.config.DiagnosticsConfig` (MP spectra, the certificate);
             ``lam1``, ``lam2``, ``lipschitz`` given alone ask for the certificate with them.
-        keep_dense: layer names or globs never pruned (left dense, with the reason).
+        keep_dense: layer names or globs never pruned (left dense, with the reason); or
+            ``"auto"`` with ``target_agreement`` and/or ``target_kl`` (or a
+            :class:`~.config.DenseTarget`): after pruning, layers go back to dense — greedily by
+            their KL alone per MAC — until the target holds on held-out calibration batches (every
+            4th batch, or the last when there are fewer than 4: those are used for nothing else;
+            see :class:`~.config.DenseTarget`). ``result.dense_target`` reports it; the kept
+            layers leave the masks, the plan and the report (``result.skipped`` says why). A
+            target not reachable with one layer left sparse is a ``ValueError``.
+        target_agreement, target_kl: the target of ``keep_dense="auto"`` (top-1 agreement with
+            the dense model in (0, 1]; mean ``KL(dense ‖ pruned)`` of the logits, nats).
         **options: method options (e.g. ``mode="global"`` for magnitude, ``switch=0.6`` for
             hybrid, ``shrinkage`` for cast/ser/hybrid, ``damp``/``blocksize`` for sparsegpt,
             ``reconstruct`` for cast); unknown names raise ``ValueError``.
@@ -264,6 +284,7 @@ def prune(
             "sequential": sequential is not False,
             "diagnostics": diagnostics is not None,
             "keep_dense": keep_dense != (),
+            "target_agreement/target_kl": target_agreement is not None or target_kl is not None,
             "lam1/lam2/lipschitz": any(v is not None for v in (lam1, lam2, lipschitz)),
             **dict.fromkeys(options, True),
         }
@@ -276,10 +297,27 @@ def prune(
         config = method
     else:
         config = _config_from_keywords(
-            method, pattern, sparsity, permute, repair, conv_order, sequential, diagnostics, keep_dense,
-            (lam1, lam2, lipschitz), options,
+            method, pattern, sparsity, permute, repair, conv_order, sequential, diagnostics,
+            _dense_target(keep_dense, target_agreement, target_kl), (lam1, lam2, lipschitz), options,
         )  # fmt: skip
     return _run(model, config, calib, inplace, progress)
+
+
+def _dense_target(
+    keep_dense: object, agreement: float | None, kl: float | None
+) -> tuple[str | Iterable[str], DenseTarget | None]:
+    """``(keep_dense globs, DenseTarget or None)`` of the keyword form."""
+    if isinstance(keep_dense, DenseTarget):
+        if agreement is not None or kl is not None:
+            raise TypeError("keep_dense=DenseTarget(...) holds the target: drop target_agreement / target_kl")
+        return (), keep_dense
+    if isinstance(keep_dense, str) and keep_dense == "auto":
+        if agreement is None and kl is None:
+            raise ValueError("keep_dense='auto' needs target_agreement=<fraction> and/or target_kl=<nats>")
+        return (), DenseTarget(agreement=agreement, kl=kl)
+    if agreement is not None or kl is not None:
+        raise ValueError("target_agreement / target_kl are the target of keep_dense='auto': pass that too")
+    return keep_dense, None  # type: ignore[return-value]
 
 
 def _config_from_keywords(
@@ -291,7 +329,7 @@ def _config_from_keywords(
     conv_order: ConvOrder | None,
     sequential: bool,
     diagnostics: DiagnosticsConfig | None,
-    keep_dense: str | Iterable[str],
+    keep: tuple[str | Iterable[str], DenseTarget | None],
     certificate: tuple[float | None, float | None, float | Mapping[str, float] | None],
     options: Mapping[str, object],
 ) -> PruneConfig:
@@ -331,7 +369,8 @@ def _config_from_keywords(
         repair,
         CalibrationConfig(sequential),
         diagnostics,
-        tuple(keep_dense) if not isinstance(keep_dense, str) else (keep_dense,),
+        tuple(keep[0]) if not isinstance(keep[0], str) else (keep[0],),
+        keep[1],
     )
 
 
@@ -350,6 +389,9 @@ def _run(
     _check_model(model, config)
     if calib is not None:
         check_calibration(model, calib)
+    held = None
+    if config.dense_target is not None:
+        calib, held = split_holdout(calib, config.dense_target.holdout_every)
     target = model if inplace else copy.deepcopy(model)
     rollback = None
     if inplace:  # a whole snapshot where the model changes before the masks are written
@@ -357,12 +399,35 @@ def _run(
             model, whole=bool(config.permute or config.repair or config.calibration.sequential)
         )
     try:
-        result = _prune_in_place(target, config, spec, calib, progress, rollback)
+        result = _prune_in_place(target, config, spec, calib, progress, rollback, held)
     except BaseException:
         if rollback is not None:
             rollback.restore()
         raise
     return result
+
+
+class _Batches:
+    """A re-iterable selection of a calibration set's batches, by their index."""
+
+    def __init__(self, calib: Iterable[object], indices: Iterable[int]) -> None:
+        self.calib, self.indices = calib, frozenset(indices)
+
+    def __iter__(self):
+        return (b for i, b in enumerate(self.calib) if i in self.indices)
+
+
+def split_holdout(calib: Iterable[object], every: int) -> tuple[_Batches, _Batches]:
+    """``(fit, held)`` views of ``calib``: batches ``every - 1, 2 * every - 1, ...`` held out
+    (the last batch when there are fewer than ``every``); ``ValueError`` for fewer than 2."""
+    count = sum(1 for _ in model_batches(calib))
+    if count < 2:
+        raise ValueError(
+            f"keep_dense='auto' checks its target on held-out calibration batches: calib has {count} "
+            "batch; pass at least 2 (e.g. smaller batches)"
+        )
+    held = [i for i in range(count) if i % every == every - 1] or [count - 1]
+    return _Batches(calib, set(range(count)) - set(held)), _Batches(calib, held)
 
 
 def _check_model(model: nn.Module, config: PruneConfig) -> None:
@@ -438,9 +503,11 @@ def _prune_in_place(
     calib: Iterable[object] | None,
     progress: bool,
     rollback: _Rollback | None,
+    held: _Batches | None = None,
 ) -> PruneResult:
     """Prune ``target`` itself by ``config`` (arguments already checked), logging what it
-    overwrites into ``rollback`` (``None``: ``target`` is a copy nobody else holds)."""
+    overwrites into ``rollback`` (``None``: ``target`` is a copy nobody else holds). ``held``:
+    the held-out batches of ``keep_dense="auto"`` (``calib`` is then the rest)."""
     converted = mha.convert(target)
     pat, sparsity = config.pattern, config.sparsity
     permutation = None
@@ -465,6 +532,16 @@ def _prune_in_place(
         )
         for n, m in layers.items()
     }
+    auto = None
+    if config.dense_target is not None and layers:  # dense weights and logits before any change
+        device = model_device(target)
+        fit_batches, held_batches = list(model_batches(calib, device)), list(model_batches(held, device))
+        auto = (
+            {n: m.weight.detach().clone() for n, m in layers.items()},
+            fit_batches,
+            held_batches,
+            (model_logits(target, fit_batches), model_logits(target, held_batches)),
+        )
     dense_stats = {}
     if config.repair is not None and config.repair.method != "bn":
         dense_stats = dense_output_stats(target, list(layers), calib)
@@ -492,15 +569,56 @@ def _prune_in_place(
             if rollback is not None:
                 rollback.before_write(f"{name}.weight", mod.weight, masks[name], d.weight is None)
             mod.weight.copy_(from_reduction_view(new, shape, order).to(mod.weight.dtype))
+    dense_report = None
+    if auto is not None:
+        dense_report = _keep_dense_auto(target, layers, masks, report, skipped, config, auto, held, progress)
     repaired = None
     if config.repair is not None:
         rep = config.repair
         repaired = repair_from_stats(
-            target, list(decisions), dense_stats, calib, rep.method, progress=progress, **rep.options
+            target, list(masks), dense_stats, calib, rep.method, progress=progress, **rep.options
         )
+        if dense_report is not None:
+            _, _, held_batches, (_, reference_held) = auto
+            dense_report.kl_repaired, dense_report.agreement_repaired = divergence(
+                reference_held, model_logits(target, held_batches)
+            )
     applied = permutation.applied() if permutation is not None else ()
     plan = None if pat is None else SparsityPlan(pat, masks, applied, config.to_dict())
-    return PruneResult(target, masks, report, skipped, config, permutation, repaired, plan, converted)
+    return PruneResult(
+        target, masks, report, skipped, config, permutation, repaired, plan, converted, dense_report
+    )
+
+
+def _keep_dense_auto(
+    target: nn.Module,
+    layers: Mapping[str, nn.Module],
+    masks: dict[str, torch.Tensor],
+    report: list[LayerReport],
+    skipped: dict[str, str],
+    config: PruneConfig,
+    auto: tuple,
+    held: _Batches,
+    progress: bool,
+) -> DenseTargetReport:
+    """``keep_dense="auto"`` on the freshly pruned ``target``: the layers it keeps dense get their
+    dense weights back and leave ``masks`` and ``report`` (``skipped`` says why)."""
+    dense, fit_batches, held_batches, reference = auto
+    candidates = {n: layers[n] for n in masks}
+    pruned = {n: m.weight.detach().clone() for n, m in candidates.items()}
+    out = keep_dense_to_target(
+        target, candidates, dense, pruned, masks, config.pattern, fit_batches, held_batches, reference,
+        config.dense_target, sorted(held.indices), progress,
+    )  # fmt: skip
+    alone = {r.name: r for r in out.sensitivity}
+    for name in out.kept_dense:
+        del masks[name]
+        skipped[name] = (
+            f"kept dense (keep_dense auto: alone it costs KL {alone[name].kl:.4f}, "
+            f"agreement {alone[name].agreement:.2%})"
+        )
+    report[:] = [r for r in report if r.name in masks]
+    return out
 
 
 def _new_values(d: Decision, view: Layer) -> torch.Tensor:
