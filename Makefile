@@ -55,42 +55,13 @@ test: lint $(CUTLASS)
 	$(VENV)/bin/pytest -q -m "not models"
 	$(MAKE) --no-print-directory test-models
 
-# libknsparse_cuda.so: the CUDA kernels behind the C ABI of csrc/knsparse_capi.h, linked
-# against the static CUDA runtime only (no libtorch), so it builds on a machine without a GPU or
-# a CUDA build of PyTorch and serves every torch version; knsparse.ops loads it with ctypes.
-# Ampere kernels: sm_80 SASS + compute_80 PTX (the PTX lets a Hopper GPU run the Ampere path,
-# KNSPARSE_CUDA_ARCH=80); Hopper kernels: sm_90a. `make -j2 cuda` compiles units in parallel.
-NVCC ?= nvcc
-CUDA_LIB := python/knsparse/ops/libknsparse_cuda.so
-CUDA_OBJ := build/native
-CUTLASS_INCLUDE = $(shell $(PY) csrc/find_cutlass.py)
-NVCC_FLAGS = -std=c++17 -O3 -DNDEBUG --expt-relaxed-constexpr -Xcompiler=-fPIC -Icsrc -isystem "$(CUTLASS_INCLUDE)"
-SM80 := -gencode=arch=compute_80,code=sm_80 -gencode=arch=compute_80,code=compute_80
-SM90 := -gencode=arch=compute_90a,code=sm_90a
-CSRC_HEADERS := $(wildcard csrc/*.h csrc/*.cuh)
-CUDA_OBJS := $(addprefix $(CUDA_OBJ)/,sparse_gemm_sm90_f16_large.o sparse_gemm_sm90_f16_small.o \
-	sparse_gemm_sm90_bf16_large.o sparse_gemm_sm90_bf16_small.o \
-	sparse_gemm_sm80_f16.o sparse_gemm_sm80_bf16.o im2col_rsc.o capi.o)
+# libknsparse_cuda.so (python/knsparse/ops/): the CUDA kernels behind the C ABI of
+# csrc/knsparse_capi.h, static CUDA runtime, no libtorch, so it builds on a machine without a GPU.
+# CMakeLists.txt is the one build description (sources, sm_80 + compute_80 PTX / sm_90a, the
+# ptxas "Potential Performance Loss" check); this only gives it .venv's Python, which has the
+# pinned CUTLASS headers. CMake rebuilds only what changed.
+CMAKE_BUILD := build/cmake
 
-$(CUDA_OBJ)/sparse_gemm_sm80_%.o: GENCODE = $(SM80)
-$(CUDA_OBJ)/sparse_gemm_sm90_%.o: GENCODE = $(SM90)
-$(CUDA_OBJ)/im2col_rsc.o: GENCODE = $(SM80) $(SM90)
-
-# ptxas's "Potential Performance Loss" (e.g. C7510: serialized WGMMA) fails the build: such a
-# Hopper kernel is correct but loses most of its speed.
-$(CUDA_OBJ)/%.o: csrc/%.cu $(CSRC_HEADERS) | $(CUTLASS)
-	@mkdir -p $(CUDA_OBJ)
-	@echo "nvcc $<"; start=$$(date +%s); \
-	$(NVCC) $(NVCC_FLAGS) $(GENCODE) -c $< -o $@ >$@.log 2>&1 || { cat $@.log; exit 1; }; \
-	if grep -q "Potential Performance Loss" $@.log; then grep "Potential Performance Loss" $@.log | cut -c1-300; \
-		rm -f $@; exit 1; fi; echo "nvcc $< done in $$(( $$(date +%s) - start )) s"
-
-$(CUDA_OBJ)/capi.o: csrc/capi.cpp $(CSRC_HEADERS)
-	@mkdir -p $(CUDA_OBJ)
-	$(NVCC) -std=c++17 -O2 -Xcompiler=-fPIC,-Wall,-Wextra -Icsrc -c $< -o $@
-
-$(CUDA_LIB): $(CUDA_OBJS)
-	$(NVCC) -shared -cudart static $(CUDA_OBJS) -o $@.tmp && mv $@.tmp $@  # atomic: a loaded copy stays intact
-	@ls -l $@
-
-cuda: $(CUDA_LIB)
+cuda: $(CUTLASS)
+	cmake -S . -B $(CMAKE_BUILD) -DPython_EXECUTABLE=$(abspath $(PY))
+	cmake --build $(CMAKE_BUILD) -j2

@@ -3,7 +3,7 @@
 Looks at ``$KNSPARSE_CUTLASS_INCLUDE`` first, then at the headers the ``nvidia-cutlass`` PyPI
 package ships under ``cutlass_library/source/include`` (found without importing the package,
 so ``pip install --no-deps nvidia-cutlass`` is enough). Exits 1 with a reason on stderr when
-there is none. Used by the Makefile (`make cuda`) and the tests.
+there is none. Run by CMakeLists.txt's configure step (`make cuda`) and by the tests.
 """
 
 from __future__ import annotations

@@ -6,6 +6,8 @@ their plain-PyTorch ``*_ref`` twins, and the metadata conversion they need.
 * :mod:`.gemm`: ``knsparse::sparse_gemm`` / :func:`sparse_gemm` / :func:`sparse_gemm_ref`.
 * :mod:`.im2col`: ``knsparse::im2col_rsc`` / :func:`im2col_rsc` / :func:`im2col_rsc_ref`.
 * :mod:`.meta`: the Ampere and Hopper CUTLASS metadata layouts.
+* :mod:`.interop`: every function here also takes CuPy / JAX / Numba / NumPy arrays (DLPack or
+  the CUDA array interface), viewed without a copy; results are torch tensors.
 
 Layering: ops builds on pattern, masks and pack; ``knsparse.backends`` builds on ops.
 """

@@ -7,6 +7,10 @@ layout (:func:`knsparse.ops.meta.prepare_meta`); the metadata's dtype selects th
 op returns ``act(x @ W.T + bias)`` token-major, ``[tokens, rows]`` contiguous like ``F.linear``:
 the Hopper kernel stores it so directly (any token count); the Ampere kernel stores
 feature-major and needs tokens % 8 == 0, so the op zero-pads ``x`` and transposes its result.
+
+The public functions take torch tensors or any array exposing ``__dlpack__`` /
+``__cuda_array_interface__`` (CuPy, JAX, Numba, NumPy), viewed without a copy
+(:mod:`knsparse.ops.interop`); they return torch tensors.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import torch.nn.functional as F
 
 from ..core.pack import Packed24, unpack_24
 from .device import require_device
+from .interop import ArrayLike, to_torch, to_torch_optional
 from .meta import round_up, sm80_meta_from_sm90, sm90_meta_shape
 from .native import ACTIVATION_CODES, CONFIG_CODES, DTYPE_CODES, GemmArgs, gemm_workspace, run_gemm
 
@@ -27,8 +32,11 @@ COLUMN_ALIGN = 8  # 16 bytes of 16-bit elements: the Ampere kernel's token multi
 _ARCH_OF_META = {torch.int16: 80, torch.uint8: 90}
 
 
-def activate(y: torch.Tensor, activation: str) -> torch.Tensor:
-    """``y`` through one of :data:`ACTIVATIONS` (the unfused path and the references)."""
+def activate(y: ArrayLike, activation: str) -> torch.Tensor:
+    """``y`` through one of :data:`ACTIVATIONS` (the unfused path and the references); ``y`` is
+    a tensor or a DLPack / CUDA-array-interface array, the result a torch tensor (``y`` itself,
+    viewed, for ``"none"``)."""
+    y = to_torch(y, "y")
     if activation == "relu":
         return F.relu(y)
     if activation == "gelu":
@@ -78,8 +86,10 @@ def check_kernel_args(
         raise ValueError(f"config must be one of {tuple(CONFIG_CODES)}, got {config!r}")
 
 
-def dense_weight(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
-    """The dense ``[rows, depth]`` weight of ``values`` and ``meta`` (either layout)."""
+def dense_weight(values: ArrayLike, meta: ArrayLike) -> torch.Tensor:
+    """The dense ``[rows, depth]`` torch tensor of ``values`` and ``meta`` (either layout; tensors
+    or DLPack / CUDA-array-interface arrays)."""
+    values, meta = to_torch(values, "values"), to_torch(meta, "meta")
     rows, depth = values.shape[0], values.shape[1] * 2
     if meta.dtype == torch.uint8:
         meta = sm80_meta_from_sm90(meta, rows, depth)
@@ -87,14 +97,17 @@ def dense_weight(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
 
 
 def sparse_gemm_ref(
-    values: torch.Tensor,
-    meta: torch.Tensor,
-    x: torch.Tensor,
-    bias: torch.Tensor | None = None,
+    values: ArrayLike,
+    meta: ArrayLike,
+    x: ArrayLike,
+    bias: ArrayLike | None = None,
     activation: str = "none",
 ) -> torch.Tensor:
     """Plain-PyTorch twin of :func:`sparse_gemm`: ``act(x @ W.T + bias)`` in fp32, cast to
-    ``x.dtype``. ``x`` is ``[..., depth]``; returns ``[..., rows]``. Runs on any device."""
+    ``x.dtype``. ``x`` is ``[..., depth]``; returns a torch tensor ``[..., rows]``. Runs on any
+    device; the arguments may be DLPack / CUDA-array-interface arrays, as for :func:`sparse_gemm`."""
+    values, meta, x = to_torch(values, "values"), to_torch(meta, "meta"), to_torch(x, "x")
+    bias = to_torch_optional(bias, "bias")
     check_gemm_args(values, x, bias, activation)
     w = dense_weight(values, meta).float()
     y = F.linear(x.float(), w, None if bias is None else bias.float())
@@ -193,14 +206,18 @@ def _sparse_gemm_fake(values, meta, x, bias, activation, config):
 
 
 def sparse_gemm(
-    values: torch.Tensor,
-    meta: torch.Tensor,
-    x: torch.Tensor,
-    bias: torch.Tensor | None = None,
+    values: ArrayLike,
+    meta: ArrayLike,
+    x: ArrayLike,
+    bias: ArrayLike | None = None,
     activation: str = "none",
     config: str = "auto",
 ) -> torch.Tensor:
     """``act(x @ W.T + bias)`` on sparse tensor cores, fp32 accumulation, fused epilogue.
+
+    Every array argument is a torch tensor or any array exposing ``__dlpack__`` or
+    ``__cuda_array_interface__`` (CuPy, JAX, Numba), viewed without a copy, so a CuPy pipeline
+    calls the GEMM directly; the result is a torch tensor (``cupy.from_dlpack(out)`` views it).
 
     Args:
         values: ``[rows, depth/2]`` fp16/bf16 kept weights (``knsparse.core.pack``).
@@ -212,8 +229,10 @@ def sparse_gemm(
             ``"large"`` (128x128 cooperative) or ``"small"`` (64x128 ping-pong).
 
     Returns:
-        ``[..., rows]`` contiguous (the layout of ``F.linear``).
+        torch tensor ``[..., rows]``, contiguous (the layout of ``F.linear``), on ``x``'s device.
     """
+    values, meta, x = to_torch(values, "values"), to_torch(meta, "meta"), to_torch(x, "x")
+    bias = to_torch_optional(bias, "bias")
     check_gemm_args(values, x, bias, activation)
     check_kernel_args(values, meta, x, bias, config)
     require_device(x.device)

@@ -16,6 +16,10 @@ for ``torch.compile`` / ``torch.export``.
 ``k_pad`` appends zero columns so the reduction length can be rounded up to what a sparse GEMM
 needs (the weight's reduction view is padded with the same zero columns, which are valid 2:4
 groups).
+
+The public functions take torch tensors or any array exposing ``__dlpack__`` /
+``__cuda_array_interface__`` (CuPy, JAX, Numba, NumPy), viewed without a copy
+(:mod:`knsparse.ops.interop`); they return torch tensors.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import torch.nn.functional as F
 
 from ..core.masks import to_reduction_view
 from .device import available, require_device
+from .interop import ArrayLike, to_torch, to_torch_optional
 from .native import Im2colArgs, run_im2col
 
 IntPair = int | tuple[int, int]
@@ -78,7 +83,7 @@ def _geometry(
 
 
 def im2col_rsc_ref(
-    x: torch.Tensor,
+    x: ArrayLike,
     kernel_size: IntPair,
     stride: IntPair = 1,
     padding: IntPair = 0,
@@ -88,14 +93,16 @@ def im2col_rsc_ref(
     """Plain-PyTorch im2col, reduction axis in (R, S, C) order.
 
     Args:
-        x: ``[N, C, H, W]`` (any layout, any dtype, any device).
+        x: ``[N, C, H, W]`` (any layout, any dtype, any device; a tensor or a DLPack /
+            CUDA-array-interface array).
         kernel_size, stride, padding, dilation: as in ``nn.Conv2d`` (int or pair).
         k_pad: number of output columns, >= ``R*S*C`` (default ``R*S*C``); extra columns are 0.
 
     Returns:
-        ``[N*P*Q, k_pad]`` contiguous: row ``(n, p, q)``, column ``(r*S + s)*C + c`` holds
+        torch tensor ``[N*P*Q, k_pad]``, contiguous: row ``(n, p, q)``, column ``(r*S + s)*C + c`` holds
         ``x[n, c, p*stride_h - pad_h + r*dil_h, q*stride_w - pad_w + s*dil_w]`` (0 outside).
     """
+    x = to_torch(x, "x")
     (kh, kw), (sh, sw), (ph, pw), (dh, dw), p, q, k_pad = _geometry(
         x, kernel_size, stride, padding, dilation, k_pad
     )
@@ -157,7 +164,7 @@ def _im2col_rsc_fake(x, kernel_size, stride, padding, dilation, k_pad):
 
 
 def im2col_rsc_cuda(
-    x: torch.Tensor,
+    x: ArrayLike,
     kernel_size: IntPair,
     stride: IntPair = 1,
     padding: IntPair = 0,
@@ -165,7 +172,9 @@ def im2col_rsc_cuda(
     k_pad: int | None = None,
 ) -> torch.Tensor:
     """The CUDA kernel (``knsparse::im2col_rsc``) with :func:`im2col_rsc_ref` semantics; x is
-    fp16/bf16 on a device the native library serves (RuntimeError naming the reason if not)."""
+    fp16/bf16 on a device the native library serves (RuntimeError naming the reason if not), a
+    tensor or a DLPack / CUDA-array-interface array; returns a torch tensor."""
+    x = to_torch(x, "x")
     kernel, strides, pads, dils, _, _, k_pad = _geometry(x, kernel_size, stride, padding, dilation, k_pad)
     if x.dtype not in (torch.float16, torch.bfloat16):
         raise TypeError(f"the im2col kernel moves 16-bit words: x must be float16 or bfloat16, got {x.dtype}")
@@ -174,7 +183,7 @@ def im2col_rsc_cuda(
 
 
 def im2col_rsc(
-    x: torch.Tensor,
+    x: ArrayLike,
     kernel_size: IntPair,
     stride: IntPair = 1,
     padding: IntPair = 0,
@@ -182,21 +191,25 @@ def im2col_rsc(
     k_pad: int | None = None,
 ) -> torch.Tensor:
     """:func:`im2col_rsc_ref` semantics; fp16/bf16 CUDA inputs run knsparse's CUDA kernel when
-    the native library serves the device, everything else runs the reference."""
+    the native library serves the device, everything else runs the reference. ``x`` is a tensor
+    or a DLPack / CUDA-array-interface array (CuPy, JAX, Numba, NumPy); returns a torch tensor."""
+    x = to_torch(x, "x")
     if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and available(x.device):
         return im2col_rsc_cuda(x, kernel_size, stride, padding, dilation, k_pad)
     return im2col_rsc_ref(x, kernel_size, stride, padding, dilation, k_pad)
 
 
-def rows_to_nchw(y: torch.Tensor, n: int, p: int, q: int) -> torch.Tensor:
-    """``[N*P*Q, Cout]`` GEMM rows back to an ``[N, Cout, P, Q]`` activation (a view: no copy)."""
+def rows_to_nchw(y: ArrayLike, n: int, p: int, q: int) -> torch.Tensor:
+    """``[N*P*Q, Cout]`` GEMM rows (a tensor or a DLPack / CUDA-array-interface array) back to an
+    ``[N, Cout, P, Q]`` torch tensor (a view of ``y``'s memory: no copy)."""
+    y = to_torch(y, "y")
     return y.reshape(n, p, q, y.shape[-1]).permute(0, 3, 1, 2)
 
 
 def conv2d_via_im2col_ref(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None = None,
+    x: ArrayLike,
+    weight: ArrayLike,
+    bias: ArrayLike | None = None,
     stride: IntPair = 1,
     padding: IntPair = 0,
     dilation: IntPair = 1,
@@ -204,11 +217,13 @@ def conv2d_via_im2col_ref(
     """``F.conv2d`` (groups=1) computed as ``im2col_rsc(x) @ to_reduction_view(weight, "rsc").T``.
 
     Args:
-        x: ``[N, Cin, H, W]``; weight: ``[Cout, Cin, R, S]``; bias: ``[Cout]`` or None.
+        x: ``[N, Cin, H, W]``; weight: ``[Cout, Cin, R, S]``; bias: ``[Cout]`` or None (tensors
+            or DLPack / CUDA-array-interface arrays).
 
     Returns:
-        ``[N, Cout, P, Q]`` in ``x.dtype``.
+        torch tensor ``[N, Cout, P, Q]`` in ``x.dtype``.
     """
+    x, weight, bias = to_torch(x, "x"), to_torch(weight, "weight"), to_torch_optional(bias, "bias")
     if weight.dim() != 4 or x.dim() != 4 or weight.shape[1] != x.shape[1]:
         raise ValueError(
             f"conv2d_via_im2col_ref needs x [N, C, H, W] and weight [Cout, C, R, S] with equal C "

@@ -15,6 +15,7 @@ import os
 import torch
 
 from ..core.pack import cutlass_meta_offsets
+from .interop import ArrayLike, to_torch
 
 ARCH_ENV = "KNSPARSE_CUDA_ARCH"
 """``KNSPARSE_CUDA_ARCH=80`` runs the Ampere kernels (their compute_80 PTX) on a Hopper GPU."""
@@ -104,12 +105,15 @@ def meta_arch(device: torch.device | str | int) -> str:
     return "sm80"
 
 
-def prepare_meta(meta: torch.Tensor, arch: str | None = None) -> torch.Tensor:
+def prepare_meta(meta: ArrayLike, arch: str | None = None) -> torch.Tensor:
     """The metadata :func:`sparse_gemm` wants on ``arch`` (default: the architecture of
     ``meta.device``): unchanged int16 for ``"sm80"``, uint8 Hopper layout for ``"sm90"``.
 
-    Call once when a layer is built (after moving ``meta`` to its device), not per forward.
+    ``meta`` is a torch tensor or a DLPack / CUDA-array-interface array; the result is a torch
+    tensor (for ``"sm80"`` a view of ``meta``'s memory). Call once when a layer is built (after
+    moving ``meta`` to its device), not per forward.
     """
+    meta = to_torch(meta, "meta")
     arch = meta_arch(meta.device) if arch is None else arch
     if arch == "sm80":
         _check_pack_meta(meta)
