@@ -1,0 +1,28 @@
+"""pytest-benchmark suite of the CPU ops (``make bench-cpu``); outside ``tests/`` (the only
+``testpaths``), so ``make test`` never collects it.
+
+Every benchmark group times one op twice on the same input: ``knsparse`` (what the package
+runs) and ``reference`` (the plain-PyTorch way to compute the same result), after asserting the
+two outputs agree. ``bench/pytest_bench_report.py`` turns the JSON into a table.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+@pytest.fixture
+def record(benchmark):
+    """``record(op, impl, **info)``: names the row of the report (``impl``: "knsparse" or
+    "reference") and stores the input sizes and the thread count with the timing."""
+
+    def note(op: str, impl: str, **info: object) -> None:
+        benchmark.group = op
+        benchmark.extra_info.update(op=op, impl=impl, threads=torch.get_num_threads(), **info)
+
+    return note
