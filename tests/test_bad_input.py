@@ -25,7 +25,7 @@ from knsparse.core.layers import pattern_layers
 from knsparse.core.masks import apply_masks
 from knsparse.deploy.onnx_check import check, read_metadata
 from knsparse.models import resnet_tiny_digits, vit_tiny_digits
-from knsparse.sparse.io import save_sparse
+from knsparse.sparse.io import load_sparse, save_sparse
 
 onnx = pytest.importorskip("onnx")
 from onnx import TensorProto, helper  # noqa: E402
@@ -198,6 +198,10 @@ STAGES = {
     "permute": lambda m, tmp: ks.permute(m, "2:4"),
     "apply_masks": lambda m, tmp: apply_masks(m, _masks(m)),
     "save_sparse": lambda m, tmp: save_sparse(m, tmp / "m.safetensors"),
+    "load_sparse": lambda m, tmp: load_sparse(m, tmp / "never-read.safetensors"),
+    "repair.asr": lambda m, tmp: ks.repair.asr(m, _vit("none"), [torch.randn(2, 1, 8, 8)]),
+    "repair.recalibrate_bn": lambda m, tmp: ks.repair.recalibrate_bn(m, [torch.randn(2, 1, 8, 8)]),
+    "finetune": lambda m, tmp: ks.finetune(m, _vit("none"), [torch.randn(2, 1, 8, 8)], epochs=1),
 }
 
 
@@ -207,7 +211,8 @@ def test_a_layer_on_the_meta_device_is_named_before_anything_changes(stage, wher
     model = _vit(where)
     before = _snapshot(model)
     named = repr(META_LAYER) if where == "one-layer" else "the model"
-    with pytest.raises(ValueError, match=rf"model: (layer )?{named} .*is on the meta device.*no data"):
+    arg = "student" if stage == "finetune" else "model"
+    with pytest.raises(ValueError, match=rf"{arg}: (layer )?{named} .*is on the meta device.*no data"):
         STAGES[stage](model, tmp_path)
     assert _same(_snapshot(model), before)
     assert not list(tmp_path.iterdir())  # nothing written
