@@ -58,9 +58,11 @@ test: lint $(CUTLASS)
 # pytest-benchmark of the CPU ops, each beside its plain-PyTorch reference in the same run
 # (bench/pytest_bench: outside tests/, the only testpaths, so `make test` never collects it);
 # writes the JSON and a markdown table (op, knsparse, reference, ratio) with the provenance.
+# BENCH_THREADS=1 on a busy host (torch's default thread count otherwise).
 BENCH_CPU_JSON := bench/results/pytest_bench_cpu.json
+BENCH_THREADS ?=
 bench-cpu: $(STAMP)
-	$(VENV)/bin/pytest -q bench/pytest_bench --benchmark-only --benchmark-json $(BENCH_CPU_JSON) \
+	KNSPARSE_BENCH_THREADS=$(BENCH_THREADS) $(VENV)/bin/pytest -q bench/pytest_bench --benchmark-only --benchmark-json $(BENCH_CPU_JSON) \
 		--benchmark-min-rounds 5 --benchmark-max-time 0.5 --benchmark-sort name
 	$(PY) bench/pytest_bench_report.py $(BENCH_CPU_JSON)
 

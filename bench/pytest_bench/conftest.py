@@ -8,8 +8,19 @@ two outputs agree. ``bench/pytest_bench_report.py`` turns the JSON into a table.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """``KNSPARSE_BENCH_THREADS=N``: torch (and the NMF C twin, which follows torch) on N threads.
+    On a host other jobs load, one thread avoids the stalls of a parallel region waiting for a
+    descheduled thread, which make small ops tens of times slower at random."""
+    threads = os.environ.get("KNSPARSE_BENCH_THREADS")
+    if threads:
+        torch.set_num_threads(int(threads))
 
 
 def pytest_report_header(config: pytest.Config) -> str:
