@@ -18,7 +18,7 @@ MODELS_STAMP := $(MODELS_VENV)/.installed
 # The CUTLASS release the kernels, the host probes and the metadata layout tests are checked against.
 CUTLASS_PIN := nvidia-cutlass==4.2.0.0
 
-.PHONY: demo test test-models lint cuda
+.PHONY: demo test test-models lint cuda bench-cpu
 
 $(STAMP): setup.py pyproject.toml
 	python3 -m venv $(VENV)
@@ -54,6 +54,17 @@ test-models: $(MODELS_STAMP)
 test: lint $(CUTLASS)
 	$(VENV)/bin/pytest -q -m "not models"
 	$(MAKE) --no-print-directory test-models
+
+# pytest-benchmark of the CPU ops, each beside its plain-PyTorch reference in the same run
+# (bench/pytest_bench: outside tests/, the only testpaths, so `make test` never collects it);
+# writes the JSON and a markdown table (op, knsparse, reference, ratio) with the provenance.
+# BENCH_THREADS=1 on a busy host (torch's default thread count otherwise).
+BENCH_CPU_JSON := bench/results/pytest_bench_cpu.json
+BENCH_THREADS ?=
+bench-cpu: $(STAMP)
+	KNSPARSE_BENCH_THREADS=$(BENCH_THREADS) $(VENV)/bin/pytest -q bench/pytest_bench --benchmark-only --benchmark-json $(BENCH_CPU_JSON) \
+		--benchmark-min-rounds 5 --benchmark-max-time 0.5 --benchmark-sort name
+	$(PY) bench/pytest_bench_report.py $(BENCH_CPU_JSON)
 
 # libknsparse_cuda.so (python/knsparse/ops/): the CUDA kernels behind the C ABI of
 # csrc/knsparse_capi.h, static CUDA runtime, no libtorch, so it builds on a machine without a GPU.

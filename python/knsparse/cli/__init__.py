@@ -58,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
         "export to ONNX/TensorRT and audit dense vs sparse throughput.",
         epilog="Run 'knsparse <command> --help' for the options of each command.",
     )
+    parser.usage_on_error = True  # `knsparse` alone: the usage line, then the error (exit 2)
     sub = parser.add_subparsers(
         dest="command", required=True, metavar="{prune,finetune,inspect,export,audit,demo}"
     )

@@ -15,10 +15,15 @@ from ..core.pattern import Pattern
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse, with a mistake reported in one line (``knsparse prune: error: argument ...``)."""
+    """argparse, with a mistake reported in one line (``knsparse prune: error: argument ...``);
+    with ``usage_on_error`` (the top-level ``knsparse``: no or an unknown command) the usage
+    line comes first, as plain argparse prints it."""
+
+    usage_on_error = False
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message}\n")
+        usage = self.format_usage() if self.usage_on_error else ""
+        self.exit(2, f"{usage}{self.prog}: error: {message}\n")
 
 
 def at_least(minimum: int) -> Callable[[str], int]:

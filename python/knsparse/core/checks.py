@@ -11,6 +11,7 @@ import math
 import os
 from collections.abc import Collection, Iterable, Sequence
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import nn
@@ -76,10 +77,50 @@ FLOAT_DTYPES: dict[str, torch.dtype] = {
 """The floating dtypes knsparse computes and exports in, by name: the one table of them."""
 
 
-def check_module(model: object, arg: str = "model") -> nn.Module:
-    """``model`` if it is an ``nn.Module``; else ``TypeError`` naming ``arg``."""
+MetaRule = Literal["any", "refuse", "whole"]
+"""What :func:`check_module` accepts of tensors on the meta device (shapes without data):
+``"any"``; ``"refuse"`` none (a stage that reads or writes weights); ``"whole"`` a model wholly on
+meta or wholly on real devices (a shape-only count), not a mix."""
+
+
+def meta_layers(model: nn.Module) -> tuple[list[str], bool]:
+    """(names of the modules holding a parameter or buffer on the meta device, in
+    ``named_modules`` order with ``""`` for the model itself; whether any tensor is elsewhere)."""
+    names: list[str] = []
+    real = False
+    for name, module in model.named_modules():
+        own = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
+        if any(t.is_meta for _, t in own):
+            names.append(name)
+        real = real or any(not t.is_meta for _, t in own)
+    return names, real
+
+
+def check_module(model: object, arg: str = "model", *, meta: MetaRule = "any") -> nn.Module:
+    """``model`` if it is an ``nn.Module``; else ``TypeError`` naming ``arg``. With ``meta``
+    (:data:`MetaRule`), a ``ValueError`` naming the first layer on the meta device (whose weights
+    are shapes without data) where the rule refuses it, before anything changes."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"{arg} must be an nn.Module, got {type(model).__name__}")
+    if meta == "any":
+        return model
+    names, real = meta_layers(model)
+    if names and (meta == "refuse" or real):
+        first = names[0]
+        module = model.get_submodule(first)
+        what = f"layer {first!r}" if first else "the model"
+        what += f" ({type(module).__name__})"
+        others = f" (and {len(names) - 1} more layers)" if len(names) > 1 else ""
+        why = (
+            " while other layers hold real tensors: a shape-only count needs the whole model on meta "
+            "or none of it"
+            if meta == "whole"
+            else ": its weights have no data, only shapes"
+        )
+        raise ValueError(
+            f"{arg}: {what} is on the meta device{others}{why}; build the model on a real device or "
+            "load its weights with load_state_dict(..., assign=True)"
+        )
     return model
 
 

@@ -273,7 +273,7 @@ def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
     """Zero the pruned weights in place: ``masks`` maps module names to bool masks of their weight.
 
     Every name and shape is checked before any weight changes (``ValueError`` naming the layer)."""
-    check_module(model)
+    check_module(model, meta="refuse")
     masks = bool_masks(masks)
     modules = dict(model.named_modules())
     for name, mask in masks.items():

@@ -43,6 +43,7 @@ from ..core.plan import SparsityPlan, as_plan
 from ..sparse.densify import dense_copy
 from ..sparse.fuse import fuse_activations as fuse_mlp_activations
 from ..sparse.modules import sparse_layers, swap_modules
+from ..utils.batches import Batch
 from ..utils.provenance import environment
 from ..utils.renamed import renamed
 from ..utils.timing import seconds_per_call
@@ -371,7 +372,7 @@ def audit(
     Returns:
         An :class:`AuditResult` (``.to_markdown()``, ``.save(dir)`` for markdown, JSON, PNG).
     """
-    check_module(model)
+    check_module(model, meta="refuse")
     device = check_device(device) if device is not None else None
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     on_cuda = device.type == "cuda"
@@ -430,8 +431,9 @@ def audit(
             tqdm(list(batch_sizes), desc=f"audit {name}", disable=not progress, leave=False)
         ):
             x = torch.randn((int(b), *shape), generator=generator).to(device, run_dtype)
-            if i == 0:
-                max_diff = float((sparse(x).float() - dense(x).float()).abs().max())
+            if i == 0:  # an input_shape the model cannot take fails here, naming it and the layer
+                reference = Batch((x,), label=f"input_shape {tuple(input_shape)}")(dense, locate=True)
+                max_diff = float((sparse(x).float() - reference.float()).abs().max())
             try:
                 d, s, r, how = _measure_batch(
                     dense, sparse, x, on_cuda and cuda_graphs, warmup, repeats, min_time_s

@@ -396,7 +396,7 @@ def export_onnx(
         An :class:`ExportResult`. Raises :class:`ParityError` if the CPU difference exceeds the
         bound (the file is kept for inspection).
     """
-    check_module(model)
+    check_module(model, meta="refuse")
     check_path(path, "path")
     check_number(opset, "opset", low=17, integer=True)
     check_flag(dynamic_batch, "dynamic_batch")

@@ -33,6 +33,7 @@ from ..core.pattern import Pattern
 from ..core.plan import SparsityPlan, as_plan
 from ..integrations import families
 from ..sparse.modules import SparseConv2d, SparseLinear
+from ..utils.batches import Batch
 from ..utils.modes import evaluation
 from ..utils.renamed import renamed
 from . import tome
@@ -217,7 +218,7 @@ def macs(
     Returns:
         A :class:`MacReport` with one row per weight layer and per attention block.
     """
-    check_module(model)
+    check_module(model, meta="whole")
     check_image_shape(input_shape)
     if eligible is not None and not callable(eligible):
         raise TypeError(
@@ -241,13 +242,14 @@ def macs(
         name: placement.get(name) or rule(name, named[name], mask) or "" for name, mask in masks.items()
     }
     x = _example_input(model, input_shape)
+    label = f"input_shape {tuple(input_shape)}"
     with evaluation(model), torch.no_grad(), _merging(model, tome_r):
-        rows = _count(model, x, why_dense, pattern)
+        rows = _count(model, x, why_dense, pattern, label)
         merges = tuple(tome.merges_per_block(model))
         unmerged = sum(r.dense for r in rows)
         if any(merges):
             with _merging_removed(model):
-                unmerged = sum(r.dense for r in _count(model, x, why_dense, pattern))
+                unmerged = sum(r.dense for r in _count(model, x, why_dense, pattern, label))
     # a layer its parent reads directly, or a second name of one module, never runs as itself
     never_ran = sorted(set(masks) - {r.name for r in rows} - set(placement))
     if never_ran:
@@ -262,10 +264,12 @@ def _count(
     x: torch.Tensor,
     why_dense: Mapping[str, str],
     pattern: Pattern,
+    label: str,
 ) -> list[LayerMacs]:
     """One hooked forward pass of ``x``; a row per weight layer call and per attention call.
 
-    ``why_dense``: for every masked layer, why it stays dense ("" if a backend would take it).
+    ``why_dense``: for every masked layer, why it stays dense ("" if a backend would take it);
+    ``label``: how an input the model cannot take is named in the ``ValueError``.
     """
     rows: list[LayerMacs] = []
     counted: set[str] = set()
@@ -306,7 +310,7 @@ def _count(
                 qkv, proj, head_dim = parts
                 hook = attention_hook(name, proj.in_features // head_dim, head_dim)
                 handles.append(qkv.register_forward_hook(hook))
-        model(x)
+        Batch((x,), label=label)(model, locate=True)
     finally:
         for h in handles:
             h.remove()

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..core.checks import check_path
 from ..core.masks import check_groupable, group_nonzeros, is_nm
 from ..core.pattern import Pattern
 
@@ -67,15 +68,49 @@ def initializer_arrays(proto) -> dict[str, np.ndarray]:
     return out
 
 
-def read_metadata(path: str | Path) -> dict:
-    """The ``"knsparse"`` metadata of an exported file (``{}`` if it has none)."""
+def load_model(path: str | Path, load_external_data: bool = True):
+    """The ``onnx.ModelProto`` of the file at ``path``: ``FileNotFoundError`` when there is no
+    file, ``ValueError`` naming it when it is not an ONNX model — unreadable (another format,
+    random bytes, truncated mid-message) or readable as protobuf but without what every ONNX
+    model has (an IR version, a graph, an opset): an empty file, a cut at a field boundary, a
+    protobuf of another kind. A model without initializers is a model."""
     import onnx
 
-    proto = onnx.load(str(path), load_external_data=False)
+    path = Path(check_path(path, "path"))
+    if not path.is_file():
+        raise FileNotFoundError(f"no ONNX file at {path}")
+    try:
+        proto = onnx.load(str(path), load_external_data=load_external_data)
+    except Exception as exc:  # onnx raises DecodeError and others on a corrupt file
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"{path} is not a readable ONNX model: {first}") from exc
+    missing = [
+        what
+        for what, present in (
+            ("IR version", proto.ir_version > 0),
+            ("graph", proto.HasField("graph")),
+            ("opset import", len(proto.opset_import) > 0),
+        )
+        if not present
+    ]
+    if missing:
+        size = path.stat().st_size
+        kind = "an empty file" if size == 0 else f"{size} bytes"
+        raise ValueError(f"{path} is not an ONNX model ({kind}): it has no {', no '.join(missing)}")
+    return proto
+
+
+def _metadata(proto) -> dict:
     for entry in proto.metadata_props:
         if entry.key == METADATA_KEY:
             return json.loads(entry.value)
     return {}
+
+
+def read_metadata(path: str | Path) -> dict:
+    """The ``"knsparse"`` metadata of an exported file (``{}`` if it has none); the errors of
+    :func:`load_model` when ``path`` is not an ONNX model."""
+    return _metadata(load_model(path, load_external_data=False))
 
 
 def _consumers(graph) -> dict[str, list[tuple[object, int, list[int] | None]]]:
@@ -165,20 +200,13 @@ def _verdict_24(t: torch.Tensor) -> tuple[bool, str]:
 def check(path: str | Path) -> list[InitializerCheck]:
     """Every initializer of the ONNX file at ``path`` and whether TensorRT sees it as 2:4.
 
-    Raises ``FileNotFoundError`` if ``path`` does not exist and ``ValueError`` if it is not a
-    readable ONNX model.
+    Raises ``FileNotFoundError`` if ``path`` does not exist and ``ValueError`` naming it if it is
+    not an ONNX model (:func:`load_model`): an empty list means a model without initializers,
+    never a file that could not be read.
     """
-    import onnx
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no ONNX file at {path}")
-    try:
-        proto = onnx.load(str(path))
-    except Exception as exc:  # onnx raises DecodeError and others on a corrupt file
-        raise ValueError(f"{path} is not a readable ONNX model: {exc}") from exc
+    proto = load_model(path)
     owners = {
-        r["initializer"]: r["layer"] for r in read_metadata(path).get("layers", []) if r.get("initializer")
+        r["initializer"]: r["layer"] for r in _metadata(proto).get("layers", []) if r.get("initializer")
     }
     uses = _consumers(proto.graph)
     out = []

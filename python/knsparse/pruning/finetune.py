@@ -252,8 +252,8 @@ def _check_first_batch(what: str, loader: DataLoader, teacher: nn.Module, device
 
 def _check(student: nn.Module, teacher: nn.Module, args: dict[str, object]) -> torch.device:
     """Every argument of :func:`finetune` (``args``: its keyword values), before anything runs."""
-    check_module(student, "student")
-    check_module(teacher, "teacher")
+    check_module(student, "student", meta="refuse")
+    check_module(teacher, "teacher", meta="refuse")
     if student is teacher:
         raise ValueError("teacher must be a separate (dense) model, not the student itself")
     check_number(args["epochs"], "epochs", low=1, integer=True)

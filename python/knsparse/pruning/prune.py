@@ -271,7 +271,7 @@ def prune(
         :func:`knsparse.swap_modules`, :func:`knsparse.macs`, :func:`knsparse.audit`,
         :func:`knsparse.finetune` and :func:`knsparse.export_onnx` take.
     """
-    check_module(model)
+    check_module(model, meta="refuse")
     check_flag(inplace, "inplace")
     check_flag(progress, "progress")
     if isinstance(method, PruneConfig):

@@ -128,8 +128,8 @@ def _execution_order(model: nn.Module, names: list[str], batch: Batch) -> list[s
 def pruned_layers(model: nn.Module, dense_model: nn.Module) -> list[str]:
     """Names of the Linear / Conv2d layers of ``model`` with more zero weights than the same
     layer of ``dense_model``. ``ValueError`` when a layer is missing or has another shape."""
-    check_module(model)
-    check_module(dense_model, "dense_model")
+    check_module(model, meta="refuse")
+    check_module(dense_model, "dense_model", meta="refuse")
     dense = dict(dense_model.named_modules())
     names = []
     for name, m in model.named_modules():
@@ -271,7 +271,7 @@ def recalibrate_bn(model: nn.Module, calib: object, *, progress: bool = False) -
     """Reset every BatchNorm's running statistics and re-estimate them as a cumulative
     average over the calibration batches (other modules stay in eval mode, no gradients).
     Returns the number of batches; ``ValueError`` if there is none."""
-    check_module(model)
+    check_module(model, meta="refuse")
     batches = list(model_batches(calib))  # an empty set raises before any change
     device = model_device(model)
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]

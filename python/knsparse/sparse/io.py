@@ -49,7 +49,7 @@ def save_sparse(model: nn.Module, path: str | Path, plan: SparsityPlan | None = 
     """Write ``model``'s tensors and its sparse-layer description to ``path`` (safetensors);
     with the ``plan`` it was pruned by, also the plan's pattern, conv order, channel permutation
     and recipe (:func:`saved_plan` reads them; the masks are the sparse layers' slots)."""
-    check_module(model)
+    check_module(model, meta="refuse")
     if plan is not None and not isinstance(getattr(plan, "plan", plan), SparsityPlan):
         raise TypeError(f"plan must be a SparsityPlan (prune(...).plan), got {type(plan).__name__}")
     check_path(path, "path")
@@ -111,7 +111,7 @@ def load_sparse(model: nn.Module, path: str | Path, backend: str | None = None) 
             NaN/Inf, or a sparse layer's slots repeat inside a group or reach past ``n``. The
             message names the file and the tensor or layer; the model is left untouched.
     """
-    check_module(model)
+    check_module(model, meta="refuse")
     if backend is not None and backend != "auto" and backend not in backends.names():
         raise ValueError(f"backend must be None, 'auto' or one of {backends.names()}, got {backend!r}")
     path = str(check_path(path, "path"))

@@ -459,7 +459,7 @@ def swap_modules(
             of the wrong shape or type, a NaN/Inf weight, or an explicitly requested backend
             that cannot run a layer. Nothing in the model is changed when this happens.
     """
-    check_module(model)
+    check_module(model, meta="refuse")
     plan = as_plan(plan, pattern, conv_order)
     masks, pattern = plan.masks, plan.pattern
     if not isinstance(backend, str):

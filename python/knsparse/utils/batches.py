@@ -12,7 +12,8 @@ A single tensor or a single mapping passed as ``calib`` is one batch.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,19 +31,27 @@ class Batch:
     label: str = ""
     """How errors name the batch (default ``calibration batch <index>``)."""
 
-    def __call__(self, model: nn.Module) -> Any:
+    def __call__(self, model: nn.Module, locate: bool = False) -> Any:
         """The model's output. A batch the model cannot run (wrong image size or channel count,
         labels instead of images, a wrong keyword) is a ``ValueError`` saying which batch, what
         it holds and what the model's first layer expects, instead of torch's error from deep
-        inside a hook."""
-        try:
-            return model(*self.args, **self.kwargs)
-        except (RuntimeError, TypeError, IndexError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            name = self.label or f"calibration batch {self.index}"
-            raise ValueError(
-                f"{name} ({self.describe()}) does not fit the model{_expectation(model)}: {first}"
-            ) from exc
+        inside a hook. With ``locate`` (a one-off check call: it hooks every module), the
+        message also names the innermost layer that was running when the error was raised."""
+        running: list[str] = []
+        with _tracking(model, running) if locate else contextlib.nullcontext():
+            try:
+                return model(*self.args, **self.kwargs)
+            except (RuntimeError, TypeError, IndexError, AssertionError) as exc:
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                name = self.label or f"calibration batch {self.index}"
+                where = ""
+                if running:
+                    layer = model.get_submodule(running[-1])
+                    who = f"layer {running[-1]!r}" if running[-1] else "the model's own forward"
+                    where = f"; {who} ({type(layer).__name__}) raised {type(exc).__name__}"
+                raise ValueError(
+                    f"{name} ({self.describe()}) does not fit the model{_expectation(model)}{where}: {first}"
+                ) from exc
 
     def describe(self) -> str:
         """What the batch holds, e.g. ``tensor [64, 1, 8, 8] float32``."""
@@ -127,6 +136,31 @@ def model_device(model: nn.Module) -> torch.device | None:
     for t in (*model.parameters(), *model.buffers()):
         return t.device
     return None
+
+
+@contextlib.contextmanager
+def _tracking(model: nn.Module, running: list[str]) -> Iterator[None]:
+    """Keep ``running`` the stack of module names whose forward has started and not returned
+    (after an exception, its last entry is the innermost layer that raised)."""
+
+    def enter(name: str) -> Callable[..., None]:
+        def hook(*_: object) -> None:
+            running.append(name)
+
+        return hook
+
+    def leave(*_: object) -> None:
+        running.pop()
+
+    handles = []
+    for name, module in model.named_modules():
+        handles.append(module.register_forward_pre_hook(enter(name)))
+        handles.append(module.register_forward_hook(leave))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def _describe(v: object) -> str:

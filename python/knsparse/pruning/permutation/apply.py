@@ -309,7 +309,7 @@ def permute(
     Returns:
         A :class:`PermutationReport` with the (permuted) model and one row per group.
     """
-    check_module(model)
+    check_module(model, meta="refuse")
     check_flag(inplace, "inplace")
     check_flag(windows, "windows")
     pattern = Pattern.parse(pattern, conv_order)
