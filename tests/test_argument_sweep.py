@@ -177,6 +177,8 @@ ENTRIES: list[tuple[str, Callable, Callable[[Path], dict], dict[str, tuple]]] = 
             "metrics_path": (123,),
             "seed": ("0", 2.5, None),
             "num_workers": (-1, 2.5, "2"),
+            # the mask dict of pruned() has no pattern to choose candidates from
+            "learn_masks": ("yes", 1, True),
         },
     ),
     (

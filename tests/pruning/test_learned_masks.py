@@ -188,3 +188,44 @@ def test_refusals_leave_the_student_as_it_was(change: dict, error: type, message
 def test_mask_learning_is_validated(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         MaskLearning(**kwargs)
+
+
+def test_cli_finetune_learns_masks(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``knsparse finetune --learn-masks`` on a 'knsparse prune' output: the written layers are
+    still 2:4 sparse modules, now with the learned masks; a student with no pattern is refused."""
+    from safetensors.torch import save_file
+
+    from knsparse.cli import main
+    from knsparse.models import vit_tiny_digits
+    from knsparse.sparse.modules import sparse_layers
+
+    torch.manual_seed(0)
+    teacher = vit_tiny_digits()
+    result = ks.prune(teacher, "magnitude", "2:4", progress=False)
+    student = result.model
+    ks.swap_modules(student, result.plan)
+    dense, pruned, tuned = (tmp_path / f"{n}.safetensors" for n in ("dense", "pruned", "tuned"))
+    save_file(teacher.state_dict(), str(dense))
+    ks.save_sparse(student, pruned)
+    data = tmp_path / "data.safetensors"
+    save_file({"inputs": torch.randn(64, 1, 8, 8, generator=torch.Generator().manual_seed(0))}, str(data))
+    argv = ["finetune", "--model", "vit_tiny_digits", "--weights", str(pruned)]
+    argv += ["--teacher-weights", str(dense)]
+    argv += ["--data", str(data), "--epochs", "2", "--batch-size", "16", "--out", str(tuned), "--quiet"]
+    assert main([*argv, "--learn-masks", "--mask-lr", "0.5"]) == 0
+    loaded = vit_tiny_digits()
+    ks.load_sparse(loaded, tuned)
+    layers = sparse_layers(loaded)
+    assert set(layers) == set(result.plan.masks)
+    moved = 0
+    for name, layer in layers.items():
+        assert nm_violation(layer.mask(), result.plan.pattern) is None, name
+        moved += int((layer.mask() != result.plan.masks[name]).sum())
+    assert moved > 0
+    # zeros in dense layers carry no pattern: nothing to choose the candidates from
+    zeros = tmp_path / "zeros.safetensors"
+    dense_pruned = ks.prune(teacher, "magnitude", "2:4", progress=False).model
+    save_file({k: v.contiguous() for k, v in dense_pruned.state_dict().items()}, str(zeros))
+    argv[argv.index(str(pruned))] = str(zeros)
+    assert main([*argv, "--learn-masks"]) == 2
+    assert "--learn-masks needs a 'knsparse prune' output with one k:n pattern" in capsys.readouterr().err

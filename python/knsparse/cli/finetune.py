@@ -27,7 +27,8 @@ from ..app.data import load_digits_split
 from ..app.images import ImageFolder, Preprocess
 from ..app.registry import UserError, load_model
 from ..core.pattern import Pattern
-from ..pruning.finetune import FinetuneResult, evaluate, finetune
+from ..core.plan import SparsityPlan
+from ..pruning.finetune import FinetuneResult, MaskLearning, evaluate, finetune
 from ..sparse.densify import dense_copy
 from ..sparse.fuse import fuse_activations
 from ..sparse.io import save_sparse
@@ -112,6 +113,19 @@ def _reswap(model: nn.Module, layers: dict[str, nn.Module], result: FinetuneResu
         fuse_activations(model)
 
 
+def _plan(swapped: dict[str, nn.Module], args: argparse.Namespace) -> SparsityPlan | dict | None:
+    """The masks of the student's sparse layers: a plan with their one pattern for
+    ``--learn-masks`` (which chooses among that pattern's candidates), else a mask dict."""
+    masks = {n: layer.mask() for n, layer in swapped.items()}
+    if not args.learn_masks:
+        return masks or None
+    patterns = {layer.pattern for layer in swapped.values()}
+    if len(patterns) != 1:
+        found = "no sparse layers" if not patterns else f"patterns {sorted(map(str, patterns))}"
+        raise UserError(f"--learn-masks needs a 'knsparse prune' output with one k:n pattern; it has {found}")
+    return SparsityPlan(patterns.pop(), masks)
+
+
 def run(args: argparse.Namespace) -> int:
     """The ``finetune`` command; returns the exit status."""
     out = writable_file(args.out)
@@ -162,7 +176,7 @@ def run(args: argparse.Namespace) -> int:
         teacher,
         train,
         args.epochs,
-        plan={n: layer.mask() for n, layer in swapped.items()} or None,
+        plan=_plan(swapped, args),
         val=val,
         batch_size=args.batch_size,
         lr=args.lr,
@@ -177,6 +191,7 @@ def run(args: argparse.Namespace) -> int:
         metrics_path=args.metrics,
         seed=args.seed,
         progress=not args.quiet,
+        learn_masks=MaskLearning(lr=args.mask_lr) if args.learn_masks else False,
     )
     student = student.cpu()
     if swapped:
@@ -248,6 +263,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint-dir", help="write a checkpoint here after every epoch")
     p.add_argument("--resume", action="store_true", help="continue from --checkpoint-dir's latest checkpoint")
     p.add_argument("--metrics", help="write per-epoch metrics as JSON here")
+    p.add_argument(
+        "--learn-masks",
+        action="store_true",
+        help="learn the k:n choice of every group during the distillation (MaskLLM-style, from the "
+        "pruned masks) instead of holding the masks fixed",
+    )
+    p.add_argument(
+        "--mask-lr",
+        type=positive,
+        default=MaskLearning.lr,
+        help=f"learning rate of the mask logits with --learn-masks (default {MaskLearning.lr})",
+    )
     p.add_argument("--out", required=True, help="output .safetensors file")
     quiet_arg(p)
     p.set_defaults(func=run, distributed=True)
