@@ -81,20 +81,25 @@ class MaskLearning:
         lr: AdamW peak learning rate of the candidate logits (no weight decay; same schedule).
         temperature: Gumbel-softmax temperature ``(start, end)``, annealed geometrically over
             the run's steps.
+        scale: the logits' scale ``κ`` ``(start, end)``, annealed geometrically: a large end scale
+            makes the last steps deterministic (the Gumbel noise no longer flips a settled group).
         prior: the one-shot mask's initial logit in every group (the other candidates start at 0).
     """
 
     lr: float = 0.05
     temperature: tuple[float, float] = (1.0, 0.05)
+    scale: tuple[float, float] = (1.0, 100.0)
     prior: float = 3.0
 
     def __post_init__(self) -> None:
         check_number(self.lr, "MaskLearning.lr", low=0, low_open=True)
-        if not isinstance(self.temperature, (tuple, list)) or len(self.temperature) != 2:
-            raise ValueError(f"MaskLearning.temperature must be (start, end), got {self.temperature!r}")
-        for t in self.temperature:
-            check_number(t, "MaskLearning.temperature", low=0, low_open=True)
-        object.__setattr__(self, "temperature", tuple(float(t) for t in self.temperature))
+        for name in ("temperature", "scale"):
+            value = getattr(self, name)
+            if not isinstance(value, (tuple, list)) or len(value) != 2:
+                raise ValueError(f"MaskLearning.{name} must be (start, end), got {value!r}")
+            for t in value:
+                check_number(t, f"MaskLearning.{name}", low=0, low_open=True)
+            object.__setattr__(self, name, tuple(float(t) for t in value))
         check_number(self.prior, "MaskLearning.prior", low=0)
 
 
@@ -412,7 +417,7 @@ def finetune(
     if distributed.active():
         model = DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
     masked = [(modules[n].weight, m.to(modules[n].weight.dtype)) for n, m in fixed.items()]
-    schedule = (total, *learning.temperature) if learning else None
+    schedule = (total, learning.temperature, learning.scale) if learning else None
     trainer = _Trainer(
         model,
         student,
@@ -506,14 +511,20 @@ class _Trainer:
     amp: str | None
     device: torch.device
     soft: Mapping[str, learned_masks.SoftKN] = field(default_factory=dict)
-    schedule: tuple[int, float, float] | None = None  # (total steps, start, end temperature)
+    # (total steps, (start, end) temperature, (start, end) logit scale)
+    schedule: tuple[int, tuple[float, float], tuple[float, float]] | None = None
 
     def step(self, batch: object) -> tuple[int, float, float, float | None]:
         """One optimiser step on a batch; returns ``(images, loss, kd, ce or None)``."""
         inputs, labels = _split(batch, self.device)
         if self.schedule is not None:
-            tau = learned_masks.annealed(self.sched.last_epoch, *self.schedule)
-            learned_masks.set_temperature(self.soft, tau)
+            total, temperature, scale = self.schedule
+            step = self.sched.last_epoch
+            learned_masks.set_schedule(
+                self.soft,
+                learned_masks.annealed(step, total, *temperature),
+                learned_masks.annealed(step, total, *scale),
+            )
         if self.label_weight > 0 and labels is None:
             raise ValueError(
                 "label_weight > 0 needs labels in the data (an (inputs, labels) tuple or 'labels')"

@@ -3,9 +3,12 @@
 As MaskLLM (Fang et al., NeurIPS 2024) does for 2:4: every group of ``n`` weights along the
 reduction axis has one logit per candidate mask (the 6 ways to keep 2 of 4), initialised to
 favour the one-shot mask (``prior`` times a one-hot, the rest zero). In training the layer computes
-with ``W · Σ_c p_c m_c``, ``p`` a Gumbel-softmax sample of the logits at temperature ``τ``
-(annealed by the trainer from soft to nearly one-hot); in eval mode with the arg-max candidate,
-so a validation pass sees the hard k:n mask. The dense weights train with the logits: a pruned
+with ``W · Σ_c p_c m_c``, ``p = softmax((κ · logits + g) / τ)`` a Gumbel-softmax sample (``g``
+Gumbel noise) whose temperature ``τ`` falls and logit scale ``κ`` grows over the run (both
+annealed by the trainer), so the choice explores early and ends deterministic: with ``κ`` large
+the noise no longer flips a group whose logits agree, and the last steps train the weights under
+the mask they will keep. In eval mode the layer uses the arg-max candidate, so a validation pass
+sees the hard k:n mask. The dense weights train with the logits: a pruned
 entry starts at its dense value (the teacher's), so a mask that moves to it starts from the
 function the dense model had there. :func:`finalize` writes ``W · m_argmax`` back as a plain
 weight, k:n by construction.
@@ -70,11 +73,12 @@ class SoftKN(nn.Module):
         self.register_buffer("candidates", cand, persistent=False)
         self.logits = nn.Parameter(strength * best)
         self.temperature = 1.0
+        self.scale = 1.0
 
     def group_weights(self) -> torch.Tensor:
         """``[rows, groups, C]``: a Gumbel-softmax sample in training, the arg-max one-hot in eval."""
         if self.training:
-            return F.gumbel_softmax(self.logits, tau=self.temperature, dim=-1)
+            return F.gumbel_softmax(self.logits * self.scale, tau=self.temperature, dim=-1)
         return F.one_hot(self.logits.argmax(-1), self.candidates.shape[0]).to(self.logits.dtype)
 
     def mask(self) -> torch.Tensor:
@@ -150,10 +154,10 @@ def attach(
     return soft
 
 
-def set_temperature(soft: Mapping[str, SoftKN], temperature: float) -> None:
-    """The Gumbel-softmax temperature of every learned mask."""
+def set_schedule(soft: Mapping[str, SoftKN], temperature: float, scale: float) -> None:
+    """The Gumbel-softmax temperature ``τ`` and logit scale ``κ`` of every learned mask."""
     for s in soft.values():
-        s.temperature = temperature
+        s.temperature, s.scale = temperature, scale
 
 
 def annealed(step: int, total: int, start: float, end: float) -> float:
