@@ -105,6 +105,16 @@ class Bench:
         self.test = stacked(TEST, self.preprocess, 8 * len(TEST), 1000, EVAL_AUGMENT)
         self.val = stacked(VALIDATION, self.preprocess, 8 * len(VALIDATION), 2000, EVAL_AUGMENT)
         self.dense = {"test": logits(self.model, self.test), "val": logits(self.model, self.val)}
+        self.rows: list[dict] = []
+        self.start = time.perf_counter()
+
+    def save(self) -> None:
+        """Write the rows so far (a long part can be stopped and its finished rows kept)."""
+        config = {k: v for k, v in vars(self.args).items() if k not in ("part", "merge")}
+        payload = {"part": self.args.part, "config": config, "rows": self.rows}
+        write_result(
+            f"real_vision_{self.args.part}", {**payload, "seconds": time.perf_counter() - self.start}
+        )
 
     def calib(self, draw: int) -> list[torch.Tensor]:
         return list(stacked(CALIB, self.preprocess, self.args.views, draw).split(32))
@@ -140,7 +150,7 @@ def recalibrated_row(bench: Bench, result, calib: list) -> dict:
 
 
 def part_oneshot(bench: Bench) -> list[dict]:
-    rows = []
+    rows = bench.rows
     combos = [(p, m) for p in bench.args.patterns for m in METHODS]
     for draw in bench.args.draws:
         calib = bench.calib(draw)
@@ -169,6 +179,7 @@ def part_oneshot(bench: Bench) -> list[dict]:
                     **timed(pruned_row, bench, method, pattern, calib, True, {}),
                 }
             )
+            bench.save()
     return rows
 
 
@@ -441,13 +452,8 @@ def main() -> None:
     if args.part is None:
         parser.error("give --part or --merge")
     bench = Bench(args)
-    start = time.perf_counter()
-    rows = PARTS[args.part](bench)
-    config = {k: v for k, v in vars(args).items() if k not in ("part", "merge")}
-    write_result(
-        f"real_vision_{args.part}",
-        {"part": args.part, "config": config, "rows": rows, "seconds": time.perf_counter() - start},
-    )
+    bench.rows = PARTS[args.part](bench)
+    bench.save()
     print(f"wrote real_vision_{args.part}.json")
 
 
