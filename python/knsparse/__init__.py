@@ -23,6 +23,7 @@ from .integrations.families import register_family
 from .pruning import budget, methods, permutation, repair, score, spectral
 from .pruning.config import (
     CalibrationConfig,
+    DenseTarget,
     DiagnosticsConfig,
     MethodConfig,
     PermuteConfig,
@@ -33,6 +34,7 @@ from .pruning.finetune import MaskLearning, finetune
 from .pruning.methods import register_method
 from .pruning.permutation import permute
 from .pruning.prune import prune
+from .pruning.sensitivity import layer_sensitivity
 from .sparse.fuse import fuse_activations
 from .sparse.io import load_sparse, save_sparse
 from .sparse.modules import SparseConv2d, SparseLinear, SwapReport, swap_modules
@@ -40,6 +42,7 @@ from .utils import distributed
 
 __all__ = [
     "CalibrationConfig",
+    "DenseTarget",
     "DiagnosticsConfig",
     "MaskLearning",
     "MethodConfig",
@@ -62,6 +65,7 @@ __all__ = [
     "fuse_activations",
     "global_unstructured_masks",
     "is_nm",
+    "layer_sensitivity",
     "load_sparse",
     "macs",
     "methods",

@@ -4,6 +4,7 @@ finetune's training set, from the API and from the CLI."""
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +43,7 @@ def test_views_are_deterministic_per_seed_and_index(photos: Path) -> None:
         torch.testing.assert_close(a[i], backwards[i], rtol=0, atol=0)
     other = AugmentedViews(photos, SMALL, 12, seed=4, backend="torch")
     assert not torch.equal(a.tensor(), other.tensor())
+    torch.testing.assert_close(pickle.loads(pickle.dumps(a))[5], a[5], rtol=0, atol=0)  # DataLoader workers
 
 
 def test_shapes_dtype_ranges_and_all_views_distinct(photos: Path) -> None:
@@ -97,8 +99,9 @@ def test_torchvision_and_torch_transforms_agree(photos: Path) -> None:
     if not torchvision_available():
         pytest.skip("torchvision is not installed")
     a = AugmentedViews(photos, SMALL, 16, seed=5, backend="torch").tensor()
-    b = AugmentedViews(photos, SMALL, 16, seed=5, backend="torchvision").tensor()
-    torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
+    tv = AugmentedViews(photos, SMALL, 16, seed=5, backend="torchvision")
+    torch.testing.assert_close(a, tv.tensor(), rtol=0, atol=1e-4)
+    torch.testing.assert_close(pickle.loads(pickle.dumps(tv))[3], a[3], rtol=0, atol=1e-4)
 
 
 def test_bad_arguments_name_what_is_wrong(tmp_path: Path, photos: Path) -> None:

@@ -249,6 +249,14 @@ class AugmentedViews(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.views
 
+    def __getstate__(self) -> dict:
+        """Picklable (DataLoader workers under spawn): the transform functions are rebuilt."""
+        return {k: v for k, v in self.__dict__.items() if k != "_ops"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._ops = _TorchvisionOps() if self.backend == "torchvision" else _TorchOps()
+
     def _view(self, rng: np.random.Generator, source: int) -> torch.Tensor:
         """Steps 1-3 on source photo ``source``: ``[C, H, W]`` in [0, 1]."""
         photo, aug, ops = self._photos[source], self.augment, self._ops

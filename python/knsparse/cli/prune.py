@@ -101,6 +101,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"  dense    {name:<32} {why}")
     for name, why in (outcome.prune_result.fallbacks() if outcome.prune_result else {}).items():
         print(f"  fallback {name:<32} {why}")
+    auto = outcome.prune_result.dense_target if outcome.prune_result else None
+    if auto is not None:
+        print(auto.summary())
+        print(auto.table(top=12))
     print(f"wrote {out} (load it with: --model {args.model} --weights {out})")
     if distributed.is_main() and saved is not None:
         print(f"wrote {saved} (replay with: knsparse prune --recipe {saved} ...)")

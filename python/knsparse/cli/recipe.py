@@ -13,6 +13,7 @@ from ..core.pattern import CONV_ORDERS
 from ..pruning.config import (
     REPAIRS,
     CalibrationConfig,
+    DenseTarget,
     DiagnosticsConfig,
     MethodConfig,
     PermuteConfig,
@@ -20,7 +21,7 @@ from ..pruning.config import (
     RepairConfig,
 )
 from ..pruning.methods import METHODS
-from .args import pattern_arg, real
+from .args import at_least, pattern_arg, real
 
 DEFAULT_METHOD = "magnitude"
 """The method of ``knsparse prune`` without ``--method`` or ``--recipe`` (needs no images)."""
@@ -28,7 +29,7 @@ DEFAULT_METHOD = "magnitude"
 _CONFIG_FLAGS = (
     "method", "pattern", "conv_order", "sparsity", "option", "no_reconstruct", "permute", "permute_option",
     "repair", "repair_option", "sequential", "spectra", "certificate", "lam1", "lam2", "lipschitz",
-    "keep_dense",
+    "keep_dense", "target_agreement", "target_kl", "holdout_every", "max_dense",
 )  # fmt: skip
 
 
@@ -104,7 +105,30 @@ def config_args(p: argparse.ArgumentParser) -> None:
         g.add_argument(flag, type=real(low=0), help="certificate: elastic-net strength (default 1e-4)")
     g.add_argument("--lipschitz", type=real(low=0), help="certificate: Lipschitz constant (default 1)")
     g.add_argument(
-        "--keep-dense", action="append", metavar="GLOB", help="never prune layers matching (repeatable)"
+        "--keep-dense",
+        action="append",
+        metavar="GLOB",
+        help="never prune layers matching (repeatable); 'auto': keep the most harmful layers dense "
+        "until --target-agreement / --target-kl holds",
+    )
+    g.add_argument(
+        "--target-agreement",
+        type=real(low=0, high=1, low_open=True),
+        help="keep-dense auto: top-1 agreement with the dense model to reach on held-out calibration "
+        "batches (implies --keep-dense auto)",
+    )
+    g.add_argument(
+        "--target-kl",
+        type=real(low=0),
+        help="keep-dense auto: mean KL(dense||pruned) of the logits to stay within (implies it)",
+    )
+    g.add_argument(
+        "--holdout-every",
+        type=at_least(2),
+        help="keep-dense auto: every N-th calibration batch is held out for the target (default 4)",
+    )
+    g.add_argument(
+        "--max-dense", type=at_least(0), help="keep-dense auto: at most this many layers kept dense"
     )
 
 
@@ -153,6 +177,20 @@ def _from_flags(args: argparse.Namespace) -> PruneConfig:
         lam2=defaults.lam2 if args.lam2 is None else args.lam2,
         lipschitz=defaults.lipschitz if args.lipschitz is None else args.lipschitz,
     )
+    globs = [g for g in args.keep_dense or () if g != "auto"]
+    auto = (
+        "auto" in (args.keep_dense or ()) or args.target_agreement is not None or args.target_kl is not None
+    )
+    dense_target = None
+    if auto:
+        if args.target_agreement is None and args.target_kl is None:
+            raise UserError("--keep-dense auto needs --target-agreement and/or --target-kl")
+        every = {} if args.holdout_every is None else {"holdout_every": args.holdout_every}
+        dense_target = DenseTarget(args.target_agreement, args.target_kl, max_dense=args.max_dense, **every)
+    elif args.holdout_every is not None or args.max_dense is not None:
+        raise UserError(
+            "--holdout-every / --max-dense are keep-dense auto options: give --target-agreement / --target-kl"
+        )
     return PruneConfig(
         MethodConfig(args.method or DEFAULT_METHOD, options),
         pattern,
@@ -161,7 +199,8 @@ def _from_flags(args: argparse.Namespace) -> PruneConfig:
         repair,
         CalibrationConfig(args.sequential),
         diagnostics,
-        tuple(args.keep_dense or ()),
+        tuple(globs),
+        dense_target,
     )
 
 
