@@ -33,6 +33,7 @@ from .pruning.finetune import finetune
 from .pruning.methods import register_method
 from .pruning.permutation import permute
 from .pruning.prune import prune
+from .pruning.quantize import QuantizeResult, quantize
 from .sparse.fuse import fuse_activations
 from .sparse.io import load_sparse, save_sparse
 from .sparse.modules import SparseConv2d, SparseLinear, SwapReport, swap_modules
@@ -46,6 +47,7 @@ __all__ = [
     "Pattern",
     "PermuteConfig",
     "PruneConfig",
+    "QuantizeResult",
     "RepairConfig",
     "SparseConv2d",
     "SparseLinear",
@@ -69,6 +71,7 @@ __all__ = [
     "permutation",
     "permute",
     "prune",
+    "quantize",
     "register_backend",
     "register_family",
     "register_method",
