@@ -41,23 +41,29 @@ def scale_from_amax(amax: torch.Tensor, dtype: QuantDType) -> torch.Tensor:
     return torch.where(amax > 0, amax / QMAX[dtype], torch.ones_like(amax))
 
 
+def _compute(t: torch.Tensor) -> torch.dtype:
+    """float64 for a float64 tensor (a reference run), float32 otherwise (what ONNX computes)."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
 def quantize(x: torch.Tensor, scale: torch.Tensor, dtype: QuantDType) -> torch.Tensor:
     """The codes of ``x`` at ``scale`` (broadcast against ``x``), stored as ``STORAGE[dtype]``:
-    int8 with round-half-even and saturation to ``[-128, 127]``; e4m3 saturating at ±448."""
-    y = x.float() / scale.float()
+    int8 with round-half-even and saturation to ``[-128, 127]``; e4m3 saturating at ±448.
+    The division runs in float32 (float64 for a float64 ``x``)."""
+    y = x.to(_compute(x)) / scale.to(_compute(x))
     if dtype == "int8":
         return torch.round(y).clamp_(*_INT8_RANGE).to(torch.int8)
     return y.clamp(-QMAX["fp8"], QMAX["fp8"]).to(torch.float8_e4m3fn)
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``q · scale`` in float32 (``scale`` broadcast against ``q``)."""
-    return q.float() * scale.float()
+    """``q · scale`` (``scale`` broadcast against ``q``) in float32, float64 for a float64 scale."""
+    return q.to(_compute(scale)) * scale.to(_compute(scale))
 
 
 def fake_quantize(x: torch.Tensor, scale: torch.Tensor, dtype: QuantDType) -> torch.Tensor:
     """``dequantize(quantize(x))`` in ``x``'s dtype: what a Q/DQ pair computes."""
-    return dequantize(quantize(x, scale, dtype), scale).to(x.dtype)
+    return dequantize(quantize(x, scale, dtype), scale.to(_compute(x))).to(x.dtype)
 
 
 def quantize_per_channel(w: torch.Tensor, dtype: QuantDType) -> tuple[torch.Tensor, torch.Tensor]:

@@ -57,7 +57,8 @@ class QuantLinear(_QuantLayer):
         self._init_quant(layer, input_scale, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self._input(x), self.weight.to(x.dtype), None if self.bias is None else self.bias)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(self._input(x), self.weight.to(x.dtype), bias)
 
     def to_float(self) -> nn.Linear:
         """The float ``nn.Linear`` holding the dequantized weight (no input quantization)."""
@@ -92,7 +93,7 @@ class QuantConv2d(_QuantLayer):
         return F.conv2d(
             self._input(x),
             self.weight.to(x.dtype),
-            self.bias,
+            None if self.bias is None else self.bias.to(x.dtype),
             self.stride,
             self.padding,
             self.dilation,
