@@ -219,3 +219,26 @@ def test_two_processes_equal_one(tmp_path: Path) -> None:
             torch.testing.assert_close(many[key], want, rtol=1e-4, atol=0, msg=key)
         else:
             assert torch.equal(many[key], want), key
+
+
+def test_prune_config_quantize_field(tmp_path: Path) -> None:
+    """``PruneConfig(quantize="int8")``: prune then quantize on the same calibration set, the
+    recipe round trip keeps it, a bad value names the field, and it needs calibration."""
+    calib = calibration()
+    config = ks.PruneConfig("magnitude", "2:4", quantize="int8")
+    assert config.needs_calibration and config.to_dict()["quantize"] == "int8"
+    config.save(tmp_path / "r.json")
+    assert ks.PruneConfig.load(tmp_path / "r.json") == config
+    assert ks.PruneConfig.from_dict({**config.to_dict(), "quantize": None}).quantize is None
+    with pytest.raises(ValueError, match="quantize"):
+        ks.PruneConfig("magnitude", quantize="int4")
+    torch.manual_seed(0)
+    model = resnet_tiny_digits().eval()
+    with pytest.raises(ValueError, match="quantize 'int8'.*calibration"):
+        ks.prune(model, config)
+    result = ks.prune(model, config, calib=calib, progress=False)
+    assert result.quantization is not None and result.quantization.model is result.model
+    want = ks.quantize(ks.prune(model, "magnitude", "2:4", progress=False).model, result.plan, calib)
+    assert want.input_scales == result.quantization.input_scales
+    assert set(quant_layers(result.model)) == set(want.layers)
+    assert result.as_dict()["quantization"]["dtype"] == "int8"

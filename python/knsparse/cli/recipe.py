@@ -20,7 +20,7 @@ from ..pruning.config import (
     RepairConfig,
 )
 from ..pruning.methods import METHODS
-from .args import pattern_arg, real
+from .args import pattern_arg, quantize_arg, real
 
 DEFAULT_METHOD = "magnitude"
 """The method of ``knsparse prune`` without ``--method`` or ``--recipe`` (needs no images)."""
@@ -28,7 +28,7 @@ DEFAULT_METHOD = "magnitude"
 _CONFIG_FLAGS = (
     "method", "pattern", "conv_order", "sparsity", "option", "no_reconstruct", "permute", "permute_option",
     "repair", "repair_option", "sequential", "spectra", "certificate", "lam1", "lam2", "lipschitz",
-    "keep_dense",
+    "keep_dense", "quantize",
 )  # fmt: skip
 
 
@@ -106,6 +106,7 @@ def config_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--keep-dense", action="append", metavar="GLOB", help="never prune layers matching (repeatable)"
     )
+    quantize_arg(g)
 
 
 def config_from_args(args: argparse.Namespace) -> PruneConfig:
@@ -162,6 +163,7 @@ def _from_flags(args: argparse.Namespace) -> PruneConfig:
         CalibrationConfig(args.sequential),
         diagnostics,
         tuple(args.keep_dense or ()),
+        args.quantize,
     )
 
 

@@ -30,6 +30,7 @@ from typing import Any
 
 from ..core.checks import check_choice, check_flag, check_names, check_number, check_path
 from ..core.pattern import Pattern
+from ..core.quant import QUANT_DTYPES
 from . import repair as repair_stage
 from .methods import METHODS
 from .permutation import permute as permute_channels
@@ -294,6 +295,9 @@ class PruneConfig:
         calibration: a :class:`CalibrationConfig`.
         diagnostics: a :class:`DiagnosticsConfig` (none by default).
         keep_dense: layer names or glob patterns (``"head"``, ``"blocks.0.*"``) never pruned.
+        quantize: ``None``, ``"int8"`` or ``"fp8"``: after pruning (and repair), quantize the model
+            with :func:`knsparse.quantize` on the same calibration set (activation scales chosen
+            by ``"auto"``); the result's model is then fake-quantized (``result.quantization``).
     """
 
     method: MethodConfig | str
@@ -304,8 +308,11 @@ class PruneConfig:
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
     keep_dense: tuple[str, ...] = ()
+    quantize: str | None = None
 
     def __post_init__(self) -> None:
+        if self.quantize is not None:
+            check_choice(self.quantize, "quantize", QUANT_DTYPES)
         method = self.method if isinstance(self.method, MethodConfig) else MethodConfig(self.method)
         pattern, sparsity = _target(method.name, self.pattern, self.sparsity)
         permute = self.permute
@@ -357,6 +364,7 @@ class PruneConfig:
             or self.repair is not None
             or self.diagnostics.certificate
             or self.calibration.sequential
+            or self.quantize is not None
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -371,13 +379,14 @@ class PruneConfig:
             "calibration": self.calibration.to_dict(),
             "diagnostics": self.diagnostics.to_dict(),
             "keep_dense": list(self.keep_dense),
+            "quantize": self.quantize,
         }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> PruneConfig:
         """A config from :meth:`to_dict`'s form; ``ValueError`` naming an unknown or bad field."""
         known = {"knsparse_recipe", "method", "pattern", "sparsity", "permute", "repair"}
-        known |= {"calibration", "diagnostics", "keep_dense"}
+        known |= {"calibration", "diagnostics", "keep_dense", "quantize"}
         _strict_keys(data, known, "recipe")
         version = data.get("knsparse_recipe")
         if version != RECIPE_VERSION:
@@ -395,6 +404,7 @@ class PruneConfig:
             calibration=CalibrationConfig.from_dict(data.get("calibration", {})),
             diagnostics=DiagnosticsConfig.from_dict(data.get("diagnostics", {})),
             keep_dense=tuple(data.get("keep_dense", ())),
+            quantize=data.get("quantize"),
         )
 
     def to_json(self) -> str:

@@ -50,6 +50,7 @@ from .config import (
 from .methods import METHODS, Decision, Layer, MethodSpec
 from .permutation import PermutationReport
 from .permutation.apply import permute_unguarded
+from .quantize import QuantizeResult, quantize
 from .repair import RepairReport, dense_output_stats, repair_from_stats
 from .spectral import MPFit, fit_weights
 
@@ -109,6 +110,8 @@ class PruneResult:
     converted: list[str] = field(default_factory=list)
     """The ``nn.MultiheadAttention`` modules converted to prunable projections
     (:func:`knsparse.integrations.mha.convert`) in the returned model."""
+    quantization: QuantizeResult | None = None
+    """With ``config.quantize``: what :func:`knsparse.quantize` did (the model is fake-quantized)."""
 
     @property
     def method(self) -> str:
@@ -145,6 +148,7 @@ class PruneResult:
             "repair": None if self.repair is None else self.repair.method,
             "converted": self.converted,
             "recipe": self.config.to_dict(),
+            "quantization": None if self.quantization is None else self.quantization.metadata(),
         }
 
     def to_json(self) -> str:
@@ -200,6 +204,7 @@ def prune(
     lam1: float | None = None,
     lam2: float | None = None,
     lipschitz: float | Mapping[str, float] | None = None,
+    quantize: str | None = None,
     **options: object,
 ) -> PruneResult:
     """Prune every prunable layer (Linear, ungrouped Conv2d) of ``model``.
@@ -240,6 +245,8 @@ def prune(
         diagnostics: a :class:`~.config.DiagnosticsConfig` (MP spectra, the certificate);
             ``lam1``, ``lam2``, ``lipschitz`` given alone ask for the certificate with them.
         keep_dense: layer names or globs never pruned (left dense, with the reason).
+        quantize: ``"int8"`` / ``"fp8"``: quantize the pruned model on ``calib`` at the end
+            (:func:`knsparse.quantize`, activation scales ``"auto"``); ``result.quantization``.
         **options: method options (e.g. ``mode="global"`` for magnitude, ``switch=0.6`` for
             hybrid, ``shrinkage`` for cast/ser/hybrid, ``damp``/``blocksize`` for sparsegpt,
             ``reconstruct`` for cast); unknown names raise ``ValueError``.
@@ -265,6 +272,7 @@ def prune(
             "diagnostics": diagnostics is not None,
             "keep_dense": keep_dense != (),
             "lam1/lam2/lipschitz": any(v is not None for v in (lam1, lam2, lipschitz)),
+            "quantize": quantize is not None,
             **dict.fromkeys(options, True),
         }
         clash = [name for name, set_ in given.items() if set_]
@@ -277,7 +285,7 @@ def prune(
     else:
         config = _config_from_keywords(
             method, pattern, sparsity, permute, repair, conv_order, sequential, diagnostics, keep_dense,
-            (lam1, lam2, lipschitz), options,
+            (lam1, lam2, lipschitz), options, quantize,
         )  # fmt: skip
     return _run(model, config, calib, inplace, progress)
 
@@ -294,6 +302,7 @@ def _config_from_keywords(
     keep_dense: str | Iterable[str],
     certificate: tuple[float | None, float | None, float | Mapping[str, float] | None],
     options: Mapping[str, object],
+    quantize: str | None = None,
 ) -> PruneConfig:
     """The :class:`PruneConfig` the keyword form of :func:`prune` describes."""
     if conv_order is not None:
@@ -332,6 +341,7 @@ def _config_from_keywords(
         CalibrationConfig(sequential),
         diagnostics,
         tuple(keep_dense) if not isinstance(keep_dense, str) else (keep_dense,),
+        quantize,
     )
 
 
@@ -345,6 +355,7 @@ def _run(
             + (f", repair {config.repair.method!r}" if config.repair else "")
             + (", the certificate" if config.diagnostics.certificate else "")
             + (", sequential calibration" if config.calibration.sequential else "")
+            + (f", quantize {config.quantize!r}" if config.quantize else "")
             + " needs a calibration set: pass calib=[batch, ...]"
         )
     _check_model(model, config)
@@ -500,7 +511,12 @@ def _prune_in_place(
         )
     applied = permutation.applied() if permutation is not None else ()
     plan = None if pat is None else SparsityPlan(pat, masks, applied, config.to_dict())
-    return PruneResult(target, masks, report, skipped, config, permutation, repaired, plan, converted)
+    quantized = None
+    if config.quantize is not None:
+        quantized = quantize(target, plan, calib, config.quantize, inplace=True, progress=progress)
+    return PruneResult(
+        target, masks, report, skipped, config, permutation, repaired, plan, converted, quantized
+    )
 
 
 def _new_values(d: Decision, view: Layer) -> torch.Tensor:
