@@ -213,3 +213,18 @@ def test_bad_arguments(quantized, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="qdq_weights"):
         ks.export_onnx(result.model, x, tmp_path / "b.onnx", qdq_weights="int4")
     assert not (tmp_path / "a.onnx").exists() and not (tmp_path / "b.onnx").exists()
+
+
+def test_dynamo_exporter_gets_the_same_qdq(tmp_path: Path) -> None:
+    """The Q/DQ pass works on the graph either exporter writes (dynamo keeps BatchNorm unfolded)."""
+    torch.manual_seed(0)
+    pruned = ks.prune(resnet_tiny_digits().eval(), "magnitude", "2:4", progress=False)
+    result = ks.quantize(pruned.model, pruned.plan, batches((1, 8, 8), 0), activation_scale="max")
+    x = batches((1, 8, 8), 2, n=1, size=4)[0]
+    exported = ks.export_onnx(result.model, x, tmp_path / "d.onnx", exporter="dynamo", plan=pruned.plan)
+    assert exported.exporter == "dynamo" and exported.quant_parity["flips"] == 0
+    assert exported.quant_parity["replay_diff"] <= exported.tolerance
+    verdicts = {c.layer: c for c in check(tmp_path / "d.onnx") if c.layer}
+    for layer_name, mask in pruned.plan.masks.items():
+        assert verdicts[layer_name].name.endswith("_quantized")
+        assert verdicts[layer_name].is_24 == (mask.shape[1] % 4 == 0), layer_name
