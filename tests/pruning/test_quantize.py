@@ -242,3 +242,21 @@ def test_prune_config_quantize_field(tmp_path: Path) -> None:
     assert want.input_scales == result.quantization.input_scales
     assert set(quant_layers(result.model)) == set(want.layers)
     assert result.as_dict()["quantization"]["dtype"] == "int8"
+
+
+class _Attention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj, self.attn = nn.Linear(8, 8), nn.MultiheadAttention(8, 2, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.proj(x)
+        return self.attn(h, h, h, need_weights=False)[0]
+
+
+def test_multihead_attention_is_refused_before_anything() -> None:
+    model = _Attention().eval()
+    with pytest.raises(ValueError, match="'attn' is an nn.MultiheadAttention.*mha.convert"):
+        ks.quantize(model, None, [torch.randn(2, 3, 8)])
+    result = ks.quantize(model, None, [torch.randn(2, 3, 8)], activation_scale="max", exclude="attn.*")
+    assert set(result.layers) == {"proj"}

@@ -160,7 +160,15 @@ def _quantizable(model: nn.Module, exclude: tuple[str, ...]) -> dict[str, nn.Mod
     for glob in exclude:
         if not any(fnmatch.fnmatchcase(n, glob) for n in layers):
             raise ValueError(f"exclude: {glob!r} matches no Linear/Conv2d layer of the model")
-    return {n: m for n, m in layers.items() if not any(fnmatch.fnmatchcase(n, g) for g in exclude)}
+    chosen = {n: m for n, m in layers.items() if not any(fnmatch.fnmatchcase(n, g) for g in exclude)}
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.MultiheadAttention) and f"{name}.out_proj".lstrip(".") in chosen:
+            raise ValueError(
+                f"layer {name or 'model'!r} is an nn.MultiheadAttention, whose forward never calls its "
+                "out_proj: convert it first (knsparse.integrations.mha.convert(model), as prune does) "
+                "or exclude it"
+            )
+    return chosen
 
 
 def _check_plan(model: nn.Module, plan: SparsityPlan) -> None:
@@ -293,7 +301,8 @@ def quantize(
         activation_scale: ``"max"``, ``"percentile"`` or ``"auto"`` (module docstring).
         percentile: in ``(0, 100]``, the percentile of ``|x|`` the percentile rule keeps.
         val: held-out batches for ``"auto"`` (default: a split of ``calib``, module docstring).
-        inplace: swap the layers of ``model`` itself instead of a deep copy.
+        inplace: swap the layers of ``model`` itself instead of a deep copy (one copy is still
+            held while the scales are chosen; its quantized layers then move into ``model``).
         exclude: layer names or globs left in float (e.g. ``"head"``).
         bins: histogram bins of the percentile rule (>= 16).
         progress: tqdm bars for the calibration passes.
