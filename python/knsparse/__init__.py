@@ -34,6 +34,7 @@ from .pruning.finetune import MaskLearning, finetune
 from .pruning.methods import register_method
 from .pruning.permutation import permute
 from .pruning.prune import prune
+from .pruning.quantize import QuantizeResult, quantize
 from .pruning.sensitivity import layer_sensitivity
 from .sparse.fuse import fuse_activations
 from .sparse.io import load_sparse, save_sparse
@@ -50,6 +51,7 @@ __all__ = [
     "Pattern",
     "PermuteConfig",
     "PruneConfig",
+    "QuantizeResult",
     "RepairConfig",
     "SparseConv2d",
     "SparseLinear",
@@ -74,6 +76,7 @@ __all__ = [
     "permutation",
     "permute",
     "prune",
+    "quantize",
     "register_backend",
     "register_family",
     "register_method",

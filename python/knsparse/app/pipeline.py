@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 
 import torch
@@ -20,6 +20,8 @@ from torch import nn
 from ..pruning.config import PruneConfig
 from ..pruning.finetune import finetune
 from ..pruning.prune import PruneResult, prune
+from ..pruning.quantize import QuantizeResult, quantize
+from ..sparse.densify import dense_copy
 from ..sparse.modules import SwapReport, swap_modules
 from .data import DigitsSplit, calibration_batches
 from .trainer import evaluate
@@ -43,6 +45,10 @@ class PruneOutcome:
     accuracy_pruned: float | None = None
     accuracy_repaired: float | None = None
     accuracy_swapped: float | None = None
+    accuracy_quantized: float | None = None
+    quantization: QuantizeResult | None = None
+    """With ``config.quantize``: the fake-quantized copy of the pruned model (the model itself
+    stays float and is swapped to sparse modules)."""
 
     def describe(self) -> str:
         steps = [f"{self.method} {self.pattern} masks"]
@@ -92,7 +98,8 @@ def prune_and_swap(
         evaluator = partial(_test_accuracy, data=data)
     accuracy_dense = evaluator(model) if evaluator is not None else None
     teacher = copy.deepcopy(model) if repair_epochs else None
-    result = prune(model, config, calib=calib, inplace=True, progress=progress)
+    # quantization runs on a dense copy after the swap: the model itself keeps float sparse layers
+    result = prune(model, replace(config, quantize=None), calib=calib, inplace=True, progress=progress)
     masks = result.masks
     outcome = PruneOutcome(
         result.method, result.pattern, masks, SwapReport(), result.skipped, repair_epochs, result
@@ -116,6 +123,12 @@ def prune_and_swap(
     outcome.swap = swap_modules(model, result.plan, backend=backend, include=include, exclude=exclude)
     if evaluator is not None:
         outcome.accuracy_swapped = evaluator(model)
+    if config.quantize is not None:
+        outcome.quantization = quantize(
+            dense_copy(model), result.plan, calib, config.quantize, progress=progress
+        )
+        if evaluator is not None:
+            outcome.accuracy_quantized = evaluator(outcome.quantization.model)
     return outcome
 
 

@@ -12,6 +12,7 @@ from typing import NoReturn
 from ..app.registry import MODELS_HELP, UserError
 from ..core.checks import check_number
 from ..core.pattern import Pattern
+from ..core.quant import QUANT_DTYPES
 
 
 class Parser(argparse.ArgumentParser):
@@ -170,3 +171,48 @@ def check_augment(args: argparse.Namespace, has_folder: bool) -> None:
         raise UserError("--views counts augmented views: it needs --augment")
     if args.augment and not has_folder:
         raise UserError("--augment makes views of your photos: give --data DIR (a folder of images)")
+
+
+def quantize_arg(g: argparse._ActionsContainer) -> None:
+    """``--quantize int8|fp8`` (prune: the recipe's ``quantize`` field; export: Q/DQ ONNX)."""
+    g.add_argument(
+        "--quantize",
+        choices=QUANT_DTYPES,
+        help="post-training quantization after pruning: symmetric per-output-channel weights, per-tensor "
+        "activation scales (max or percentile, chosen on held-out calibration batches); export writes "
+        "Q/DQ ONNX for TensorRT's explicit quantization",
+    )
+
+
+def calibration_args(p: argparse.ArgumentParser) -> None:
+    """``--data``, ``--calib-images``, ``--calib-batch``: calibration images for a model that is
+    not one of the digits models (those calibrate on the bundled digits)."""
+    p.add_argument(
+        "--data",
+        metavar="DIR",
+        help="calibration images: a folder with class subfolders, or a flat folder of images, "
+        "preprocessed as the model expects (not for the *_digits models, which use the bundled digits)",
+    )
+    p.add_argument(
+        "--calib-images",
+        type=at_least(1),
+        default=128,
+        help="images drawn from --data (seeded; default 128)",
+    )
+    p.add_argument("--calib-batch", type=at_least(1), default=16, help="calibration batch size (default 16)")
+
+
+def read_calibration(folder: object, preprocess: object, args: argparse.Namespace, quiet: bool) -> list:
+    """The calibration batches of ``--data`` (an :class:`~knsparse.app.images.ImageFolder`):
+    ``--calib-images`` images drawn with ``--seed``, in batches of ``--calib-batch``."""
+    from tqdm.auto import tqdm
+
+    chosen = folder.sample(args.calib_images, seed=args.seed)
+    return list(
+        tqdm(
+            chosen.batches(preprocess, args.calib_batch),
+            desc="read images",
+            disable=quiet,
+            total=-(-len(chosen) // args.calib_batch),
+        )
+    )

@@ -5,12 +5,20 @@ from __future__ import annotations
 import argparse
 from functools import partial
 
-from tqdm.auto import tqdm
-
 from ..app.images import ImageFolder, top1
 from ..app.registry import DIGITS_MODELS, UserError, load_model
 from ..utils import distributed
-from .args import at_least, augment_args, check_augment, model_args, quiet_arg, views_of, writable_file
+from .args import (
+    at_least,
+    augment_args,
+    calibration_args,
+    check_augment,
+    model_args,
+    quiet_arg,
+    read_calibration,
+    views_of,
+    writable_file,
+)
 from .recipe import config_args, config_from_args, save_recipe
 
 
@@ -57,15 +65,8 @@ def run(args: argparse.Namespace) -> int:
             f"calibration: {len(views)} augmented views of {len(chosen)} image(s) from {images.root} "
             f"(seed {args.seed}, {views.backend} transforms)"
         )
-    elif chosen is not None:
-        calib = list(
-            tqdm(
-                chosen.batches(loaded.preprocess, args.calib_batch),
-                desc="read images",
-                disable=args.quiet,
-                total=-(-len(chosen) // args.calib_batch),
-            )
-        )
+    elif images is not None:
+        calib = read_calibration(images, loaded.preprocess, args, args.quiet)
     evaluator = None if val is None else partial(top1, folder=val, preprocess=loaded.preprocess)
     outcome = prune_and_swap(
         loaded.model,
@@ -95,6 +96,16 @@ def run(args: argparse.Namespace) -> int:
             f"{where} accuracy: dense {outcome.accuracy_dense:.2%}, pruned {outcome.accuracy_pruned:.2%}"
             + (f", repaired {outcome.accuracy_repaired:.2%}" if args.repair_epochs else "")
             + f", swapped {outcome.accuracy_swapped:.2%}"
+            + (f", {config.quantize} {outcome.accuracy_quantized:.2%}" if config.quantize else "")
+        )
+    if outcome.quantization is not None:
+        q = outcome.quantization
+        errors = ", ".join(f"{k} {v:.3g}" for k, v in q.output_error.items())
+        print(
+            f"quantized {q.dtype} (fake-quantized, for evaluation; the file keeps the float sparse model): "
+            f"{len(q.layers)} layers, activation scales by {q.activation_scale} (held-out relative "
+            f"error {errors}; held out: {q.held_out}); 'knsparse export --quantize {q.dtype}' writes "
+            "the Q/DQ ONNX"
         )
     print(outcome.swap)
     for name, why in outcome.not_prunable.items():
@@ -122,20 +133,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     model_args(p)
     config_args(p)
-    p.add_argument(
-        "--data",
-        metavar="DIR",
-        help="calibration images: a folder with class subfolders, or a flat folder of images, "
-        "preprocessed as the model expects (not for the *_digits models, which use the bundled digits)",
-    )
-    p.add_argument(
-        "--calib-images",
-        type=at_least(1),
-        default=128,
-        help="images drawn from --data (seeded; default 128); with --augment, the photos of the views",
-    )
+    calibration_args(p)
     augment_args(p, "calibrate")
-    p.add_argument("--calib-batch", type=at_least(1), default=16, help="calibration batch size (default 16)")
     p.add_argument(
         "--val",
         metavar="DIR",

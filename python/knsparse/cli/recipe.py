@@ -21,7 +21,7 @@ from ..pruning.config import (
     RepairConfig,
 )
 from ..pruning.methods import METHODS
-from .args import at_least, pattern_arg, real
+from .args import at_least, pattern_arg, quantize_arg, real
 
 DEFAULT_METHOD = "magnitude"
 """The method of ``knsparse prune`` without ``--method`` or ``--recipe`` (needs no images)."""
@@ -29,7 +29,7 @@ DEFAULT_METHOD = "magnitude"
 _CONFIG_FLAGS = (
     "method", "pattern", "conv_order", "sparsity", "option", "no_reconstruct", "permute", "permute_option",
     "repair", "repair_option", "sequential", "spectra", "certificate", "lam1", "lam2", "lipschitz",
-    "keep_dense", "target_agreement", "target_kl", "holdout_every", "max_dense",
+    "keep_dense", "target_agreement", "target_kl", "holdout_every", "max_dense", "quantize",
 )  # fmt: skip
 
 
@@ -130,6 +130,7 @@ def config_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--max-dense", type=at_least(0), help="keep-dense auto: at most this many layers kept dense"
     )
+    quantize_arg(g)
 
 
 def config_from_args(args: argparse.Namespace) -> PruneConfig:
@@ -201,6 +202,7 @@ def _from_flags(args: argparse.Namespace) -> PruneConfig:
         diagnostics,
         tuple(globs),
         dense_target,
+        args.quantize,
     )
 
 

@@ -14,10 +14,11 @@ applied channel permutation in the model's ``metadata_props`` (key ``"knsparse"`
 
 from __future__ import annotations
 
+import copy
 import shutil
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +38,7 @@ from ..core.masks import apply_masks
 from ..core.plan import SparsityPlan, as_plan
 from ..sparse.densify import dense_copy
 from ..sparse.modules import SparseConv2d, SparseLinear
+from ..sparse.quantized import QUANT_LAYERS, float_copy, quant_layers
 from ..utils.batches import Batch, output_tensors
 from ..utils.provenance import package_version
 from .onnx_check import (
@@ -47,6 +49,7 @@ from .onnx_check import (
     initializer_arrays,
     read_metadata,
 )
+from .qdq import MIN_OPSET, QDQ_WEIGHTS, insert_qdq
 
 __all__ = [
     "METADATA_KEY",
@@ -99,6 +102,9 @@ class ExportResult:
     tolerance: float = 0.0  # the bound applied to the CPU provider's difference
     batch_sizes_checked: list[int] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    # a quantized file: ORT's activation codes against PyTorch's, and the replay with ORT's codes
+    # (knsparse.deploy.qdq_parity.CodeParity.to_dict()); None otherwise
+    quant_parity: dict | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -176,7 +182,7 @@ def _other_batch(inputs: Sequence[torch.Tensor], size: int, seed: int = 0) -> tu
 
 
 def _weight_layers(model: nn.Module) -> dict[str, nn.Module]:
-    kinds = (nn.Linear, nn.Conv2d, SparseLinear, SparseConv2d)
+    kinds = (nn.Linear, nn.Conv2d, SparseLinear, SparseConv2d, *QUANT_LAYERS)
     return {n: m for n, m in model.named_modules() if isinstance(m, kinds) and n}
 
 
@@ -317,8 +323,15 @@ def _parity(
     dtype: torch.dtype,
     batch_sizes: Sequence[int],
     result: ExportResult,
+    twin_dtype: torch.dtype | None = None,
+    quant_dtype: str | None = None,
 ) -> None:
-    """Compare ONNX Runtime and PyTorch in ``dtype`` with the fp32 model on the same inputs."""
+    """Compare ONNX Runtime and PyTorch in ``dtype`` with the fp32 model on the same inputs.
+
+    ``exported`` is PyTorch's computation in ``dtype`` (``twin_dtype`` when given: a quantized
+    model's float64 twin, whose distance to the float32 fake-quantized ``model`` is PyTorch's own
+    rounding error). ``quant_dtype="fp8"`` runs ONNX Runtime at graph optimization level BASIC:
+    its EXTENDED Q/DQ fusions change float8 results (measured on the CPU provider, 1.32)."""
     import onnxruntime as ort
 
     first = _flat_inputs(call)
@@ -326,12 +339,17 @@ def _parity(
     flat_fp32 = _Flat(model, None if call.args else list(call.kwargs))
     with torch.no_grad():
         expected = [flat_fp32(*xs) for xs in runs]
-        low = [exported(*_cast(xs, dtype)) for xs in runs]
+        low = [exported(*_cast(xs, twin_dtype or dtype)) for xs in runs]
     result.torch_dtype_error = max(_max_diff(lo, ex) for lo, ex in zip(low, expected, strict=True))
     result.batch_sizes_checked = [int(xs[0].shape[0]) for xs in runs]
     for label, providers in _run_providers(path):
         try:
-            session = ort.InferenceSession(str(path), providers=providers)
+            options = ort.SessionOptions()
+            if quant_dtype == "fp8":
+                options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+                if not any("BASIC" in n for n in result.notes):
+                    result.notes.append("float8 Q/DQ: ONNX Runtime run at graph optimization level BASIC")
+            session = ort.InferenceSession(str(path), options, providers=providers)
         except Exception as exc:  # e.g. no bfloat16 kernels on the CPU provider
             result.notes.append(
                 f"{label} cannot run the {result.dtype} file: {str(exc).splitlines()[0][:200]}"
@@ -356,6 +374,7 @@ def export_onnx(
     tolerance: float = 1e-4,
     dtype: str | torch.dtype = "float32",
     plan: SparsityPlan | Mapping[str, torch.Tensor] | None = None,
+    qdq_weights: str = "int8",
 ) -> ExportResult:
     """Export ``model`` (dense, masked or swapped to sparse modules) to ONNX.
 
@@ -403,7 +422,17 @@ def export_onnx(
     check_flag(check, "check")
     check_choice(exporter, "exporter", EXPORTERS)
     check_number(tolerance, "tolerance", low=0, low_open=True)
+    check_choice(qdq_weights, "qdq_weights", QDQ_WEIGHTS)
     _check_permutations(permutations)
+    quant_dtypes = {layer.dtype_name for layer in quant_layers(model).values()}
+    if len(quant_dtypes) > 1:
+        raise ValueError(f"model mixes quantized dtypes {sorted(quant_dtypes)}: export one at a time")
+    if quant_dtypes:
+        if dtype not in ("float32", torch.float32):
+            raise ValueError(
+                f"dtype={dtype!r}: a quantized model is written with float32 compute around its Q/DQ nodes"
+            )
+        opset = max(opset, MIN_OPSET[next(iter(quant_dtypes))])
     if plan is not None:
         plan = as_plan(plan)
         model = dense_copy(model)
@@ -456,6 +485,7 @@ def export_onnx(
             exporter,
             tolerance,
             plan,
+            qdq_weights,
         )
     except ParityError:
         _move_into(scratch, final.parent)  # kept for inspection, as documented
@@ -502,8 +532,14 @@ def _export(
     exporter: str,
     tolerance: float,
     plan: SparsityPlan | None,
+    qdq_weights: str = "int8",
 ) -> ExportResult:
-    exported = _Flat(dense_copy(model).eval().to(torch_dtype), None if call.args else input_names)
+    qlayers = quant_layers(model)
+    keywords = None if call.args else input_names
+    twin = dense_copy(model)
+    if qlayers:  # written as float layers, the Q/DQ nodes put around them afterwards
+        twin = float_copy(twin)
+    exported = _Flat(twin.eval().to(torch_dtype), keywords)
     low_inputs = _cast(inputs, torch_dtype)
     with torch.no_grad():  # an input the model cannot run is a ValueError naming example_input
         n_out = len(Batch(tuple(low_inputs), label=call.label)(exported))
@@ -521,7 +557,7 @@ def _export(
             notes.append(f"{name} exporter failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
             if i == len(order) - 1:
                 raise RuntimeError("ONNX export failed: " + "; ".join(notes)) from exc
-    layers = _finish_file(model, exported.model, path, dict(permutations), plan)
+    layers = _finish_file(model, exported.model, path, dict(permutations), plan, qlayers, qdq_weights)
     result = ExportResult(
         str(path), used, written_opset, layers, dtype_name, input_names, output_names, notes=notes
     )
@@ -532,24 +568,74 @@ def _export(
         result.checker_passed = True
         batch = int(inputs[0].shape[0])
         reference = dense_copy(model).eval()  # fp32, in eval mode: the user's model never runs
+        quant_dtype = next(iter(qlayers.values())).dtype_name if qlayers else None
         _parity(
             reference,
-            exported,
+            _Flat(copy.deepcopy(reference).double(), keywords) if qlayers else exported,
             path,
             call,
             torch_dtype,
             [batch, batch + 2] if dynamic_batch else [batch],
             result,
+            torch.float64 if qlayers else None,
+            quant_dtype,
         )
-        bound = tolerance if torch_dtype == torch.float32 else max(tolerance, 2 * result.torch_dtype_error)
+        # float16/bfloat16: twice PyTorch's own error in that dtype; a quantized model: twice the
+        # distance of its float32 fake-quantized forward to the float64 one (the same codes but
+        # where a float32 rounding moves a value across a rounding boundary: one step there)
+        low = torch_dtype != torch.float32 or bool(qlayers)
+        bound = max(tolerance, 2 * result.torch_dtype_error) if low else tolerance
         result.tolerance = bound
         cpu = result.max_abs_diff.get("CPUExecutionProvider")
+        if qlayers:
+            _quant_parity(proto_path=path, reference=reference, qlayers=qlayers, call=call, result=result)
+            return result
         if cpu is not None and not cpu <= bound:
             raise ParityError(
                 f"{path.name}: ONNX Runtime CPU differs from PyTorch (fp32) by {cpu:.3g} > {bound:.3g} "
                 f"(max abs; PyTorch in {dtype_name} differs by {result.torch_dtype_error:.3g})"
             )
     return result
+
+
+def _quant_parity(
+    proto_path: Path,
+    reference: nn.Module,
+    qlayers: Mapping[str, nn.Module],
+    call: Batch,
+    result: ExportResult,
+) -> None:
+    """The quantized file's check (:mod:`knsparse.deploy.qdq_parity`): ``ParityError`` unless
+    ONNX Runtime's activation codes are PyTorch's but for rare one-step flips and PyTorch fed
+    ONNX Runtime's codes gives its outputs within ``result.tolerance``."""
+    import onnx
+    import onnxruntime as ort
+
+    from .qdq_parity import MAX_FLIP_FRACTION, compare_codes
+
+    first = _flat_inputs(call)
+    runs = [first] + [_other_batch(first, b) for b in result.batch_sizes_checked[1:]]
+    options = ort.SessionOptions()
+    if next(iter(qlayers.values())).dtype_name == "fp8":
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    parity = compare_codes(
+        onnx.load(str(proto_path)),
+        reference,
+        qlayers,
+        runs,
+        result.input_names,
+        None if call.args else list(call.kwargs),
+        options,
+    )
+    result.quant_parity = parity.to_dict()
+    fraction = parity.flips / max(parity.codes, 1)
+    if parity.max_step > 1 or fraction > MAX_FLIP_FRACTION or not parity.replay_diff <= result.tolerance:
+        raise ParityError(
+            f"{proto_path.name}: ONNX Runtime CPU and PyTorch disagree on the quantized model: "
+            f"{parity.flips} of {parity.codes} activation codes differ (at most {MAX_FLIP_FRACTION:g} "
+            f"allowed), by up to {parity.max_step:g} step(s) (1 allowed); with ONNX Runtime's codes "
+            f"the outputs differ by {parity.replay_diff:.3g} (bound {result.tolerance:.3g})"
+        )
 
 
 def _read_initializers_directly(proto) -> None:
@@ -596,6 +682,8 @@ def _finish_file(
     path: Path,
     permutations: dict[str, Sequence[int]],
     plan: SparsityPlan | None,
+    qlayers: Mapping[str, nn.Module] | None = None,
+    qdq_weights: str = "int8",
 ) -> list[LayerRecord]:
     """Make weights read directly, find each weight layer's initializer and write the knsparse
     metadata into ``path``.
@@ -625,10 +713,25 @@ def _finish_file(
         perm = permutations.get(name, getattr(module, "permutation", None))
         perm_list = None if perm is None else [int(i) for i in torch.as_tensor(perm).tolist()]
         records.append(LayerRecord(name, init, transposed, _layer_pattern(name, module, plan), perm_list))
+    quantization = None
+    if qlayers:
+        placed = insert_qdq(proto, qlayers, records, qdq_weights)
+        records = [
+            replace(r, initializer=placed[r.layer]["weight_initializer"]) if r.layer in placed else r
+            for r in records
+        ]
+        quantization = {
+            "dtype": next(iter(qlayers.values())).dtype_name,
+            "weights": "symmetric, per output channel",
+            "weight_initializers": qdq_weights,
+            "activations": "symmetric, per tensor, at the input of every quantized Conv/Gemm/MatMul",
+            "layers": placed,
+        }
     meta = {
         "version": package_version(),
         "plan": None if plan is None else plan.metadata(),
         "layers": [asdict(r) for r in records],
+        "quantization": quantization,
     }
     entry = proto.metadata_props.add()
     entry.key, entry.value = METADATA_KEY, json.dumps(meta)

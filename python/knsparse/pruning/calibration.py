@@ -101,9 +101,12 @@ def stream_layer_inputs(
     progress: bool = False,
     desc: str = "calibration",
     stop_early: bool = False,
+    raw: bool = False,
 ) -> int:
     """Run ``model`` over ``calib`` (eval mode, no grad) and call ``on_rows(name, rows)`` with the
     ``[B, T, K]`` float32 GEMM input rows of every listed layer. Returns the number of batches.
+    With ``raw`` the callback gets the layer's input tensor itself (float32, its own shape; any
+    module type) instead of GEMM rows: what an activation quantizer sees.
 
     With ``stop_early`` each forward pass ends as soon as every listed layer has seen its input
     (the rest of the model never runs; a layer called twice per forward is seen once).
@@ -119,7 +122,8 @@ def stream_layer_inputs(
         def hook(_mod: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
             if stop_early and name in seen:
                 return
-            on_rows(name, gemm_input_rows(module, inputs[0].detach(), conv_order).float())
+            x = inputs[0].detach()
+            on_rows(name, (x if raw else gemm_input_rows(module, x, conv_order)).float())
             seen.add(name)
             if stop_early and len(seen) == len(layers):
                 raise _AllSeen

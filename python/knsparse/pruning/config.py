@@ -30,6 +30,7 @@ from typing import Any
 
 from ..core.checks import check_choice, check_flag, check_names, check_number, check_path
 from ..core.pattern import Pattern
+from ..core.quant import QUANT_DTYPES
 from . import repair as repair_stage
 from .methods import METHODS
 from .permutation import permute as permute_channels
@@ -349,6 +350,9 @@ class PruneConfig:
         dense_target: a :class:`DenseTarget`: after pruning, the most harmful layers go back to
             dense until it is met (k:n patterns; needs a calibration set). ``keep_dense="auto"``
             names the same thing.
+        quantize: ``None``, ``"int8"`` or ``"fp8"``: after pruning (and repair), quantize the model
+            with :func:`knsparse.quantize` on the same calibration set (activation scales chosen
+            by ``"auto"``); the result's model is then fake-quantized (``result.quantization``).
     """
 
     method: MethodConfig | str
@@ -360,6 +364,7 @@ class PruneConfig:
     diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
     keep_dense: tuple[str, ...] | str = ()
     dense_target: DenseTarget | None = None
+    quantize: str | None = None
 
     def __post_init__(self) -> None:
         auto = isinstance(self.keep_dense, str) and self.keep_dense == "auto"
@@ -370,6 +375,8 @@ class PruneConfig:
             )
         if self.dense_target is not None and not isinstance(self.dense_target, DenseTarget):
             raise TypeError(f"dense_target must be a DenseTarget, got {type(self.dense_target).__name__}")
+        if self.quantize is not None:
+            check_choice(self.quantize, "quantize", QUANT_DTYPES)
         method = self.method if isinstance(self.method, MethodConfig) else MethodConfig(self.method)
         pattern, sparsity = _target(method.name, self.pattern, self.sparsity)
         permute = self.permute
@@ -426,6 +433,7 @@ class PruneConfig:
             or self.diagnostics.certificate
             or self.calibration.sequential
             or self.dense_target is not None
+            or self.quantize is not None
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -441,13 +449,14 @@ class PruneConfig:
             "diagnostics": self.diagnostics.to_dict(),
             "keep_dense": list(self.keep_dense),
             "dense_target": None if self.dense_target is None else self.dense_target.to_dict(),
+            "quantize": self.quantize,
         }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> PruneConfig:
         """A config from :meth:`to_dict`'s form; ``ValueError`` naming an unknown or bad field."""
         known = {"knsparse_recipe", "method", "pattern", "sparsity", "permute", "repair"}
-        known |= {"calibration", "diagnostics", "keep_dense", "dense_target"}
+        known |= {"calibration", "diagnostics", "keep_dense", "dense_target", "quantize"}
         _strict_keys(data, known, "recipe")
         version = data.get("knsparse_recipe")
         if version != RECIPE_VERSION:
@@ -468,6 +477,7 @@ class PruneConfig:
             dense_target=None
             if data.get("dense_target") is None
             else DenseTarget.from_dict(data["dense_target"]),
+            quantize=data.get("quantize"),
         )
 
     def to_json(self) -> str:

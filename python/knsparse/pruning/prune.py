@@ -52,6 +52,7 @@ from .config import (
 from .methods import METHODS, Decision, Layer, MethodSpec
 from .permutation import PermutationReport
 from .permutation.apply import permute_unguarded
+from .quantize import QuantizeResult, quantize
 from .repair import RepairReport, dense_output_stats, repair_from_stats
 from .sensitivity import DenseTargetReport, divergence, keep_dense_to_target, model_logits
 from .spectral import MPFit, fit_weights
@@ -115,6 +116,8 @@ class PruneResult:
     dense_target: DenseTargetReport | None = None
     """What ``keep_dense="auto"`` did (per-layer sensitivity, the layers kept dense, agreement and
     KL before/after on the held-out batches, the MAC and sparse-execution shares)."""
+    quantization: QuantizeResult | None = None
+    """With ``config.quantize``: what :func:`knsparse.quantize` did (the model is fake-quantized)."""
 
     @property
     def method(self) -> str:
@@ -152,6 +155,7 @@ class PruneResult:
             "converted": self.converted,
             "dense_target": None if self.dense_target is None else self.dense_target.as_dict(),
             "recipe": self.config.to_dict(),
+            "quantization": None if self.quantization is None else self.quantization.metadata(),
         }
 
     def to_json(self) -> str:
@@ -211,6 +215,7 @@ def prune(
     lam1: float | None = None,
     lam2: float | None = None,
     lipschitz: float | Mapping[str, float] | None = None,
+    quantize: str | None = None,
     **options: object,
 ) -> PruneResult:
     """Prune every prunable layer (Linear, ungrouped Conv2d) of ``model``.
@@ -260,6 +265,8 @@ def prune(
             target not reachable with one layer left sparse is a ``ValueError``.
         target_agreement, target_kl: the target of ``keep_dense="auto"`` (top-1 agreement with
             the dense model in (0, 1]; mean ``KL(dense ‖ pruned)`` of the logits, nats).
+        quantize: ``"int8"`` / ``"fp8"``: quantize the pruned model on ``calib`` at the end
+            (:func:`knsparse.quantize`, activation scales ``"auto"``); ``result.quantization``.
         **options: method options (e.g. ``mode="global"`` for magnitude, ``switch=0.6`` for
             hybrid, ``shrinkage`` for cast/ser/hybrid, ``damp``/``blocksize`` for sparsegpt,
             ``reconstruct`` for cast); unknown names raise ``ValueError``.
@@ -286,6 +293,7 @@ def prune(
             "keep_dense": keep_dense != (),
             "target_agreement/target_kl": target_agreement is not None or target_kl is not None,
             "lam1/lam2/lipschitz": any(v is not None for v in (lam1, lam2, lipschitz)),
+            "quantize": quantize is not None,
             **dict.fromkeys(options, True),
         }
         clash = [name for name, set_ in given.items() if set_]
@@ -299,6 +307,7 @@ def prune(
         config = _config_from_keywords(
             method, pattern, sparsity, permute, repair, conv_order, sequential, diagnostics,
             _dense_target(keep_dense, target_agreement, target_kl), (lam1, lam2, lipschitz), options,
+            quantize,
         )  # fmt: skip
     return _run(model, config, calib, inplace, progress)
 
@@ -332,6 +341,7 @@ def _config_from_keywords(
     keep: tuple[str | Iterable[str], DenseTarget | None],
     certificate: tuple[float | None, float | None, float | Mapping[str, float] | None],
     options: Mapping[str, object],
+    quantize: str | None = None,
 ) -> PruneConfig:
     """The :class:`PruneConfig` the keyword form of :func:`prune` describes."""
     if conv_order is not None:
@@ -371,6 +381,7 @@ def _config_from_keywords(
         diagnostics,
         tuple(keep[0]) if not isinstance(keep[0], str) else (keep[0],),
         keep[1],
+        quantize,
     )
 
 
@@ -384,6 +395,7 @@ def _run(
             + (f", repair {config.repair.method!r}" if config.repair else "")
             + (", the certificate" if config.diagnostics.certificate else "")
             + (", sequential calibration" if config.calibration.sequential else "")
+            + (f", quantize {config.quantize!r}" if config.quantize else "")
             + " needs a calibration set: pass calib=[batch, ...]"
         )
     _check_model(model, config)
@@ -585,8 +597,21 @@ def _prune_in_place(
             )
     applied = permutation.applied() if permutation is not None else ()
     plan = None if pat is None else SparsityPlan(pat, masks, applied, config.to_dict())
+    quantized = None
+    if config.quantize is not None:
+        quantized = quantize(target, plan, calib, config.quantize, inplace=True, progress=progress)
     return PruneResult(
-        target, masks, report, skipped, config, permutation, repaired, plan, converted, dense_report
+        target,
+        masks,
+        report,
+        skipped,
+        config,
+        permutation,
+        repaired,
+        plan,
+        converted,
+        dense_report,
+        quantized,
     )
 
 

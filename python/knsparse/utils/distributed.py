@@ -140,6 +140,16 @@ def all_reduce_sum(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tenso
     between ranks raise ``ValueError`` naming the tensor. Without a process group the input
     is returned as a dict.
     """
+    return _all_reduce(tensors, "sum")
+
+
+def all_reduce_max(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Element-wise maximum of named tensors over all ranks, as :func:`all_reduce_sum` (a name a
+    rank lacks counts as zeros: meant for non-negative statistics such as an ``abs().amax()``)."""
+    return _all_reduce(tensors, "max")
+
+
+def _all_reduce(tensors: Mapping[str, torch.Tensor], op: str) -> dict[str, torch.Tensor]:
     if not active():
         return dict(tensors)
     layouts: list[dict[str, tuple[tuple[int, ...], str]] | None] = [None] * world_size()
@@ -160,7 +170,7 @@ def all_reduce_sum(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tenso
             buf = torch.zeros(shape, dtype=getattr(torch, dtype.removeprefix("torch.")), device=comm)
         else:
             buf = local.to(comm, copy=True)
-        dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+        dist.all_reduce(buf, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
         out[name] = buf if local is None else buf.to(local.device)
     return out
 
