@@ -86,7 +86,7 @@ class MaskLearning:
         prior: the one-shot mask's initial logit in every group (the other candidates start at 0).
     """
 
-    lr: float = 0.05
+    lr: float = 0.1  # with prior 3: chosen on the digits validation images (bench/learned_masks.py)
     temperature: tuple[float, float] = (1.0, 0.05)
     scale: tuple[float, float] = (1.0, 100.0)
     prior: float = 3.0
