@@ -336,11 +336,14 @@ def test_round_cap_limits_swap_rounds() -> None:
 
 def test_greedy_groups_scores_a_model_without_changing_it() -> None:
     from knsparse.models import resnet_tiny_digits
+    from knsparse.pruning.permutation.apply import find_groups
 
     torch.manual_seed(0)
     model = resnet_tiny_digits().eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    found = greedy_groups(model, "2:4", time_budget_s=None)
+    # the groups of the first two stages: the last two take minutes to converge on a CPU
+    names = [g.name for g in find_groups(model).groups if not g.name.startswith(("layer3", "layer4"))]
+    found = greedy_groups(model, "2:4", names=names, time_budget_s=None)
     assert found and all(g.report.efficacy >= 0 for g in found)
     assert any(g.report.efficacy > 0 and g.swaps > 0 and not g.capped for g in found)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
