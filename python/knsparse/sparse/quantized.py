@@ -24,6 +24,14 @@ class _QuantLayer(nn.Module):
 
     dtype_name: QuantDType
 
+    @torch.no_grad()
+    def _filled(self, out: nn.Module) -> nn.Module:
+        """``out`` (a float layer of this one's shape) with the dequantized weight and the bias."""
+        out.weight.copy_(self.weight)
+        if self.bias is not None:
+            out.bias.copy_(self.bias)
+        return out
+
     def _init_quant(self, layer: nn.Module, input_scale: float, dtype: QuantDType) -> None:
         codes, scale = quantize_per_channel(layer.weight.detach(), dtype)
         self.dtype_name = dtype
@@ -65,11 +73,7 @@ class QuantLinear(_QuantLayer):
         out = nn.Linear(
             self.in_features, self.out_features, self.bias is not None, device=self.weight_q.device
         )
-        with torch.no_grad():
-            out.weight.copy_(self.weight)
-            if self.bias is not None:
-                out.bias.copy_(self.bias)
-        return out
+        return self._filled(out)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, " + super().extra_repr()
@@ -104,11 +108,7 @@ class QuantConv2d(_QuantLayer):
         """The float ``nn.Conv2d`` holding the dequantized weight (no input quantization)."""
         kw = {a: getattr(self, a) for a in _CONV_ATTRS}
         out = nn.Conv2d(**kw, bias=self.bias is not None, device=self.weight_q.device)
-        with torch.no_grad():
-            out.weight.copy_(self.weight)
-            if self.bias is not None:
-                out.bias.copy_(self.bias)
-        return out
+        return self._filled(out)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{a}={getattr(self, a)}" for a in _CONV_ATTRS) + ", " + super().extra_repr()
