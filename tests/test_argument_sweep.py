@@ -179,6 +179,7 @@ ENTRIES: list[tuple[str, Callable, Callable[[Path], dict], dict[str, tuple]]] = 
             "num_workers": (-1, 2.5, "2"),
             # the mask dict of pruned() has no pattern to choose candidates from
             "learn_masks": ("yes", 1, True),
+            "freeze_norm": FLAG,
         },
     ),
     (

@@ -196,3 +196,22 @@ def test_training_flags_come_back_module_by_module() -> None:
     before = flags()
     ks.finetune(student, teacher, (x, y), epochs=1, val=(x, y), progress=False)
     assert flags() == before
+
+
+def test_freeze_norm_keeps_the_running_statistics_and_trains_the_affine() -> None:
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Linear(16, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 5)).eval()
+    for frozen in (True, False):
+        student = copy.deepcopy(teacher)
+        masks = ks.prune(student, "magnitude", "2:4", inplace=True, progress=False).masks
+        stats = (student[1].running_mean.clone(), student[1].running_var.clone(), student[1].weight.clone())
+        x = torch.randn(64, 16) * 3 + 1  # batch statistics far from the running ones
+        ks.finetune(
+            student, teacher, x, epochs=2, plan=masks, batch_size=16, progress=False, freeze_norm=frozen
+        )
+        kept = torch.equal(student[1].running_mean, stats[0]) and torch.equal(
+            student[1].running_var, stats[1]
+        )
+        assert kept == frozen
+        assert not torch.equal(student[1].weight, stats[2])  # the affine weight trains either way
+        assert not student.training  # the modes the student came with

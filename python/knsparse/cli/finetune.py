@@ -192,6 +192,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         progress=not args.quiet,
         learn_masks=MaskLearning(lr=args.mask_lr) if args.learn_masks else False,
+        freeze_norm=args.freeze_bn,
     )
     student = student.cpu()
     if swapped:
@@ -274,6 +275,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         type=positive,
         default=MaskLearning.lr,
         help=f"learning rate of the mask logits with --learn-masks (default {MaskLearning.lr})",
+    )
+    p.add_argument(
+        "--freeze-bn",
+        action="store_true",
+        help="BatchNorm keeps the pretrained running statistics (eval mode; its affine weights "
+        "still train): for a few augmented photos",
     )
     p.add_argument("--out", required=True, help="output .safetensors file")
     quiet_arg(p)

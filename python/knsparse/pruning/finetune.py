@@ -274,6 +274,7 @@ def _check(student: nn.Module, teacher: nn.Module, args: dict[str, object]) -> t
     check_number(args["seed"], "seed", integer=True)
     check_number(args["num_workers"], "num_workers", low=0, integer=True)
     check_flag(args["resume"], "resume")
+    check_flag(args["freeze_norm"], "freeze_norm")
     learn = args["learn_masks"]
     if not isinstance(learn, (bool, MaskLearning)):
         raise TypeError(f"learn_masks must be a bool or a MaskLearning, got {type(learn).__name__}")
@@ -328,6 +329,7 @@ def finetune(
     num_workers: int = 0,
     progress: bool = True,
     learn_masks: bool | MaskLearning = False,
+    freeze_norm: bool = False,
 ) -> FinetuneResult:
     """Distil ``teacher`` into the pruned ``student`` (in place) with its masks held fixed
     (or, with ``learn_masks``, learned).
@@ -365,6 +367,9 @@ def finetune(
             :class:`~knsparse.core.plan.SparsityPlan` (its pattern) and a teacher with the same
             layer names and shapes (pruned entries restart from the teacher's values, permuted
             as the plan records). The result's ``masks`` and ``plan`` hold the learned masks.
+        freeze_norm: BatchNorm layers run in eval mode (their running statistics stay those of
+            the pretrained model; their affine weights still train): for a few augmented photos,
+            whose batch statistics are not the pretrained data's.
 
     Returns:
         :class:`FinetuneResult`. Bad arguments raise ``ValueError``/``TypeError`` before the
@@ -431,8 +436,9 @@ def finetune(
         grad_clip,
         amp,
         device,
-        soft,
-        schedule,
+        soft=soft,
+        schedule=schedule,
+        freeze_norm=freeze_norm,
     )
     try:
         _train(trainer, loader, val_loader, epochs, start, seed, progress, directory, metrics_path, metrics)
@@ -511,6 +517,7 @@ class _Trainer:
     amp: str | None
     device: torch.device
     soft: Mapping[str, learned_masks.SoftKN] = field(default_factory=dict)
+    freeze_norm: bool = False
     # (total steps, (start, end) temperature, (start, end) logit scale)
     schedule: tuple[int, tuple[float, float], tuple[float, float]] | None = None
 
@@ -564,6 +571,10 @@ class _Trainer:
         sums = {"loss": 0.0, "kd": 0.0, "ce": 0.0, "images": 0.0, "labelled": 0.0}
         begin = time.perf_counter()
         self.model.train()
+        if self.freeze_norm:
+            for m in self.student.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
         bar = tqdm(loader, desc=desc, unit="batch", disable=not progress, leave=False)
         for batch in bar:
             n, loss, kd, ce = self.step(batch)
