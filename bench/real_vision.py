@@ -25,8 +25,8 @@ Parts (each writes ``bench/results/real_vision_<part>.json``; ``--merge`` writes
 * ``auto``: the default with ``keep_dense="auto"`` (target agreement on held-out calibration
   batches), with the MAC and sparse-execution shares that remain;
 * ``distill``: the default, then ``ks.finetune`` on ``--distill-views`` views of the calibration
-  photos for ``--epochs`` epochs, masks fixed vs learned (``MaskLearning``, lr chosen on the
-  validation photos), same steps.
+  photos for ``--epochs`` epochs, masks fixed vs learned (``MaskLearning``), same steps;
+  BatchNorm statistics frozen or not chosen on the validation photos.
 
 Run: ``python bench/real_vision.py --part oneshot`` (etc.), then ``python bench/real_vision.py --merge``.
 """
@@ -239,7 +239,7 @@ def part_auto(bench: Bench) -> list[dict]:
     return [{**base, "draw": d, **timed(auto_row, bench, bench.calib(d))} for d in bench.args.draws]
 
 
-def distilled(bench: Bench, calib, draw: int, learn: ks.MaskLearning | None) -> dict:
+def distilled(bench: Bench, calib, draw: int, learn: ks.MaskLearning | None, freeze_norm: bool) -> dict:
     result = ks.prune(bench.model, DEFAULT, "2:4", calib=calib, progress=False)
     data = AugmentedViews(
         list(bundled_photos(list(CALIB)).values()),
@@ -257,6 +257,7 @@ def distilled(bench: Bench, calib, draw: int, learn: ks.MaskLearning | None) -> 
         lr=bench.args.distill_lr,
         progress=False,
         learn_masks=learn or False,
+        freeze_norm=freeze_norm,
     )
     moved = sum(int((tuned.masks[n] != result.plan.masks[n]).sum()) for n in result.plan.masks)
     total = sum(m.numel() for m in result.plan.masks.values())
@@ -264,19 +265,24 @@ def distilled(bench: Bench, calib, draw: int, learn: ks.MaskLearning | None) -> 
 
 
 def part_distill(bench: Bench) -> list[dict]:
+    """BatchNorm frozen or not chosen on the validation photos (fixed masks, first draw, lower KL);
+    the learned masks use ``--mask-lrs``' first value (chosen on the digits' validation images)."""
     args = bench.args
     calib0 = bench.calib(args.draws[0])
     selection = {
-        lr: timed(distilled, bench, calib0, args.draws[0], ks.MaskLearning(lr=lr)) for lr in args.mask_lrs
+        frozen: timed(distilled, bench, calib0, args.draws[0], None, frozen) for frozen in (False, True)
     }
-    chosen = max(selection, key=lambda lr: selection[lr].get("val_agreement", -1))
-    rows = [{"selection": {str(k): v for k, v in selection.items()}, "chosen_mask_lr": chosen}]
+    frozen = min(selection, key=lambda f: selection[f].get("val_kl", math.inf))
+    rows = [
+        {"selection": {f"freeze_norm={k}": v for k, v in selection.items()}, "chosen_freeze_norm": frozen}
+    ]
     common = {"epochs": args.epochs, "views": args.distill_views, "distill_lr": args.distill_lr}
+    common["freeze_norm"] = frozen
     for draw in args.draws:
         calib = bench.calib(draw)
         for variant, learn in (
             ("+ distillation", None),
-            ("+ distillation, learned masks", ks.MaskLearning(lr=chosen)),
+            ("+ distillation, learned masks", ks.MaskLearning(lr=args.mask_lrs[0])),
         ):
             rows.append(
                 {
@@ -285,7 +291,7 @@ def part_distill(bench: Bench) -> list[dict]:
                     "variant": variant,
                     "draw": draw,
                     **common,
-                    **timed(distilled, bench, calib, draw, learn),
+                    **timed(distilled, bench, calib, draw, learn, frozen),
                 }
             )
     return rows
@@ -337,7 +343,14 @@ def table_rows(rows: list[dict]) -> list[dict]:
         ]
         if diffs and not (method == DEFAULT and variant == "one-shot"):
             row["vs_default"] = interval(diffs)
-        for key in ("kept_dense", "sparse_execution_share", "epochs", "views", "weight_sparsity"):
+        for key in (
+            "kept_dense",
+            "sparse_execution_share",
+            "epochs",
+            "views",
+            "weight_sparsity",
+            "freeze_norm",
+        ):
             if key in ok[0]:
                 row[key] = ok[0][key]
         out.append(row)
@@ -373,7 +386,8 @@ def markdown(summary: list[dict], parts: dict[str, dict], env: dict) -> str:
         if "kept_dense" in r:
             notes.append(f"{len(r['kept_dense'])} layers kept dense")
         if "epochs" in r:
-            notes.append(f"{r['epochs']} epochs x {r['views']} views")
+            frozen = ", BN statistics frozen" if r.get("freeze_norm") else ""
+            notes.append(f"{r['epochs']} epochs x {r['views']} views{frozen}")
         if "masks_moved" in r:
             notes.append(f"{r['masks_moved'][0]:.2%} of mask entries moved")
         if "weight_sparsity" in r:
